@@ -1,0 +1,42 @@
+"""Convert torchvision ResNet weights into a directory that training can start from.
+
+    python -m cifar_jax.convert --arch resnet50 --weights IMAGENET1K_V2 --out checkpoints/resnet50_imagenet
+    python -m cifar_jax.convert --arch resnet50 --state-dict resnet50.pth --out DIR [--num_classes 100]
+
+`--weights` downloads through torchvision (needs the internet and the `torch` extra);
+`--state-dict` reads a local .pth/.pt (needs torch) or .safetensors (needs only safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cifar_jax import models, pretrained
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cifar_jax.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", required=True, choices=pretrained.ARCHS)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="torchvision weights name, e.g. IMAGENET1K_V2")
+    src.add_argument("--state-dict", help="path to a torchvision state_dict (.pth, .pt or .safetensors)")
+    parser.add_argument("--num_classes", type=int, default=None, help="replace the head (default: keep the source's)")
+    parser.add_argument("--out", required=True, help="output directory")
+    args = parser.parse_args(argv)
+
+    source = args.weights or args.state_dict
+    try:
+        model = pretrained.from_torchvision(args.arch, source, args.num_classes)
+    except (pretrained.ConversionError, OSError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    num_classes = model.fc.kernel.shape[-1]
+    meta = {"arch": args.arch, "num_classes": num_classes, "stem": "imagenet", "source": str(source)}
+    out = pretrained.save(model, args.out, meta)
+    print(f"converted {args.arch} ({models.count_params(model):,} parameters, {num_classes} classes) from {source} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

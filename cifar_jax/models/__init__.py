@@ -1,0 +1,43 @@
+"""Model registry: `create(name, num_classes=100, **options)`.
+
+Options: `dtype` (compute dtype, e.g. 'bfloat16'; parameters stay float32), `seed` or `rngs`
+(initialisation), and for ResNets `stem` ('imagenet' or 'cifar'). Input is NHWC, normalised.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cifar_jax.models.resnet import ResNet, resnet18, resnet34, resnet50
+from cifar_jax.models.simple_cnn import SimpleCNN
+
+MODELS = {
+    "simple_cnn": SimpleCNN,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+}
+
+
+def check_name(name: str) -> None:
+    """Raise a ValueError naming the valid models if `name` is not one of them."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+
+
+def create(name: str, num_classes: int = 100, *, dtype="float32", seed: int = 0, rngs: nnx.Rngs | None = None, **options):
+    """Build model `name` with freshly initialised parameters (PyTorch's init distributions)."""
+    check_name(name)
+    if name == "simple_cnn" and options:
+        raise ValueError(f"simple_cnn takes no options {sorted(options)}; only ResNets take e.g. stem=")
+    return MODELS[name](num_classes, dtype=jnp.dtype(dtype), rngs=rngs or nnx.Rngs(seed), **options)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of trainable parameters (like `sum(p.numel() for p in torch_model.parameters())`)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+__all__ = ["MODELS", "ResNet", "SimpleCNN", "check_name", "count_params", "create"]

@@ -1,0 +1,96 @@
+"""Building blocks shared by the models: PyTorch-initialised conv/linear and a PyTorch BatchNorm.
+
+The initialisers reproduce PyTorch's defaults so that a model trained here from scratch starts
+from the same distribution as the study's PyTorch model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's default for Conv2d/Linear weights: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), ..).
+torch_default_kernel_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# torchvision's ResNet conv init: kaiming_normal(mode='fan_out', nonlinearity='relu').
+kaiming_fan_out_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_default_bias_init(fan_in: int):
+    """PyTorch's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); needs the layer's fan-in."""
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv(in_ch, out_ch, kernel, *, stride=1, padding=0, bias=False, kernel_init=None, dtype, rngs):
+    """A Conv2d with PyTorch's (symmetric, explicit) padding, NHWC, HWIO kernel."""
+    fan_in = in_ch * kernel * kernel
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=bias,
+        kernel_init=kernel_init or torch_default_kernel_init,
+        bias_init=torch_default_bias_init(fan_in),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def linear(in_features, out_features, *, dtype, rngs):
+    """An nn.Linear with PyTorch's default init."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        kernel_init=torch_default_kernel_init,
+        bias_init=torch_default_bias_init(in_features),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm2d with PyTorch's semantics (NHWC input, statistics over all but the last axis).
+
+    Differences from `nnx.BatchNorm` that matter for matching torchvision:
+      * `momentum` is PyTorch's (weight of the new batch, default 0.1 = Flax's 0.9);
+      * normalisation uses the biased batch variance, but `var` is updated with the unbiased
+        one (n / (n - 1)), exactly like `running_var` in PyTorch.
+    Statistics are always computed in float32, whatever the compute dtype. Under `jax.jit` with
+    the batch sharded over devices, the mean is over the global batch (synchronised BatchNorm).
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5, dtype=None):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum = momentum
+        self.eps = eps
+        self.dtype = dtype
+        self.use_running_average = False
+
+    def __call__(self, x):
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            xf = x.astype(jnp.float32)
+            mean = xf.mean(axes)
+            var = jnp.square(xf - mean).mean(axes)
+            n = x.size // x.shape[-1]
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * mean
+            self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+        mul = self.scale[...] * jax.lax.rsqrt(var + self.eps)
+        add = self.bias[...] - mean * mul
+        dtype = self.dtype or x.dtype
+        return x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)

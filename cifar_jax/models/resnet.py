@@ -1,0 +1,117 @@
+"""ResNet-18/34/50 with torchvision's topology and parameter names (NHWC).
+
+Names mirror torchvision (`conv1`, `bn1`, `layer1[0].conv2`, `downsample`, `fc`) so that
+converting ImageNet weights is a rename plus layout transposes (see `cifar_jax.pretrained`).
+`downsample` is an `nnx.Sequential(conv, bn)`: torchvision's `downsample.0` / `downsample.1`
+are `downsample.layers[0]` / `downsample.layers[1]` here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cifar_jax.models.layers import BatchNorm, conv, kaiming_fan_out_init, linear
+
+STEMS = ("imagenet", "cifar")
+
+
+def _conv(in_ch, out_ch, kernel, stride, dtype, rngs):
+    return conv(
+        in_ch, out_ch, kernel, stride=stride, padding=kernel // 2,
+        kernel_init=kaiming_fan_out_init, dtype=dtype, rngs=rngs,
+    )
+
+
+def _downsample(in_ch, out_ch, stride, dtype, rngs):
+    return nnx.Sequential(_conv(in_ch, out_ch, 1, stride, dtype, rngs), BatchNorm(out_ch, dtype=dtype))
+
+
+class BasicBlock(nnx.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride, *, dtype, rngs):
+        self.conv1 = _conv(inplanes, planes, 3, stride, dtype, rngs)
+        self.bn1 = BatchNorm(planes, dtype=dtype)
+        self.conv2 = _conv(planes, planes, 3, 1, dtype, rngs)
+        self.bn2 = BatchNorm(planes, dtype=dtype)
+        needs_ds = stride != 1 or inplanes != planes * self.expansion
+        self.downsample = (
+            _downsample(inplanes, planes * self.expansion, stride, dtype, rngs) if needs_ds else nnx.data(None)
+        )
+
+    def __call__(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return jax.nn.relu(out + identity)
+
+
+class Bottleneck(nnx.Module):
+    """ResNet v1.5 bottleneck: the stride sits on the 3x3 conv, as in torchvision."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride, *, dtype, rngs):
+        out = planes * self.expansion
+        self.conv1 = _conv(inplanes, planes, 1, 1, dtype, rngs)
+        self.bn1 = BatchNorm(planes, dtype=dtype)
+        self.conv2 = _conv(planes, planes, 3, stride, dtype, rngs)
+        self.bn2 = BatchNorm(planes, dtype=dtype)
+        self.conv3 = _conv(planes, out, 1, 1, dtype, rngs)
+        self.bn3 = BatchNorm(out, dtype=dtype)
+        needs_ds = stride != 1 or inplanes != out
+        self.downsample = _downsample(inplanes, out, stride, dtype, rngs) if needs_ds else nnx.data(None)
+
+    def __call__(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = jax.nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return jax.nn.relu(out + identity)
+
+
+class ResNet(nnx.Module):
+    """torchvision's ResNet. `stem='imagenet'`: 7x7/2 conv + 3x3/2 max-pool (for pretrained
+    weights and large images); `stem='cifar'`: 3x3/1 conv and no max-pool (for 32x32 from scratch)."""
+
+    def __init__(self, block, layers, num_classes=1000, *, stem="imagenet", dtype=jnp.float32, rngs: nnx.Rngs):
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")
+        self.stem = stem
+        self.conv1 = _conv(3, 64, 7, 2, dtype, rngs) if stem == "imagenet" else _conv(3, 64, 3, 1, dtype, rngs)
+        self.bn1 = BatchNorm(64, dtype=dtype)
+        inplanes = 64
+        stages = []
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+            stride = 1 if i == 0 else 2
+            stage = []
+            for j in range(blocks):
+                stage.append(block(inplanes, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs))
+                inplanes = planes * block.expansion
+            stages.append(nnx.List(stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = linear(inplanes, num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        if self.stem == "imagenet":
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for blk in stage:
+                x = blk(x)
+        x = x.mean(axis=(1, 2))
+        return self.fc(x).astype(jnp.float32)
+
+
+def resnet18(num_classes=1000, **kw):
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, **kw)
+
+
+def resnet34(num_classes=1000, **kw):
+    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, **kw)
+
+
+def resnet50(num_classes=1000, **kw):
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, **kw)

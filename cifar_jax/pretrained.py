@@ -1,0 +1,199 @@
+"""torchvision ResNet weights -> Flax NNX models (`from_torchvision`), and saving/loading the result.
+
+The Flax models use torchvision's names, so conversion is a rename plus layout changes:
+conv OIHW -> HWIO, Linear (out, in) -> (in, out), BatchNorm weight/bias/running_mean/running_var
+-> scale/bias/mean/var. Conversion is strict: every source tensor is used (except BatchNorm's
+`num_batches_tracked` counters) and every model parameter filled, with shapes checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cifar_jax import models
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+_HEAD = ("fc.weight", "fc.bias")
+
+
+class ConversionError(ValueError):
+    """The source weights do not fit the requested architecture."""
+
+
+def _require(module: str, extra: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as e:
+        raise ImportError(f"{module} is needed for this; install it with `pip install 'cifar_jax[{extra}]'`") from e
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch.Tensor; .float() because NumPy has no bfloat16
+        value = value.detach().cpu()
+        value = value.float() if value.is_floating_point() else value
+        return value.numpy()
+    return np.asarray(value)
+
+
+def _clean(sd: Mapping) -> dict[str, np.ndarray]:
+    """Unwrap `{'state_dict': ...}`/`{'model': ...}` training checkpoints and DataParallel's 'module.'."""
+    for wrapper in ("state_dict", "model"):
+        if wrapper in sd and isinstance(sd[wrapper], Mapping):
+            sd = sd[wrapper]
+    return {k.removeprefix("module."): _to_numpy(v) for k, v in sd.items()}
+
+
+def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
+    """A torchvision state_dict as NumPy arrays, from a mapping, a .pth/.pt file, a .safetensors
+    file, or a torchvision weights name such as 'IMAGENET1K_V2' (downloaded by torchvision)."""
+    if isinstance(source, Mapping):
+        return _clean(source)
+    source = os.fspath(source)
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such weights file: {source}")
+        return _clean(_require("safetensors.numpy", "torch").load_file(source))
+    if path.suffix in (".pth", ".pt", ".bin"):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such weights file: {source}")
+        torch = _require("torch", "torch")
+        return _clean(torch.load(source, map_location="cpu", weights_only=True))
+    if path.exists() or os.sep in source:
+        raise ConversionError(f"cannot read weights from {source!r}: use a .pth/.pt or .safetensors file")
+    if arch is None:
+        raise ConversionError(f"the torchvision weights name {source!r} needs an architecture (arch=...)")
+    torchvision = _require("torchvision", "torch")
+    try:
+        weights = torchvision.models.get_model_weights(arch)[source]
+    except KeyError:
+        names = [w.name for w in torchvision.models.get_model_weights(arch)]
+        raise ConversionError(f"unknown torchvision weights {source!r} for {arch}; valid names: {', '.join(names)}") from None
+    try:
+        return _clean(weights.get_state_dict(progress=True))
+    except OSError as e:  # URLError included: no network
+        raise OSError(
+            f"could not download torchvision {arch} {source} ({e}); download {weights.url} where the "
+            f"internet is reachable and pass the file instead (--state-dict PATH)"
+        ) from None
+
+
+def torch_key(path: tuple) -> str:
+    """The torchvision state_dict key of a Flax variable path, e.g.
+    ('layer1', 0, 'downsample', 'layers', 1, 'mean') -> 'layer1.0.downsample.1.running_mean'."""
+    parts = [str(p) for p in path[:-1] if p != "layers"]  # nnx.Sequential keeps its modules in .layers
+    return ".".join([*parts, _TORCH_LEAF[path[-1]]])
+
+
+def _to_flax_layout(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 4:  # conv: OIHW -> HWIO
+        return arr.transpose(2, 3, 1, 0)
+    if arr.ndim == 2:  # linear: (out, in) -> (in, out)
+        return arr.T
+    return arr
+
+
+def _torch_shape(flax_shape: tuple) -> tuple:
+    if len(flax_shape) == 4:
+        h, w, i, o = flax_shape
+        return (o, i, h, w)
+    return tuple(reversed(flax_shape)) if len(flax_shape) == 2 else tuple(flax_shape)
+
+
+def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, skip=(), arch: str = "model") -> None:
+    """Copy a torchvision state_dict into `model` in place, strictly (see module docstring).
+    Keys in `skip` are neither required nor copied (used to replace the classifier head)."""
+    unused = {k for k in state_dict if not k.endswith("num_batches_tracked")} - set(skip)
+    updates = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        key = torch_key(path)
+        if key in skip:
+            continue
+        if key not in state_dict:
+            raise ConversionError(
+                f"key {key!r} missing from the source weights (needed for {arch}); "
+                f"pass weights of a torchvision {arch}, or the matching --arch"
+            )
+        src = np.asarray(state_dict[key])
+        expected = var[...].shape
+        if _to_flax_layout(src).shape != expected:
+            raise ConversionError(
+                f"shape mismatch for {key!r}: source {tuple(src.shape)}, {arch} expects {_torch_shape(expected)} "
+                f"(torch layout); check --arch, num_classes and stem (pretrained weights need stem='imagenet')"
+            )
+        updates.append((var, _to_flax_layout(src)))
+        unused.discard(key)
+    if unused:
+        extra = sorted(unused)
+        raise ConversionError(
+            f"{len(extra)} source tensor(s) not used by {arch}, e.g. {', '.join(map(repr, extra[:3]))}; "
+            f"the weights are not a torchvision {arch} (wrong --arch?)"
+        )
+    for var, arr in updates:
+        var[...] = jnp.asarray(arr, dtype=var[...].dtype)
+
+
+def from_torchvision(arch: str, source, num_classes: int | None = None, **options) -> nnx.Module:
+    """A Flax `arch` carrying torchvision weights from `source` (see `load_state_dict`).
+
+    `num_classes` different from the source's head gives a freshly initialised `fc` and converts
+    everything else. `options` go to `models.create` (e.g. `dtype='bfloat16'`, `seed=`).
+    """
+    if arch not in ARCHS:
+        raise ConversionError(f"no torchvision weights for {arch!r}; convertible architectures: {', '.join(ARCHS)}")
+    state_dict = load_state_dict(source, arch)
+    if "fc.weight" not in state_dict:
+        raise ConversionError(f"key 'fc.weight' missing from the source weights; pass weights of a torchvision {arch}")
+    source_classes = state_dict["fc.weight"].shape[0]
+    num_classes = num_classes or source_classes
+    model = models.create(arch, num_classes, **options)
+    load_into(model, state_dict, skip=_HEAD if num_classes != source_classes else (), arch=arch)
+    return model
+
+
+def save(model: nnx.Module, out_dir, meta: dict) -> Path:
+    """Write `model`'s variables (Orbax) and `meta.json` (arch, num_classes, stem, ...) to `out_dir`."""
+    import orbax.checkpoint as ocp
+
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(out / "state", nnx.to_pure_dict(nnx.state(model)), force=True)
+    ckpt.wait_until_finished()
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load(weights_dir, num_classes: int | None = None, **options) -> nnx.Module:
+    """A model from a directory written by `save` (or `python -m cifar_jax.convert`). A different
+    `num_classes` keeps everything but the classifier head, which is freshly initialised."""
+    import orbax.checkpoint as ocp
+
+    weights_dir = Path(weights_dir).absolute()
+    meta_path = weights_dir / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{weights_dir} holds no converted weights (no meta.json); "
+            f"write them with `python -m cifar_jax.convert --arch ARCH --weights NAME --out {weights_dir}`"
+        )
+    meta = json.loads(meta_path.read_text())
+    arch, saved_classes = meta["arch"], meta["num_classes"]
+    options.setdefault("stem", meta.get("stem", "imagenet"))
+    saved = nnx.eval_shape(lambda: models.create(arch, saved_classes, stem=options["stem"]))
+    restored = ocp.StandardCheckpointer().restore(weights_dir / "state", nnx.to_pure_dict(nnx.state(saved)))
+    num_classes = num_classes or saved_classes
+    model = models.create(arch, num_classes, **options)
+    if num_classes != saved_classes:
+        restored["fc"] = nnx.to_pure_dict(nnx.state(model.fc))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    return model

@@ -1,0 +1,114 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cifar_jax import models
+
+
+def _abstract(name, num_classes, **kw):
+    return nnx.eval_shape(lambda: models.create(name, num_classes, **kw))
+
+
+@pytest.mark.parametrize(
+    "name,num_classes,expected",
+    [
+        ("simple_cnn", 100, 965_476),
+        ("resnet18", 1000, 11_689_512),
+        ("resnet34", 1000, 21_797_672),
+        ("resnet50", 1000, 25_557_032),
+        ("resnet18", 100, 11_227_812),
+        ("resnet34", 100, 21_335_972),
+        ("resnet50", 100, 23_712_932),
+    ],
+)
+def test_parameter_counts_match_pytorch(name, num_classes, expected):
+    assert models.count_params(_abstract(name, num_classes)) == expected
+
+
+def test_cifar_stem_replaces_7x7_conv_and_drops_maxpool():
+    cifar, imagenet = models.create("resnet18", 10, stem="cifar"), models.create("resnet18", 10)
+    assert cifar.conv1.kernel.shape == (3, 3, 3, 64)
+    assert models.count_params(cifar) == models.count_params(imagenet) - 64 * 3 * (7 * 7 - 3 * 3)
+    x = jnp.zeros((1, 32, 32, 3))
+    # layer1 sees 32x32 with the CIFAR stem, 8x8 after the ImageNet stem's two stride-2 steps.
+    assert nnx.relu(cifar.bn1(cifar.conv1(x))).shape == (1, 32, 32, 64)
+    assert imagenet.conv1(x).shape == (1, 16, 16, 64)
+
+
+def test_simple_cnn_maps_batch_to_logits():
+    m = models.create("simple_cnn")
+    out = m(jnp.zeros((2, 32, 32, 3)))
+    assert out.shape == (2, 100) and out.dtype == jnp.float32
+
+
+def test_simple_cnn_rejects_other_sizes():
+    with pytest.raises(ValueError, match="32x32"):
+        models.create("simple_cnn")(jnp.zeros((1, 64, 64, 3)))
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown model 'resnet99'.*simple_cnn, resnet18, resnet34, resnet50"):
+        models.create("resnet99")
+
+
+def test_unknown_stem_is_rejected():
+    with pytest.raises(ValueError, match="valid stems: imagenet, cifar"):
+        models.create("resnet18", stem="tiny")
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    m32 = models.create("resnet18", 10, stem="cifar", seed=1)
+    m16 = models.create("resnet18", 10, stem="cifar", seed=1, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(m16))} == {jnp.dtype("float32")}
+    x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+    m32.eval(), m16.eval()
+    assert m16.conv1(x).dtype == jnp.bfloat16 and m16.bn1(m16.conv1(x)).dtype == jnp.bfloat16
+    y32, y16 = m32(x), m16(x)
+    assert y16.dtype == jnp.float32
+    np.testing.assert_allclose(y16, y32, atol=0.1 * float(jnp.abs(y32).max()))
+    assert not np.array_equal(np.asarray(y16), np.asarray(y32))
+
+
+def test_train_and_eval_switch_batchnorm_statistics():
+    m = models.create("simple_cnn", seed=0)
+    x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3)) * 3 + 1
+    before = np.asarray(m.bns[0].mean[...])
+    m.eval()
+    y_eval_1 = m(x)
+    np.testing.assert_array_equal(m.bns[0].mean[...], before)  # eval: running stats untouched
+    m.train()
+    y_train = m(x)
+    assert not np.allclose(m.bns[0].mean[...], before)  # train: running stats updated
+    m.eval()
+    assert not np.allclose(m(x), y_eval_1)  # eval now uses the updated statistics
+    assert not np.allclose(y_train, y_eval_1)
+
+
+def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    def block(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
+
+    ref = nn.Sequential(
+        *block(3, 32), *block(32, 64), *block(64, 128), *block(128, 256),
+        nn.Flatten(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 100),
+    )
+    assert sum(p.numel() for p in ref.parameters()) == 965_476
+    m = models.create("simple_cnn")
+    t = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    for i, idx in enumerate((0, 4, 8, 12)):
+        m.convs[i].kernel[...] = jnp.asarray(t[f"{idx}.weight"].transpose(2, 3, 1, 0))
+        m.convs[i].bias[...] = jnp.asarray(t[f"{idx}.bias"])
+        m.bns[i].scale[...] = jnp.asarray(t[f"{idx + 1}.weight"])
+        m.bns[i].bias[...] = jnp.asarray(t[f"{idx + 1}.bias"])
+    m.fc1.kernel[...], m.fc1.bias[...] = jnp.asarray(t["17.weight"].T), jnp.asarray(t["17.bias"])
+    m.fc2.kernel[...], m.fc2.bias[...] = jnp.asarray(t["19.weight"].T), jnp.asarray(t["19.bias"])
+    x = np.random.RandomState(0).randn(8, 3, 32, 32).astype(np.float32)
+    with torch.no_grad():
+        expected = ref.train()(torch.from_numpy(x)).numpy()
+    got = m(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1, np.abs(expected).max()))
