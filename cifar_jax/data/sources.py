@@ -1,0 +1,184 @@
+"""Data sources: each returns the whole dataset as uint8 NHWC images and int32 labels in host memory.
+
+    source        path                                  needs
+    tfds          TFDS data_dir (default ~/tensorflow_datasets)   the `tfds` extra (first preparation only)
+    cifar_python  a torchvision `cifar-100-python` directory      -
+    npz           a .npz with x_train, y_train, x_test, y_test    -
+    digits        -  (scikit-learn's bundled 8x8 digits, 32x32x3)  scikit-learn
+    fake          -  (random images, any size)                    -
+
+Every source fails with one line saying what is wrong and how to fix it (`DataError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """The data source or its files cannot be used; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrays:
+    """A dataset in host memory: uint8 images (N, H, W, 3) and int32 labels (N,)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    label_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+def _checked(arrays: Arrays, where: str) -> Arrays:
+    for split in ("train", "test"):
+        x, y = getattr(arrays, f"x_{split}"), getattr(arrays, f"y_{split}")
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise DataError(f"{where}: x_{split} must be uint8 images (N, H, W, 3), got {x.dtype} {x.shape}")
+        if y.shape != (len(x),):
+            raise DataError(f"{where}: y_{split} has shape {y.shape}, expected ({len(x)},) to match x_{split}")
+        if len(y) and (y.min() < 0 or y.max() >= arrays.num_classes):
+            raise DataError(f"{where}: y_{split} has labels outside [0, {arrays.num_classes}) (label_names has {arrays.num_classes})")
+    return arrays
+
+
+def _require_path(path, what: str, hint: str) -> Path:
+    if not path:
+        raise DataError(f"data.path is empty: set --config.data.path to {what}")
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise DataError(f"{p} does not exist: set --config.data.path to {what} ({hint})")
+    return p
+
+
+def _labels(y) -> np.ndarray:
+    return np.asarray(y, dtype=np.int32)
+
+
+def load_npz(path) -> Arrays:
+    """A NumPy archive with x_train, y_train, x_test, y_test (uint8 NHWC, int labels), optional label_names."""
+    p = _require_path(path, "a .npz file with x_train, y_train, x_test, y_test", "e.g. ../shared/data/cifar100/cifar100.npz")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+            if missing:
+                raise DataError(f"{p} lacks {', '.join(missing)} (it has {', '.join(f.files) or 'nothing'}); the npz source needs x_train, y_train, x_test, y_test")
+            x_train, y_train, x_test, y_test = (f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+            names = f["label_names"] if "label_names" in f.files else None
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{p} is not a readable .npz archive ({e}); write one with np.savez(path, x_train=..., ...)") from None
+    num_classes = len(names) if names is not None else int(max(y_train.max(), y_test.max())) + 1
+    names = tuple(str(n) for n in names) if names is not None else tuple(str(i) for i in range(num_classes))
+    return _checked(Arrays(x_train, _labels(y_train), x_test, _labels(y_test), names), str(p))
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: a cifar-100-python directory holds train, test and meta") from None
+    except Exception as e:  # noqa: BLE001  (pickle raises many kinds)
+        raise DataError(f"{path} is not a CIFAR-100 python pickle ({type(e).__name__}: {e}); re-extract cifar-100-python.tar.gz") from None
+
+
+def load_cifar_python(path) -> Arrays:
+    """torchvision's CIFAR100 layout: `cifar-100-python/{train,test,meta}` pickles (path: that directory or its parent)."""
+    p = _require_path(path, "a cifar-100-python directory", "torchvision.datasets.CIFAR100(root, download=True) makes one")
+    if not (p / "meta").exists() and (p / "cifar-100-python").is_dir():
+        p = p / "cifar-100-python"
+    splits = {}
+    for split in ("train", "test"):
+        d = _unpickle(p / split)
+        if "data" not in d or "fine_labels" not in d:
+            raise DataError(f"{p / split} has no 'data'/'fine_labels': not a CIFAR-100 python pickle (CIFAR-10 uses 'labels')")
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        splits[split] = (np.ascontiguousarray(x), _labels(d["fine_labels"]))
+    names = tuple(_unpickle(p / "meta")["fine_label_names"])
+    return _checked(Arrays(*splits["train"], *splits["test"], names), str(p))
+
+
+def load_digits(path=None) -> Arrays:
+    """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled to 32x32 RGB; a fixed 80/20 train/test split."""
+    try:
+        from sklearn.datasets import load_digits as sk_load_digits
+    except ImportError:
+        raise DataError("the digits source needs scikit-learn: pip install 'cifar_jax[digits]'") from None
+    d = sk_load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    x = np.repeat(np.repeat(x, 4, axis=1), 4, axis=2)  # 8x8 -> 32x32, nearest
+    x = np.repeat(x[..., None], 3, axis=-1)
+    y = _labels(d.target)
+    order = np.random.default_rng(0).permutation(len(x))
+    n_test = len(x) // 5
+    test, train = order[:n_test], order[n_test:]
+    return _checked(Arrays(x[train], y[train], x[test], y[test], tuple(str(i) for i in range(10))), "digits")
+
+
+def load_fake(path=None, *, num_train=256, num_test=64, num_classes=10, image_size=32, seed=0) -> Arrays:
+    """Random uint8 images and labels, for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    def split(n):
+        return rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8), rng.integers(0, num_classes, n, dtype=np.int32)
+    return Arrays(*split(num_train), *split(num_test), tuple(str(i) for i in range(num_classes)))
+
+
+def load_tfds(path=None) -> Arrays:
+    """CIFAR-100 through tensorflow-datasets. Reading uses `tfds.data_source` (no TensorFlow import);
+    preparing the dataset the first time needs TensorFlow (the `tfds` extra). The decoded arrays are
+    cached in `<data_dir>/cifar100_uint8.npz` so that later starts take seconds."""
+    data_dir = Path(os.path.expanduser(str(path or "~/tensorflow_datasets")))
+    cache = data_dir / "cifar100_uint8.npz"
+    if cache.exists():
+        return load_npz(cache)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise DataError("the tfds source needs tensorflow-datasets: pip install 'cifar_jax[tfds]' (or use data.source=npz / cifar_python)") from None
+    builder = tfds.builder("cifar100", data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except ImportError as e:
+            raise DataError(f"preparing tfds cifar100 the first time needs TensorFlow ({e}): pip install 'cifar_jax[tfds]'") from None
+        except Exception as e:  # noqa: BLE001  (download and parsing errors come in many types)
+            raise DataError(f"could not prepare tfds cifar100 in {data_dir} ({type(e).__name__}: {e}); check the network or the archive") from None
+    splits = {}
+    for split in ("train", "test"):
+        src = tfds.data_source("cifar100", split=split, data_dir=str(data_dir))
+        records = src.__getitems__(list(range(len(src))))
+        x = np.stack([r["image"] for r in records]).astype(np.uint8)
+        splits[split] = (x, _labels([r["label"] for r in records]))
+    names = tuple(builder.info.features["label"].names)
+    arrays = _checked(Arrays(*splits["train"], *splits["test"], names), f"tfds cifar100 in {data_dir}")
+    tmp = cache.with_name(cache.stem + ".tmp.npz")
+    np.savez(tmp, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test, label_names=np.array(names))
+    os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+    return arrays
+
+
+SOURCES = {
+    "tfds": load_tfds,
+    "cifar_python": load_cifar_python,
+    "npz": load_npz,
+    "digits": load_digits,
+    "fake": load_fake,
+}
+
+
+def load(source: str, path=None, **options) -> Arrays:
+    """Load dataset `source` (see the module docstring); `options` go to the source (e.g. fake sizes)."""
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; valid sources: {', '.join(SOURCES)}")
+    return SOURCES[source](path, **options)

@@ -1,0 +1,76 @@
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_jax import data
+from cifar_jax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_epoch_covers_every_index_once_and_drops_partial_batch():
+    n, bs = 103, 16
+    order = np.asarray(pipeline.epoch_order(0, 0, n))
+    steps = pipeline.steps_per_epoch(n, bs)
+    assert steps == 6
+    seen = np.concatenate([np.asarray(pipeline.train_indices(jnp.asarray(order), s, bs)) for s in range(steps)])
+    assert len(seen) == len(set(seen.tolist())) == 96  # no repeats; the last 7 wait for another epoch
+    assert sorted(order.tolist()) == list(range(n))
+
+
+def test_orders_differ_across_epochs_and_repeat_across_runs():
+    a0, a1 = pipeline.epoch_order(3, 0, 500), pipeline.epoch_order(3, 1, 500)
+    assert not np.array_equal(a0, a1)
+    np.testing.assert_array_equal(a0, pipeline.epoch_order(3, 0, 500))
+    assert not np.array_equal(a0, pipeline.epoch_order(4, 0, 500))
+
+
+@pytest.mark.parametrize("n,bs", [(10, 4), (13, 5), (8, 8), (3, 16)])
+def test_eval_batches_count_every_example_once(n, bs):
+    labels = jnp.arange(n, dtype=jnp.int32)
+    images = jnp.zeros((n, 32, 32, 3), jnp.uint8)
+    pre = pipeline.Preprocess()
+    counts = np.zeros(n, int)
+    for b in range(pipeline.num_eval_batches(n, bs)):
+        x, y, mask = pipeline.eval_batch(images, labels, b, batch_size=bs, preprocess=pre)
+        assert x.shape == (bs, 32, 32, 3) and mask.shape == (bs,)
+        np.add.at(counts, np.asarray(y)[np.asarray(mask)], 1)
+    np.testing.assert_array_equal(counts, np.ones(n, int))
+
+
+def test_train_batch_is_augmented_normalised_and_resized():
+    arrays = data.load("fake", num_train=32, num_test=4, num_classes=3)
+    mesh = pipeline.make_mesh()
+    images, labels = pipeline.replicate(arrays.x_train, mesh), pipeline.replicate(arrays.y_train, mesh)
+    pre = pipeline.Preprocess(crop_padding=4, flip=True, normalization="imagenet", image_size=64)
+    order = pipeline.epoch_order(0, 0, 32)
+    x, y = jax.jit(lambda s: pipeline.train_batch(images, labels, order, 0, 0, s, batch_size=8, preprocess=pre))(1)
+    assert x.shape == (8, 64, 64, 3) and x.dtype == jnp.float32
+    np.testing.assert_array_equal(y, arrays.y_train[np.asarray(order)[8:16]])
+    plain = pre.eval(jnp.asarray(arrays.x_train[np.asarray(order)[8:16]]))
+    assert not np.allclose(x, plain)  # augmentation did something
+    assert abs(float(plain.mean())) < 1.0  # normalised scale
+
+
+def _probe(tmp_path, devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    out = tmp_path / f"probe{devices}.npz"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "pipeline_probe.py"), str(out)], check=True, env=env, cwd=ROOT)
+    return np.load(out)
+
+
+def test_batches_do_not_depend_on_device_count(tmp_path):
+    one, eight = _probe(tmp_path, 1), _probe(tmp_path, 8)
+    assert int(one["devices"]) == 1 and int(eight["devices"]) == 8
+    np.testing.assert_array_equal(one["y"], eight["y"])
+    np.testing.assert_allclose(one["x"], eight["x"], rtol=0, atol=1e-6)
+
+
+def test_unknown_normalization_is_refused():
+    with pytest.raises(ValueError, match="valid: cifar, imagenet"):
+        pipeline.Preprocess(normalization="mnist")
