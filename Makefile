@@ -1,21 +1,36 @@
-# `make test` and `make quickstart` work on a fresh machine: they create .venv first.
+# `make quickstart` and `make test` work on a fresh machine: they create .venv first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-test
+CORE := $(VENV)/.installed-core
+TEST := $(VENV)/.installed-test
 PYTEST_ARGS ?= -n 2
+QUICKSTART_DIR := checkpoints/quickstart
 
-.PHONY: test venv clean
+.PHONY: quickstart test venv clean
 
-venv: $(STAMP)
+venv: $(CORE)
 
-$(STAMP): pyproject.toml constraints-test.txt
+$(CORE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[digits]'
+	touch $@
+
+$(TEST): $(CORE) constraints-test.txt
 	$(PY) -m pip install -c constraints-test.txt -e '.[torch,test]'
 	touch $@
 
-test: $(STAMP)
+# Train SimpleCNN on the bundled digits, restore the best checkpoint, evaluate it on the test split.
+quickstart: $(CORE)
+	$(PY) train.py --config configs/quickstart.py --workdir $(QUICKSTART_DIR)
+	$(PY) eval.py --workdir $(QUICKSTART_DIR) --split test
+	@echo "curves:      $(QUICKSTART_DIR)/curves.png"
+	@echo "metrics:     $(QUICKSTART_DIR)/metrics.jsonl"
+	@echo "checkpoints: $(QUICKSTART_DIR)/checkpoints"
+	@echo "report:      $(QUICKSTART_DIR)/eval/report.json"
+
+test: $(TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

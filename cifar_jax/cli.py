@@ -1,0 +1,48 @@
+"""What the command-line entry points share: logging, the persistent compilation cache, errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CACHE = "~/.cache/cifar_jax/xla"
+
+
+def setup_logging() -> None:
+    """Our progress lines on stderr; absl-logged chatter (Orbax logs every file it writes) only at ERROR."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logger = logging.getLogger("cifar_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+    """Turn on JAX's persistent compilation cache so a second run of a config compiles nothing.
+
+    `directory`: '' disables it; None takes $JAX_COMPILATION_CACHE_DIR, else ~/.cache/cifar_jax/xla.
+    """
+    import jax
+
+    if directory == "":
+        return None
+    directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE
+    path = Path(os.path.expanduser(directory))
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return str(path)
+
+
+def fail(message: str) -> None:
+    """Exit with one line on stderr (status 2): what is wrong and how to fix it."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

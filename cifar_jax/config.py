@@ -1,0 +1,122 @@
+"""The configuration every experiment shares (`base()`), and its validation (`validate`).
+
+Config files in `configs/` start from `base()` and change what their experiment needs. ConfigDict
+rejects unknown keys, so a typo in `--config.KEY=VALUE` fails at once. `validate` checks values
+before any data is loaded or anything compiled, and says in one line what is wrong.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cifar_jax import models
+from cifar_jax.data import SOURCES, augment
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "step", "cosine")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_epochs = 10  # all phases together
+    c.batch_size = 128  # global, over all devices
+    c.eval_batch_size = 500
+    c.label_smoothing = 0.0
+    c.steps_per_call = 0  # training steps per jitted call (lax.fori_loop); 0 = largest divisor of an epoch <= 16
+    c.distributed = False  # jax.distributed.initialize() for multi-process runs
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "simple_cnn"
+    c.model.num_classes = 100
+    c.model.stem = "cifar"  # ResNets only: 'imagenet' or 'cifar'
+    c.model.dtype = "auto"  # compute dtype: 'auto' = bfloat16 on GPU/TPU, float32 on CPU
+    c.model.pretrained = ""  # directory written by `python -m cifar_jax.convert`
+
+    # Phase 1 of a two-phase fine-tune: only the classifier head trains, for this many epochs.
+    c.head_only_epochs = 0
+    c.head_only_lr = 1e-3
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"
+    c.data.path = ""
+    c.data.image_size = 32
+    c.data.val_fraction = 0.2
+    c.data.split_seed = 0
+    c.data.normalization = "cifar"
+    c.data.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True, color_jitter=(0.0, 0.0, 0.0)))
+    c.data.fake = ml_collections.ConfigDict(dict(num_train=512, num_test=128, num_classes=100, image_size=32))
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 1e-3
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # sgd only
+    c.optimizer.nesterov = False  # sgd only
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"
+    c.schedule.per = "epoch"  # step the schedule once per 'epoch' (PyTorch's usual) or every 'step'
+    c.schedule.step_size = 30  # StepLR: epochs (or steps) between decays
+    c.schedule.gamma = 0.1  # StepLR decay factor
+    c.schedule.warmup_epochs = 0  # linear warmup (LinearLR) before the schedule
+    c.schedule.warmup_start_factor = 0.1
+    c.schedule.min_lr = 0.0  # CosineAnnealingLR's eta_min
+
+    c.checkpoint = ml_collections.ConfigDict(dict(keep=3))
+
+    c.wandb = ml_collections.ConfigDict(dict(mode="disabled", project="cifar_jax", entity="", name=""))
+    return c
+
+
+def _fail(key: str, value, requirement: str):
+    raise ValueError(f"config: {key}={value!r} {requirement}")
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        _fail(key, value, f"is not one of: {', '.join(choices)}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Check values that would otherwise fail late (after data loading or compilation)."""
+    if c.model.name not in models.MODELS:
+        _fail("model.name", c.model.name, f"is not one of: {', '.join(models.MODELS)}")
+    _choice("model.stem", c.model.stem, ("imagenet", "cifar"))
+    _choice("model.dtype", c.model.dtype, DTYPES)
+    _choice("data.source", c.data.source, tuple(SOURCES))
+    _choice("data.normalization", c.data.normalization, tuple(augment.NORMALIZATIONS))
+    _choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
+    _choice("schedule.name", c.schedule.name, SCHEDULES)
+    _choice("schedule.per", c.schedule.per, ("epoch", "step"))
+    _choice("wandb.mode", c.wandb.mode, ("online", "offline", "disabled"))
+    for key in ("num_epochs", "batch_size", "eval_batch_size", "model.num_classes", "data.image_size", "checkpoint.keep"):
+        value = c[key] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
+        if not isinstance(value, int) or value <= 0:
+            _fail(key, value, "must be a positive integer")
+    if not c.optimizer.lr > 0:
+        _fail("optimizer.lr", c.optimizer.lr, "must be positive")
+    if c.optimizer.weight_decay < 0:
+        _fail("optimizer.weight_decay", c.optimizer.weight_decay, "must be >= 0")
+    if not 0 <= c.label_smoothing < 1:
+        _fail("label_smoothing", c.label_smoothing, "must be in [0, 1)")
+    if not 0 <= c.head_only_epochs < c.num_epochs:
+        _fail("head_only_epochs", c.head_only_epochs, f"must be in [0, num_epochs={c.num_epochs})")
+    if c.head_only_epochs and not c.head_only_lr > 0:
+        _fail("head_only_lr", c.head_only_lr, "must be positive")
+    if c.schedule.name == "step" and (c.schedule.step_size <= 0 or not 0 < c.schedule.gamma <= 1):
+        _fail("schedule.step_size/gamma", (c.schedule.step_size, c.schedule.gamma), "need step_size > 0 and 0 < gamma <= 1")
+    if c.schedule.warmup_epochs < 0 or c.schedule.warmup_epochs >= c.num_epochs - c.head_only_epochs:
+        _fail("schedule.warmup_epochs", c.schedule.warmup_epochs, "must be >= 0 and shorter than the (last) phase")
+    if c.steps_per_call < 0:
+        _fail("steps_per_call", c.steps_per_call, "must be >= 0 (0 = automatic)")
+    if c.model.name == "simple_cnn" and c.data.image_size != 32:
+        _fail("data.image_size", c.data.image_size, "cannot feed simple_cnn, whose FC layer takes 32x32 inputs; use 32 or a ResNet")
+    if c.model.name != "simple_cnn" and c.data.image_size < 32:
+        _fail("data.image_size", c.data.image_size, "is too small for a ResNet (at least 32)")
+    if c.head_only_epochs and c.model.name == "simple_cnn":
+        _fail("head_only_epochs", c.head_only_epochs, "needs a pretrained ResNet backbone (model.pretrained)")

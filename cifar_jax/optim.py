@@ -1,0 +1,53 @@
+"""Optimizers and learning-rate schedules with PyTorch's semantics, built from optax.
+
+    adam   = torch.optim.Adam(weight_decay=wd): L2 added to the gradient before Adam (coupled)
+    adamw  = torch.optim.AdamW(weight_decay=wd): decoupled decay
+    sgd    = torch.optim.SGD(momentum, nesterov, weight_decay=wd): coupled L2
+    step   = StepLR(step_size, gamma);  cosine = CosineAnnealingLR(T_max=phase length, eta_min)
+    warmup = LinearLR(start_factor, total_iters=warmup) followed by the schedule (SequentialLR)
+
+Schedules are stepped per epoch (PyTorch's usual `scheduler.step()` after each epoch) or per step.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def _epoch_schedule(cfg, base_lr: float, length: int):
+    """lr as a function of t = epochs (or steps) done in this phase, `length` of them in all."""
+    warmup = cfg.warmup_epochs
+    if cfg.name == "constant":
+        main = optax.constant_schedule(base_lr)
+    elif cfg.name == "step":
+        main = lambda t: base_lr * cfg.gamma ** (t // cfg.step_size)  # noqa: E731
+    else:  # cosine
+        main = optax.cosine_decay_schedule(base_lr, max(length - warmup, 1), alpha=cfg.min_lr / base_lr)
+    if not warmup:
+        return main
+    ramp = optax.linear_schedule(base_lr * cfg.warmup_start_factor, base_lr, warmup)
+    return optax.join_schedules([ramp, main], [warmup])
+
+
+def make_schedule(cfg, base_lr: float, num_epochs: int, steps_per_epoch: int):
+    """A schedule over optimizer steps for a phase of `num_epochs` epochs."""
+    if cfg.per == "step":
+        scale = steps_per_epoch  # StepLR step_size and warmup stay in epochs: convert them to steps
+        per_step = cfg.copy_and_resolve_references()
+        per_step.warmup_epochs = cfg.warmup_epochs * scale
+        per_step.step_size = cfg.step_size * scale
+        return _epoch_schedule(per_step, base_lr, num_epochs * scale)
+    sched = _epoch_schedule(cfg, base_lr, num_epochs)
+    return lambda count: sched(jnp.asarray(count) // steps_per_epoch)
+
+
+def make_optimizer(cfg, schedule) -> optax.GradientTransformation:
+    wd = cfg.weight_decay
+    if cfg.name == "adamw":
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)
+    if cfg.name == "adam":
+        core = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    else:  # sgd
+        core = optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity()
+    return optax.chain(optax.add_decayed_weights(wd) if wd else optax.identity(), core, optax.scale_by_learning_rate(schedule))

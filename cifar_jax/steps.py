@@ -1,0 +1,150 @@
+"""The jitted computations: training steps (several per call) and evaluation sums.
+
+Everything here is a pure function over `nnx.split` state, so `jax.jit` compiles it once and the
+same code runs on one device or data-parallel over a mesh: the dataset is replicated, each batch
+is sharded over 'data', parameters are replicated, and XLA inserts the gradient all-reduce.
+
+The train state is a dict pytree: `params` (nnx.State of all parameters), `batch_stats`
+(BatchNorm running statistics) and `opt_state` (optax state of the *trainable* parameters only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from cifar_jax.data import pipeline
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+    """Per-example `nn.CrossEntropyLoss(label_smoothing=...)` (targets (1-a) one-hot + a/K), in float32."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def is_head(path, _value) -> bool:
+    """The classifier head: ResNet's `fc`."""
+    return path[0] == "fc"
+
+
+def partition(params: nnx.State, head_only: bool):
+    """(trainable, frozen) parameters: the head and the rest in phase 1, everything and nothing after."""
+    if head_only:
+        return nnx.split_state(params, is_head, ...)
+    return params, nnx.State({})
+
+
+def zero_metrics():
+    return {
+        "loss_sum": jnp.zeros((), jnp.float32),
+        "correct": jnp.zeros((), jnp.int32),
+        "count": jnp.zeros((), jnp.int32),
+        "nonfinite_steps": jnp.zeros((), jnp.int32),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static (compile-time) settings of the training computation."""
+
+    graphdef: Any  # nnx.GraphDef of the model in train mode (phase 2) or eval mode (frozen backbone)
+    tx: optax.GradientTransformation
+    head_only: bool
+    preprocess: pipeline.Preprocess
+    batch_size: int
+    num_classes: int
+    label_smoothing: float
+    seed: int
+    sharding: Any = None  # NamedSharding of a batch over the mesh, or None
+
+
+def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, step):
+    """One optimizer step on batch `step` of `epoch`."""
+    x, y = pipeline.train_batch(
+        images, labels, order, cfg.seed, epoch, step,
+        batch_size=cfg.batch_size, preprocess=cfg.preprocess, sharding=cfg.sharding,
+    )
+    trainable, frozen = partition(state["params"], cfg.head_only)
+
+    def loss_fn(trainable):
+        # Only `trainable` is differentiated: with a frozen backbone nothing flows back through it.
+        model = nnx.merge(cfg.graphdef, nnx.merge_state(trainable, frozen), state["batch_stats"], copy=True)
+        logits = model(x)
+        loss = cross_entropy(logits, y, cfg.num_classes, cfg.label_smoothing).mean()
+        return loss, (logits, nnx.state(model, nnx.BatchStat))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = cfg.tx.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    state = {"params": nnx.merge_state(trainable, frozen), "batch_stats": batch_stats, "opt_state": opt_state}
+    n = y.shape[0]
+    metrics = {
+        "loss_sum": metrics["loss_sum"] + loss * n,
+        "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32),
+        "count": metrics["count"] + n,
+        "nonfinite_steps": metrics["nonfinite_steps"] + (~jnp.isfinite(loss)).astype(jnp.int32),
+    }
+    return state, metrics
+
+
+def make_train_chunk(cfg: StepConfig, num_steps: int) -> Callable:
+    """jit(state, metrics, images, labels, order, epoch, first_step) -> (state, metrics) after
+    `num_steps` steps in one call (a fori_loop), with the state and metrics buffers donated."""
+
+    def chunk(state, metrics, images, labels, order, epoch, first_step):
+        def body(i, carry):
+            return train_step(cfg, *carry, images, labels, order, epoch, first_step + i)
+
+        if num_steps == 1:
+            return body(0, (state, metrics))
+        return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
+
+    return jax.jit(chunk, donate_argnums=(0, 1))
+
+
+def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: int, label_smoothing: float, sharding=None):
+    """jit(params, batch_stats, images, labels) -> {loss_sum, correct, count} over a whole split,
+    in padded, masked batches (every example counted once), in one call."""
+
+    def run(params, batch_stats, images, labels):
+        model = nnx.merge(graphdef_eval, params, batch_stats, copy=True)
+
+        def body(b, sums):
+            x, y, mask = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
+            logits = model(x)
+            loss = cross_entropy(logits, y, num_classes, label_smoothing)
+            return {
+                "loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(mask, loss, 0.0)),
+                "correct": sums["correct"] + jnp.sum((jnp.argmax(logits, -1) == y) & mask).astype(jnp.int32),
+                "count": sums["count"] + jnp.sum(mask).astype(jnp.int32),
+            }
+
+        zeros = {k: v for k, v in zero_metrics().items() if k != "nonfinite_steps"}
+        return jax.lax.fori_loop(0, pipeline.num_eval_batches(images.shape[0], batch_size), body, zeros)
+
+    return jax.jit(run)
+
+
+def make_predict(graphdef_eval, *, preprocess, batch_size: int, sharding=None):
+    """jit(params, batch_stats, images) -> float32 logits for every example (padding removed)."""
+
+    def run(params, batch_stats, images):
+        model = nnx.merge(graphdef_eval, params, batch_stats, copy=True)
+        n = images.shape[0]
+        labels = jnp.zeros((n,), jnp.int32)
+
+        def body(_, b):
+            x, _, _ = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
+            return None, model(x)
+
+        _, logits = jax.lax.scan(body, None, jnp.arange(pipeline.num_eval_batches(n, batch_size)))
+        return logits.reshape(-1, logits.shape[-1])[:n]
+
+    return jax.jit(run)

@@ -1,0 +1,99 @@
+"""Where training reports to: `metrics.jsonl` (one row per epoch), PNG curves, and wandb when asked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    """`<workdir>/metrics.jsonl`, one JSON object per epoch. On resume, rows of epochs after the
+    restored checkpoint (logged by a run killed before its checkpoint landed) are dropped."""
+
+    def __init__(self, workdir, resume_epoch: int):
+        self.path = Path(workdir) / "metrics.jsonl"
+        rows = self.read(self.path) if self.path.exists() else []
+        self.rows = [r for r in rows if r["epoch"] <= resume_epoch]
+        if len(self.rows) != len(rows):
+            self._rewrite()
+
+    @staticmethod
+    def read(path) -> list[dict]:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def _rewrite(self):
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.path)
+
+    def append(self, row: dict):
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def plot_curves(rows: list[dict], path) -> None:
+    """Loss, accuracy and learning rate per epoch, like the study's figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
+        for split in ("train", "val"):
+            values = [r.get(f"{split}_{key}") for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", label=split)
+        ax.set_title(title), ax.set_xlabel("epoch"), ax.legend(), ax.grid(alpha=0.3)
+    axes[2].plot(epochs, [r["lr"] for r in rows], marker="o")
+    axes[2].set_title("learning rate"), axes[2].set_xlabel("epoch"), axes[2].set_yscale("log"), axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+class Wandb:
+    """A wandb run when `config.wandb.mode` is 'online' or 'offline' (lazy import), else nothing."""
+
+    def __init__(self, config, workdir, resume: bool):
+        self.run = None
+        if config.wandb.mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("wandb.mode is not 'disabled' but wandb is not installed: pip install 'cifar_jax[wandb]' or set --config.wandb.mode=disabled") from None
+        self.run = wandb.init(
+            project=config.wandb.project,
+            entity=config.wandb.entity or None,
+            name=config.wandb.name or Path(workdir).name,
+            mode=config.wandb.mode,
+            dir=str(workdir),
+            config=config.to_dict(),
+            id=_wandb_id(workdir),
+            resume="allow" if resume else None,
+        )
+
+    def log(self, row: dict):
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if v is not None}, step=row["epoch"])
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_id(workdir) -> str:
+    """A stable run id per workdir, so a resumed run continues the same wandb run."""
+    path = Path(workdir) / "wandb_id.txt"
+    if not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()

@@ -1,0 +1,293 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run, resumable.
+
+Order of work: validate the config and everything cheap to check (devices, pretrained weights,
+the workdir) -> load data -> put it on the devices -> restore the latest checkpoint if any ->
+per epoch: train (jitted chunks of steps), evaluate on val, log, checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cifar_jax import config as config_lib
+from cifar_jax import data, models, optim, pretrained, steps
+from cifar_jax.checkpoint import Checkpoints
+from cifar_jax.data import pipeline
+from cifar_jax.tracking import MetricsLog, Wandb, plot_curves
+
+log = logging.getLogger("cifar_jax")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); earlier checkpoints are kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str  # 'head_only' or 'all'
+    first_epoch: int  # 0-based, inclusive
+    end_epoch: int  # exclusive
+    lr: float
+
+    @property
+    def head_only(self) -> bool:
+        return self.name == "head_only"
+
+    @property
+    def num_epochs(self) -> int:
+        return self.end_epoch - self.first_epoch
+
+
+def phases(config) -> list[Phase]:
+    """Phase 1 trains only the head (`head_only_epochs`), phase 2 everything; each has its own
+    optimizer state and schedule, like creating a new PyTorch optimizer for phase 2."""
+    out = []
+    if config.head_only_epochs:
+        out.append(Phase("head_only", 0, config.head_only_epochs, config.head_only_lr))
+    out.append(Phase("all", config.head_only_epochs, config.num_epochs, config.optimizer.lr))
+    return out
+
+
+def phase_of(config, epoch: int) -> Phase:
+    return next(p for p in phases(config) if p.first_epoch <= epoch < p.end_epoch)
+
+
+def compute_dtype(config) -> str:
+    if config.model.dtype != "auto":
+        return config.model.dtype
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+
+
+def steps_per_call(config, steps_per_epoch: int) -> int:
+    """Steps fused into one jitted call: as configured, or the largest divisor of an epoch <= 16
+    (a divisor, so that every call has the same shape and nothing compiles twice)."""
+    wanted = config.steps_per_call or 16
+    return max(d for d in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
+
+
+def check_before_start(config, workdir) -> None:
+    """Everything that can be checked without data or compilation; raises ValueError with one line."""
+    config_lib.validate(config)
+    n_dev = jax.device_count()
+    if config.batch_size % n_dev or config.eval_batch_size % n_dev:
+        raise ValueError(
+            f"config: batch_size={config.batch_size} and eval_batch_size={config.eval_batch_size} must be divisible "
+            f"by the {n_dev} devices; use a multiple of {n_dev}"
+        )
+    if config.model.pretrained:
+        meta_path = Path(config.model.pretrained) / "meta.json"
+        if not meta_path.is_file():
+            raise ValueError(f"config: model.pretrained={config.model.pretrained!r} holds no converted weights (no meta.json); make them with `python -m cifar_jax.convert`")
+        meta = json.loads(meta_path.read_text())
+        if meta["arch"] != config.model.name:
+            raise ValueError(f"config: model.pretrained holds {meta['arch']} weights but model.name={config.model.name!r}; set --config.model.name={meta['arch']}")
+        if meta.get("stem", "imagenet") != config.model.stem:
+            raise ValueError(f"config: model.pretrained was converted with stem={meta.get('stem')!r} but model.stem={config.model.stem!r}; pretrained weights need --config.model.stem={meta.get('stem')}")
+    saved = Path(workdir) / "config.json"
+    if saved.exists():
+        old = json.loads(saved.read_text())
+        for key in ("name", "num_classes", "stem"):
+            if old["model"][key] != config.model[key]:
+                raise ValueError(
+                    f"workdir {workdir} holds a run with model.{key}={old['model'][key]!r}, not {config.model[key]!r}; "
+                    f"use another --workdir to start a new run"
+                )
+
+
+def build_model(config, num_classes: int):
+    dtype = compute_dtype(config)
+    if config.model.pretrained:
+        return pretrained.load(config.model.pretrained, num_classes, dtype=dtype, stem=config.model.stem, seed=config.seed)
+    options = {} if config.model.name == "simple_cnn" else {"stem": config.model.stem}
+    return models.create(config.model.name, num_classes, dtype=dtype, seed=config.seed, **options)
+
+
+def make_tx(config, phase: Phase, steps_per_epoch: int):
+    """(schedule, optax transformation) of a phase."""
+    schedule = optim.make_schedule(config.schedule, phase.lr, phase.num_epochs, steps_per_epoch)
+    return schedule, optim.make_optimizer(config.optimizer, schedule)
+
+
+def init_opt_state(tx, params, phase: Phase, sharding):
+    """Optimizer state of the parameters that `phase` trains, placed with `sharding`."""
+    trainable, _ = steps.partition(params, phase.head_only)
+    return jax.jit(tx.init, out_shardings=sharding)(trainable)
+
+
+def _to_host(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s):
+    def mean(sums, key):
+        return float(sums[key]) / max(int(sums["count"]), 1)
+
+    return {
+        "epoch": epoch + 1,
+        "phase": phase.name,
+        "train_loss": mean(train_sums, "loss_sum"),
+        "train_acc": mean(train_sums, "correct"),
+        "val_loss": mean(val_sums, "loss_sum") if val_sums is not None else None,
+        "val_acc": mean(val_sums, "correct") if val_sums is not None else None,
+        "lr": lr,
+        "epoch_time_s": round(epoch_time, 3),
+        "train_img_per_s": round(img_per_s, 1),
+    }
+
+
+def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
+    """Train `config` in `workdir` (resuming from its latest checkpoint); returns the metrics rows."""
+    workdir = Path(workdir).absolute()
+    config = config.copy_and_resolve_references()
+    for section, key in (("data", "path"), ("model", "pretrained")):
+        if config[section][key]:  # saved absolute, so that eval.py works from any directory
+            config[section][key] = str(Path(config[section][key]).expanduser().absolute())
+    if config.distributed:
+        jax.distributed.initialize()
+    check_before_start(config, workdir)
+    is_main = jax.process_index() == 0
+
+    splits = data.load_splits(config.data)
+    if splits.num_classes != config.model.num_classes:
+        raise ValueError(
+            f"config: model.num_classes={config.model.num_classes} but data.source={config.data.source!r} has "
+            f"{splits.num_classes} classes; set --config.model.num_classes={splits.num_classes}"
+        )
+    n_train = len(splits.train[0])
+    if n_train < config.batch_size:
+        raise ValueError(f"config: batch_size={config.batch_size} exceeds the {n_train} training examples")
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    mesh = pipeline.make_mesh()
+    sharding = pipeline.batch_sharding(mesh)
+    train_x, train_y = (pipeline.replicate(a, mesh) for a in splits.train)
+    val_x, val_y = (pipeline.replicate(a, mesh) for a in splits.val) if len(splits.val[0]) else (None, None)
+    preprocess = pipeline.Preprocess.from_config(config.data)
+    steps_per_epoch = pipeline.steps_per_epoch(n_train, config.batch_size)
+    chunk = steps_per_call(config, steps_per_epoch)
+
+    model = build_model(config, splits.num_classes)
+    graphdef_train = nnx.graphdef(model)
+    model.eval()
+    graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params, batch_stats = (jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t) for t in (params, batch_stats))
+    eval_sums = steps.make_eval_sums(
+        graphdef_eval, preprocess=preprocess, batch_size=config.eval_batch_size, num_classes=splits.num_classes,
+        label_smoothing=config.label_smoothing, sharding=sharding,
+    )
+
+    def phase_setup(phase: Phase, params):
+        schedule, tx = make_tx(config, phase, steps_per_epoch)
+        # A frozen backbone runs in eval mode: its BatchNorm uses (and keeps) the pretrained running statistics.
+        cfg = steps.StepConfig(
+            graphdef=graphdef_eval if phase.head_only else graphdef_train, tx=tx, head_only=phase.head_only,
+            preprocess=preprocess, batch_size=config.batch_size, num_classes=splits.num_classes,
+            label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding,
+        )
+        return cfg, schedule, init_opt_state(tx, params, phase, replicated)
+
+    ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
+    latest = ckpts.latest_epoch()
+    start_epoch = min(latest or 0, config.num_epochs)
+    # The optimizer state in a checkpoint belongs to the phase of the last epoch it trained.
+    phase = phase_of(config, max(start_epoch - 1, 0))
+    step_cfg, schedule, opt_state = phase_setup(phase, params)
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+    if latest is not None:
+        state, meta = ckpts.restore(latest, state)
+        log.info("resumed from %s (epoch %d, val_acc %s)", ckpts.directory / str(latest), latest, _fmt(meta["row"].get("val_acc")))
+        if latest >= config.num_epochs:
+            log.info("workdir %s already holds all %d epochs; nothing to train", workdir, config.num_epochs)
+
+    metrics_log = MetricsLog(workdir, resume_epoch=start_epoch) if is_main else None
+    tracker = Wandb(config, workdir, resume=latest is not None) if is_main else None
+    compiled = {}
+    compile_s = None
+    try:
+        for epoch in range(start_epoch, config.num_epochs):
+            if phase_of(config, epoch) != phase:
+                phase = phase_of(config, epoch)
+                step_cfg, schedule, state["opt_state"] = phase_setup(phase, state["params"])
+                log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
+            t_epoch = time.perf_counter()
+            order = pipeline.epoch_order(config.seed, epoch, n_train)
+            metrics = jax.device_put(steps.zero_metrics(), replicated)
+            args = (train_x, train_y, order, jnp.int32(epoch))
+            if phase.name not in compiled:
+                t0 = time.perf_counter()
+                fn = steps.make_train_chunk(step_cfg, chunk)
+                compiled[phase.name] = fn.lower(state, metrics, *args, jnp.int32(0)).compile()
+                compile_s = time.perf_counter() - t0
+                log.info("compiled the %s train step (%d steps per call) in %.1f s", phase.name, chunk, compile_s)
+            run_chunk = compiled[phase.name]
+            phase_step = (epoch - phase.first_epoch) * steps_per_epoch
+            lr = float(schedule(phase_step))
+            bar = _progress(progress and is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}")
+            t_train = time.perf_counter()
+            for first in range(0, steps_per_epoch, chunk):
+                state, metrics = run_chunk(state, metrics, *args, jnp.int32(first))
+                sums = _to_host(metrics)  # one sync per chunk, for the progress bar and the NaN check
+                if sums["nonfinite_steps"]:
+                    raise TrainingError(
+                        f"loss became NaN/Inf in epoch {epoch + 1}, steps {first + 1}-{first + chunk} of {steps_per_epoch} "
+                        f"(lr {lr:g}); checkpoints up to epoch {epoch} are kept in {ckpts.directory}. Lower optimizer.lr?"
+                    )
+                if bar is not None:
+                    elapsed = time.perf_counter() - t_train
+                    bar.update(chunk)
+                    bar.set_postfix(loss=f"{sums['loss_sum'] / sums['count']:.4f}", acc=f"{sums['correct'] / sums['count']:.4f}",
+                                    img_s=f"{sums['count'] / elapsed:.0f}")
+            train_time = time.perf_counter() - t_train
+            if bar is not None:
+                bar.close()
+            val = _to_host(eval_sums(state["params"], state["batch_stats"], val_x, val_y)) if val_x is not None else None
+            row = _epoch_row(epoch, phase, sums, val, lr, time.perf_counter() - t_epoch, sums["count"] / train_time)
+            if epoch == start_epoch and compile_s is not None:
+                row["compile_s"] = round(compile_s, 2)
+            if is_main:
+                metrics_log.append(row)
+                plot_curves(metrics_log.rows, workdir / "curves.png")
+                tracker.log(row)
+                log.info(
+                    "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
+                    epoch + 1, config.num_epochs, row["train_loss"], row["train_acc"],
+                    _fmt(row["val_loss"]), _fmt(row["val_acc"]), lr, row["epoch_time_s"], row["train_img_per_s"],
+                )
+            ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "phase": phase.name, "row": row})
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        if tracker is not None:
+            tracker.finish()
+    rows = metrics_log.rows if metrics_log is not None else []
+    if is_main and rows:
+        best = max((r for r in rows if r["val_acc"] is not None), key=lambda r: r["val_acc"], default=rows[-1])
+        log.info("best epoch %d (val_acc %s); checkpoints in %s; curves %s; metrics %s",
+                 best["epoch"], _fmt(best["val_acc"]), ckpts.directory, workdir / "curves.png", workdir / "metrics.jsonl")
+    return rows
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)  # None: off when not a TTY

@@ -1,0 +1,38 @@
+"""Train a config:  python train.py --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR]
+
+The workdir (default checkpoints/<config name>) receives config.json, metrics.jsonl, curves.png and
+Orbax checkpoints; running the same command again resumes from the latest checkpoint.
+"""
+
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py: the experiment", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: checkpoints/<config name>)")
+_CACHE = flags.DEFINE_string("compilation_cache", None, "persistent XLA cache dir ('' disables; default $JAX_COMPILATION_CACHE_DIR or ~/.cache/cifar_jax/xla)")
+_PROGRESS = flags.DEFINE_bool("progress", True, "show a progress bar per epoch")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from cifar_jax import cli
+
+    cli.setup_logging()
+    cli.enable_compilation_cache(_CACHE.value)
+    from cifar_jax.data import DataError
+    from cifar_jax.trainer import TrainingError, train_and_evaluate
+
+    config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
+    workdir = _WORKDIR.value or str(Path("checkpoints") / config_name)
+    try:
+        train_and_evaluate(_CONFIG.value, workdir, progress=_PROGRESS.value)
+    except (ValueError, DataError, TrainingError, FileNotFoundError, ImportError) as e:
+        cli.fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main)
