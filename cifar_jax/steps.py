@@ -26,7 +26,7 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     targets = jax.nn.one_hot(labels, num_classes)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return optax.softmax_cross_entropy(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), targets)
 
 
 def is_head(path, _value) -> bool:
@@ -43,7 +43,7 @@ def partition(params: nnx.State, head_only: bool):
 
 def zero_metrics():
     return {
-        "loss_sum": jnp.zeros((), jnp.float32),
+        "loss_sum": jnp.zeros(()),  # the default float: float32, or float64 under jax_enable_x64
         "correct": jnp.zeros((), jnp.int32),
         "count": jnp.zeros((), jnp.int32),
         "nonfinite_steps": jnp.zeros((), jnp.int32),

@@ -145,8 +145,11 @@ def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s):
     }
 
 
-def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
-    """Train `config` in `workdir` (resuming from its latest checkpoint); returns the metrics rows."""
+def train_and_evaluate(config, workdir, *, progress: bool = True, epochs_this_run: int | None = None) -> list[dict]:
+    """Train `config` in `workdir` (resuming from its latest checkpoint); returns the metrics rows.
+
+    `epochs_this_run` stops after that many epochs (e.g. to fit a time slot); rerun to continue.
+    """
     workdir = Path(workdir).absolute()
     config = config.copy_and_resolve_references()
     for section, key in (("data", "path"), ("model", "pretrained")):
@@ -218,7 +221,8 @@ def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
     compiled = {}
     compile_s = None
     try:
-        for epoch in range(start_epoch, config.num_epochs):
+        last_epoch = config.num_epochs if epochs_this_run is None else min(config.num_epochs, start_epoch + epochs_this_run)
+        for epoch in range(start_epoch, last_epoch):
             if phase_of(config, epoch) != phase:
                 phase = phase_of(config, epoch)
                 step_cfg, schedule, state["opt_state"] = phase_setup(phase, state["params"])

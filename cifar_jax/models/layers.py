@@ -57,6 +57,11 @@ def linear(in_features, out_features, *, dtype, rngs):
     )
 
 
+def stats_dtype(dtype):
+    """float32 for low-precision and float32 activations, float64 when computing in float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class BatchNorm(nnx.Module):
     """BatchNorm2d with PyTorch's semantics (NHWC input, statistics over all but the last axis).
 
@@ -64,7 +69,7 @@ class BatchNorm(nnx.Module):
       * `momentum` is PyTorch's (weight of the new batch, default 0.1 = Flax's 0.9);
       * normalisation uses the biased batch variance, but `var` is updated with the unbiased
         one (n / (n - 1)), exactly like `running_var` in PyTorch.
-    Statistics are always computed in float32, whatever the compute dtype. Under `jax.jit` with
+    Statistics are computed in float32 (float64 for float64 inputs), whatever the compute dtype. Under `jax.jit` with
     the batch sharded over devices, the mean is over the global batch (synchronised BatchNorm).
     """
 
@@ -83,7 +88,7 @@ class BatchNorm(nnx.Module):
             mean, var = self.mean[...], self.var[...]
         else:
             axes = tuple(range(x.ndim - 1))
-            xf = x.astype(jnp.float32)
+            xf = x.astype(stats_dtype(x.dtype))
             mean = xf.mean(axes)
             var = jnp.square(xf - mean).mean(axes)
             n = x.size // x.shape[-1]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cifar_jax.models.layers import BatchNorm, conv, kaiming_fan_out_init, linear
+from cifar_jax.models.layers import BatchNorm, conv, kaiming_fan_out_init, linear, stats_dtype
 
 STEMS = ("imagenet", "cifar")
 
@@ -102,7 +102,7 @@ class ResNet(nnx.Module):
             for blk in stage:
                 x = blk(x)
         x = x.mean(axis=(1, 2))
-        return self.fc(x).astype(jnp.float32)
+        return self.fc(x).astype(stats_dtype(x.dtype))
 
 
 def resnet18(num_classes=1000, **kw):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cifar_jax.models.layers import BatchNorm, conv, linear
+from cifar_jax.models.layers import BatchNorm, conv, linear, stats_dtype
 
 CHANNELS = (32, 64, 128, 256)
 
@@ -32,4 +32,4 @@ class SimpleCNN(nnx.Module):
         # Flatten in PyTorch's (C, H, W) order so that fc1 lines up with a PyTorch checkpoint.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         x = jax.nn.relu(self.fc1(x))
-        return self.fc2(x).astype(jnp.float32)
+        return self.fc2(x).astype(stats_dtype(x.dtype))

@@ -1,0 +1,57 @@
+"""Helpers shared by tests: tiny configs and a PyTorch twin of SimpleCNN."""
+
+import jax.numpy as jnp
+
+from cifar_jax import config as config_lib
+
+
+def tiny_config(**overrides):
+    """SimpleCNN on 64+16 fake 32x32 images in 5 classes, batch 16: seconds per epoch on a CPU."""
+    c = config_lib.base()
+    c.model.name = "simple_cnn"
+    c.model.num_classes = 5
+    c.model.dtype = "float32"
+    c.data.source = "fake"
+    c.data.fake.num_train = 80
+    c.data.fake.num_test = 20
+    c.data.fake.num_classes = 5
+    c.data.val_fraction = 0.2
+    c.num_epochs = 2
+    c.batch_size = 16
+    c.eval_batch_size = 12  # does not divide the 16 val examples: exercises the padded batch
+    c.optimizer.name = "adam"
+    c.optimizer.lr = 1e-3
+    for key, value in overrides.items():  # dotted keys: tiny_config(**{"optimizer.lr": 0.1})
+        *sections, leaf = key.split(".")
+        target = c
+        for part in sections:
+            target = target[part]
+        target[leaf] = value
+    return c
+
+
+def torch_simple_cnn(num_classes=100):
+    """The study's SimpleCNN in PyTorch (nn.Sequential, so state_dict keys are indices)."""
+    import torch.nn as nn
+
+    def block(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
+
+    return nn.Sequential(
+        *block(3, 32), *block(32, 64), *block(64, 128), *block(128, 256),
+        nn.Flatten(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, num_classes),
+    )
+
+
+def load_torch_simple_cnn(model, torch_model):
+    """Copy the PyTorch twin's weights and BatchNorm buffers into a Flax SimpleCNN."""
+    t = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
+    for i, idx in enumerate((0, 4, 8, 12)):
+        model.convs[i].kernel[...] = jnp.asarray(t[f"{idx}.weight"].transpose(2, 3, 1, 0))
+        model.convs[i].bias[...] = jnp.asarray(t[f"{idx}.bias"])
+        model.bns[i].scale[...] = jnp.asarray(t[f"{idx + 1}.weight"])
+        model.bns[i].bias[...] = jnp.asarray(t[f"{idx + 1}.bias"])
+        model.bns[i].mean[...] = jnp.asarray(t[f"{idx + 1}.running_mean"])
+        model.bns[i].var[...] = jnp.asarray(t[f"{idx + 1}.running_var"])
+    model.fc1.kernel[...], model.fc1.bias[...] = jnp.asarray(t["17.weight"].T), jnp.asarray(t["17.bias"])
+    model.fc2.kernel[...], model.fc2.bias[...] = jnp.asarray(t["19.weight"].T), jnp.asarray(t["19.bias"])

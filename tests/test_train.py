@@ -1,0 +1,112 @@
+"""train_and_evaluate end to end on tiny data: resume, best checkpoint, two-phase fine-tuning."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cifar_jax import evaluate, pretrained, trainer
+from cifar_jax.checkpoint import Checkpoints
+from tests.helpers import tiny_config
+
+TIMING_KEYS = {"epoch_time_s", "train_img_per_s", "compile_s"}
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_resumed_run_is_identical_to_an_uninterrupted_one(tmp_path):
+    config = tiny_config(num_epochs=4, **{"schedule.name": "cosine", "data.augment.color_jitter": (0.2, 0.2, 0.2)})
+    straight = trainer.train_and_evaluate(config, tmp_path / "a", progress=False)
+    first = trainer.train_and_evaluate(config, tmp_path / "b", progress=False, epochs_this_run=2)
+    assert [r["epoch"] for r in first] == [1, 2]
+    resumed = trainer.train_and_evaluate(config, tmp_path / "b", progress=False)
+    assert _without_timing(resumed) == _without_timing(straight)
+    file_rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert _without_timing(file_rows) == _without_timing(straight)
+    a, b = evaluate.restore(tmp_path / "a", "latest"), evaluate.restore(tmp_path / "b", "latest")
+    assert a.epoch == b.epoch == 4
+    for x, y in zip(_leaves((a.params, a.batch_stats)), _leaves((b.params, b.batch_stats))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_metrics_rows_are_complete_and_accuracies_are_fractions(tmp_path):
+    rows = trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
+    row = rows[0]
+    for key in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "compile_s"):
+        assert row[key] is not None, key
+    assert 0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "simple_cnn"
+
+
+def test_best_checkpoint_is_the_best_epoch_and_restores_its_val_acc(tmp_path):
+    config = tiny_config(num_epochs=4, **{"model.num_classes": 10, "data.source": "digits", "batch_size": 64, "eval_batch_size": 100})
+    config.checkpoint.keep = 1  # only the latest and the best survive
+    rows = trainer.train_and_evaluate(config, tmp_path, progress=False)
+    best_row = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
+    ckpts = Checkpoints(tmp_path, read_only=True)
+    assert ckpts.best_epoch() == best_row["epoch"]
+    assert set(ckpts.epochs()) == {best_row["epoch"], 4}
+    restored = evaluate.restore(tmp_path, "best")
+    from cifar_jax import data
+
+    val_x, val_y = data.load_splits(restored.config.data).val
+    report = evaluate.metrics(evaluate.predict(restored, val_x), val_y)
+    assert report["n_examples"] == len(val_y) == 288  # 20% of 1,438, not a multiple of the batch of 100
+    assert report["top1_acc"] == pytest.approx(best_row["val_acc"], abs=1e-9)
+    assert report["loss"] == pytest.approx(best_row["val_loss"], rel=1e-4)
+
+
+@pytest.fixture
+def converted_resnet18(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    model = pretrained.from_torchvision("resnet18", torchvision.models.resnet18(num_classes=7).state_dict())
+    return pretrained.save(model, tmp_path / "weights", {"arch": "resnet18", "num_classes": 7, "stem": "imagenet"})
+
+
+def test_head_only_phase_keeps_backbone_bit_identical_then_all_layers_train(tmp_path, converted_resnet18):
+    config = tiny_config(num_epochs=2, head_only_epochs=1, **{"model.name": "resnet18", "model.stem": "imagenet", "model.pretrained": str(converted_resnet18)})
+    trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    start = pretrained.load(converted_resnet18, num_classes=5)
+    start_params = nnx.to_flat_state(nnx.state(start, nnx.Param))
+    start_stats = nnx.to_flat_state(nnx.state(start, nnx.BatchStat))
+    ckpts = Checkpoints(tmp_path / "run", read_only=True)
+
+    def epoch_state(epoch):
+        restored = evaluate.restore(tmp_path / "run", epoch)
+        return nnx.to_flat_state(restored.params), nnx.to_flat_state(restored.batch_stats)
+
+    assert ckpts.epochs() == [1, 2]
+    params1, stats1 = epoch_state(1)
+    for (path, before), (_, after) in zip(start_params, params1):
+        if path[0] == "fc":
+            assert not np.array_equal(before[...], after[...]), path
+        else:
+            np.testing.assert_array_equal(before[...], after[...], err_msg=str(path))
+    for (path, before), (_, after) in zip(start_stats, stats1):
+        np.testing.assert_array_equal(before[...], after[...], err_msg=str(path))
+    params2, _ = epoch_state(2)
+    for (path, before), (_, after) in zip(params1, params2):
+        assert not np.array_equal(before[...], after[...]), f"{path} did not train in phase 2"
+
+
+def test_quickstart_config_learns_digits(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", "configs/quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trainer.train_and_evaluate(module.get_config(), tmp_path, progress=False)
+    restored = evaluate.restore(tmp_path)
+    from cifar_jax import data
+
+    x, y = data.load_splits(restored.config.data).test
+    assert evaluate.metrics(evaluate.predict(restored, x), y)["top1_acc"] >= 0.95
