@@ -1,0 +1,57 @@
+"""The command lines as a user runs them: bad input fails fast with one line and writes nothing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(tmp_path, *args):
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
+           "--compilation_cache=", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.model.name=resnet99", "config: model.name='resnet99' is not one of: simple_cnn, resnet18, resnet34, resnet50"),
+        ("--config.data.source=imagenet", "config: data.source='imagenet' is not one of: tfds, cifar_python, npz, digits, fake"),
+        ("--config.optimizer.name=lamb", "config: optimizer.name='lamb' is not one of: adam, adamw, sgd"),
+        ("--config.schedule.name=poly", "config: schedule.name='poly' is not one of: constant, step, cosine"),
+        ("--config.num_epochs=0", "config: num_epochs=0 must be a positive integer"),
+        ("--config.batch_size=-8", "config: batch_size=-8 must be a positive integer"),
+        ("--config.optimizer.lr=0", "config: optimizer.lr=0.0 must be positive"),
+        ("--config.model.num_classes=100", "model.num_classes=100 but data.source='digits' has 10 classes"),
+        ("--config.data.image_size=64", "cannot feed simple_cnn"),
+        ("--config.model.pretrained=/nonexistent", "holds no converted weights"),
+    ],
+)
+def test_bad_config_fails_in_one_line_before_training(tmp_path, override, message):
+    out = _train(tmp_path, override)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_typo_in_a_config_key_is_rejected(tmp_path):
+    out = _train(tmp_path, "--config.optimizer.learning_rate=0.1")
+    assert out.returncode != 0
+    assert "learning_rate" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_file_is_explained(tmp_path):
+    out = _train(tmp_path, "--config.data.source=npz", f"--config.data.path={tmp_path / 'cifar100.npz'}")
+    assert out.returncode == 2
+    assert "does not exist: set --config.data.path to a .npz file" in out.stderr
+
+
+def test_eval_without_checkpoint_says_so(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    out = subprocess.run([sys.executable, "eval.py", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "holds no complete checkpoint" in out.stderr

@@ -1,0 +1,66 @@
+"""Run as a subprocess: 5 data-parallel training steps over a mesh of all devices; print the losses.
+
+Device count comes from XLA_FLAGS. With PROBE_PROCESS_ID / PROBE_NUM_PROCESSES / PROBE_COORDINATOR
+set, it joins a multi-process run through jax.distributed (CPU collectives over gloo).
+"""
+
+import functools
+import json
+import os
+import sys
+
+import jax
+
+if "PROBE_NUM_PROCESSES" in os.environ:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=os.environ["PROBE_COORDINATOR"],
+        num_processes=int(os.environ["PROBE_NUM_PROCESSES"]),
+        process_id=int(os.environ["PROBE_PROCESS_ID"]),
+    )
+
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from cifar_jax import config as config_lib  # noqa: E402
+from cifar_jax import data, models, optim, steps  # noqa: E402
+from cifar_jax.data import pipeline  # noqa: E402
+
+BATCH, STEPS = 16, 5
+
+
+def losses(spec):
+    """`spec` is 'ARCH:OPTIMIZER', e.g. 'resnet18:sgd'."""
+    arch, optimizer = spec.split(":")
+    arrays = data.load("fake", num_train=BATCH * STEPS, num_test=1, num_classes=10, seed=1)
+    mesh = pipeline.make_mesh()
+    replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    options = {} if arch == "simple_cnn" else {"stem": "cifar"}  # 4x4 maps in layer4: BatchNorm well conditioned
+    model = models.create(arch, 10, seed=0, **options)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    to_mesh = lambda t: jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t)  # noqa: E731
+    opt_cfg = config_lib.base().optimizer
+    opt_cfg.update(dict(name=optimizer, lr=1e-3 if optimizer != "sgd" else 0.05, weight_decay=5e-4))
+    tx = optim.make_optimizer(opt_cfg, 1e-3)
+    pre = pipeline.Preprocess(crop_padding=4, flip=True)
+    cfg = steps.StepConfig(graphdef, tx, False, pre, BATCH, 10, 0.1, seed=0, sharding=pipeline.batch_sharding(mesh))
+    params, stats = to_mesh(params), to_mesh(stats)
+    state = {"params": params, "batch_stats": stats, "opt_state": jax.jit(tx.init, out_shardings=replicated)(params)}
+    metrics = jax.device_put(steps.zero_metrics(), replicated)
+    images, labels = pipeline.replicate(arrays.x_train, mesh), pipeline.replicate(arrays.y_train, mesh)
+    order = pipeline.epoch_order(0, 0, BATCH * STEPS)
+    step = jax.jit(functools.partial(steps.train_step, cfg), donate_argnums=(0, 1))
+    out, before = [], 0.0
+    for s in range(STEPS):
+        state, metrics = step(state, metrics, images, labels, order, 0, s)
+        total = float(np.asarray(metrics["loss_sum"].addressable_data(0)))
+        out.append((total - before) / BATCH)
+        before = total
+    return out
+
+
+if __name__ == "__main__":
+    result = {"devices": jax.device_count(), "processes": jax.process_count()}
+    result.update({spec: losses(spec) for spec in sys.argv[1:]})
+    if jax.process_index() == 0:
+        print(json.dumps(result))
