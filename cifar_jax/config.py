@@ -24,7 +24,7 @@ def base() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices
     c.eval_batch_size = 500
     c.label_smoothing = 0.0
-    c.steps_per_call = 0  # training steps per jitted call (lax.fori_loop); 0 = largest divisor of an epoch <= 16
+    c.steps_per_call = 0  # training steps per jitted call (lax.fori_loop); 0 = automatic (1 on CPU, up to 16 on GPU)
     c.distributed = False  # jax.distributed.initialize() for multi-process runs
 
     c.model = ml_collections.ConfigDict()

@@ -35,14 +35,14 @@ class MetricsLog:
 
 
 def plot_curves(rows: list[dict], path) -> None:
-    """Loss, accuracy and learning rate per epoch, like the study's figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss, accuracy and learning rate per epoch, like the study's figures (written atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
         for split in ("train", "val"):
             values = [r.get(f"{split}_{key}") for r in rows]
@@ -54,7 +54,6 @@ def plot_curves(rows: list[dict], path) -> None:
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=80)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

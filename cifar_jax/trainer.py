@@ -69,9 +69,14 @@ def compute_dtype(config) -> str:
 
 
 def steps_per_call(config, steps_per_epoch: int) -> int:
-    """Steps fused into one jitted call: as configured, or the largest divisor of an epoch <= 16
-    (a divisor, so that every call has the same shape and nothing compiles twice)."""
-    wanted = config.steps_per_call or 16
+    """Steps fused into one jitted call (a fori_loop), as configured or automatically.
+
+    Automatic: 1 on CPU, where XLA runs a step inside a while loop ~17x slower than the same step
+    alone (measured: SimpleCNN, batch 16, 360 vs 21 ms) and dispatch costs nothing next to the
+    step; on accelerators the largest divisor of an epoch <= 16, to hide dispatch latency (a
+    divisor, so every call has the same shape and nothing compiles twice).
+    """
+    wanted = config.steps_per_call or (1 if jax.default_backend() == "cpu" else 16)
     return max(d for d in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 

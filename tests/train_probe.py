@@ -1,5 +1,6 @@
 """Run as a subprocess: 5 data-parallel training steps over a mesh of all devices; print the losses.
 
+Arguments: specs 'ARCH:OPTIMIZER[:float64]'.
 Device count comes from XLA_FLAGS. With PROBE_PROCESS_ID / PROBE_NUM_PROCESSES / PROBE_COORDINATOR
 set, it joins a multi-process run through jax.distributed (CPU collectives over gloo).
 """
@@ -11,6 +12,8 @@ import sys
 
 import jax
 
+if any(spec.endswith(":float64") for spec in sys.argv[1:]):
+    jax.config.update("jax_enable_x64", True)
 if "PROBE_NUM_PROCESSES" in os.environ:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
@@ -30,18 +33,20 @@ BATCH, STEPS = 16, 5
 
 
 def losses(spec):
-    """`spec` is 'ARCH:OPTIMIZER', e.g. 'resnet18:sgd'."""
-    arch, optimizer = spec.split(":")
+    """`spec` is 'ARCH:OPTIMIZER[:float64]', e.g. 'resnet18:adamw:float64'."""
+    arch, optimizer, *dtype = spec.split(":")
+    dtype = dtype[0] if dtype else "float32"
     arrays = data.load("fake", num_train=BATCH * STEPS, num_test=1, num_classes=10, seed=1)
     mesh = pipeline.make_mesh()
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    options = {} if arch == "simple_cnn" else {"stem": "cifar"}  # 4x4 maps in layer4: BatchNorm well conditioned
-    model = models.create(arch, 10, seed=0, **options)
+    options = {} if arch == "simple_cnn" else {"stem": "imagenet"}
+    model = models.create(arch, 10, seed=0, dtype=dtype, **options)
+    nnx.update(model, jax.tree.map(lambda a: a.astype(dtype), nnx.state(model)))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     to_mesh = lambda t: jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t)  # noqa: E731
     opt_cfg = config_lib.base().optimizer
-    opt_cfg.update(dict(name=optimizer, lr=1e-3 if optimizer != "sgd" else 0.05, weight_decay=5e-4))
-    tx = optim.make_optimizer(opt_cfg, 1e-3)
+    opt_cfg.update(dict(name=optimizer, lr=1e-3, weight_decay=5e-4))
+    tx = optim.make_optimizer(opt_cfg, opt_cfg.lr)
     pre = pipeline.Preprocess(crop_padding=4, flip=True)
     cfg = steps.StepConfig(graphdef, tx, False, pre, BATCH, 10, 0.1, seed=0, sharding=pipeline.batch_sharding(mesh))
     params, stats = to_mesh(params), to_mesh(stats)
