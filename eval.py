@@ -1,11 +1,15 @@
-"""Evaluate a training run:  python eval.py --workdir DIR [--step N | --best] [--split test|val] [--out DIR]
+"""Evaluate a training run:
+
+    python eval.py --workdir DIR [--step N | --best] [--split test|val] [--out DIR] [--tta]
+                   [--ood_dir DIR] [--corruptions [--corruption_limit N]]
 
 Restores the checkpoint (the best by validation accuracy unless --step is given) with the config
-saved in the run directory and writes <out>/report.json (default <workdir>/eval/).
+saved in the run directory. Writes to <out> (default <workdir>/eval/): report.json, per_class.csv,
+confusion.png, reliability.png; with --ood_dir, submission_ood.csv; with --corruptions,
+corruptions.png and the accuracy per corruption and severity in report.json.
 """
 
 import json
-import os
 from pathlib import Path
 
 from absl import app, flags
@@ -15,6 +19,10 @@ _STEP = flags.DEFINE_integer("step", None, "checkpoint epoch to evaluate (defaul
 _BEST = flags.DEFINE_bool("best", True, "evaluate the best checkpoint by validation accuracy (ignored with --step)")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"], "which split to evaluate")
 _OUT = flags.DEFINE_string("out", None, "output directory (default: <workdir>/eval)")
+_TTA = flags.DEFINE_bool("tta", False, "average predictions over the image and its horizontal mirror")
+_OOD = flags.DEFINE_string("ood_dir", None, "directory of distortionNN.npy files -> submission_ood.csv")
+_CORRUPTIONS = flags.DEFINE_bool("corruptions", False, "accuracy under the built-in corruption suite (severities 1..5)")
+_CORRUPTION_LIMIT = flags.DEFINE_integer("corruption_limit", 0, "use only the first N images for --corruptions (0: all)")
 _CACHE = flags.DEFINE_string("compilation_cache", None, "persistent XLA cache dir ('' disables)")
 flags.mark_flag_as_required("workdir")
 
@@ -26,24 +34,57 @@ def main(argv):
 
     cli.setup_logging()
     cli.enable_compilation_cache(_CACHE.value)
-    from cifar_jax import data, evaluate
+    import numpy as np
 
+    from cifar_jax import corruptions, data, evaluate
+
+    # Everything that can fail on bad input, before any prediction or file is written.
     try:
         run = evaluate.restore(_WORKDIR.value, _STEP.value if _STEP.value is not None else ("best" if _BEST.value else "latest"))
         splits = data.load_splits(run.config.data)
+        distortions = evaluate.load_distortions(_OOD.value, splits.test[0].shape[1:]) if _OOD.value else []
     except (evaluate.EvalError, data.DataError, ValueError) as e:
         cli.fail(str(e))
+
+    def logits_of(images):
+        return evaluate.tta_logits(run, images) if _TTA.value else evaluate.predict(run, images)
+
     images, labels = getattr(splits, _SPLIT.value)
-    logits = evaluate.predict(run, images)
-    report = {"split": _SPLIT.value, "step": run.epoch, **evaluate.metrics(logits, labels, run.config.label_smoothing)}
+    logits = logits_of(images)
+    report = {"split": _SPLIT.value, "step": run.epoch, "tta": _TTA.value,
+              **evaluate.metrics(logits, labels, run.config.label_smoothing)}
     out = Path(_OUT.value or Path(_WORKDIR.value) / "eval")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "report.json")
-    print(f"{run.config.model.name} epoch {run.epoch}, {_SPLIT.value} split ({report['n_examples']} images)")
+    evaluate.per_class_csv(logits, labels, splits.label_names, out / "per_class.csv")
+    evaluate.plot_confusion(logits, labels, splits.label_names, out / "confusion.png")
+    evaluate.plot_reliability(logits, labels, out / "reliability.png")
+
+    print(f"{run.config.model.name} epoch {run.epoch}, {_SPLIT.value} split ({report['n_examples']} images){' with TTA' if _TTA.value else ''}")
     for key in ("top1_acc", "top5_acc", "loss", "ece"):
         print(f"  {key:<9} {report[key]:.4f}")
+
+    if distortions:
+        rows = []
+        for name, x in distortions:
+            rows += evaluate.submission_rows(name, logits_of(x).argmax(-1))
+        evaluate.write_submission(rows, out / "submission_ood.csv")
+        report["ood_rows"] = len(rows)
+        print(f"submission: {out / 'submission_ood.csv'} ({len(rows)} rows from {len(distortions)} files)")
+
+    if _CORRUPTIONS.value:
+        x_clean, y_clean = splits.test if not _CORRUPTION_LIMIT.value else (a[: _CORRUPTION_LIMIT.value] for a in splits.test)
+        accuracy = {}
+        for name in corruptions.NAMES:
+            accuracy[name] = [
+                float((logits_of(corruptions.corrupt(x_clean, name, s)).argmax(-1) == y_clean).mean()) for s in corruptions.SEVERITIES
+            ]
+            print(f"  {name:<15} " + " ".join(f"{a:.3f}" for a in accuracy[name]))
+        report["corruptions"] = {"n_examples": int(len(y_clean)), "accuracy": accuracy,
+                                 "mean": float(np.mean(list(accuracy.values())))}
+        evaluate.plot_corruption_heatmap(accuracy, out / "corruptions.png")
+        print(f"  mean accuracy under corruption {report['corruptions']['mean']:.4f}")
+
+    evaluate.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"report: {out / 'report.json'}")
 
 

@@ -1,13 +1,20 @@
-"""Evaluation of a trained run: restore a checkpoint with the config saved beside it, predict a
-split data-parallel over all devices, and report metrics (`report.json`)."""
+"""Evaluation of a trained run: restore a checkpoint with the config saved beside it, predict
+data-parallel over all devices, and report: metrics, per-class accuracy, confusion matrix,
+reliability diagram, the distorted-set submission and a built-in corruption suite.
+
+Every file is written atomically (a temporary name, then a rename): nothing is left half-written.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -123,3 +130,128 @@ def metrics(logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0
         "top5_acc": float((top5 == labels[:, None]).any(-1).mean()),
         "ece": expected_calibration_error(probs, labels),
     }
+
+
+def tta_logits(restored: Restored, images: np.ndarray, mesh=None) -> np.ndarray:
+    """Horizontal-flip test-time augmentation: log of the mean softmax over image and mirror."""
+    probs = [jax.nn.softmax(predict(restored, x, mesh=mesh), axis=-1) for x in (images, images[:, :, ::-1])]
+    return np.asarray(jnp.log((probs[0] + probs[1]) / 2))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_savefig(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def _figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def per_class_csv(logits: np.ndarray, labels: np.ndarray, names, path: Path) -> None:
+    """class_index,class_name,n_examples,accuracy for every class."""
+    pred = logits.argmax(-1)
+    lines = ["class_index,class_name,n_examples,accuracy"]
+    for c, name in enumerate(names):
+        mask = labels == c
+        acc = float((pred[mask] == c).mean()) if mask.any() else float("nan")
+        lines.append(f"{c},{name},{int(mask.sum())},{acc:.6f}")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_confusion(logits: np.ndarray, labels: np.ndarray, names, path: Path) -> None:
+    """Row-normalised confusion matrix (true class per row)."""
+    k = len(names)
+    cm = np.zeros((k, k))
+    np.add.at(cm, (labels, logits.argmax(-1)), 1)
+    cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig = _figure((10, 9))
+    ax = fig.subplots()
+    im = ax.imshow(cm, cmap="viridis", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_xlabel("predicted class"), ax.set_ylabel("true class"), ax.set_title("confusion matrix (rows sum to 1)")
+    if k <= 20:
+        ax.set_xticks(range(k), names, rotation=90), ax.set_yticks(range(k), names)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
+
+
+def plot_reliability(logits: np.ndarray, labels: np.ndarray, path: Path, bins: int = ECE_BINS) -> None:
+    """Accuracy against confidence per bin, with the diagonal of perfect calibration."""
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    conf, correct = probs.max(-1), probs.argmax(-1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    acc = [correct[which == b].mean() if (which == b).any() else 0.0 for b in range(bins)]
+    fig = _figure((5, 5))
+    ax = fig.subplots()
+    ax.bar(edges[:-1], acc, width=1 / bins, align="edge", edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlabel("confidence"), ax.set_ylabel("accuracy"), ax.legend(loc="upper left")
+    ax.set_title(f"reliability (ECE {expected_calibration_error(probs, labels, bins):.3f})")
+    fig.tight_layout()
+    _atomic_savefig(fig, path)
+
+
+_DISTORTION_FILE = re.compile(r"^distortion(\d{2})\.npy$")
+
+
+def load_distortions(ood_dir, image_shape=(32, 32, 3)) -> list[tuple[str, np.ndarray]]:
+    """The files distortionNN.npy of `ood_dir`, each uint8 (5 * n, H, W, 3): severities 1..5 in
+    equal consecutive blocks. Every file is checked before anything is predicted or written."""
+    ood_dir = Path(ood_dir)
+    if not ood_dir.is_dir():
+        raise EvalError(f"--ood_dir {ood_dir} is not a directory")
+    files = sorted(p for p in ood_dir.iterdir() if _DISTORTION_FILE.match(p.name))
+    if not files:
+        raise EvalError(f"--ood_dir {ood_dir} holds no distortionNN.npy files")
+    out = []
+    for path in files:
+        try:
+            x = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise EvalError(f"{path} is not a readable .npy array ({e})") from None
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(image_shape) or len(x) % 5:
+            raise EvalError(
+                f"{path} has {x.dtype} {tuple(x.shape)}; expected uint8 (5*n, {', '.join(map(str, image_shape))}) "
+                f"with severities 1..5 in equal consecutive blocks"
+            )
+        out.append((path.stem, np.asarray(x)))
+    return out
+
+
+def submission_rows(name: str, predictions: np.ndarray) -> list[str]:
+    """Rows `distortionNN_S_i,label` in the study's order: severity 1..5, then index 0..n-1."""
+    n = len(predictions) // 5
+    return [f"{name}_{s + 1}_{i},{int(predictions[s * n + i])}" for s in range(5) for i in range(n)]
+
+
+def write_submission(rows: list[str], path: Path) -> None:
+    atomic_write_text(path, "id,label\n" + "\n".join(rows) + "\n")
+
+
+def plot_corruption_heatmap(accuracy: dict, path: Path) -> None:
+    """Accuracy per corruption (rows) and severity (columns)."""
+    names = list(accuracy)
+    grid = np.array([accuracy[n] for n in names])
+    fig = _figure((7, 0.45 * len(names) + 1.5))
+    ax = fig.subplots()
+    im = ax.imshow(grid, cmap="magma", vmin=0, vmax=max(1e-6, float(grid.max())), aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < grid.max() / 2 else "black", fontsize=8)
+    ax.set_xticks(range(grid.shape[1]), [str(s) for s in range(1, grid.shape[1] + 1)]), ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("severity"), ax.set_title(f"accuracy under corruption (mean {grid.mean():.3f})")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    _atomic_savefig(fig, path)

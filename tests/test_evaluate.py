@@ -1,0 +1,160 @@
+"""eval.py and the evaluation module on a tiny run trained here."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cifar_jax import corruptions, data, evaluate, trainer
+from tests.helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    rows = trainer.train_and_evaluate(tiny_config(num_epochs=2), workdir, progress=False)
+    return workdir, rows
+
+
+def _eval(*args):
+    return subprocess.run([sys.executable, "eval.py", "--compilation_cache=", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_report_on_val_matches_the_logged_val_acc(run_dir, tmp_path):
+    workdir, rows = run_dir
+    out = _eval(f"--workdir={workdir}", "--step=2", "--split=val", f"--out={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["step"] == 2 and report["split"] == "val"
+    assert report["top1_acc"] == pytest.approx(rows[1]["val_acc"], abs=1e-9)
+    assert report["n_examples"] == 16  # eval_batch_size 12 does not divide it
+    assert report["top5_acc"] >= report["top1_acc"] and 0 <= report["ece"] <= 1
+    per_class = (tmp_path / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class_index,class_name,n_examples,accuracy" and len(per_class) == 1 + 5
+    assert sum(int(line.split(",")[2]) for line in per_class[1:]) == 16
+    for png in ("confusion.png", "reliability.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_tta_mirrors_the_images(run_dir):
+    workdir, _ = run_dir
+    restored = evaluate.restore(workdir, "latest")
+    x = data.load_splits(restored.config.data).test[0]
+    plain, mirrored = evaluate.predict(restored, x), evaluate.predict(restored, x[:, :, ::-1])
+    both = evaluate.tta_logits(restored, x)
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    np.testing.assert_allclose(both, np.log((softmax(plain) + softmax(mirrored)) / 2), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(plain, mirrored)  # the mirror really is another input
+
+
+def test_submission_has_every_row_in_order_with_the_model_predictions(run_dir, tmp_path):
+    workdir, _ = run_dir
+    n = 7
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    rng = np.random.default_rng(0)
+    files = {}
+    for d in range(19):
+        files[d] = rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
+        np.save(ood / f"distortion{d:02d}.npy", files[d])
+    out = _eval(f"--workdir={workdir}", f"--ood_dir={ood}", f"--out={tmp_path / 'eval'}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = (tmp_path / "eval" / "submission_ood.csv").read_text().splitlines()
+    assert lines[0] == "id,label" and len(lines) == 1 + 19 * 5 * n
+    restored = evaluate.restore(workdir)
+    expected = []
+    for d in range(19):
+        pred = evaluate.predict(restored, files[d]).argmax(-1)
+        expected += [f"distortion{d:02d}_{s}_{i},{pred[(s - 1) * n + i]}" for s in range(1, 6) for i in range(n)]
+    assert lines[1:] == expected
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (np.zeros((35, 32, 32, 3), np.float32), "float32 (35, 32, 32, 3); expected uint8"),
+        (np.zeros((34, 32, 32, 3), np.uint8), "(34, 32, 32, 3); expected uint8 (5*n, 32, 32, 3)"),
+        (np.zeros((35, 16, 16, 3), np.uint8), "(35, 16, 16, 3)"),
+    ],
+)
+def test_bad_distortion_files_fail_before_anything_is_written(run_dir, tmp_path, bad, message):
+    workdir, _ = run_dir
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    np.save(ood / "distortion00.npy", np.zeros((35, 32, 32, 3), np.uint8))
+    np.save(ood / "distortion01.npy", bad)
+    out = _eval(f"--workdir={workdir}", f"--ood_dir={ood}", f"--out={tmp_path / 'eval'}")
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and "distortion01.npy" in errors[0] and message in errors[0], out.stderr[-1500:]
+    assert not (tmp_path / "eval").exists()
+
+
+def test_workdir_without_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(tiny_config().to_json())
+    with pytest.raises(evaluate.EvalError, match="holds no complete checkpoint"):
+        evaluate.restore(tmp_path)
+
+
+def test_truncated_checkpoint_is_reported(run_dir, tmp_path):
+    workdir, _ = run_dir
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    state_dir = copy / "checkpoints" / "2" / "state"
+    biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 3)
+    with pytest.raises(evaluate.EvalError, match="does not restore"):
+        evaluate.restore(copy, 2)
+
+
+def test_config_that_no_longer_matches_the_checkpoint(run_dir, tmp_path):
+    workdir, _ = run_dir
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["num_classes"] = 7
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(evaluate.EvalError, match="does not restore into simple_cnn as configured"):
+        evaluate.restore(copy)
+
+
+def _smooth_color_images(n=16, seed=0):
+    """Natural-looking test images: smooth colour gradients (bilinear from 4x4) plus fine texture."""
+    import jax
+
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(30, 220, (n, 4, 4, 3))
+    smooth = np.asarray(jax.image.resize(small, (n, 32, 32, 3), "bilinear"))
+    return np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", corruptions.NAMES)
+def test_corruption_identity_at_zero_and_monotone_in_severity(name):
+    x = _smooth_color_images()
+    np.testing.assert_array_equal(corruptions.corrupt(x, name, 0), x)
+    psnrs = [corruptions.psnr(x, corruptions.corrupt(x, name, s)) for s in corruptions.SEVERITIES]
+    assert all(a > b for a, b in zip(psnrs, psnrs[1:])), psnrs
+    y = corruptions.corrupt(x, name, 3)
+    assert y.dtype == np.uint8 and y.shape == x.shape
+    np.testing.assert_array_equal(y, corruptions.corrupt(x, name, 3))  # deterministic
+
+
+def test_corruption_suite_in_eval(run_dir, tmp_path):
+    workdir, _ = run_dir
+    out = _eval(f"--workdir={workdir}", "--corruptions", "--corruption_limit=8", f"--out={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())["corruptions"]
+    assert report["n_examples"] == 8 and set(report["accuracy"]) == set(corruptions.NAMES)
+    assert all(len(v) == 5 and all(0 <= a <= 1 for a in v) for v in report["accuracy"].values())
+    assert report["mean"] == pytest.approx(np.mean(list(report["accuracy"].values())))
+    assert (tmp_path / "corruptions.png").stat().st_size > 1000
