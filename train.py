@@ -23,14 +23,20 @@ def main(argv):
 
     cli.setup_logging()
     cli.enable_compilation_cache(_CACHE.value)
+    import sys
+
     from cifar_jax.data import DataError
-    from cifar_jax.trainer import TrainingError, train_and_evaluate
+    from cifar_jax.runguard import WorkdirBusy
+    from cifar_jax.trainer import Interrupted, TrainingError, train_and_evaluate
 
     config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = _WORKDIR.value or str(Path("checkpoints") / config_name)
     try:
         train_and_evaluate(_CONFIG.value, workdir, progress=_PROGRESS.value)
-    except (ValueError, DataError, TrainingError, FileNotFoundError, ImportError) as e:
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)  # the shell's convention for "ended by signal N"
+    except (ValueError, DataError, TrainingError, WorkdirBusy, FileNotFoundError, ImportError) as e:
         cli.fail(str(e))
 
 

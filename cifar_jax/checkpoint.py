@@ -1,17 +1,26 @@
-"""Orbax checkpoints of a run: the last `keep` epochs plus the best by validation accuracy.
+"""Orbax checkpoints of a run: the last `keep` epochs plus the best by validation accuracy, and
+one mid-epoch checkpoint written when a run is stopped by a signal.
 
-Layout: `<workdir>/checkpoints/<epoch>/{state,meta}`. Orbax writes each checkpoint to a temporary
-directory and renames it when complete, so a killed run never leaves a checkpoint that restores.
-`meta` (JSON) holds the epoch, the phase and that epoch's metrics row.
+Layout: `<workdir>/checkpoints/<epoch>/{state,meta}` and `<workdir>/interrupted/<global step>/`.
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a killed
+run never leaves a half-written checkpoint that restores. `meta` (JSON) holds the epoch, the
+phase and that epoch's metrics row. A checkpoint that exists but does not restore (damaged on
+disk) is moved to `<workdir>/corrupt_checkpoints/` and reported, and the previous one is used.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+
+log = logging.getLogger("cifar_jax")
 
 
 def abstract(tree):
@@ -21,7 +30,8 @@ def abstract(tree):
 
 class Checkpoints:
     def __init__(self, workdir, keep: int = 3, read_only: bool = False):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.workdir = Path(workdir).absolute()
+        self.directory = self.workdir / "checkpoints"
         preservation = policies.AnyPreservationPolicy(
             [policies.LatestN(keep), policies.BestN(get_metric_fn=lambda m: m["val_acc"], n=1, keep_checkpoints_without_metrics=False)]
         )
@@ -58,6 +68,71 @@ class Checkpoints:
         if with_acc:
             return max(with_acc, key=lambda t: (t[0], -t[1]))[1]
         return self.latest_epoch()
+
+    def restore_latest_good(self, template):
+        """(epoch, state, meta) of the newest checkpoint that restores.
+
+        Newer checkpoints that fail while an older one restores are damaged: they are moved to
+        `corrupt_checkpoints/` and reported. If none restores, nothing is moved (the config more
+        likely changed than every file broke) and a ValueError says so.
+        """
+        failed = []
+        for epoch in reversed(self.epochs()):
+            try:
+                state, meta = self.restore(epoch, template)
+            except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)
+                failed.append((epoch, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+                continue
+            for bad, why in failed:
+                moved = self.quarantine(self.directory / str(bad))
+                log.warning("checkpoint of epoch %d does not restore (%s); moved it to %s and resumed from epoch %d", bad, why, moved, epoch)
+            return epoch, state, meta
+        raise ValueError(
+            f"no checkpoint in {self.directory} restores into the configured model and optimizer ({failed[0][1]}); "
+            f"was the config changed (model, optimizer.name)? Rerun with the run's config.json settings or another --workdir"
+        )
+
+    def quarantine(self, path: Path) -> Path:
+        target = self.workdir / "corrupt_checkpoints" / f"{path.parent.name}-{path.name}-{int(time.time())}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), target)
+        self.manager.reload()
+        return target
+
+    # The mid-epoch checkpoint of a run stopped by a signal.
+
+    def _interrupted_manager(self):
+        return ocp.CheckpointManager(self.workdir / "interrupted", options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
+
+    def save_interrupted(self, global_step: int, tree, meta: dict) -> None:
+        with self._interrupted_manager() as manager:
+            args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+            manager.save(global_step, args=args, force=True)
+            manager.wait_until_finished()
+
+    def interrupted_meta(self) -> dict | None:
+        if not (self.workdir / "interrupted").is_dir():
+            return None
+        with self._interrupted_manager() as manager:
+            step = manager.latest_step()
+            if step is None:
+                return None
+            return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_interrupted(self, template):
+        """The saved tree, or None (reported, moved aside) if it does not restore."""
+        with self._interrupted_manager() as manager:
+            step = manager.latest_step()
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(template))))
+                return restored["state"]
+            except Exception as e:  # noqa: BLE001
+                log.warning("the interrupted-run checkpoint does not restore (%s); using the last epoch checkpoint", type(e).__name__)
+        self.quarantine(self.workdir / "interrupted" / str(step))
+        return None
+
+    def clear_interrupted(self) -> None:
+        shutil.rmtree(self.workdir / "interrupted", ignore_errors=True)
 
     def wait(self):
         self.manager.wait_until_finished()

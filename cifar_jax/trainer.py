@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from cifar_jax import config as config_lib
 from cifar_jax import data, models, optim, pretrained, steps
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
+from cifar_jax.runguard import StopSignals, WorkdirLock
 from cifar_jax.tracking import MetricsLog, Wandb, plot_curves
 
 log = logging.getLogger("cifar_jax")
@@ -164,7 +165,13 @@ def train_and_evaluate(config, workdir, *, progress: bool = True, epochs_this_ru
         jax.distributed.initialize()
     check_before_start(config, workdir)
     is_main = jax.process_index() == 0
+    if not is_main:  # one lock per run: process 0 holds it for all
+        return _train(config, workdir, is_main, progress, epochs_this_run)
+    with WorkdirLock(workdir):
+        return _train(config, workdir, is_main, progress, epochs_this_run)
 
+
+def _train(config, workdir: Path, is_main: bool, progress: bool, epochs_this_run: int | None) -> list[dict]:
     splits = data.load_splits(config.data)
     if splits.num_classes != config.model.num_classes:
         raise ValueError(
@@ -209,76 +216,112 @@ def train_and_evaluate(config, workdir, *, progress: bool = True, epochs_this_ru
         return cfg, schedule, init_opt_state(tx, params, phase, replicated)
 
     ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
+    # Where to start: the newest checkpoint that restores (epoch end, or a signal's mid-epoch one).
+    start_epoch, start_step, resumed_metrics = 0, 0, None
     latest = ckpts.latest_epoch()
-    start_epoch = min(latest or 0, config.num_epochs)
-    # The optimizer state in a checkpoint belongs to the phase of the last epoch it trained.
-    phase = phase_of(config, max(start_epoch - 1, 0))
+    phase = phase_of(config, max(min(latest or 0, config.num_epochs) - 1, 0))  # the phase the saved optimizer state belongs to
     step_cfg, schedule, opt_state = phase_setup(phase, params)
     state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+    fresh_state = state
     if latest is not None:
-        state, meta = ckpts.restore(latest, state)
-        log.info("resumed from %s (epoch %d, val_acc %s)", ckpts.directory / str(latest), latest, _fmt(meta["row"].get("val_acc")))
-        if latest >= config.num_epochs:
-            log.info("workdir %s already holds all %d epochs; nothing to train", workdir, config.num_epochs)
+        start_epoch, state, meta = ckpts.restore_latest_good(state)
+        if start_epoch != latest:  # an older checkpoint: its optimizer state may be another phase's
+            phase = phase_of(config, max(min(start_epoch, config.num_epochs) - 1, 0))
+            step_cfg, schedule, _ = phase_setup(phase, params)
+        log.info("resumed from %s (epoch %d, val_acc %s)", ckpts.directory / str(start_epoch), start_epoch, _fmt(meta["row"].get("val_acc")))
+    interrupted = ckpts.interrupted_meta()
+    if interrupted is not None and interrupted["epoch"] >= start_epoch:
+        phase = phase_of(config, interrupted["epoch"])
+        step_cfg, schedule, opt_state = phase_setup(phase, params)
+        template = {"state": {**fresh_state, "opt_state": opt_state}, "metrics": jax.device_put(steps.zero_metrics(), replicated)}
+        restored = ckpts.restore_interrupted(template)
+        if restored is not None:
+            state, resumed_metrics = restored["state"], restored["metrics"]
+            start_epoch, start_step = interrupted["epoch"], interrupted["next_step"]
+            log.info("resumed the interrupted epoch %d at step %d of %d", start_epoch + 1, start_step, steps_per_epoch)
+        elif phase_of(config, max(start_epoch - 1, 0)) != phase:
+            phase = phase_of(config, max(start_epoch - 1, 0))
+            step_cfg, schedule, _ = phase_setup(phase, params)
+    if start_epoch >= config.num_epochs:
+        log.info("workdir %s already holds all %d epochs; nothing to train", workdir, config.num_epochs)
 
     metrics_log = MetricsLog(workdir, resume_epoch=start_epoch) if is_main else None
     tracker = Wandb(config, workdir, resume=latest is not None) if is_main else None
     compiled = {}
     compile_s = None
+    stop = StopSignals()
     try:
-        last_epoch = config.num_epochs if epochs_this_run is None else min(config.num_epochs, start_epoch + epochs_this_run)
-        for epoch in range(start_epoch, last_epoch):
-            if phase_of(config, epoch) != phase:
-                phase = phase_of(config, epoch)
-                step_cfg, schedule, state["opt_state"] = phase_setup(phase, state["params"])
-                log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
-            t_epoch = time.perf_counter()
-            order = pipeline.epoch_order(config.seed, epoch, n_train)
-            metrics = jax.device_put(steps.zero_metrics(), replicated)
-            args = (train_x, train_y, order, jnp.int32(epoch))
-            if phase.name not in compiled:
-                t0 = time.perf_counter()
-                fn = steps.make_train_chunk(step_cfg, chunk)
-                compiled[phase.name] = fn.lower(state, metrics, *args, jnp.int32(0)).compile()
-                compile_s = time.perf_counter() - t0
-                log.info("compiled the %s train step (%d steps per call) in %.1f s", phase.name, chunk, compile_s)
-            run_chunk = compiled[phase.name]
-            phase_step = (epoch - phase.first_epoch) * steps_per_epoch
-            lr = float(schedule(phase_step))
-            bar = _progress(progress and is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}")
-            t_train = time.perf_counter()
-            for first in range(0, steps_per_epoch, chunk):
-                state, metrics = run_chunk(state, metrics, *args, jnp.int32(first))
-                sums = _to_host(metrics)  # one sync per chunk, for the progress bar and the NaN check
-                if sums["nonfinite_steps"]:
-                    raise TrainingError(
-                        f"loss became NaN/Inf in epoch {epoch + 1}, steps {first + 1}-{first + chunk} of {steps_per_epoch} "
-                        f"(lr {lr:g}); checkpoints up to epoch {epoch} are kept in {ckpts.directory}. Lower optimizer.lr?"
-                    )
+        with stop:
+            last_epoch = config.num_epochs if epochs_this_run is None else min(config.num_epochs, start_epoch + epochs_this_run)
+            for epoch in range(start_epoch, last_epoch):
+                if phase_of(config, epoch) != phase:
+                    phase = phase_of(config, epoch)
+                    step_cfg, schedule, state["opt_state"] = phase_setup(phase, state["params"])
+                    log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
+                t_epoch = time.perf_counter()
+                order = pipeline.epoch_order(config.seed, epoch, n_train)
+                first_step = start_step if epoch == start_epoch else 0
+                metrics = resumed_metrics if first_step else jax.device_put(steps.zero_metrics(), replicated)
+                this_chunk = chunk if first_step % chunk == 0 else 1
+                args = (train_x, train_y, order, jnp.int32(epoch))
+                if (phase.name, this_chunk) not in compiled:
+                    t0 = time.perf_counter()
+                    fn = steps.make_train_chunk(step_cfg, this_chunk)
+                    compiled[phase.name, this_chunk] = fn.lower(state, metrics, *args, jnp.int32(0)).compile()
+                    compile_s = time.perf_counter() - t0
+                    log.info("compiled the %s train step (%d steps per call) in %.1f s", phase.name, this_chunk, compile_s)
+                run_chunk = compiled[phase.name, this_chunk]
+                lr = float(schedule((epoch - phase.first_epoch) * steps_per_epoch))
+                bar = _progress(progress and is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}", first_step)
+                t_train = time.perf_counter()
+                seen_before = int(_to_host(metrics)["count"])
+                for first in range(first_step, steps_per_epoch, this_chunk):
+                    state, metrics = run_chunk(state, metrics, *args, jnp.int32(first))
+                    sums = _to_host(metrics)  # one sync per chunk, for the progress bar, the NaN check and signals
+                    if sums["nonfinite_steps"]:
+                        raise TrainingError(
+                            f"loss became NaN/Inf in epoch {epoch + 1}, steps {first + 1}-{first + this_chunk} of {steps_per_epoch} "
+                            f"(lr {lr:g}); checkpoints up to epoch {epoch} are kept in {ckpts.directory}. Lower optimizer.lr?"
+                        )
+                    if bar is not None:
+                        elapsed = time.perf_counter() - t_train
+                        bar.update(this_chunk)
+                        bar.set_postfix(loss=f"{sums['loss_sum'] / sums['count']:.4f}", acc=f"{sums['correct'] / sums['count']:.4f}",
+                                        img_s=f"{(sums['count'] - seen_before) / elapsed:.0f}")
+                    next_step = first + this_chunk
+                    if stop.requested and next_step < steps_per_epoch:
+                        _save_or_fail(lambda: ckpts.save_interrupted(
+                            epoch * steps_per_epoch + next_step, {"state": state, "metrics": metrics},
+                            {"epoch": epoch, "next_step": next_step, "phase": phase.name}), ckpts)
+                        raise Interrupted(stop.signum, f"epoch {epoch + 1}, step {next_step} of {steps_per_epoch}", workdir)
+                train_time = time.perf_counter() - t_train
                 if bar is not None:
-                    elapsed = time.perf_counter() - t_train
-                    bar.update(chunk)
-                    bar.set_postfix(loss=f"{sums['loss_sum'] / sums['count']:.4f}", acc=f"{sums['correct'] / sums['count']:.4f}",
-                                    img_s=f"{sums['count'] / elapsed:.0f}")
-            train_time = time.perf_counter() - t_train
-            if bar is not None:
-                bar.close()
-            val = _to_host(eval_sums(state["params"], state["batch_stats"], val_x, val_y)) if val_x is not None else None
-            row = _epoch_row(epoch, phase, sums, val, lr, time.perf_counter() - t_epoch, sums["count"] / train_time)
-            if epoch == start_epoch and compile_s is not None:
-                row["compile_s"] = round(compile_s, 2)
-            if is_main:
-                metrics_log.append(row)
-                plot_curves(metrics_log.rows, workdir / "curves.png")
-                tracker.log(row)
-                log.info(
-                    "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
-                    epoch + 1, config.num_epochs, row["train_loss"], row["train_acc"],
-                    _fmt(row["val_loss"]), _fmt(row["val_acc"]), lr, row["epoch_time_s"], row["train_img_per_s"],
-                )
-            ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "phase": phase.name, "row": row})
+                    bar.close()
+                val = _to_host(eval_sums(state["params"], state["batch_stats"], val_x, val_y)) if val_x is not None else None
+                row = _epoch_row(epoch, phase, sums, val, lr, time.perf_counter() - t_epoch, (sums["count"] - seen_before) / train_time)
+                if epoch == start_epoch and compile_s is not None:
+                    row["compile_s"] = round(compile_s, 2)
+                if is_main:
+                    metrics_log.append(row)
+                    plot_curves(metrics_log.rows, workdir / "curves.png")
+                    tracker.log(row)
+                    log.info(
+                        "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
+                        epoch + 1, config.num_epochs, row["train_loss"], row["train_acc"],
+                        _fmt(row["val_loss"]), _fmt(row["val_acc"]), lr, row["epoch_time_s"], row["train_img_per_s"],
+                    )
+                _save_or_fail(lambda: ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "phase": phase.name, "row": row}), ckpts)
+                if epoch == start_epoch and first_step:
+                    _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
+                    ckpts.clear_interrupted()
+                if stop.requested and epoch + 1 < last_epoch:
+                    _save_or_fail(ckpts.wait, ckpts)
+                    raise Interrupted(stop.signum, f"the end of epoch {epoch + 1}", workdir)
     finally:
-        ckpts.wait()
+        try:
+            ckpts.wait()
+        except Exception:  # noqa: BLE001  (reported by _save_or_fail where it matters)
+            pass
         ckpts.close()
         if tracker is not None:
             tracker.finish()
@@ -290,13 +333,32 @@ def train_and_evaluate(config, workdir, *, progress: bool = True, epochs_this_ru
     return rows
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerunning resumes."""
+
+    def __init__(self, signum: int, where: str, workdir):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} at {where}; checkpoint saved in {workdir}; rerun the same command to resume")
+
+
+def _save_or_fail(save, ckpts: Checkpoints) -> None:
+    """Run a checkpoint write; turn I/O failures (a full disk, ...) into one clear TrainingError."""
+    try:
+        save()
+    except OSError as e:
+        raise TrainingError(f"could not write a checkpoint ({e}); earlier checkpoints in {ckpts.directory} are intact. "
+                            f"Free some space and rerun to resume") from None
+
+
 def _fmt(x):
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def _progress(enabled: bool, total: int, desc: str):
+def _progress(enabled: bool, total: int, desc: str, initial: int = 0):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)  # None: off when not a TTY
+    # disable=None: no bar when stderr is not a terminal (logs stay clean).
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False, dynamic_ncols=True, disable=None)
