@@ -57,7 +57,8 @@ def test_tta_mirrors_the_images(run_dir):
     assert not np.allclose(plain, mirrored)  # the mirror really is another input
 
 
-def test_submission_has_every_row_in_order_with_the_model_predictions(run_dir, tmp_path):
+def test_submission_and_corruption_suite(run_dir, tmp_path):
+    """One eval.py run (it is slow to start) checks both the submission file and --corruptions."""
     workdir, _ = run_dir
     n = 7
     ood = tmp_path / "ood"
@@ -67,8 +68,14 @@ def test_submission_has_every_row_in_order_with_the_model_predictions(run_dir, t
     for d in range(19):
         files[d] = rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
         np.save(ood / f"distortion{d:02d}.npy", files[d])
-    out = _eval(f"--workdir={workdir}", f"--ood_dir={ood}", f"--out={tmp_path / 'eval'}")
+    out = _eval(f"--workdir={workdir}", f"--ood_dir={ood}", "--corruptions", "--corruption_limit=8", f"--out={tmp_path / 'eval'}")
     assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())["corruptions"]
+    assert report["n_examples"] == 8 and set(report["accuracy"]) == set(corruptions.NAMES)
+    assert all(len(v) == 5 and all(0 <= a <= 1 for a in v) for v in report["accuracy"].values())
+    assert report["mean"] == pytest.approx(np.mean(list(report["accuracy"].values())))
+    assert (tmp_path / "eval" / "corruptions.png").stat().st_size > 1000
+
     lines = (tmp_path / "eval" / "submission_ood.csv").read_text().splitlines()
     assert lines[0] == "id,label" and len(lines) == 1 + 19 * 5 * n
     restored = evaluate.restore(workdir)
@@ -148,13 +155,3 @@ def test_corruption_identity_at_zero_and_monotone_in_severity(name):
     assert y.dtype == np.uint8 and y.shape == x.shape
     np.testing.assert_array_equal(y, corruptions.corrupt(x, name, 3))  # deterministic
 
-
-def test_corruption_suite_in_eval(run_dir, tmp_path):
-    workdir, _ = run_dir
-    out = _eval(f"--workdir={workdir}", "--corruptions", "--corruption_limit=8", f"--out={tmp_path}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads((tmp_path / "report.json").read_text())["corruptions"]
-    assert report["n_examples"] == 8 and set(report["accuracy"]) == set(corruptions.NAMES)
-    assert all(len(v) == 5 and all(0 <= a <= 1 for a in v) for v in report["accuracy"].values())
-    assert report["mean"] == pytest.approx(np.mean(list(report["accuracy"].values())))
-    assert (tmp_path / "corruptions.png").stat().st_size > 1000
