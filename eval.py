@@ -64,9 +64,11 @@ def main(argv):
         print(f"  {key:<9} {report[key]:.4f}")
 
     if distortions:
-        rows = []
+        predictions = logits_of(np.concatenate([x for _, x in distortions])).argmax(-1)  # one pass over all files
+        rows, start = [], 0
         for name, x in distortions:
-            rows += evaluate.submission_rows(name, logits_of(x).argmax(-1))
+            rows += evaluate.submission_rows(name, predictions[start:start + len(x)])
+            start += len(x)
         evaluate.write_submission(rows, out / "submission_ood.csv")
         report["ood_rows"] = len(rows)
         print(f"submission: {out / 'submission_ood.csv'} ({len(rows)} rows from {len(distortions)} files)")

@@ -151,11 +151,8 @@ def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s):
     }
 
 
-def train_and_evaluate(config, workdir, *, progress: bool = True, epochs_this_run: int | None = None) -> list[dict]:
-    """Train `config` in `workdir` (resuming from its latest checkpoint); returns the metrics rows.
-
-    `epochs_this_run` stops after that many epochs (e.g. to fit a time slot); rerun to continue.
-    """
+def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
+    """Train `config` in `workdir` (resuming from its latest checkpoint); returns the metrics rows."""
     workdir = Path(workdir).absolute()
     config = config.copy_and_resolve_references()
     for section, key in (("data", "path"), ("model", "pretrained")):
@@ -166,12 +163,12 @@ def train_and_evaluate(config, workdir, *, progress: bool = True, epochs_this_ru
     check_before_start(config, workdir)
     is_main = jax.process_index() == 0
     if not is_main:  # one lock per run: process 0 holds it for all
-        return _train(config, workdir, is_main, progress, epochs_this_run)
+        return _train(config, workdir, is_main, progress)
     with WorkdirLock(workdir):
-        return _train(config, workdir, is_main, progress, epochs_this_run)
+        return _train(config, workdir, is_main, progress)
 
 
-def _train(config, workdir: Path, is_main: bool, progress: bool, epochs_this_run: int | None) -> list[dict]:
+def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
     splits = data.load_splits(config.data)
     if splits.num_classes != config.model.num_classes:
         raise ValueError(
@@ -252,8 +249,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, epochs_this_run
     stop = StopSignals()
     try:
         with stop:
-            last_epoch = config.num_epochs if epochs_this_run is None else min(config.num_epochs, start_epoch + epochs_this_run)
-            for epoch in range(start_epoch, last_epoch):
+            for epoch in range(start_epoch, config.num_epochs):
                 if phase_of(config, epoch) != phase:
                     phase = phase_of(config, epoch)
                     step_cfg, schedule, state["opt_state"] = phase_setup(phase, state["params"])
@@ -314,7 +310,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, epochs_this_run
                 if epoch == start_epoch and first_step:
                     _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
                     ckpts.clear_interrupted()
-                if stop.requested and epoch + 1 < last_epoch:
+                if stop.requested and epoch + 1 < config.num_epochs:
                     _save_or_fail(ckpts.wait, ckpts)
                     raise Interrupted(stop.signum, f"the end of epoch {epoch + 1}", workdir)
     finally:

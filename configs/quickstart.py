@@ -1,4 +1,4 @@
-"""Quickstart: SimpleCNN on scikit-learn's bundled handwritten digits (real, offline), CPU, < 1 min.
+"""Quickstart: SimpleCNN on scikit-learn's bundled handwritten digits (real, offline), CPU, about 20 s.
 
     python train.py --config configs/quickstart.py          # or: make quickstart
 """
@@ -13,7 +13,7 @@ def get_config():
     c.data.source = "digits"
     c.data.augment.crop_padding = 2
     c.data.augment.flip = False  # a flipped digit is another glyph
-    c.num_epochs = 8
+    c.num_epochs = 5
     c.batch_size = 64
     c.eval_batch_size = 256
     c.optimizer.name = "adam"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,10 +80,8 @@ def test_submission_and_corruption_suite(run_dir, tmp_path):
     lines = (tmp_path / "eval" / "submission_ood.csv").read_text().splitlines()
     assert lines[0] == "id,label" and len(lines) == 1 + 19 * 5 * n
     restored = evaluate.restore(workdir)
-    expected = []
-    for d in range(19):
-        pred = evaluate.predict(restored, files[d]).argmax(-1)
-        expected += [f"distortion{d:02d}_{s}_{i},{pred[(s - 1) * n + i]}" for s in range(1, 6) for i in range(n)]
+    pred = evaluate.predict(restored, np.concatenate([files[d] for d in range(19)])).argmax(-1).reshape(19, 5, n)
+    expected = [f"distortion{d:02d}_{s}_{i},{pred[d, s - 1, i]}" for d in range(19) for s in range(1, 6) for i in range(n)]
     assert lines[1:] == expected
 
 
@@ -94,15 +93,21 @@ def test_submission_and_corruption_suite(run_dir, tmp_path):
         (np.zeros((35, 16, 16, 3), np.uint8), "(35, 16, 16, 3)"),
     ],
 )
-def test_bad_distortion_files_fail_before_anything_is_written(run_dir, tmp_path, bad, message):
+def test_bad_distortion_files_are_named(tmp_path, bad, message):
+    np.save(tmp_path / "distortion00.npy", np.zeros((35, 32, 32, 3), np.uint8))
+    np.save(tmp_path / "distortion01.npy", bad)
+    with pytest.raises(evaluate.EvalError, match=r"distortion01\.npy has .*" + re.escape(message)):
+        evaluate.load_distortions(tmp_path)
+
+
+def test_eval_with_bad_distortions_fails_before_anything_is_written(run_dir, tmp_path):
     workdir, _ = run_dir
     ood = tmp_path / "ood"
     ood.mkdir()
-    np.save(ood / "distortion00.npy", np.zeros((35, 32, 32, 3), np.uint8))
-    np.save(ood / "distortion01.npy", bad)
+    np.save(ood / "distortion00.npy", np.zeros((34, 32, 32, 3), np.uint8))
     out = _eval(f"--workdir={workdir}", f"--ood_dir={ood}", f"--out={tmp_path / 'eval'}")
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 2 and len(errors) == 1 and "distortion01.npy" in errors[0] and message in errors[0], out.stderr[-1500:]
+    assert out.returncode == 2 and len(errors) == 1 and "distortion00.npy has uint8 (34, 32, 32, 3)" in errors[0], out.stderr[-1500:]
     assert not (tmp_path / "eval").exists()
 
 

@@ -74,7 +74,7 @@ def test_sigterm_saves_mid_epoch_and_the_rerun_is_bit_identical(straight_run, tm
     workdir = tmp_path / "run"
     proc = _start(workdir)
     _wait_for_rows(workdir, 1, proc)
-    time.sleep(1.5)  # inside epoch 2 (61 steps, ~3.5 s on 2 cores), past the checkpoint of epoch 1
+    time.sleep(1.2)  # inside epoch 2 (49 steps, ~3 s on 2 cores), past the checkpoint of epoch 1
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -86,13 +86,14 @@ def test_sigterm_saves_mid_epoch_and_the_rerun_is_bit_identical(straight_run, tm
 
 
 def test_kill_9_resumes_from_the_last_complete_checkpoint(straight_run, tmp_path):
+    """Also the training issue's resume check: 2 epochs, a stop, 2 more == 4 straight, bit for bit."""
     workdir = tmp_path / "run"
     proc = _start(workdir)
-    _wait_for_rows(workdir, 1, proc)
+    _wait_for_rows(workdir, 2, proc)
     proc.kill()
     proc.communicate(timeout=60)
     # A checkpoint write cut short leaves only Orbax's temporary directory: it must never restore.
-    (workdir / "checkpoints" / "2.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)
+    (workdir / "checkpoints" / "3.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)
     trainer.train_and_evaluate(_tiny_file_config(), workdir, progress=False)
     _assert_same_run(workdir, straight_run)
 
@@ -100,7 +101,8 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(straight_run, tmp_path
 def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(straight_run, tmp_path, caplog):
     workdir = tmp_path / "run"
     shutil.copytree(straight_run, workdir)
-    shutil.rmtree(workdir / "checkpoints" / "3")
+    for epoch in (3, 4):
+        shutil.rmtree(workdir / "checkpoints" / str(epoch))
     state_dir = workdir / "checkpoints" / "2" / "state"
     for f in (p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
@@ -108,7 +110,7 @@ def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(strai
         trainer.train_and_evaluate(_tiny_file_config(), workdir, progress=False)
     assert "checkpoint of epoch 2 does not restore" in caplog.text
     assert list((workdir / "corrupt_checkpoints").iterdir())
-    _assert_same_run(workdir, straight_run)  # epochs 2 and 3 retrained from epoch 1
+    _assert_same_run(workdir, straight_run)  # epochs 2 to 4 retrained from epoch 1
 
 
 def test_nan_loss_stops_within_the_epoch_and_keeps_good_checkpoints(tmp_path):

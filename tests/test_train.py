@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -11,30 +10,7 @@ from cifar_jax import evaluate, pretrained, trainer
 from cifar_jax.checkpoint import Checkpoints
 from tests.helpers import tiny_config
 
-TIMING_KEYS = {"epoch_time_s", "train_img_per_s", "compile_s"}
-
-
-def _without_timing(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-def _leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def test_resumed_run_is_identical_to_an_uninterrupted_one(tmp_path):
-    config = tiny_config(num_epochs=4, **{"schedule.name": "cosine", "data.augment.color_jitter": (0.2, 0.2, 0.2)})
-    straight = trainer.train_and_evaluate(config, tmp_path / "a", progress=False)
-    first = trainer.train_and_evaluate(config, tmp_path / "b", progress=False, epochs_this_run=2)
-    assert [r["epoch"] for r in first] == [1, 2]
-    resumed = trainer.train_and_evaluate(config, tmp_path / "b", progress=False)
-    assert _without_timing(resumed) == _without_timing(straight)
-    file_rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert _without_timing(file_rows) == _without_timing(straight)
-    a, b = evaluate.restore(tmp_path / "a", "latest"), evaluate.restore(tmp_path / "b", "latest")
-    assert a.epoch == b.epoch == 4
-    for x, y in zip(_leaves((a.params, a.batch_stats)), _leaves((b.params, b.batch_stats))):
-        np.testing.assert_array_equal(x, y)
+# Resuming (2 epochs, a stop, 2 more == 4 straight, bit for bit) is tested in test_reliability.py.
 
 
 def test_metrics_rows_are_complete_and_accuracies_are_fractions(tmp_path):
@@ -44,7 +20,7 @@ def test_metrics_rows_are_complete_and_accuracies_are_fractions(tmp_path):
     for key in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "compile_s"):
         assert row[key] is not None, key
     assert 0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1
-    assert 0 <= row["train_acc"] <= 1 and row["train_loss"] > 0
+    assert row["train_loss"] > 0
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "simple_cnn"
 
