@@ -3,6 +3,12 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests (and the train.py/eval.py subprocesses they start, which inherit these variables)
+# compile the same tiny programs: share them through JAX's persistent cache inside the repo.
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several workers share the cores: one thread each for PyTorch/OpenMP, whose spinning
     # threads otherwise oversubscribe the machine (measured: ResNet-18 tests 4x slower).

@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory):
 
 
 def _eval(*args):
-    return subprocess.run([sys.executable, "eval.py", "--compilation_cache=", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_report_on_val_matches_the_logged_val_acc(run_dir, tmp_path):

@@ -30,7 +30,7 @@ def _tiny_file_config():
 
 
 def _start(workdir):
-    cmd = [sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={workdir}", "--compilation_cache="]
+    cmd = [sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={workdir}"]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
