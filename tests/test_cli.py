@@ -55,3 +55,25 @@ def test_eval_without_checkpoint_says_so(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     out = subprocess.run([sys.executable, "eval.py", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "holds no complete checkpoint" in out.stderr
+
+
+def test_batch_not_divisible_by_the_devices(monkeypatch, tmp_path):
+    import jax
+
+    from cifar_jax import trainer
+    from tests.helpers import tiny_config
+
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    with pytest.raises(ValueError, match="batch_size=12 and eval_batch_size=16 must be divisible by the 8 devices; use a multiple of 8"):
+        trainer.check_before_start(tiny_config(batch_size=12, eval_batch_size=16), tmp_path)
+
+
+def test_pretrained_weights_of_another_architecture(tmp_path):
+    import json
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "meta.json").write_text(json.dumps({"arch": "resnet50", "num_classes": 1000, "stem": "imagenet"}))
+    out = _train(tmp_path, "--config.model.name=resnet18", "--config.model.stem=imagenet", f"--config.model.pretrained={weights}")
+    assert out.returncode == 2
+    assert "model.pretrained holds resnet50 weights but model.name='resnet18'; set --config.model.name=resnet50" in out.stderr
