@@ -88,25 +88,12 @@ def test_train_and_eval_switch_batchnorm_statistics():
 
 def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     torch = pytest.importorskip("torch")
-    nn = torch.nn
+    from tests.helpers import load_torch_simple_cnn, torch_simple_cnn
 
-    def block(i, o):
-        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
-
-    ref = nn.Sequential(
-        *block(3, 32), *block(32, 64), *block(64, 128), *block(128, 256),
-        nn.Flatten(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 100),
-    )
+    ref = torch_simple_cnn(100)
     assert sum(p.numel() for p in ref.parameters()) == 965_476
     m = models.create("simple_cnn")
-    t = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-    for i, idx in enumerate((0, 4, 8, 12)):
-        m.convs[i].kernel[...] = jnp.asarray(t[f"{idx}.weight"].transpose(2, 3, 1, 0))
-        m.convs[i].bias[...] = jnp.asarray(t[f"{idx}.bias"])
-        m.bns[i].scale[...] = jnp.asarray(t[f"{idx + 1}.weight"])
-        m.bns[i].bias[...] = jnp.asarray(t[f"{idx + 1}.bias"])
-    m.fc1.kernel[...], m.fc1.bias[...] = jnp.asarray(t["17.weight"].T), jnp.asarray(t["17.bias"])
-    m.fc2.kernel[...], m.fc2.bias[...] = jnp.asarray(t["19.weight"].T), jnp.asarray(t["19.bias"])
+    load_torch_simple_cnn(m, ref)
     x = np.random.RandomState(0).randn(8, 3, 32, 32).astype(np.float32)
     with torch.no_grad():
         expected = ref.train()(torch.from_numpy(x)).numpy()
