@@ -159,6 +159,8 @@ def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
         if config[section][key]:  # saved absolute, so that eval.py works from any directory
             config[section][key] = str(Path(config[section][key]).expanduser().absolute())
     if config.distributed:
+        # Cluster auto-detection (SLURM, TPU, ...); gloo gives CPU processes their collectives.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
     check_before_start(config, workdir)
     is_main = jax.process_index() == 0
