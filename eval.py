@@ -28,12 +28,9 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from cifar_jax import cli
 
-    cli.setup_logging()
-    cli.enable_compilation_cache(_CACHE.value)
+    cli.start(argv, _CACHE.value)
     import numpy as np
 
     from cifar_jax import corruptions, data, evaluate

@@ -42,6 +42,16 @@ def enable_compilation_cache(directory: str | None) -> str | None:
     return str(path)
 
 
+def start(argv, compilation_cache: str | None) -> None:
+    """The common start of train.py and eval.py: no stray arguments, logging, the compile cache."""
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    setup_logging()
+    enable_compilation_cache(compilation_cache)
+
+
 def fail(message: str) -> None:
     """Exit with one line on stderr (status 2): what is wrong and how to fix it."""
     print(f"error: {message}", file=sys.stderr)

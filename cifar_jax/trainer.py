@@ -218,15 +218,16 @@ def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
     # Where to start: the newest checkpoint that restores (epoch end, or a signal's mid-epoch one).
     start_epoch, start_step, resumed_metrics = 0, 0, None
     latest = ckpts.latest_epoch()
-    phase = phase_of(config, max(min(latest or 0, config.num_epochs) - 1, 0))  # the phase the saved optimizer state belongs to
+
+    def phase_after(epochs_done):  # the phase whose optimizer state a checkpoint after `epochs_done` epochs holds
+        return phase_of(config, max(min(epochs_done, config.num_epochs) - 1, 0))
+
+    phase = phase_after(latest or 0)
     step_cfg, schedule, opt_state = phase_setup(phase, params)
     state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
     fresh_state = state
     if latest is not None:
-        start_epoch, state, meta = ckpts.restore_latest_good(state)
-        if start_epoch != latest:  # an older checkpoint: its optimizer state may be another phase's
-            phase = phase_of(config, max(min(start_epoch, config.num_epochs) - 1, 0))
-            step_cfg, schedule, _ = phase_setup(phase, params)
+        start_epoch, state, meta = ckpts.restore_latest_good(state)  # restores only into `phase`'s structure
         log.info("resumed from %s (epoch %d, val_acc %s)", ckpts.directory / str(start_epoch), start_epoch, _fmt(meta["row"].get("val_acc")))
     interrupted = ckpts.interrupted_meta()
     if interrupted is not None and interrupted["epoch"] >= start_epoch:
@@ -238,8 +239,8 @@ def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
             state, resumed_metrics = restored["state"], restored["metrics"]
             start_epoch, start_step = interrupted["epoch"], interrupted["next_step"]
             log.info("resumed the interrupted epoch %d at step %d of %d", start_epoch + 1, start_step, steps_per_epoch)
-        elif phase_of(config, max(start_epoch - 1, 0)) != phase:
-            phase = phase_of(config, max(start_epoch - 1, 0))
+        elif phase_after(start_epoch) != phase:  # back to the epoch checkpoint's phase
+            phase = phase_after(start_epoch)
             step_cfg, schedule, _ = phase_setup(phase, params)
     if start_epoch >= config.num_epochs:
         log.info("workdir %s already holds all %d epochs; nothing to train", workdir, config.num_epochs)
@@ -272,26 +273,36 @@ def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
                 lr = float(schedule((epoch - phase.first_epoch) * steps_per_epoch))
                 bar = _progress(progress and is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}", first_step)
                 t_train = time.perf_counter()
-                seen_before = int(_to_host(metrics)["count"])
-                for first in range(first_step, steps_per_epoch, this_chunk):
-                    state, metrics = run_chunk(state, metrics, *args, jnp.int32(first))
-                    sums = _to_host(metrics)  # one sync per chunk, for the progress bar, the NaN check and signals
+                seen_before = int(_to_host(metrics)["count"]) if first_step else 0
+
+                def check(chunk_metrics, first):
+                    """Host side of a finished chunk: NaN check and progress bar."""
+                    sums = _to_host(chunk_metrics)
                     if sums["nonfinite_steps"]:
                         raise TrainingError(
                             f"loss became NaN/Inf in epoch {epoch + 1}, steps {first + 1}-{first + this_chunk} of {steps_per_epoch} "
                             f"(lr {lr:g}); checkpoints up to epoch {epoch} are kept in {ckpts.directory}. Lower optimizer.lr?"
                         )
                     if bar is not None:
-                        elapsed = time.perf_counter() - t_train
                         bar.update(this_chunk)
                         bar.set_postfix(loss=f"{sums['loss_sum'] / sums['count']:.4f}", acc=f"{sums['correct'] / sums['count']:.4f}",
-                                        img_s=f"{(sums['count'] - seen_before) / elapsed:.0f}")
+                                        img_s=f"{(sums['count'] - seen_before) / (time.perf_counter() - t_train):.0f}")
+                    return sums
+
+                pending = None  # the previous chunk's metrics, read while the next chunk runs
+                for first in range(first_step, steps_per_epoch, this_chunk):
+                    state, metrics = run_chunk(state, metrics, *args, jnp.int32(first))
+                    if pending is not None:  # the device is busy with this chunk: reading the last one stalls nothing
+                        check(*pending)
+                    pending = (metrics, first)
                     next_step = first + this_chunk
                     if stop.requested and next_step < steps_per_epoch:
+                        check(*pending)
                         _save_or_fail(lambda: ckpts.save_interrupted(
                             epoch * steps_per_epoch + next_step, {"state": state, "metrics": metrics},
                             {"epoch": epoch, "next_step": next_step, "phase": phase.name}), ckpts)
                         raise Interrupted(stop.signum, f"epoch {epoch + 1}, step {next_step} of {steps_per_epoch}", workdir)
+                sums = check(*pending)
                 train_time = time.perf_counter() - t_train
                 if bar is not None:
                     bar.close()
