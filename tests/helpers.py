@@ -1,8 +1,9 @@
-"""Helpers shared by tests: tiny configs and a PyTorch twin of SimpleCNN."""
+"""Helpers shared by tests: tiny configs and loading the PyTorch SimpleCNN's weights."""
 
 import jax.numpy as jnp
 
 from cifar_jax import config as config_lib
+from cifar_jax.torch_models import simple_cnn as torch_simple_cnn  # noqa: F401  (re-exported for tests)
 
 
 def tiny_config(**overrides):
@@ -28,19 +29,6 @@ def tiny_config(**overrides):
             target = target[part]
         target[leaf] = value
     return c
-
-
-def torch_simple_cnn(num_classes=100):
-    """The study's SimpleCNN in PyTorch (nn.Sequential, so state_dict keys are indices)."""
-    import torch.nn as nn
-
-    def block(i, o):
-        return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
-
-    return nn.Sequential(
-        *block(3, 32), *block(32, 64), *block(64, 128), *block(128, 256),
-        nn.Flatten(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, num_classes),
-    )
 
 
 def load_torch_simple_cnn(model, torch_model):
