@@ -137,8 +137,8 @@ def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: i
     return run
 
 
-def make_predict(graphdef_eval, *, preprocess, batch_size: int, sharding=None):
-    """(params, batch_stats, images) -> logits of every example (padding removed), batch by batch."""
+def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=None):
+    """jit(params, batch_stats, images, b) -> logits of eval batch `b` of `images` (padded)."""
 
     @jax.jit
     def batch_logits(params, batch_stats, images, b):
@@ -146,6 +146,13 @@ def make_predict(graphdef_eval, *, preprocess, batch_size: int, sharding=None):
         labels = jnp.zeros((images.shape[0],), jnp.int32)
         x, _, _ = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
         return model(x)
+
+    return batch_logits
+
+
+def make_predict(graphdef_eval, *, preprocess, batch_size: int, sharding=None):
+    """(params, batch_stats, images) -> logits of every example (padding removed), batch by batch."""
+    batch_logits = make_batch_logits(graphdef_eval, preprocess=preprocess, batch_size=batch_size, sharding=sharding)
 
     def run(params, batch_stats, images):
         n = images.shape[0]

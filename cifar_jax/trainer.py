@@ -69,7 +69,7 @@ def compute_dtype(config) -> str:
     return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
 
 
-def steps_per_call(config, steps_per_epoch: int) -> int:
+def steps_per_call(config, steps_per_epoch: int, backend: str | None = None) -> int:
     """Steps fused into one jitted call (a fori_loop), as configured or automatically.
 
     Automatic: 1 on CPU, where XLA runs a step inside a while loop ~17x slower than the same step
@@ -77,7 +77,7 @@ def steps_per_call(config, steps_per_epoch: int) -> int:
     step; on accelerators the largest divisor of an epoch <= 16, to hide dispatch latency (a
     divisor, so every call has the same shape and nothing compiles twice).
     """
-    wanted = config.steps_per_call or (1 if jax.default_backend() == "cpu" else 16)
+    wanted = config.steps_per_call or (1 if (backend or jax.default_backend()) == "cpu" else 16)
     return max(d for d in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
@@ -122,6 +122,30 @@ def make_tx(config, phase: Phase, steps_per_epoch: int):
     """(schedule, optax transformation) of a phase."""
     schedule = optim.make_schedule(config.schedule, phase.lr, phase.num_epochs, steps_per_epoch)
     return schedule, optim.make_optimizer(config.optimizer, schedule)
+
+
+def replicated_model(config, num_classes: int, mesh):
+    """(graphdef in train mode, graphdef in eval mode, params, batch_stats) of the configured model
+    (new, or converted weights), its state replicated on every device of `mesh`."""
+    model = build_model(config, num_classes)
+    graphdef_train = nnx.graphdef(model)
+    model.eval()
+    graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = (jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t) for t in (params, batch_stats))
+    return graphdef_train, graphdef_eval, params, batch_stats
+
+
+def step_config(config, phase: Phase, graphdefs, *, preprocess, num_classes: int, steps_per_epoch: int, sharding):
+    """(StepConfig, schedule) of `phase`. A frozen backbone (phase 1) runs in eval mode: its
+    BatchNorm uses (and keeps) the pretrained running statistics."""
+    graphdef_train, graphdef_eval = graphdefs
+    schedule, tx = make_tx(config, phase, steps_per_epoch)
+    cfg = steps.StepConfig(
+        graphdef=graphdef_eval if phase.head_only else graphdef_train, tx=tx, head_only=phase.head_only,
+        preprocess=preprocess, batch_size=config.batch_size, num_classes=num_classes,
+        label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding,
+    )
+    return cfg, schedule
 
 
 def init_opt_state(tx, params, phase: Phase, sharding):
@@ -193,26 +217,17 @@ def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
     steps_per_epoch = pipeline.steps_per_epoch(n_train, config.batch_size)
     chunk = steps_per_call(config, steps_per_epoch)
 
-    model = build_model(config, splits.num_classes)
-    graphdef_train = nnx.graphdef(model)
-    model.eval()
-    graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    graphdef_train, graphdef_eval, params, batch_stats = replicated_model(config, splits.num_classes, mesh)
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params, batch_stats = (jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t) for t in (params, batch_stats))
     eval_sums = steps.make_eval_sums(
         graphdef_eval, preprocess=preprocess, batch_size=config.eval_batch_size, num_classes=splits.num_classes,
         label_smoothing=config.label_smoothing, sharding=sharding,
     )
 
     def phase_setup(phase: Phase, params):
-        schedule, tx = make_tx(config, phase, steps_per_epoch)
-        # A frozen backbone runs in eval mode: its BatchNorm uses (and keeps) the pretrained running statistics.
-        cfg = steps.StepConfig(
-            graphdef=graphdef_eval if phase.head_only else graphdef_train, tx=tx, head_only=phase.head_only,
-            preprocess=preprocess, batch_size=config.batch_size, num_classes=splits.num_classes,
-            label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding,
-        )
-        return cfg, schedule, init_opt_state(tx, params, phase, replicated)
+        cfg, schedule = step_config(config, phase, (graphdef_train, graphdef_eval), preprocess=preprocess,
+                                    num_classes=splits.num_classes, steps_per_epoch=steps_per_epoch, sharding=sharding)
+        return cfg, schedule, init_opt_state(cfg.tx, params, phase, replicated)
 
     ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
     # Where to start: the newest checkpoint that restores (epoch end, or a signal's mid-epoch one).

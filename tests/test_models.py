@@ -101,28 +101,13 @@ def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1, np.abs(expected).max()))
 
 
-@pytest.mark.parametrize("kernel,stride,padding,size", [(3, 1, 1, 32), (7, 2, 3, 32), (7, 2, 3, 33), (3, 2, 1, 31)])
-def test_patch_conv_equals_xla_convolution(kernel, stride, padding, size):
-    from cifar_jax.models.layers import PatchConv, conv
-
-    layer = conv(3, 8, kernel, stride=stride, padding=padding, bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    assert isinstance(layer, PatchConv)  # RGB input: the patch matmul on CPU
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size, 3)), jnp.float32)
-    reference = nnx.Conv.__call__(layer, x)
-    np.testing.assert_allclose(layer(x), reference, atol=2e-5, rtol=1e-5)
-    # and the kernel gradient, which is what training uses
-
-    def loss(kernel, call):
-        clone = nnx.clone(layer)
-        clone.kernel = nnx.Param(kernel)
-        return (call(clone, x) ** 2).sum()
-
-    ours, ref = (jax.grad(loss)(layer.kernel[...], call) for call in (PatchConv.__call__, nnx.Conv.__call__))
-    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
-
-
 def test_max_pool_2x2_equals_reduce_window():
     from cifar_jax.models.layers import max_pool_2x2
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 5)), jnp.float32)
     np.testing.assert_array_equal(max_pool_2x2(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
+    # Without ties the gradients agree too (ties after a ReLU are zeros, which the ReLU discards).
+    loss = lambda pool: lambda x: (pool(x) * jnp.arange(5.0)).sum()  # noqa: E731
+    np.testing.assert_array_equal(
+        jax.grad(loss(max_pool_2x2))(x), jax.grad(loss(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))))(x)
+    )

@@ -26,35 +26,10 @@ def torch_default_bias_init(fan_in: int):
     return init
 
 
-class PatchConv(nnx.Conv):
-    """An `nnx.Conv` over a few input channels (an RGB stem) that on CPU runs as one matmul of
-    image patches by the kernel: same parameters, same result.
-
-    XLA's CPU convolution is slow with 3 input channels: SimpleCNN's first layer (batch 128,
-    32x32x3 -> 32) took 3x longer for the forward pass and kernel gradient than this, and the
-    whole training step went from 174 to 142 ms. Other backends run nnx.Conv's convolution.
-    """
-
-    def __call__(self, x):
-        if jax.default_backend() != "cpu":
-            return super().__call__(x)
-        (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = self.kernel_size, self.strides, self.padding
-        dtype = self.dtype or x.dtype
-        x = jnp.pad(x.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-        n, h, w, c = x.shape
-        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-        patches = jnp.concatenate(
-            [x[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw] for i in range(kh) for j in range(kw)],
-            axis=-1,
-        )  # (n, oh, ow, kh * kw * c) in the kernel's HWI order
-        y = patches @ self.kernel[...].astype(dtype).reshape(kh * kw * c, -1)
-        return y + self.bias[...].astype(dtype) if self.use_bias else y
-
-
 def conv(in_ch, out_ch, kernel, *, stride=1, padding=0, bias=False, kernel_init=None, dtype, rngs):
     """A Conv2d with PyTorch's (symmetric, explicit) padding, NHWC, HWIO kernel."""
     fan_in = in_ch * kernel * kernel
-    return (PatchConv if in_ch <= 4 else nnx.Conv)(
+    return nnx.Conv(
         in_ch,
         out_ch,
         kernel_size=(kernel, kernel),
@@ -83,17 +58,17 @@ def linear(in_features, out_features, *, dtype, rngs):
 
 
 def max_pool_2x2(x):
-    """`nn.MaxPool2d(2)` (NHWC) as a reshape and a max.
+    """`nn.MaxPool2d(2)` (NHWC) as the elementwise maximum of the window's four strided slices.
 
     The forward pass equals `nnx.max_pool(x, (2, 2), strides=(2, 2))`; the gradient is cheap
-    elementwise work, whereas XLA's reduce_window gradient (select-and-scatter) took 97 of the
-    244 ms of a SimpleCNN step (batch 128) on CPU. Only tied maxima differ: they share the
-    gradient (PyTorch gives it to the first). After a ReLU the ties are zeros, whose gradient the
-    ReLU discards anyway.
+    elementwise work. On CPU, XLA's reduce_window gradient (select-and-scatter) took 97 of the
+    244 ms of a SimpleCNN step (batch 128), and a reshape-and-max 28 ms; this takes about 5 ms.
+    Only tied maxima differ: they share the gradient (PyTorch gives it to the first). After a
+    ReLU the ties are zeros, whose gradient the ReLU discards anyway.
     """
-    n, h, w, c = x.shape
-    x = x[:, : h // 2 * 2, : w // 2 * 2]
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    x = x[:, :h, :w]
+    return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 1::2, 0::2]), jnp.maximum(x[:, 0::2, 1::2], x[:, 1::2, 1::2]))
 
 
 def stats_dtype(dtype):

@@ -1,0 +1,640 @@
+"""Throughput of this project against PyTorch, on the same machine, in the same run:
+
+    python -m cifar_jax.bench [--models simple_cnn,resnet34] [--sizes 32] [--modes train,eval]
+                              [--frameworks jax,torch] [--batch_size 128] [--steps 20] [--out FILE]
+
+Cases are a model at an image size (default: SimpleCNN, ResNet-34 with the CIFAR stem and
+ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each case and mode:
+
+  train     training steps. JAX: the trainer's jitted step, which also draws, augments (crop,
+            flip, colour jitter) and resizes its batch on the device; PyTorch: the torchvision
+            model's step on a batch already on the device. Same global batch, AdamW, label-smoothed
+            cross-entropy on both sides.
+  eval      forward passes in eval mode, one batch of `--eval_batch_size` per call.
+  epoch     one whole training epoch including the input pipeline: ours on the device against
+            PyTorch's DataLoader (workers = cores) with torchvision transforms on PIL images, as
+            in the study's starter loop. `--data` takes the CIFAR-100 npz (its 40,000-image
+            training split); without it, `--epoch_images` random images.
+  pipeline  (JAX only) our input pipeline alone, to show its share of a training step.
+
+Throughput is the median over timed windows after warm-up (JAX: one window is one jitted call of
+`steps_per_call` steps; PyTorch: the same number of steps, then a synchronise). Compile time is
+reported apart: the first window's time minus a steady one. PyTorch runs at its best on the
+device: channels_last; on GPU also bf16 autocast, cudnn.benchmark, fused AdamW, and both eager and
+torch.compile (the table's ratio uses the faster). JAX computes in bf16 on GPUs as the trainer does.
+
+All PyTorch measurements run first, then all JAX ones: DataLoader workers are forked before
+JAX starts its threads, and GPU memory held by PyTorch is released before JAX allocates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Allocate GPU memory as needed (not 75% up front), so PyTorch and JAX can share the device.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+MODELS = {  # bench name -> (architecture, stem)
+    "simple_cnn": ("simple_cnn", None),
+    "resnet18": ("resnet18", "cifar"),
+    "resnet34": ("resnet34", "cifar"),
+    "resnet50": ("resnet50", "imagenet"),
+}
+DEFAULT_CASES = "simple_cnn@32,resnet34@32,resnet50@32,resnet50@224"
+MODES = ("train", "eval", "epoch", "pipeline")
+FRAMEWORKS = ("jax", "torch")
+TORCH_MODES = ("eager", "compile")
+NUM_CLASSES = 100
+NUM_TRAIN = 40_000  # CIFAR-100's training split after the validation split: sets the steps fused per call
+LR, WEIGHT_DECAY, LABEL_SMOOTHING, COLOR_JITTER = 1e-3, 5e-4, 0.1, (0.2, 0.2, 0.2)
+
+
+class BenchError(ValueError):
+    """Bad options, found before anything is measured."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    model: str
+    image_size: int
+
+    @property
+    def arch(self) -> str:
+        return MODELS[self.model][0]
+
+    @property
+    def stem(self):
+        return MODELS[self.model][1]
+
+    def __str__(self):
+        return f"{self.model}{f' ({self.stem} stem)' if self.stem else ''} @{self.image_size}"
+
+
+def parse_cases(cases: str, models: str | None, sizes: str | None) -> list[Case]:
+    """`model@size` entries, kept where the model is in `models` and the size in `sizes` (if given)."""
+    out = []
+    for entry in _split(cases):
+        model, _, size = entry.partition("@")
+        if model not in MODELS:
+            raise BenchError(f"unknown model {model!r} in {entry!r}; valid: {', '.join(MODELS)}")
+        if not size.isdigit() or int(size) < 32:
+            raise BenchError(f"case {entry!r} needs an image size of at least 32, like {model}@32")
+        if model == "simple_cnn" and int(size) != 32:
+            raise BenchError(f"case {entry!r}: SimpleCNN takes 32x32 images only")
+        out.append(Case(model, int(size)))
+    if models:
+        wanted = _split(models)
+        for m in wanted:
+            if m not in MODELS:
+                raise BenchError(f"--models: unknown model {m!r}; valid: {', '.join(MODELS)}")
+        missing = [m for m in wanted if m not in {c.model for c in out}]
+        out = [c for c in out if c.model in wanted] + [Case(m, 32) for m in missing]
+    if sizes:
+        wanted_sizes = {int(s) for s in _split(sizes)}
+        out = [c for c in out if c.image_size in wanted_sizes]
+    if not out:
+        raise BenchError("no case left to measure: check --cases, --models and --sizes")
+    return out
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _choices(flag: str, text: str, valid) -> list[str]:
+    chosen = _split(text)
+    for c in chosen:
+        if c not in valid:
+            raise BenchError(f"{flag}: unknown value {c!r}; valid: {', '.join(valid)}")
+    return chosen
+
+
+def _median_rate(images_per_window: int, times: list[float]) -> float:
+    return images_per_window / statistics.median(times)
+
+
+def _timed_windows(run_window, sync, warmup: int, windows: int):
+    """(seconds of the first window, seconds of each timed window): `warmup` windows (at least
+    one, the first) run untimed, then `windows` timed ones, each ended by `sync`."""
+    t0 = time.perf_counter()
+    run_window()
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup, 1) - 1):
+        run_window()
+        sync()
+    times = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        run_window()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def _row(case, opts, framework, mode, variant, device, img_per_s, compile_s, batch_size=None, **extra):
+    return {
+        "model": case.model, "arch": case.arch, "stem": case.stem, "image_size": case.image_size,
+        "batch_size": batch_size or opts.batch_size, "framework": framework, "mode": mode, "variant": variant,
+        "device": device, "img_per_s": round(img_per_s, 1),
+        "compile_s": None if compile_s is None else round(max(compile_s, 0.0), 2), **extra,
+    }
+
+
+def _random_uint8(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+
+
+def _num_train(modes, epoch_data) -> int:
+    return len(epoch_data[0]) if "epoch" in modes else NUM_TRAIN
+
+
+def _epoch_data(opts):
+    """(uint8 images, labels) of one training epoch: the real training split or random images."""
+    if opts.data:
+        from cifar_jax import data
+
+        arrays = data.load("npz", opts.data)
+        (x, y), _ = data.split_train_val(arrays.x_train, arrays.y_train, 0.2)
+        return x, y
+    return _random_uint8(opts.epoch_images, seed=1)
+
+
+# ---------------------------------------------------------------- JAX (this project)
+
+
+def jax_config(case: Case, opts):
+    """The training config a user would run for `case` (AdamW, label smoothing, crop+flip+jitter)."""
+    from cifar_jax import config as config_lib
+
+    c = config_lib.base()
+    c.model.name, c.model.num_classes = case.arch, NUM_CLASSES
+    if case.stem:
+        c.model.stem = case.stem
+    c.batch_size, c.eval_batch_size = opts.batch_size, opts.eval_batch_size
+    c.data.image_size = case.image_size
+    c.data.augment.color_jitter = COLOR_JITTER
+    c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "adamw", LR, WEIGHT_DECAY
+    c.label_smoothing = LABEL_SMOOTHING
+    c.schedule.per = "step"
+    c.steps_per_call = opts.steps_per_call
+    config_lib.validate(c)
+    return c
+
+
+class JaxSide:
+    """This project's own jitted code for one case: the trainer's step, evaluate's forward pass."""
+
+    def __init__(self, case: Case, opts, num_train: int):
+        import jax
+
+        from cifar_jax import steps, trainer
+        from cifar_jax.data import pipeline
+
+        self.config = config = jax_config(case, opts)
+        self.mesh = pipeline.make_mesh()
+        self.sharding = pipeline.batch_sharding(self.mesh)
+        self.replicated = jax.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.preprocess = pipeline.Preprocess.from_config(config.data)
+        self.steps_per_epoch = pipeline.steps_per_epoch(num_train, config.batch_size)
+        self.steps_per_call = trainer.steps_per_call(config, self.steps_per_epoch)
+        self.graphdef_train, self.graphdef_eval, params, batch_stats = trainer.replicated_model(config, NUM_CLASSES, self.mesh)
+        phase = trainer.phases(config)[0]
+        self.step_cfg, _ = trainer.step_config(
+            config, phase, (self.graphdef_train, self.graphdef_eval), preprocess=self.preprocess,
+            num_classes=NUM_CLASSES, steps_per_epoch=self.steps_per_epoch, sharding=self.sharding,
+        )
+        opt_state = trainer.init_opt_state(self.step_cfg.tx, params, phase, self.replicated)
+        self.state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+        self.train_chunk = steps.make_train_chunk(self.step_cfg, self.steps_per_call)
+        self.device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+
+    def put(self, x):
+        from cifar_jax.data import pipeline
+
+        return pipeline.replicate(x, self.mesh)
+
+    def zero_metrics(self):
+        import jax
+
+        from cifar_jax import steps
+
+        return jax.device_put(steps.zero_metrics(), self.replicated)
+
+    def train(self, opts, case):
+        import jax
+        import jax.numpy as jnp
+
+        n = self.steps_per_call * self.config.batch_size
+        x, y = (self.put(a) for a in _random_uint8(n))
+        order, epoch, first = jnp.arange(n), jnp.int32(0), jnp.int32(0)
+        carry = [self.state, self.zero_metrics()]
+
+        def window():
+            carry[:] = self.train_chunk(carry[0], carry[1], x, y, order, epoch, first)
+
+        windows = -(-opts.steps // self.steps_per_call)
+        first_s, times = _timed_windows(window, lambda: jax.block_until_ready(carry), opts.warmup, windows)
+        self.state = carry[0]
+        return _row(case, opts, "jax", "train", f"{_dtype(self.config)}, {self.steps_per_call} steps/call",
+                    self.device, _median_rate(n, times), first_s - statistics.median(times), step_ms=_ms(times, self.steps_per_call))
+
+    def eval(self, opts, case):
+        import jax
+        import jax.numpy as jnp
+
+        from cifar_jax import steps
+
+        batch_logits = steps.make_batch_logits(self.graphdef_eval, preprocess=self.preprocess,
+                                               batch_size=opts.eval_batch_size, sharding=self.sharding)
+        x, _ = _random_uint8(opts.eval_batch_size)
+        x = self.put(x)
+        out = [None]
+
+        def window():
+            out[0] = batch_logits(self.state["params"], self.state["batch_stats"], x, jnp.int32(0))
+
+        first_s, times = _timed_windows(window, lambda: jax.block_until_ready(out[0]), opts.warmup, opts.steps)
+        return _row(case, opts, "jax", "eval", _dtype(self.config), self.device, _median_rate(opts.eval_batch_size, times),
+                    first_s - statistics.median(times), batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
+
+    def pipeline(self, opts, case):
+        import functools
+
+        import jax
+        import jax.numpy as jnp
+
+        from cifar_jax.data import pipeline
+
+        n = self.config.batch_size
+        x, y = (self.put(a) for a in _random_uint8(n))
+        draw = jax.jit(functools.partial(pipeline.train_batch, seed=0, batch_size=n, preprocess=self.preprocess, sharding=self.sharding))
+        out = [None]
+
+        def window():
+            out[0] = draw(x, y, jnp.arange(n), epoch=jnp.int32(0), step=jnp.int32(0))
+
+        first_s, times = _timed_windows(window, lambda: jax.block_until_ready(out[0]), opts.warmup, opts.steps)
+        return _row(case, opts, "jax", "pipeline", "on device", self.device, _median_rate(n, times),
+                    first_s - statistics.median(times), step_ms=_ms(times, 1))
+
+    def epoch(self, opts, case, images, labels):
+        import jax
+        import jax.numpy as jnp
+
+        from cifar_jax.data import pipeline
+
+        t0 = time.perf_counter()
+        x, y = self.put(images), self.put(labels)
+        jax.block_until_ready((x, y))
+        placement_s = time.perf_counter() - t0
+        metrics = self.zero_metrics()
+        args = (x, y, pipeline.epoch_order(0, 0, len(images)), jnp.int32(0))
+        t0 = time.perf_counter()
+        run = self.train_chunk.lower(self.state, metrics, *args, jnp.int32(0)).compile()
+        compile_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        state = self.state
+        args = (x, y, pipeline.epoch_order(0, 0, len(images)), jnp.int32(0))  # the order is drawn inside the timed epoch
+        for first in range(0, self.steps_per_epoch, self.steps_per_call):
+            state, metrics = run(state, metrics, *args, jnp.int32(first))
+        jax.block_until_ready((state, metrics))
+        seconds = time.perf_counter() - t0
+        self.state = state
+        n = self.steps_per_epoch * self.config.batch_size
+        return _row(case, opts, "jax", "epoch", f"device-resident data, {self.steps_per_call} steps/call", self.device, n / seconds,
+                    compile_s, epoch_s=round(seconds, 2), images=n, data_placement_s=round(placement_s, 2))
+
+
+def _dtype(config) -> str:
+    from cifar_jax import trainer
+
+    return trainer.compute_dtype(config)
+
+
+def _ms(times, steps_per_window) -> float:
+    return round(1000 * statistics.median(times) / steps_per_window, 3)
+
+
+def run_jax(cases, modes, opts, epoch_data, log) -> list[dict]:
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)  # measure compilation, not a cache hit
+    rows = []
+    for case in cases:
+        side = JaxSide(case, opts, _num_train(modes, epoch_data))
+        for mode in modes:
+            log(f"jax {mode} {case}")
+            if mode == "epoch":
+                rows.append(side.epoch(opts, case, *epoch_data))
+            else:
+                rows.append(getattr(side, mode)(opts, case))
+            log(f"  {rows[-1]['img_per_s']:.1f} img/s")
+        del side
+        jax.clear_caches()
+    return rows
+
+
+# ---------------------------------------------------------------- PyTorch
+
+
+class TorchImages:
+    """A map-style dataset of uint8 HWC images through torchvision transforms on PIL images, like
+    torchvision's CIFAR100 dataset in the study's starter loop."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+class TorchSide:
+    """torchvision's model for one case, at its best on the device, eager or torch.compile'd."""
+
+    def __init__(self, case: Case, opts, mode: str):
+        import torch
+
+        from cifar_jax import torch_models
+
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.dev = torch.device("cuda" if self.cuda else "cpu")
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(0)
+        model = torch_models.create(case.arch, NUM_CLASSES, stem=case.stem or "imagenet")
+        self.model = model.to(self.dev, memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if mode == "compile" else self.model
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=self.cuda)
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+        self.mode = mode
+        self.variant = f"{mode}, channels_last" + (", bf16 autocast" if self.cuda else ", float32")
+        self.device = torch.cuda.get_device_name() if self.cuda else f"cpu ({torch.get_num_threads()} threads)"
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def step(self, x, y):
+        torch = self.torch
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda):
+            loss = self.loss_fn(self.forward(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def batch(self, n, size):
+        torch = self.torch
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 3, size, size, generator=g).to(self.dev).contiguous(memory_format=torch.channels_last)
+        return x, torch.randint(0, NUM_CLASSES, (n,), generator=g).to(self.dev)
+
+    def train(self, opts, case, window_steps):
+        x, y = self.batch(opts.batch_size, case.image_size)
+        self.model.train()
+
+        def window():
+            for _ in range(window_steps):
+                self.step(x, y)
+
+        windows = -(-opts.steps // window_steps)
+        first_s, times = _timed_windows(window, self.sync, opts.warmup, windows)
+        return _row(case, opts, "torch", "train", self.variant, self.device, _median_rate(window_steps * opts.batch_size, times),
+                    first_s - statistics.median(times) if self.mode == "compile" else None, step_ms=_ms(times, window_steps))
+
+    def eval(self, opts, case):
+        torch = self.torch
+        x, _ = self.batch(opts.eval_batch_size, case.image_size)
+        self.model.eval()
+
+        def window():
+            with torch.inference_mode(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda):
+                self.forward(x)
+
+        first_s, times = _timed_windows(window, self.sync, opts.warmup, opts.steps)
+        return _row(case, opts, "torch", "eval", self.variant, self.device, _median_rate(opts.eval_batch_size, times),
+                    first_s - statistics.median(times) if self.mode == "compile" else None,
+                    batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
+
+    def epoch(self, opts, case, images, labels):
+        torch = self.torch
+        from torchvision import transforms as T
+
+        from cifar_jax.data import augment
+
+        mean, std = augment.NORMALIZATIONS["imagenet" if case.stem == "imagenet" else "cifar"]
+        steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ColorJitter(*COLOR_JITTER)]
+        if case.image_size != 32:
+            steps.append(T.Resize(case.image_size))
+        steps += [T.ToTensor(), T.Normalize(mean, std)]
+        workers = opts.workers if opts.workers >= 0 else (os.cpu_count() or 1)
+        loader = torch.utils.data.DataLoader(
+            TorchImages(images, labels, T.Compose(steps)), batch_size=opts.batch_size, shuffle=True, drop_last=True,
+            num_workers=workers, pin_memory=self.cuda,
+        )
+        self.model.train()
+        t0 = time.perf_counter()
+        self.step(*self.batch(opts.batch_size, case.image_size))  # warm-up (and compilation) outside the epoch
+        self.sync()
+        compile_s = time.perf_counter() - t0 if self.mode == "compile" else None
+
+        t0 = time.perf_counter()
+        n = 0
+        for x, y in loader:
+            x = x.to(self.dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            self.step(x, y.to(self.dev, non_blocking=True))
+            n += len(y)
+        self.sync()
+        seconds = time.perf_counter() - t0
+        return _row(case, opts, "torch", "epoch", f"{self.variant}, DataLoader {workers} workers", self.device, n / seconds,
+                    compile_s, epoch_s=round(seconds, 2), images=n)
+
+
+def run_torch(cases, modes, opts, epoch_data, log) -> list[dict]:
+    import torch
+
+    from cifar_jax import trainer
+
+    backend = "gpu" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for case in cases:
+        # Time PyTorch in windows as long as one of JAX's jitted calls (the trainer's rule, decided
+        # without starting JAX's runtime yet).
+        window_steps = trainer.steps_per_call(jax_config(case, opts), _num_train(modes, epoch_data) // opts.batch_size, backend)
+        for torch_mode in opts.torch_modes:
+            side = TorchSide(case, opts, torch_mode)
+            for mode in (m for m in modes if m != "pipeline"):
+                log(f"torch {torch_mode} {mode} {case}")
+                if mode == "train":
+                    rows.append(side.train(opts, case, window_steps))
+                elif mode == "eval":
+                    rows.append(side.eval(opts, case))
+                else:
+                    rows.append(side.epoch(opts, case, *epoch_data))
+                log(f"  {rows[-1]['img_per_s']:.1f} img/s")
+            del side
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            torch._dynamo.reset()
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table: per case and mode, JAX against the faster PyTorch variant."""
+    lines = [
+        "| model | size | batch | mode | JAX img/s | PyTorch img/s (variant) | JAX / PyTorch | JAX compile s | PyTorch compile s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    keys = []
+    for r in rows:
+        key = (r["model"], r["image_size"], r["mode"])
+        if key not in keys:
+            keys.append(key)
+    for key in keys:
+        group = [r for r in rows if (r["model"], r["image_size"], r["mode"]) == key]
+        jax_row = next((r for r in group if r["framework"] == "jax"), None)
+        torch_rows = [r for r in group if r["framework"] == "torch"]
+        best = max(torch_rows, key=lambda r: r["img_per_s"], default=None)
+        stem = MODELS[key[0]][1]
+        ref = jax_row or best
+        cells = [
+            f"{key[0]}{f' ({stem})' if stem else ''}", str(key[1]), str(ref["batch_size"]), key[2],
+            f"{jax_row['img_per_s']:,.1f}" if jax_row else "-",
+            f"{best['img_per_s']:,.1f} ({best['variant'].split(',')[0]})" if best else "-",
+            f"{jax_row['img_per_s'] / best['img_per_s']:.2f}x" if jax_row and best else "-",
+            _fmt_s(jax_row["compile_s"]) if jax_row else "-",
+            ", ".join(f"{r['variant'].split(',')[0]} {_fmt_s(r['compile_s'])}" for r in torch_rows if r["compile_s"] is not None) or "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    shares = pipeline_shares(rows)
+    for (model, size), share in shares.items():
+        lines.append(f"\nInput pipeline share of a JAX training step, {model} @{size}: {share:.1%}")
+    return "\n".join(lines)
+
+
+def pipeline_shares(rows) -> dict:
+    """(model, size) -> time of the on-device input pipeline / time of the training step containing it."""
+    out = {}
+    for p in (r for r in rows if r["framework"] == "jax" and r["mode"] == "pipeline"):
+        t = next((r for r in rows if r["framework"] == "jax" and r["mode"] == "train"
+                  and (r["model"], r["image_size"]) == (p["model"], p["image_size"])), None)
+        if t:
+            out[p["model"], p["image_size"]] = t["img_per_s"] / p["img_per_s"]
+    return out
+
+
+def _fmt_s(x):
+    return "-" if x is None else f"{x:.1f}"
+
+
+def versions() -> dict:
+    out = {"date": datetime.date.today().isoformat(), "python": platform.python_version(), "machine": platform.machine(),
+           "cpus": os.cpu_count()}
+    for name in ("jax", "jaxlib", "flax", "optax", "torch", "torchvision"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m cifar_jax.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=DEFAULT_CASES, help="model@size list (default: %(default)s)")
+    p.add_argument("--models", help=f"only these models ({', '.join(MODELS)}); a model not in --cases runs at 32")
+    p.add_argument("--sizes", help="only these image sizes, e.g. 32")
+    p.add_argument("--modes", default="train,eval", help=f"of {', '.join(MODES)} (default: %(default)s)")
+    p.add_argument("--frameworks", default="jax,torch", help="jax, torch or both (default: %(default)s)")
+    p.add_argument("--torch_modes", default=None, help="eager and/or compile (default: both on GPU, eager on CPU)")
+    p.add_argument("--batch_size", type=int, default=128, help="global training batch (default: %(default)s)")
+    p.add_argument("--eval_batch_size", type=int, default=500, help="evaluation batch (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps or eval batches (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed windows first, including compilation (default: %(default)s)")
+    p.add_argument("--steps_per_call", type=int, default=0, help="JAX steps per jitted call (0: the trainer's choice)")
+    p.add_argument("--data", help="CIFAR-100 npz for --modes epoch (its 40,000-image training split)")
+    p.add_argument("--epoch_images", type=int, default=10_000, help="random images per epoch without --data")
+    p.add_argument("--workers", type=int, default=-1, help="PyTorch DataLoader workers (default: the number of cores)")
+    p.add_argument("--out", help="write the measurements as a JSON list here")
+    return p.parse_args(argv)
+
+
+def check(opts):
+    """Validate everything before measuring; returns (cases, modes, frameworks)."""
+    cases = parse_cases(opts.cases, opts.models, opts.sizes)
+    modes = _choices("--modes", opts.modes, MODES)
+    frameworks = _choices("--frameworks", opts.frameworks, FRAMEWORKS)
+    for name in ("batch_size", "eval_batch_size", "steps"):
+        if getattr(opts, name) < 1:
+            raise BenchError(f"--{name}={getattr(opts, name)} must be at least 1")
+    if opts.warmup < 1:
+        raise BenchError(f"--warmup={opts.warmup} must be at least 1 (the first call compiles)")
+    if "torch" in frameworks:
+        try:
+            import torch
+            import torchvision  # noqa: F401
+        except ImportError:
+            raise BenchError("PyTorch is not installed: pip install -e '.[torch]', or pass --frameworks jax") from None
+        default = "eager,compile" if torch.cuda.is_available() else "eager"
+        opts.torch_modes = _choices("--torch_modes", opts.torch_modes or default, TORCH_MODES)
+    if "epoch" in modes:
+        if opts.data and not Path(opts.data).is_file():
+            raise BenchError(f"--data {opts.data}: no such file (the CIFAR-100 npz, see README)")
+        if opts.epoch_images < opts.batch_size:
+            raise BenchError(f"--epoch_images={opts.epoch_images} must be at least --batch_size={opts.batch_size}")
+    if opts.out and not Path(opts.out).absolute().parent.is_dir():
+        raise BenchError(f"--out {opts.out}: the directory {Path(opts.out).absolute().parent} does not exist")
+    return cases, modes, frameworks
+
+
+def main(argv=None) -> list[dict]:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cases, modes, frameworks = check(opts)
+        epoch_data = _epoch_data(opts) if "epoch" in modes else None
+    except Exception as e:  # noqa: BLE001  (BenchError, DataError: one line, exit 2)
+        if not isinstance(e, ValueError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    def log(message):
+        print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+    rows = []
+    if "torch" in frameworks:
+        rows += run_torch(cases, modes, opts, epoch_data, log)
+    if "jax" in frameworks:
+        rows += run_jax(cases, modes, opts, epoch_data, log)
+    print(json.dumps(versions()))
+    print(table(rows))
+    if opts.out:
+        Path(opts.out).write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"measurements: {opts.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
