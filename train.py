@@ -20,6 +20,7 @@ def main(argv):
     from cifar_jax import cli
 
     cli.start(argv, _CACHE.value)
+    import logging
     import sys
 
     from cifar_jax.data import DataError
@@ -30,6 +31,7 @@ def main(argv):
     workdir = _WORKDIR.value or str(Path("checkpoints") / config_name)
     try:
         train_and_evaluate(_CONFIG.value, workdir, progress=_PROGRESS.value)
+        logging.getLogger("cifar_jax").info(cli.compilation_summary())
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(128 + e.signum)  # the shell's convention for "ended by signal N"

@@ -332,19 +332,20 @@ def _ms(times, steps_per_window) -> float:
 def run_jax(cases, modes, opts, epoch_data, log) -> list[dict]:
     import jax
 
+    cache_was_on = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # measure compilation, not a cache hit
     rows = []
-    for case in cases:
-        side = JaxSide(case, opts, _num_train(modes, epoch_data))
-        for mode in modes:
-            log(f"jax {mode} {case}")
-            if mode == "epoch":
-                rows.append(side.epoch(opts, case, *epoch_data))
-            else:
-                rows.append(getattr(side, mode)(opts, case))
-            log(f"  {rows[-1]['img_per_s']:.1f} img/s")
-        del side
-        jax.clear_caches()
+    try:
+        for case in cases:
+            side = JaxSide(case, opts, _num_train(modes, epoch_data))
+            for mode in modes:
+                log(f"jax {mode} {case}")
+                rows.append(side.epoch(opts, case, *epoch_data) if mode == "epoch" else getattr(side, mode)(opts, case))
+                log(f"  {rows[-1]['img_per_s']:.1f} img/s")
+            del side
+            jax.clear_caches()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was_on)
     return rows
 
 

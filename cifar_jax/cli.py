@@ -24,6 +24,21 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
+COMPILATIONS = {"cache_hits": 0, "cache_misses": 0}  # this process's XLA compilations, by persistent-cache outcome
+_LISTENING = []  # non-empty once the counter listens to JAX's compilation-cache events
+
+
+def _count_compilation(event: str, **_kwargs) -> None:
+    name = event.rsplit("/", 1)[-1]
+    if event.startswith("/jax/compilation_cache/") and name in COMPILATIONS:
+        COMPILATIONS[name] += 1
+
+
+def compilation_summary() -> str:
+    """One line: how many XLA programs this process loaded from the persistent cache and compiled anew."""
+    return f"XLA programs: {COMPILATIONS['cache_hits']} loaded from the compilation cache, {COMPILATIONS['cache_misses']} compiled"
+
+
 def enable_compilation_cache(directory: str | None) -> str | None:
     """Turn on JAX's persistent compilation cache so a second run of a config compiles nothing.
 
@@ -39,6 +54,9 @@ def enable_compilation_cache(directory: str | None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if not _LISTENING:
+        jax.monitoring.register_event_listener(_count_compilation)
+        _LISTENING.append(True)
     return str(path)
 
 

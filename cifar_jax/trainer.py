@@ -177,6 +177,7 @@ def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s):
 
 def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
     """Train `config` in `workdir` (resuming from its latest checkpoint); returns the metrics rows."""
+    t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
     config = config.copy_and_resolve_references()
     for section, key in (("data", "path"), ("model", "pretrained")):
@@ -189,12 +190,12 @@ def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
     check_before_start(config, workdir)
     is_main = jax.process_index() == 0
     if not is_main:  # one lock per run: process 0 holds it for all
-        return _train(config, workdir, is_main, progress)
+        return _train(config, workdir, is_main, progress, t_start)
     with WorkdirLock(workdir):
-        return _train(config, workdir, is_main, progress)
+        return _train(config, workdir, is_main, progress, t_start)
 
 
-def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
+def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float) -> list[dict]:
     splits = data.load_splits(config.data)
     if splits.num_classes != config.model.num_classes:
         raise ValueError(
@@ -263,7 +264,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
     metrics_log = MetricsLog(workdir, resume_epoch=start_epoch) if is_main else None
     tracker = Wandb(config, workdir, resume=latest is not None) if is_main else None
     compiled = {}
-    compile_s = None
+    compile_s = first_step_s = None
     stop = StopSignals()
     try:
         with stop:
@@ -307,6 +308,10 @@ def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
                 pending = None  # the previous chunk's metrics, read while the next chunk runs
                 for first in range(first_step, steps_per_epoch, this_chunk):
                     state, metrics = run_chunk(state, metrics, *args, jnp.int32(first))
+                    if first_step_s is None:  # one wait, once per run: how long until training really runs
+                        jax.block_until_ready(metrics)
+                        first_step_s = time.perf_counter() - t_start
+                        log.info("first training step done %.1f s after the start (data, model, compilation)", first_step_s)
                     if pending is not None:  # the device is busy with this chunk: reading the last one stalls nothing
                         check(*pending)
                     pending = (metrics, first)
@@ -325,6 +330,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool) -> list[dict]:
                 row = _epoch_row(epoch, phase, sums, val, lr, time.perf_counter() - t_epoch, (sums["count"] - seen_before) / train_time)
                 if epoch == start_epoch and compile_s is not None:
                     row["compile_s"] = round(compile_s, 2)
+                    row["first_step_s"] = round(first_step_s, 2)
                 if is_main:
                     metrics_log.append(row)
                     plot_curves(metrics_log.rows, workdir / "curves.png")

@@ -77,3 +77,24 @@ def test_pretrained_weights_of_another_architecture(tmp_path):
     out = _train(tmp_path, "--config.model.name=resnet18", "--config.model.stem=imagenet", f"--config.model.pretrained={weights}")
     assert out.returncode == 2
     assert "model.pretrained holds resnet50 weights but model.name='resnet18'; set --config.model.name=resnet50" in out.stderr
+
+
+def test_second_run_of_a_config_compiles_nothing(tmp_path):
+    """The persistent compilation cache: a second identical run loads every XLA program."""
+    import json
+    import re
+
+    def run(name):
+        cmd = [sys.executable, "train.py", "--config", "tests/tiny_config.py", "--config.num_epochs=1", "--noprogress",
+               f"--workdir={tmp_path / name}", f"--compilation_cache={tmp_path / 'xla'}"]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        counts = re.search(r"XLA programs: (\d+) loaded from the compilation cache, (\d+) compiled", out.stderr)
+        assert counts, out.stderr[-3000:]
+        row = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["first_step_s"] >= row["compile_s"] > 0
+        return int(counts[1]), int(counts[2])
+
+    assert run("first")[1] > 0  # a new cache directory: everything compiles
+    loaded, compiled = run("second")
+    assert compiled == 0 and loaded > 0

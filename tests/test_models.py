@@ -101,13 +101,40 @@ def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1, np.abs(expected).max()))
 
 
-def test_max_pool_2x2_equals_reduce_window():
-    from cifar_jax.models.layers import max_pool_2x2
+@pytest.mark.parametrize("window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 16), (3, 2, 1, 15)])
+def test_max_pool_equals_reduce_window(window, stride, padding, size):
+    from cifar_jax.models.layers import max_pool
 
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 9, 8, 5)), jnp.float32)
-    np.testing.assert_array_equal(max_pool_2x2(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size + 1, 5)), jnp.float32)
+    pads = ((padding, padding), (padding, padding))
+
+    def reference(x):
+        return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+    np.testing.assert_array_equal(max_pool(x, window, stride, padding), reference(x))
     # Without ties the gradients agree too (ties after a ReLU are zeros, which the ReLU discards).
-    loss = lambda pool: lambda x: (pool(x) * jnp.arange(5.0)).sum()  # noqa: E731
-    np.testing.assert_array_equal(
-        jax.grad(loss(max_pool_2x2))(x), jax.grad(loss(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))))(x)
-    )
+    weights = jnp.arange(5.0)
+    grads = [jax.grad(lambda x: (pool(x) * weights).sum())(x) for pool in (lambda x: max_pool(x, window, stride, padding), reference)]
+    np.testing.assert_array_equal(*grads)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [(3, 1, 1, 2), (3, 2, 1, 4), (3, 2, 1, 3), (3, 1, 1, 1), (7, 2, 3, 4)])
+def test_conv_on_tiny_maps_equals_xla_convolution(kernel, stride, padding, size):
+    """On CPU, convolutions with outputs of at most 2x2 pixels run as a patch matmul."""
+    from cifar_jax.models.layers import conv
+
+    layer = conv(6, 8, kernel, stride=stride, padding=padding, bias=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, size, size, 6)), jnp.float32)
+
+    def loss(kernel, call):
+        clone = nnx.clone(layer)
+        clone.kernel = nnx.Param(kernel)
+        out = call(clone, x)
+        return (out**2).sum(), out
+
+    (_, ours), grad_ours = jax.value_and_grad(loss, has_aux=True)(layer.kernel[...], type(layer).__call__)
+    (_, ref), grad_ref = jax.value_and_grad(loss, has_aux=True)(layer.kernel[...], nnx.Conv.__call__)
+    assert ours.shape == ref.shape and max(ours.shape[1:3]) <= 2
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(layer)(x))  # the patch matmul ran, not XLA's convolution
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(grad_ours, grad_ref, rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ from cifar_jax.runguard import WorkdirLock
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = {"epoch_time_s", "train_img_per_s", "compile_s"}
+TIMING_KEYS = {"epoch_time_s", "train_img_per_s", "compile_s", "first_step_s"}
 
 
 def _tiny_file_config():

@@ -6,6 +6,8 @@ from the same distribution as the study's PyTorch model.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,10 +28,33 @@ def torch_default_bias_init(fan_in: int):
     return init
 
 
+class Conv(nnx.Conv):
+    """`nnx.Conv`, except that on CPU a convolution with an output of at most 2x2 pixels runs as
+    one matmul of image patches by the kernel (same parameters, same result).
+
+    XLA:CPU rewrites such convolutions and their gradients (ResNet-50's last two stages on 32x32
+    images: 2x2 and 1x1 maps) into a form it runs 20-80x slower than the same FLOPs on a larger
+    map: a 3x3 conv of 100x2x2x256 -> 256 took 112 ms against 5 ms at 4x4x128 -> 128 (0.47
+    GFLOP each). Other backends, and all larger maps, run nnx.Conv's convolution.
+    """
+
+    def __call__(self, x):
+        (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = self.kernel_size, self.strides, self.padding
+        h, w = x.shape[1] + pt + pb, x.shape[2] + pl + pr
+        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+        if jax.default_backend() != "cpu" or min(oh, ow) > 2 or (kh, kw) == (1, 1):
+            return super().__call__(x)
+        dtype = self.dtype or x.dtype
+        x = jnp.pad(x.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)  # in the kernel's (H, W, I) order
+        y = patches @ self.kernel[...].astype(dtype).reshape(-1, self.out_features)
+        return y + self.bias[...].astype(dtype) if self.use_bias else y
+
+
 def conv(in_ch, out_ch, kernel, *, stride=1, padding=0, bias=False, kernel_init=None, dtype, rngs):
     """A Conv2d with PyTorch's (symmetric, explicit) padding, NHWC, HWIO kernel."""
     fan_in = in_ch * kernel * kernel
-    return nnx.Conv(
+    return Conv(
         in_ch,
         out_ch,
         kernel_size=(kernel, kernel),
@@ -57,18 +82,27 @@ def linear(in_features, out_features, *, dtype, rngs):
     )
 
 
-def max_pool_2x2(x):
-    """`nn.MaxPool2d(2)` (NHWC) as the elementwise maximum of the window's four strided slices.
+def window_slices(x, window, strides):
+    """The strided slices of NHWC `x`, one per window offset (i, j) in row-major order: slice
+    (i, j) holds, for every output pixel of a VALID window op, the input pixel at that offset."""
+    (kh, kw), (sh, sw) = window, strides
+    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    return [x[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw] for i in range(kh) for j in range(kw)]
 
-    The forward pass equals `nnx.max_pool(x, (2, 2), strides=(2, 2))`; the gradient is cheap
-    elementwise work. On CPU, XLA's reduce_window gradient (select-and-scatter) took 97 of the
-    244 ms of a SimpleCNN step (batch 128), and a reshape-and-max 28 ms; this takes about 5 ms.
-    Only tied maxima differ: they share the gradient (PyTorch gives it to the first). After a
-    ReLU the ties are zeros, whose gradient the ReLU discards anyway.
+
+def max_pool(x, window: int, stride: int, padding: int = 0):
+    """`nn.MaxPool2d(window, stride, padding)` (NHWC) as the elementwise maximum of the window's
+    strided slices.
+
+    The forward pass equals `nnx.max_pool`; the gradient is cheap elementwise work. On CPU,
+    XLA's reduce_window gradient (select-and-scatter) took 97 of the 244 ms of a SimpleCNN step
+    (batch 128, 2x2 pools); this takes about 5 ms. Only tied maxima differ: they share the
+    gradient (PyTorch gives it to the first). After a ReLU the ties are zeros, whose gradient the
+    ReLU discards anyway.
     """
-    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-    x = x[:, :h, :w]
-    return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 1::2, 0::2]), jnp.maximum(x[:, 0::2, 1::2], x[:, 1::2, 1::2]))
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+    return functools.reduce(jnp.maximum, window_slices(x, (window, window), (stride, stride)))
 
 
 def stats_dtype(dtype):

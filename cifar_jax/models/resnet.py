@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cifar_jax.models.layers import BatchNorm, conv, kaiming_fan_out_init, linear, stats_dtype
+from cifar_jax.models.layers import BatchNorm, conv, kaiming_fan_out_init, linear, max_pool, stats_dtype
 
 STEMS = ("imagenet", "cifar")
 
@@ -97,7 +97,7 @@ class ResNet(nnx.Module):
     def __call__(self, x):
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         if self.stem == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, 3, 2, padding=1)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for blk in stage:
                 x = blk(x)

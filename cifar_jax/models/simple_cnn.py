@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cifar_jax.models.layers import BatchNorm, conv, linear, max_pool_2x2, stats_dtype
+from cifar_jax.models.layers import BatchNorm, conv, linear, max_pool, stats_dtype
 
 CHANNELS = (32, 64, 128, 256)
 
@@ -28,7 +28,7 @@ class SimpleCNN(nnx.Module):
             raise ValueError(f"SimpleCNN takes 32x32 images (its FC layer expects 256x2x2), got {x.shape[1:3]}")
         for conv_, bn in zip(self.convs, self.bns):
             x = jax.nn.relu(bn(conv_(x)))
-            x = max_pool_2x2(x)
+            x = max_pool(x, 2, 2)
         # Flatten in PyTorch's (C, H, W) order so that fc1 lines up with a PyTorch checkpoint.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         x = jax.nn.relu(self.fc1(x))

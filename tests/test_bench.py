@@ -1,0 +1,72 @@
+"""`python -m cifar_jax.bench`: options, the table's arithmetic, and a tiny real run of both sides."""
+
+import json
+
+import pytest
+
+from cifar_jax import bench
+
+REQUIRED = {"model", "image_size", "batch_size", "framework", "mode", "device", "img_per_s", "compile_s"}
+
+
+def test_default_cases_and_filters():
+    cases = bench.parse_cases(bench.DEFAULT_CASES, None, None)
+    assert [(c.model, c.image_size) for c in cases] == [("simple_cnn", 32), ("resnet34", 32), ("resnet50", 32), ("resnet50", 224)]
+    assert [c.stem for c in cases] == [None, "cifar", "imagenet", "imagenet"]
+    assert bench.parse_cases(bench.DEFAULT_CASES, "resnet50", "224") == [bench.Case("resnet50", 224)]
+    assert bench.parse_cases(bench.DEFAULT_CASES, "simple_cnn,resnet18", None) == [bench.Case("simple_cnn", 32), bench.Case("resnet18", 32)]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--models", "vgg16"], "--models: unknown model 'vgg16'"),
+        (["--cases", "simple_cnn@224"], "SimpleCNN takes 32x32 images only"),
+        (["--cases", "resnet50@big"], "needs an image size of at least 32"),
+        (["--modes", "train,speed"], "--modes: unknown value 'speed'"),
+        (["--frameworks", "tensorflow"], "--frameworks: unknown value 'tensorflow'"),
+        (["--torch_modes", "jit"], "--torch_modes: unknown value 'jit'"),
+        (["--modes", "epoch", "--data", "/nonexistent/cifar100.npz"], "no such file"),
+        (["--steps", "0"], "--steps=0 must be at least 1"),
+        (["--sizes", "64"], "no case left to measure"),
+    ],
+)
+def test_bad_options_fail_in_one_line_before_measuring(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_table_compares_jax_with_the_faster_pytorch_variant():
+    case, opts = bench.Case("resnet50", 32), bench.parse_args([])
+    rows = [
+        bench._row(case, opts, "jax", "train", "float32, 1 steps/call", "cpu", 300.0, 2.0),
+        bench._row(case, opts, "torch", "train", "eager, channels_last", "cpu", 100.0, None),
+        bench._row(case, opts, "torch", "train", "compile, channels_last", "cpu", 200.0, 30.0),
+        bench._row(case, opts, "jax", "pipeline", "on device", "cpu", 6000.0, 0.5),
+    ]
+    lines = bench.table(rows).splitlines()
+    train = next(line for line in lines if line.startswith("| resnet50 (imagenet) | 32 | 128 | train"))
+    assert "| 300.0 | 200.0 (compile) | 1.50x | 2.0 | compile 30.0 |" in train
+    assert "Input pipeline share of a JAX training step, resnet50 @32: 5.0%" in lines  # 1/6000 of 1/300 s
+
+
+def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = bench.main([
+        "--cases", "simple_cnn@32", "--modes", "train,eval,epoch,pipeline", "--batch_size", "8", "--eval_batch_size", "8",
+        "--steps", "2", "--warmup", "1", "--epoch_images", "24", "--workers", "0", "--out", str(out),
+    ])
+    assert json.loads(out.read_text()) == rows
+    assert sorted((r["framework"], r["mode"]) for r in rows) == sorted(
+        [("torch", "train"), ("torch", "eval"), ("torch", "epoch"), ("jax", "train"), ("jax", "eval"), ("jax", "epoch"), ("jax", "pipeline")]
+    )
+    for r in rows:
+        assert REQUIRED <= r.keys() and r["img_per_s"] > 0 and r["image_size"] == 32 and r["model"] == "simple_cnn"
+    by = {(r["framework"], r["mode"]): r for r in rows}
+    assert by["jax", "epoch"]["images"] == by["torch", "epoch"]["images"] == 24  # 3 full batches of 8
+    assert by["jax", "train"]["compile_s"] > 0  # compiled in this run: the bench bypasses the persistent cache
+    assert by["torch", "train"]["compile_s"] is None  # eager PyTorch compiles nothing
+    assert by["jax", "eval"]["batch_size"] == 8
