@@ -14,6 +14,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # threads otherwise oversubscribe the machine (measured: ResNet-18 tests 4x slower).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from cifar_jax.cli import tune_xla_cpu  # noqa: E402
+
+tune_xla_cpu()  # the XLA:CPU settings train.py and eval.py run with
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

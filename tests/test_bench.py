@@ -50,7 +50,7 @@ def test_table_compares_jax_with_the_faster_pytorch_variant():
     lines = bench.table(rows).splitlines()
     train = next(line for line in lines if line.startswith("| resnet50 (imagenet) | 32 | 128 | train"))
     assert "| 300.0 | 200.0 (compile) | 1.50x | 2.0 | compile 30.0 |" in train
-    assert "Input pipeline share of a JAX training step, resnet50 @32: 5.0%" in lines  # 1/6000 of 1/300 s
+    assert "Input pipeline share of a JAX training step, resnet50 @32: 5.00%" in lines  # 1/6000 of 1/300 s
 
 
 def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):

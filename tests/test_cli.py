@@ -98,3 +98,18 @@ def test_second_run_of_a_config_compiles_nothing(tmp_path):
     assert run("first")[1] > 0  # a new cache directory: everything compiles
     loaded, compiled = run("second")
     assert compiled == 0 and loaded > 0
+
+
+def test_cpu_convolution_flag_is_added_once_and_never_over_the_users(monkeypatch):
+    from importlib import metadata
+
+    from cifar_jax import cli
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    added = cli.tune_xla_cpu()
+    assert added == metadata.version("jaxlib").startswith("0.10.")  # only where it was measured
+    if added:
+        assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {cli.CPU_CONV_FLAG}"
+    assert not cli.tune_xla_cpu()  # never twice
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert not cli.tune_xla_cpu() and os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
