@@ -60,6 +60,8 @@ def _count_compilation(event: str, **_kwargs) -> None:
 
 def compilation_summary() -> str:
     """One line: how many XLA programs this process loaded from the persistent cache and compiled anew."""
+    if not _LISTENING:
+        return "XLA programs: the persistent compilation cache is off"
     return f"XLA programs: {COMPILATIONS['cache_hits']} loaded from the compilation cache, {COMPILATIONS['cache_misses']} compiled"
 
 
