@@ -16,6 +16,8 @@ OUT=${OUT:-/tmp/gpu_bench}
 mkdir -p "$OUT"
 log="$OUT/gpu_bench.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
+# The code needs flax >= 0.12 (nnx.List); an older image flax would have to travel as a wheel too.
+python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch, torchvision; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$log"
 bench() { timeout "$1" python3 -m cifar_jax.bench "${@:2}" 2>&1 | tee -a "$log"; }
 # 1. the table: train and eval for every default case, PyTorch eager and torch.compile
 bench 300 --modes train,eval,pipeline --steps 64 --warmup 5 --out "$OUT/gpu_table.json"
