@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
-# The GPU measurements of BENCHMARKS.md in one device call (issue 6), JAX and PyTorch in the same run.
+# The GPU measurements of BENCHMARKS.md (issue 6): JAX and PyTorch in the same run, on one GPU.
 #
 # Prepare here (the GPU image has jax, flax, optax, orbax, torch, torchvision, but no ml_collections):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       -d .whl ml_collections==1.1.0
-# Then: run(command="bash scripts/gpu_bench.sh", carry=[".whl"], timeout_s=540)
-# Results come back in $OUT (gpu_*.json, gpu_bench.log). Random images stand in for CIFAR-100 in
-# the epoch mode: throughput does not depend on pixel values, and the real npz exceeds a call's carry.
+# Then two device calls, back to back while the machine is warm (each well inside 600 s):
+#   run(command="bash scripts/gpu_bench.sh table", carry=[".whl"], timeout_s=560)
+#   run(command="bash scripts/gpu_bench.sh epoch", carry=[".whl"], timeout_s=300)
+# Each case writes its own JSON into $OUT, so a case cut off by its timeout loses only itself.
+# Random images stand in for CIFAR-100 in the epoch mode: throughput does not depend on pixel
+# values, and the real npz (167 MB) exceeds what one call can carry.
 set -uo pipefail
+part=${1:?usage: gpu_bench.sh table|epoch}
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/gpu_bench}
 mkdir -p "$OUT"
-log="$OUT/gpu_bench.log"
+log="$OUT/gpu_$part.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
 # The code needs flax >= 0.12 (nnx.List); an older image flax would have to travel as a wheel too.
-python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch, torchvision; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$log"
+python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$log"
 bench() { timeout "$1" python3 -m cifar_jax.bench "${@:2}" 2>&1 | tee -a "$log"; }
-# 1. the table: train and eval for every default case, PyTorch eager and torch.compile
-bench 300 --modes train,eval,pipeline --steps 64 --warmup 5 --out "$OUT/gpu_table.json"
-# 2. whole epochs with the input pipeline (40,000 images at 32x32), ours against the DataLoader
-bench 150 --cases simple_cnn@32,resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$OUT/gpu_epoch.json"
-# 3. dispatch: one step per jitted call against the default fusion of several
-bench 60 --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$OUT/gpu_one_step_per_call.json"
+if [ "$part" = table ]; then
+  # train and eval, PyTorch eager and torch.compile, one case per process
+  for case in simple_cnn@32 resnet34@32 resnet50@32 resnet50@224; do
+    bench 130 --cases "$case" --modes train,eval,pipeline --steps 64 --warmup 5 --out "$OUT/gpu_${case/@/_}.json"
+  done
+else
+  # whole 40,000-image epochs with the input pipeline, ours against the DataLoader (workers = cores)
+  bench 180 --cases simple_cnn@32,resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$OUT/gpu_epoch.json"
+  # dispatch: one step per jitted call against the default fusion of several
+  bench 60 --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$OUT/gpu_one_step_per_call.json"
+fi
