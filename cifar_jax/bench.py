@@ -563,7 +563,7 @@ def versions() -> dict:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m cifar_jax.bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m cifar_jax.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=DEFAULT_CASES, help="model@size list (default: %(default)s)")
     p.add_argument("--models", help=f"only these models ({', '.join(MODELS)}); a model not in --cases runs at 32")
