@@ -42,9 +42,6 @@ from pathlib import Path
 
 import numpy as np
 
-# Allocate GPU memory as needed (not 75% up front), so PyTorch and JAX can share the device.
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
 MODELS = {  # bench name -> (architecture, stem)
     "simple_cnn": ("simple_cnn", None),
     "resnet18": ("resnet18", "cifar"),
@@ -164,11 +161,12 @@ def _num_train(modes, epoch_data) -> int:
 def _epoch_data(opts):
     """(uint8 images, labels) of one training epoch: the real training split or random images."""
     if opts.data:
+        from cifar_jax import config as config_lib
         from cifar_jax import data
 
-        arrays = data.load("npz", opts.data)
-        (x, y), _ = data.split_train_val(arrays.x_train, arrays.y_train, 0.2)
-        return x, y
+        data_config = config_lib.base().data  # the training split train.py would use
+        data_config.source, data_config.path = "npz", opts.data
+        return data.load_splits(data_config).train
     return _random_uint8(opts.epoch_images, seed=1)
 
 
@@ -220,6 +218,7 @@ class JaxSide:
         self.state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
         self.train_chunk = steps.make_train_chunk(self.step_cfg, self.steps_per_call)
         self.device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+        self.dtype = trainer.compute_dtype(config)
 
     def put(self, x):
         from cifar_jax.data import pipeline
@@ -248,7 +247,7 @@ class JaxSide:
         windows = -(-opts.steps // self.steps_per_call)
         first_s, times = _timed_windows(window, lambda: jax.block_until_ready(carry), opts.warmup, windows)
         self.state = carry[0]
-        return _row(case, opts, "jax", "train", f"{_dtype(self.config)}, {self.steps_per_call} steps/call",
+        return _row(case, opts, "jax", "train", f"{self.dtype}, {self.steps_per_call} steps/call",
                     self.device, _median_rate(n, times), first_s - statistics.median(times), step_ms=_ms(times, self.steps_per_call))
 
     def eval(self, opts, case):
@@ -267,7 +266,7 @@ class JaxSide:
             out[0] = batch_logits(self.state["params"], self.state["batch_stats"], x, jnp.int32(0))
 
         first_s, times = _timed_windows(window, lambda: jax.block_until_ready(out[0]), opts.warmup, opts.steps)
-        return _row(case, opts, "jax", "eval", _dtype(self.config), self.device, _median_rate(opts.eval_batch_size, times),
+        return _row(case, opts, "jax", "eval", self.dtype, self.device, _median_rate(opts.eval_batch_size, times),
                     first_s - statistics.median(times), batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
 
     def pipeline(self, opts, case):
@@ -317,12 +316,6 @@ class JaxSide:
         n = self.steps_per_epoch * self.config.batch_size
         return _row(case, opts, "jax", "epoch", f"device-resident data, {self.steps_per_call} steps/call", self.device, n / seconds,
                     compile_s, epoch_s=round(seconds, 2), images=n, data_placement_s=round(placement_s, 2))
-
-
-def _dtype(config) -> str:
-    from cifar_jax import trainer
-
-    return trainer.compute_dtype(config)
 
 
 def _ms(times, steps_per_window) -> float:
@@ -614,7 +607,10 @@ def check(opts):
 def main(argv=None) -> list[dict]:
     from cifar_jax import cli
 
-    cli.tune_xla_cpu()  # the CPU settings train.py runs with
+    # Before JAX starts: allocate GPU memory as needed (not 75% up front), so PyTorch and JAX can
+    # share the device; and the CPU settings train.py runs with.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    cli.tune_xla_cpu()
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cases, modes, frameworks = check(opts)

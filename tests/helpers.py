@@ -3,7 +3,6 @@
 import jax.numpy as jnp
 
 from cifar_jax import config as config_lib
-from cifar_jax.torch_models import simple_cnn as torch_simple_cnn  # noqa: F401  (re-exported for tests)
 
 
 def tiny_config(**overrides):
