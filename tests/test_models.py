@@ -139,3 +139,51 @@ def test_conv_on_tiny_maps_equals_xla_convolution(kernel, stride, padding, size)
     assert "conv_general_dilated" not in str(jax.make_jaxpr(layer)(x))  # the patch matmul ran, not XLA's convolution
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(grad_ours, grad_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("window,size", [(2, 8), (2, 9), (3, 7)])
+def test_max_pool_gradient_goes_to_the_first_tied_maximum_like_pytorch(window, size):
+    """Non-overlapping pools (SimpleCNN's) have their own gradient: PyTorch's, ties included."""
+    torch = pytest.importorskip("torch")
+    from cifar_jax.models.layers import max_pool
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, size=(2, size, size + 1, 5)).astype(np.float32)  # many tied maxima
+    weights = rng.normal(size=(2, size // window, (size + 1) // window, 5)).astype(np.float32)
+    out, grad = jax.value_and_grad(lambda x: (max_pool(x, window, window) * weights).sum())(jnp.asarray(x))
+
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    expected = (torch.nn.functional.max_pool2d(xt, window, window) * torch.tensor(weights.transpose(0, 3, 1, 2))).sum()
+    expected.backward()
+    np.testing.assert_allclose(out, expected.item(), rtol=1e-5)  # summation order differs
+    np.testing.assert_array_equal(grad, xt.grad.numpy().transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 4), (16, 4, 4, 8), (2, 3)])
+def test_channel_sum_equals_a_float64_sum(shape):
+    from cifar_jax.models.layers import channel_sum
+
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=shape).astype(np.float32)
+    expected = x.astype(np.float64).sum(tuple(range(x.ndim - 1)))
+    np.testing.assert_allclose(channel_sum(jnp.asarray(x)), expected, rtol=1e-6)
+    if jax.default_backend() == "cpu":  # as matrix-vector products, not XLA:CPU's slow reduction
+        jaxpr = str(jax.make_jaxpr(channel_sum)(x))
+        assert "dot_general" in jaxpr and "reduce_sum" not in jaxpr.replace("reduce_sum[axes=(0,)", "")
+
+
+def test_batch_norm_gradient_equals_autodiff_of_its_definition(x64):
+    """The closed-form BatchNorm gradient, for the output and for the batch statistics."""
+    from cifar_jax.models.layers import batch_norm_train
+
+    def definition(x, scale, bias):
+        mean = x.mean((0, 1, 2))
+        var = jnp.square(x - mean).mean((0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+    rng = np.random.default_rng(0)
+    args = [jnp.asarray(rng.normal(1.0, 2.0, size=(4, 3, 5, 6))), jnp.asarray(rng.uniform(0.5, 1.5, 6)), jnp.asarray(rng.normal(size=6))]
+    cotangents = (jnp.asarray(rng.normal(size=(4, 3, 5, 6))), jnp.asarray(rng.normal(size=6)), jnp.asarray(rng.normal(size=6)))
+    ours, ours_vjp = jax.vjp(lambda *a: batch_norm_train(*a, 1e-5), *args)
+    ref, ref_vjp = jax.vjp(definition, *args)
+    for got, want in zip(ours + ours_vjp(cotangents), ref + ref_vjp(cotangents)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
