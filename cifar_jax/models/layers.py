@@ -119,11 +119,14 @@ def _max_pool_tiles(x, k):
     """k x k max-pooling with stride k. Its gradient goes, in each window, to the first maximum
     in row-major order, as PyTorch's does: one elementwise pass instead of the four padded
     scatters XLA derives from the strided slices (SimpleCNN step on CPU: 128 -> 110 ms)."""
-    return _tiles(x, k).max(axis=(2, 4))
+    tiles = _tiles(x, k)
+    return functools.reduce(jnp.maximum, [tiles[:, :, i, :, j] for i in range(k) for j in range(k)])
 
 
 def _max_pool_tiles_fwd(x, k):
-    y = _max_pool_tiles(x, k)
+    # The same maximum as a reduction: on CPU the SimpleCNN train step is 10% faster with it, the
+    # forward pass alone (eval) 10% slower, hence the slices in the primal function.
+    y = _tiles(x, k).max(axis=(2, 4))
     return y, (x, y)
 
 
