@@ -91,64 +91,55 @@ def window_slices(x, window, strides):
     return [x[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw] for i in range(kh) for j in range(kw)]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window: int, stride: int, padding: int = 0):
-    """`nn.MaxPool2d(window, stride, padding)` (NHWC), without XLA's reduce_window.
+    """`nn.MaxPool2d(window, stride, padding)` (NHWC), gradient included: in each window it goes
+    to the first maximum in row-major order, as PyTorch's does (also for tied maxima).
 
-    On CPU, XLA's reduce_window gradient (select-and-scatter) took 97 of the 244 ms of a
-    SimpleCNN step (batch 128, 2x2 pools). Non-overlapping windows (window == stride, no padding,
-    SimpleCNN's pools) go to `_max_pool_tiles`, whose gradient is one elementwise pass; other
-    windows (ResNet's 3x3/2 stem pool) are the elementwise maximum of the window's strided
-    slices, whose gradient XLA derives: there tied maxima share the gradient where PyTorch gives
-    it to the first (after a ReLU the ties are zeros, whose gradient the ReLU discards anyway).
+    Forward: the elementwise maximum of the window's strided slices. XLA's own pooling gradient
+    (select-and-scatter) took 97 of the 244 ms of a SimpleCNN step on CPU, and the gradient XLA
+    derives from the slices scatters every slice back through an interior-padded copy (ResNet's
+    3x3/2 stem pool at 224, batch 32: 353 ms); `_max_pool_bwd` adds each slice's share into the
+    stride x stride phase grid of the input instead (89 ms; SimpleCNN step 128 -> 106 ms).
     """
-    if window == stride and not padding:
-        return _max_pool_tiles(x, window)
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-    return functools.reduce(jnp.maximum, window_slices(x, (window, window), (stride, stride)))
+    return _max_pool_fwd(x, window, stride, padding)[0]
 
 
-def _tiles(x, k):
-    """NHWC `x` without the rows and columns a k x k/k pool drops, as (N, H/k, k, W/k, k, C)."""
-    n, h, w, c = x.shape
-    return x[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k, c)
+def _pad_for_pool(x, padding):
+    if not padding:
+        return x
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _max_pool_tiles(x, k):
-    """k x k max-pooling with stride k. Its gradient goes, in each window, to the first maximum
-    in row-major order, as PyTorch's does: one elementwise pass instead of the four padded
-    scatters XLA derives from the strided slices (SimpleCNN step on CPU: 128 -> 110 ms)."""
-    tiles = _tiles(x, k)
-    return functools.reduce(jnp.maximum, [tiles[:, :, i, :, j] for i in range(k) for j in range(k)])
-
-
-def _max_pool_tiles_fwd(x, k):
-    # The same maximum as a reduction: on CPU the SimpleCNN train step is 10% faster with it, the
-    # forward pass alone (eval) 10% slower, hence the slices in the primal function.
-    y = _tiles(x, k).max(axis=(2, 4))
+def _max_pool_fwd(x, window, stride, padding):
+    y = functools.reduce(jnp.maximum, window_slices(_pad_for_pool(x, padding), (window, window), (stride, stride)))
     return y, (x, y)
 
 
-def _max_pool_tiles_bwd(k, residuals, dy):
+def _max_pool_bwd(window, stride, padding, residuals, dy):
     x, y = residuals
-    tiles = _tiles(x, k)
-    hits = tiles == y[:, :, None, :, None]
-    # Whether a maximum comes earlier in the window, position by position in row-major order.
-    earlier, seen = [], jnp.zeros_like(hits[:, :, :1, :, :1])
-    for i in range(k):
-        row = []
-        for j in range(k):
-            row.append(seen)
-            seen = seen | hits[:, :, i : i + 1, :, j : j + 1]
-        earlier.append(jnp.concatenate(row, axis=4))
-    first = hits & ~jnp.concatenate(earlier, axis=2)
-    n, ho, _, wo, _, c = tiles.shape
-    dx = jnp.where(first, dy[:, :, None, :, None], 0).astype(x.dtype).reshape(n, ho * k, wo * k, c)
-    return (jnp.pad(dx, ((0, 0), (0, x.shape[1] - ho * k), (0, x.shape[2] - wo * k), (0, 0))),)
+    padded = _pad_for_pool(x, padding)
+    n, hp, wp, c = padded.shape
+    ho, wo = y.shape[1:3]
+    # Padded-input pixel (s*t + a, s*u + b) is pixel (t, u) of phase (a, b). Window offset (i, j)
+    # of output (h, w) lands on phase (i % s, j % s) at (h + i // s, w + j // s): an edge pad.
+    th, tw = -(-hp // stride), -(-wp // stride)
+    phases, taken = {}, jnp.zeros(y.shape, bool)
+    offsets = [(i, j) for i in range(window) for j in range(window)]
+    for (i, j), pixels in zip(offsets, window_slices(padded, (window, window), (stride, stride))):
+        first = (pixels == y) & ~taken
+        taken = taken | first
+        qi, qj = i // stride, j // stride
+        share = jnp.pad(jnp.where(first, dy, 0).astype(x.dtype), ((0, 0), (qi, th - ho - qi), (qj, tw - wo - qj), (0, 0)))
+        phase = (i % stride, j % stride)
+        phases[phase] = phases[phase] + share if phase in phases else share
+    zeros = jnp.zeros((n, th, tw, c), x.dtype)
+    rows = [jnp.stack([phases.get((a, b), zeros) for b in range(stride)], axis=3) for a in range(stride)]
+    grid = jnp.stack(rows, axis=2).reshape(n, th * stride, tw * stride, c)  # interleave the phases
+    return (grid[:, padding : padding + x.shape[1], padding : padding + x.shape[2]],)
 
 
-_max_pool_tiles.defvjp(_max_pool_tiles_fwd, _max_pool_tiles_bwd)
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def stats_dtype(dtype):
