@@ -100,7 +100,7 @@ def max_pool(x, window: int, stride: int, padding: int = 0):
     (select-and-scatter) took 97 of the 244 ms of a SimpleCNN step on CPU, and the gradient XLA
     derives from the slices scatters every slice back through an interior-padded copy (ResNet's
     3x3/2 stem pool at 224, batch 32: 353 ms); `_max_pool_bwd` adds each slice's share into the
-    stride x stride phase grid of the input instead (89 ms; SimpleCNN step 128 -> 106 ms).
+    stride x stride phase grid of the input instead (89 ms; SimpleCNN step 128 -> 112 ms).
     """
     return _max_pool_fwd(x, window, stride, padding)[0]
 
