@@ -30,25 +30,33 @@ def torch_default_bias_init(fan_in: int):
 
 
 class Conv(nnx.Conv):
-    """`nnx.Conv`, except that on CPU a convolution with an output of at most 2x2 pixels runs as
-    one matmul of image patches by the kernel (same parameters, same result).
+    """`nnx.Conv`, except that on CPU two kinds of convolution run as one 2-D matmul of image
+    patches by the kernel (same parameters, same result):
 
-    XLA:CPU rewrites such convolutions and their gradients (ResNet-50's last two stages on 32x32
-    images: 2x2 and 1x1 maps) into a form it runs 20-80x slower than the same FLOPs on a larger
-    map: a 3x3 conv of 100x2x2x256 -> 256 took 112 ms against 5 ms at 4x4x128 -> 128 (0.47
-    GFLOP each). Other backends, and all larger maps, run nnx.Conv's convolution.
+    * 1x1 kernels (ResNet-50's bottlenecks and downsampling). XLA:CPU computes their kernel
+      gradient as a convolution over transposed activations, and those transposes took 41% of a
+      ResNet-50 step at 224 (one of 194 ms for a 8x56x56x256 input); as a matmul the gradient
+      is a matmul too. ResNet-50 forward+backward: 629 -> 503 ms at 32x32 (batch 128), 9.6 ->
+      6.4 s at 224x224 (batch 32).
+    * outputs of at most 2x2 pixels (ResNet-50's last two stages on 32x32 images: 2x2 and 1x1
+      maps), which XLA:CPU rewrites into a form it runs 20-80x slower than the same FLOPs on a
+      larger map: a 3x3 conv of 100x2x2x256 -> 256 took 112 ms against 5 ms at 4x4x128 -> 128.
+
+    Other backends, and all other convolutions, run nnx.Conv's convolution.
     """
 
     def __call__(self, x):
         (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = self.kernel_size, self.strides, self.padding
         h, w = x.shape[1] + pt + pb, x.shape[2] + pl + pr
         oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-        if jax.default_backend() != "cpu" or min(oh, ow) > 2 or (kh, kw) == (1, 1):
+        if jax.default_backend() != "cpu" or ((kh, kw) != (1, 1) and min(oh, ow) > 2):
             return super().__call__(x)
         dtype = self.dtype or x.dtype
         x = jnp.pad(x.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
         patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)  # in the kernel's (H, W, I) order
-        y = patches @ self.kernel[...].astype(dtype).reshape(-1, self.out_features)
+        # As a 2-D matmul: XLA:CPU ran the same product on 4-D patches up to 3x slower.
+        y = patches.reshape(-1, patches.shape[-1]) @ self.kernel[...].astype(dtype).reshape(-1, self.out_features)
+        y = y.reshape(*patches.shape[:-1], self.out_features)
         return y + self.bias[...].astype(dtype) if self.use_bias else y
 
 
