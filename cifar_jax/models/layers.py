@@ -220,6 +220,7 @@ class BatchNorm(nnx.Module):
         one (n / (n - 1)), exactly like `running_var` in PyTorch.
     Statistics are computed in float32 (float64 for float64 inputs), whatever the compute dtype. Under `jax.jit` with
     the batch sharded over devices, the mean is over the global batch (synchronised BatchNorm).
+    Train mode runs `batch_norm_train`, whose gradient is written out rather than derived.
     """
 
     def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5, dtype=None):
