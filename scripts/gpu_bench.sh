@@ -7,7 +7,7 @@
 #       -d .whl ml_collections==1.1.0
 # Then two device calls, back to back while the machine is warm (each well inside 600 s):
 #   run(command="bash scripts/gpu_bench.sh table", carry=[".whl"], timeout_s=560)
-#   run(command="bash scripts/gpu_bench.sh epoch", carry=[".whl"], timeout_s=300)
+#   run(command="bash scripts/gpu_bench.sh epoch", carry=[".whl"], timeout_s=480)
 # Each case writes its own JSON into $OUT, so a case cut off by its timeout loses only itself.
 # Random images stand in for CIFAR-100 in the epoch mode: throughput does not depend on pixel
 # values, and the real npz (167 MB) exceeds what one call can carry.
@@ -33,4 +33,10 @@ else
   bench 180 --cases simple_cnn@32,resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$OUT/gpu_epoch.json"
   # dispatch: one step per jitted call against the default fusion of several
   bench 60 --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$OUT/gpu_one_step_per_call.json"
+  # the real trainer on the part-3 config (random weights and CIFAR-sized random data: no download
+  # there): compile, first step, epoch time and img/s of both phases in metrics.jsonl
+  timeout 200 python3 train.py --config configs/resnet50_ft.py --config.model.pretrained= \
+      --config.data.source=fake --config.data.fake.num_train=50000 --config.data.fake.num_test=10000 \
+      --config.num_epochs=3 --config.head_only_epochs=1 --workdir /tmp/ft --noprogress 2>&1 | tee -a "$log"
+  cp /tmp/ft/metrics.jsonl "$OUT/gpu_train_ft_metrics.jsonl"
 fi
