@@ -194,3 +194,16 @@ def test_batch_norm_gradient_equals_autodiff_of_its_definition(x64):
     ref, ref_vjp = jax.vjp(definition, *args)
     for got, want in zip(ours + ours_vjp(cotangents), ref + ref_vjp(cotangents)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_materialize_is_the_identity_and_a_matmul_under_differentiation_on_cpu(dtype):
+    from cifar_jax.models.layers import materialize
+
+    x = (jax.random.normal(jax.random.key(0), (2, 3, 5, 24)) * 1e20).astype(dtype)
+    out, vjp = jax.vjp(materialize, x)
+    np.testing.assert_array_equal(out, x)
+    np.testing.assert_array_equal(vjp(x)[0], x)
+    assert "dot_general" not in str(jax.make_jaxpr(materialize)(x))  # eval: nothing to do
+    if jax.default_backend() == "cpu":
+        assert "dot_general" in str(jax.make_jaxpr(lambda x: jax.vjp(materialize, x)[0])(x))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cifar_jax.models.layers import BatchNorm, conv, kaiming_fan_out_init, linear, max_pool, stats_dtype
+from cifar_jax.models.layers import BatchNorm, conv, kaiming_fan_out_init, linear, materialize, max_pool, stats_dtype
 
 STEMS = ("imagenet", "cifar")
 
@@ -45,7 +45,9 @@ class BasicBlock(nnx.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = jax.nn.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return jax.nn.relu(out + identity)
+        # Its 3x3 successor's kernel gradient transposes it: see `materialize`. (A bottleneck's
+        # output goes to a 1x1 convolution, a matmul on CPU that needs no transpose.)
+        return materialize(jax.nn.relu(out + identity))
 
 
 class Bottleneck(nnx.Module):
