@@ -615,9 +615,7 @@ def main(argv=None) -> list[dict]:
     try:
         cases, modes, frameworks = check(opts)
         epoch_data = _epoch_data(opts) if "epoch" in modes else None
-    except Exception as e:  # noqa: BLE001  (BenchError, DataError: one line, exit 2)
-        if not isinstance(e, ValueError):
-            raise
+    except ValueError as e:  # BenchError, DataError: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -74,8 +74,9 @@ def steps_per_call(config, steps_per_epoch: int, backend: str | None = None) -> 
 
     Automatic: 1 on CPU, where XLA runs a step inside a while loop far slower than the same step
     alone (measured: SimpleCNN, batch 16, 360 vs 21 ms; batch 128, 4 steps per call, 21 vs 836
-    img/s) and dispatch costs nothing next to the step; on accelerators the largest divisor of an epoch <= 16, to hide dispatch latency (a
-    divisor, so every call has the same shape and nothing compiles twice).
+    img/s) and dispatch costs nothing next to the step; on accelerators the largest divisor of an
+    epoch <= 16, to hide dispatch latency (a divisor, so every call has the same shape and nothing
+    compiles twice).
     """
     wanted = config.steps_per_call or (1 if (backend or jax.default_backend()) == "cpu" else 16)
     return max(d for d in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % d == 0)

@@ -207,3 +207,13 @@ def test_materialize_is_the_identity_and_a_matmul_under_differentiation_on_cpu(d
     assert "dot_general" not in str(jax.make_jaxpr(materialize)(x))  # eval: nothing to do
     if jax.default_backend() == "cpu":
         assert "dot_general" in str(jax.make_jaxpr(lambda x: jax.vjp(materialize, x)[0])(x))
+
+
+def test_every_basic_block_output_goes_through_materialize(monkeypatch):
+    """ResNet-18/34 blocks hand their output to `materialize` (the CPU fused-transpose workaround)."""
+    from cifar_jax.models import resnet
+
+    seen = []
+    monkeypatch.setattr(resnet, "materialize", lambda x: seen.append(x.shape) or x)
+    models.create("resnet18", 10, stem="cifar")(jnp.zeros((2, 8, 8, 3)))
+    assert len(seen) == 8 and seen[-1] == (2, 1, 1, 512)
