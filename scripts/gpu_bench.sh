@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of BENCHMARKS.md (issue 6): JAX and PyTorch in the same run, on one GPU.
 #
-# Prepare here (the GPU image has jax, flax, optax, orbax, torch, torchvision, but no ml_collections):
-#   echo /.whl/ >> .git/info/exclude
+# Prepare here (the GPU image has jax, flax, optax, orbax, torch, torchvision, but no ml_collections;
+# .whl/ is git-ignored, so it travels only when named in carry):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       -d .whl ml_collections==1.1.0
 # Then two device calls, back to back while the machine is warm; the second argument is the part's
