@@ -1,5 +1,6 @@
 """train_and_evaluate end to end on tiny data: resume, best checkpoint, two-phase fine-tuning."""
 
+import functools
 import json
 
 import numpy as np
@@ -23,6 +24,24 @@ def test_metrics_rows_are_complete_and_accuracies_are_fractions(tmp_path):
     assert row["train_loss"] > 0
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "simple_cnn"
+
+
+
+def test_several_steps_per_call_train_like_one_step_per_call(tmp_path):
+    # Accelerators fuse up to 16 steps into one call (a fori_loop), CPUs run one: both must give the
+    # same training. 4 steps per epoch, 2 epochs: one call per epoch against four. SGD, because a
+    # conv bias before a train-mode BatchNorm has a zero gradient but for rounding, which Adam would
+    # scale up to full-size steps that differ with the order of summation.
+    import jax
+
+    config = functools.partial(tiny_config, num_epochs=2, **{"optimizer.name": "sgd", "optimizer.lr": 0.05})
+    runs = {k: trainer.train_and_evaluate(config(steps_per_call=k), tmp_path / str(k), progress=False) for k in (1, 4)}
+    for one, fused in zip(runs[1], runs[4]):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert fused[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    restored = [evaluate.restore(tmp_path / str(k), "latest") for k in (1, 4)]
+    for a, b in zip(jax.tree.leaves((restored[0].params, restored[0].batch_stats)), jax.tree.leaves((restored[1].params, restored[1].batch_stats))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
 def test_best_checkpoint_is_the_best_epoch_and_restores_its_val_acc(tmp_path):
