@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import numpy as np
 
-from cifar_jax.bench import NUM_CLASSES, BenchError, Case, parse_cases
+from cifar_jax.bench import NUM_CLASSES, BenchError, Case, _timed_windows, parse_cases
 
 
 def conv_layers(case: Case) -> list[dict]:
@@ -50,12 +49,8 @@ def conv_layers(case: Case) -> list[dict]:
 
 
 def _median_ms(fn, reps: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+    """Median milliseconds of `reps` calls of `fn` (which waits for its result), after one untimed."""
+    _, times = _timed_windows(fn, lambda: None, 1, reps)
     return statistics.median(times) * 1e3
 
 

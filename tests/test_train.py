@@ -1,8 +1,9 @@
-"""train_and_evaluate end to end on tiny data: resume, best checkpoint, two-phase fine-tuning."""
+"""train_and_evaluate end to end on tiny data: metrics, fused steps per call, bfloat16, best checkpoint, two-phase fine-tuning."""
 
 import functools
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -26,14 +27,11 @@ def test_metrics_rows_are_complete_and_accuracies_are_fractions(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "simple_cnn"
 
 
-
 def test_several_steps_per_call_train_like_one_step_per_call(tmp_path):
     # Accelerators fuse up to 16 steps into one call (a fori_loop), CPUs run one: both must give the
     # same training. 4 steps per epoch, 2 epochs: one call per epoch against four. SGD, because a
     # conv bias before a train-mode BatchNorm has a zero gradient but for rounding, which Adam would
     # scale up to full-size steps that differ with the order of summation.
-    import jax
-
     config = functools.partial(tiny_config, num_epochs=2, **{"optimizer.name": "sgd", "optimizer.lr": 0.05})
     runs = {k: trainer.train_and_evaluate(config(steps_per_call=k), tmp_path / str(k), progress=False) for k in (1, 4)}
     for one, fused in zip(runs[1], runs[4]):
@@ -44,7 +42,6 @@ def test_several_steps_per_call_train_like_one_step_per_call(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
-
 def test_bfloat16_compute_trains_like_float32(tmp_path):
     # bfloat16 is the compute dtype on accelerators (float32 parameters, optimizer and statistics).
     # Measured here: val acc 0.83 for both after 3 epochs of digits, train loss 0.542 vs 0.545.
@@ -52,6 +49,7 @@ def test_bfloat16_compute_trains_like_float32(tmp_path):
     for dtype in ("float32", "bfloat16"):
         config = tiny_config(num_epochs=3, **{"model.dtype": dtype, "model.num_classes": 10, "data.source": "digits", "batch_size": 64, "eval_batch_size": 100})
         rows[dtype] = trainer.train_and_evaluate(config, tmp_path / dtype, progress=False)
+    assert rows["bfloat16"][0]["train_loss"] != rows["float32"][0]["train_loss"]  # bfloat16 did compute
     assert rows["bfloat16"][-1]["val_acc"] > 0.7  # chance: 0.1
     assert rows["bfloat16"][-1]["val_acc"] == pytest.approx(rows["float32"][-1]["val_acc"], abs=0.05)
     for low, full in zip(rows["bfloat16"], rows["float32"]):
