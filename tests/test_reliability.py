@@ -74,7 +74,7 @@ def test_sigterm_saves_mid_epoch_and_the_rerun_is_bit_identical(straight_run, tm
     workdir = tmp_path / "run"
     proc = _start(workdir)
     _wait_for_rows(workdir, 1, proc)
-    time.sleep(1.2)  # inside epoch 2 (49 steps, ~3 s on 2 cores), past the checkpoint of epoch 1
+    time.sleep(1.2)  # inside epoch 2 (196 steps, 2.6 s on 2 cores), past the checkpoint of epoch 1
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
