@@ -322,24 +322,21 @@ def _ms(times, steps_per_window) -> float:
     return round(1000 * statistics.median(times) / steps_per_window, 3)
 
 
-def run_jax(cases, modes, opts, epoch_data, log) -> list[dict]:
+def run_jax(cases, modes, opts, epoch_data, log, record) -> None:
     import jax
 
     cache_was_on = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # measure compilation, not a cache hit
-    rows = []
     try:
         for case in cases:
             side = JaxSide(case, opts, _num_train(modes, epoch_data))
             for mode in modes:
                 log(f"jax {mode} {case}")
-                rows.append(side.epoch(opts, case, *epoch_data) if mode == "epoch" else getattr(side, mode)(opts, case))
-                log(f"  {rows[-1]['img_per_s']:.1f} img/s")
+                record(side.epoch(opts, case, *epoch_data) if mode == "epoch" else getattr(side, mode)(opts, case))
             del side
             jax.clear_caches()
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was_on)
-    return rows
 
 
 # ---------------------------------------------------------------- PyTorch
@@ -467,13 +464,12 @@ class TorchSide:
                     compile_s, epoch_s=round(seconds, 2), images=n)
 
 
-def run_torch(cases, modes, opts, epoch_data, log) -> list[dict]:
+def run_torch(cases, modes, opts, epoch_data, log, record) -> None:
     import torch
 
     from cifar_jax import trainer
 
     backend = "gpu" if torch.cuda.is_available() else "cpu"
-    rows = []
     for case in cases:
         # Time PyTorch in windows as long as one of JAX's jitted calls (the trainer's rule, decided
         # without starting JAX's runtime yet).
@@ -483,17 +479,15 @@ def run_torch(cases, modes, opts, epoch_data, log) -> list[dict]:
             for mode in (m for m in modes if m != "pipeline"):
                 log(f"torch {torch_mode} {mode} {case}")
                 if mode == "train":
-                    rows.append(side.train(opts, case, window_steps))
+                    record(side.train(opts, case, window_steps))
                 elif mode == "eval":
-                    rows.append(side.eval(opts, case))
+                    record(side.eval(opts, case))
                 else:
-                    rows.append(side.epoch(opts, case, *epoch_data))
-                log(f"  {rows[-1]['img_per_s']:.1f} img/s")
+                    record(side.epoch(opts, case, *epoch_data))
             del side
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             torch._dynamo.reset()
-    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -623,14 +617,23 @@ def main(argv=None) -> list[dict]:
         print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
     rows = []
+
+    def record(row):
+        """Keep a measurement; --out is rewritten after each one, so a run cut short keeps what it measured."""
+        rows.append(row)
+        log(f"  {row['img_per_s']:.1f} img/s")
+        if opts.out:  # whole or not at all, even if the process is killed while writing
+            tmp = Path(f"{opts.out}.tmp")
+            tmp.write_text(json.dumps(rows, indent=1) + "\n")
+            tmp.replace(opts.out)
+
     if "torch" in frameworks:
-        rows += run_torch(cases, modes, opts, epoch_data, log)
+        run_torch(cases, modes, opts, epoch_data, log, record)
     if "jax" in frameworks:
-        rows += run_jax(cases, modes, opts, epoch_data, log)
+        run_jax(cases, modes, opts, epoch_data, log, record)
     print(json.dumps(versions()))
     print(table(rows))
     if opts.out:
-        Path(opts.out).write_text(json.dumps(rows, indent=1) + "\n")
         print(f"measurements: {opts.out}")
     return rows
 

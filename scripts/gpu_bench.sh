@@ -1,53 +1,72 @@
 #!/usr/bin/env bash
-# The GPU measurements of BENCHMARKS.md (issue 6): JAX and PyTorch in the same run, on one GPU.
+# The GPU measurements of BENCHMARKS.md (issue 6): JAX and PyTorch in the same device call, on one GPU.
 #
 # Prepare here (the GPU image has jax, flax, optax, orbax, torch, torchvision, but no ml_collections;
+# flax travels too, installed there only if the image's is older than the 0.12 this code needs;
 # .whl/ is git-ignored, so it travels only when named in carry):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       -d .whl ml_collections==1.1.0
-# Then two device calls, back to back while the machine is warm; the second argument is the part's
-# budget in seconds (default 540), to fit the call's timeout_s and the device time left:
-#   run(command="bash scripts/gpu_bench.sh table 540", carry=[".whl"], timeout_s=560)
-#   run(command="bash scripts/gpu_bench.sh epoch 300", carry=[".whl"], timeout_s=320)
-# Each command runs under a cap and the part's deadline, the last one with all the time left, and
-# writes its own JSON into $OUT, so a command cut off loses only itself.
-# Random images stand in for CIFAR-100 in the epoch mode: throughput does not depend on pixel
-# values, and the real npz (167 MB) exceeds what one call can carry.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl ml_collections==1.1.0
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl/flax flax==0.12.8
+# Then device calls back to back while the machine is warm; the argument is the call's budget in
+# seconds, to fit its timeout_s and the device time left:
+#   run(command="bash scripts/gpu_bench.sh 540", carry=[".whl"], timeout_s=570)
+#   run(command="bash scripts/gpu_bench.sh 200", carry=[".whl"], timeout_s=230)
+# The measurements run in order of importance. Each runs under its own cap and never past the
+# call's deadline; one that would not get its minimum time waits for the next call, which goes on
+# where this one stopped (markers in /tmp survive while the machine stays warm). Each command
+# writes its JSON after every measurement, so a command cut off keeps what it measured; all rows
+# so far come back as $OUT/gpu_rows.json (a call returns at most 8 files).
+# JAX and PyTorch run in separate processes (JAX first), so neither holds GPU memory the other needs.
+# Random images stand in for CIFAR-100: throughput does not depend on pixel values, and the real
+# npz (167 MB) exceeds what one call can carry.
 set -uo pipefail
-part=${1:?usage: gpu_bench.sh table|epoch [budget_s]}
-deadline=$((SECONDS + ${2:-540}))
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+deadline=$((SECONDS + ${1:-540}))
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/gpu_bench}
-mkdir -p "$OUT"
-log="$OUT/gpu_$part.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$log"
-# The code needs flax >= 0.12 (nnx.List); an older image flax would have to travel as a wheel too.
-python3 -c "import jax, flax, optax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$log"
-# capped CAP CMD...: run CMD for at most CAP seconds and never past the deadline
-capped() {
-  local left=$((deadline - SECONDS))
-  if [ "$left" -le 5 ]; then echo "skipped (no time left): ${*:2}" | tee -a "$log"; return; fi
-  timeout "$(( $1 < left ? $1 : left ))" "${@:2}" 2>&1 | tee -a "$log"
-}
-bench() { capped "$1" python3 -m cifar_jax.bench "${@:2}"; }
-if [ "$part" = table ]; then
-  # train and eval, PyTorch eager and torch.compile, one case per process
-  # ResNet-50 at 224 (two torch.compile runs at 224) is the heaviest: last, with all the time left
-  for case in simple_cnn@32:90 resnet34@32:120 resnet50@32:130 resnet50@224:600; do
-    name=${case%:*}
-    bench "${case#*:}" --cases "$name" --modes train,eval,pipeline --steps 64 --warmup 5 --out "$OUT/gpu_${name/@/_}.json"
-  done
-else
-  # whole 40,000-image epochs with the input pipeline, ours against the DataLoader (workers = cores)
-  bench 180 --cases simple_cnn@32,resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$OUT/gpu_epoch.json"
-  # dispatch: one step per jitted call against the default fusion of several
-  bench 60 --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$OUT/gpu_one_step_per_call.json"
-  # the real trainer on the part-3 config (random weights and CIFAR-sized random data: no download
-  # there): compile, first step, epoch time and img/s of both phases in metrics.jsonl
-  capped 600 python3 train.py --config configs/resnet50_ft.py --config.model.pretrained= \
-      --config.data.source=fake --config.data.fake.num_train=50000 --config.data.fake.num_test=10000 \
-      --config.num_epochs=3 --config.head_only_epochs=1 --workdir /tmp/ft --noprogress
-  [ -f /tmp/ft/metrics.jsonl ] && cp /tmp/ft/metrics.jsonl "$OUT/gpu_train_ft_metrics.jsonl"
+done_dir=/tmp/gpu_bench_done json_dir=/tmp/gpu_bench_json
+mkdir -p "$OUT" "$done_dir" "$json_dir"
+log="$OUT/gpu.log"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if ! python3 -c "import flax, sys; sys.exit(tuple(map(int, flax.__version__.split('.')[:2])) < (0, 12))"; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/flax/*.whl || exit 1
 fi
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } | tee -a "$log"
+python3 -c "import jax, flax, optax, torch, torchvision; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__, jax.devices())" 2>&1 | tee -a "$log"
+
+# item NAME MIN_S CAP_S CMD...: run CMD once (across calls) for at most CAP_S seconds, never past the
+# deadline; with less than MIN_S left, stop this call and leave it and the rest to the next.
+item() {
+  local name=$1 min=$2 cap=$3 left=$((deadline - SECONDS))
+  shift 3
+  [ -e "$done_dir/$name" ] && return 0
+  if [ "$left" -lt "$min" ]; then echo "$(date -u +%T) stopping with ${left}s left: $name and the rest go to the next call" | tee -a "$log"; exit 0; fi
+  echo "$(date -u +%T) $name: $*" | tee -a "$log"
+  timeout "$(( cap < left ? cap : left ))" "$@" 2>&1 | tee -a "$log"
+  local rc=$?
+  echo "$(date -u +%T) $name: exit $rc" | tee -a "$log"
+  # cut off by the deadline rather than its own cap: the next call runs it again with more time
+  if [ "$rc" = 124 ] && [ $((deadline - SECONDS)) -le 1 ] && [ "$cap" -gt "$left" ]; then exit 0; fi
+  touch "$done_dir/$name"
+}
+# every row measured so far, over all calls, into one file
+collect() { python3 -c "import glob, json, sys; json.dump([r for f in sorted(glob.glob(sys.argv[1] + '/*.json')) for r in json.load(open(f))], open(sys.argv[2], 'w'), indent=1)" "$json_dir" "$OUT/gpu_rows.json"; }
+trap collect EXIT
+table=(python3 -m cifar_jax.bench --modes train,eval,pipeline --steps 64 --warmup 3)
+
+# the table: train, eval and the input pipeline; PyTorch eager and torch.compile
+for case in simple_cnn@32 resnet50@32 resnet34@32 resnet50@224; do
+  n=${case/@/_}
+  item "jax_$n" 40 200 "${table[@]}" --cases "$case" --frameworks jax --out "$json_dir/jax_$n.json"
+  item "torch_$n" 60 300 "${table[@]}" --cases "$case" --frameworks torch --out "$json_dir/torch_$n.json"
+done
+# whole 40,000-image epochs with the input pipeline, ours against the DataLoader (workers = cores)
+item epoch_resnet50_32 60 150 python3 -m cifar_jax.bench --cases resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_resnet50_32.json"
+# dispatch: one step per jitted call against the default fusion of several
+item one_step_per_call 40 90 python3 -m cifar_jax.bench --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$json_dir/one_step_per_call.json"
+# the real trainer on the part-3 config (random weights and CIFAR-sized random data: no download
+# there): compile, epoch times and img/s of both phases in metrics.jsonl
+item train_ft 90 400 bash -c "rm -rf /tmp/ft && python3 train.py --config configs/resnet50_ft.py --config.model.pretrained= \
+  --config.data.source=fake --config.data.fake.num_train=50000 --config.data.fake.num_test=10000 \
+  --config.num_epochs=3 --config.head_only_epochs=1 --workdir /tmp/ft --noprogress"
+[ -f /tmp/ft/metrics.jsonl ] && cp /tmp/ft/metrics.jsonl "$OUT/gpu_train_ft_metrics.jsonl"
+item epoch_simple_cnn_32 40 90 python3 -m cifar_jax.bench --cases simple_cnn@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_simple_cnn_32.json"
+echo "$(date -u +%T) all done" | tee -a "$log"

@@ -70,3 +70,19 @@ def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):
     assert by["jax", "train"]["compile_s"] > 0  # compiled in this run: the bench bypasses the persistent cache
     assert by["torch", "train"]["compile_s"] is None  # eager PyTorch compiles nothing
     assert by["jax", "eval"]["batch_size"] == 8
+
+
+def test_out_keeps_the_measurements_made_before_a_run_is_cut_short(tmp_path, monkeypatch):
+    """On the GPU each bench command runs under a time cap: what it measured before must survive."""
+    out = tmp_path / "bench.json"
+
+    def cut_short(self, opts, case):
+        raise KeyboardInterrupt  # stands in for the cap's SIGTERM/timeout
+
+    monkeypatch.setattr(bench.JaxSide, "eval", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--cases", "simple_cnn@32", "--modes", "train,eval", "--batch_size", "8", "--eval_batch_size", "8",
+                    "--steps", "1", "--warmup", "1", "--out", str(out)])
+    kept = json.loads(out.read_text())
+    assert [(r["framework"], r["mode"]) for r in kept] == [("torch", "train"), ("torch", "eval"), ("jax", "train")]
+    assert all(r["img_per_s"] > 0 for r in kept)
