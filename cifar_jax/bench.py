@@ -20,8 +20,10 @@ ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each c
 Throughput is the median over timed windows after warm-up (JAX: one window is one jitted call of
 `steps_per_call` steps; PyTorch: the same number of steps, then a synchronise). Compile time is
 reported apart: the first window's time minus a steady one. PyTorch runs at its best on the
-device: channels_last; on GPU also bf16 autocast, cudnn.benchmark, fused AdamW, and both eager and
-torch.compile (the table's ratio uses the faster). JAX computes in bf16 on GPUs as the trainer does.
+device: channels_last; on GPU also bf16 autocast, cudnn.benchmark, fused AdamW, and three modes:
+eager, torch.compile, and torch.compile(mode="reduce-overhead"), which replays CUDA graphs and so
+removes the per-kernel launch cost that bounds small models (`--torch_modes`; the table's ratio
+uses the fastest). JAX computes in bf16 on GPUs as the trainer does.
 
 All PyTorch measurements run first, then all JAX ones: DataLoader workers are forked before
 JAX starts its threads, and GPU memory held by PyTorch is released before JAX allocates.
@@ -51,7 +53,7 @@ MODELS = {  # bench name -> (architecture, stem)
 DEFAULT_CASES = "simple_cnn@32,resnet34@32,resnet50@32,resnet50@224"
 MODES = ("train", "eval", "epoch", "pipeline")
 FRAMEWORKS = ("jax", "torch")
-TORCH_MODES = ("eager", "compile")
+TORCH_MODES = ("eager", "compile", "cudagraphs")
 NUM_CLASSES = 100
 NUM_TRAIN = 40_000  # CIFAR-100's training split after the validation split: sets the steps fused per call
 LR, WEIGHT_DECAY, LABEL_SMOOTHING, COLOR_JITTER = 1e-3, 5e-4, 0.1, (0.2, 0.2, 0.2)
@@ -270,6 +272,10 @@ class JaxSide:
                     first_s - statistics.median(times), batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
 
     def pipeline(self, opts, case):
+        """The input pipeline alone, run as the training step runs it: `steps_per_call` batches per
+        jitted call. Each batch is summed so that XLA cannot drop it: a pass the step does not make,
+        so the share is an upper bound. (One batch per call would time the call's dispatch instead:
+        on an H100 it took 0.9-1.4 ms whatever the image size, more than a whole SimpleCNN step.)"""
         import functools
 
         import jax
@@ -277,17 +283,29 @@ class JaxSide:
 
         from cifar_jax.data import pipeline
 
-        n = self.config.batch_size
+        k, b = self.steps_per_call, self.config.batch_size
+        n = k * b
         x, y = (self.put(a) for a in _random_uint8(n))
-        draw = jax.jit(functools.partial(pipeline.train_batch, seed=0, batch_size=n, preprocess=self.preprocess, sharding=self.sharding))
+        draw = functools.partial(pipeline.train_batch, seed=0, batch_size=b, preprocess=self.preprocess, sharding=self.sharding)
+
+        @jax.jit
+        def draws(x, y, order, epoch, first):
+            def body(i, total):
+                xb, yb = draw(x, y, order, epoch=epoch, step=first + i)
+                return total + jnp.sum(xb, dtype=jnp.float32) + jnp.sum(yb)
+
+            return body(0, jnp.float32(0)) if k == 1 else jax.lax.fori_loop(0, k, body, jnp.float32(0))
+
+        order, epoch, first = jnp.arange(n), jnp.int32(0), jnp.int32(0)
         out = [None]
 
         def window():
-            out[0] = draw(x, y, jnp.arange(n), epoch=jnp.int32(0), step=jnp.int32(0))
+            out[0] = draws(x, y, order, epoch, first)
 
-        first_s, times = _timed_windows(window, lambda: jax.block_until_ready(out[0]), opts.warmup, opts.steps)
-        return _row(case, opts, "jax", "pipeline", "on device", self.device, _median_rate(n, times),
-                    first_s - statistics.median(times), step_ms=_ms(times, 1))
+        windows = -(-opts.steps // k)
+        first_s, times = _timed_windows(window, lambda: jax.block_until_ready(out[0]), opts.warmup, windows)
+        return _row(case, opts, "jax", "pipeline", f"on device, {k} batches/call", self.device, _median_rate(n, times),
+                    first_s - statistics.median(times), step_ms=_ms(times, k))
 
     def epoch(self, opts, case, images, labels):
         import jax
@@ -304,9 +322,13 @@ class JaxSide:
         t0 = time.perf_counter()
         run = self.train_chunk.lower(self.state, metrics, *args, jnp.int32(0)).compile()
         compile_s = time.perf_counter() - t0
+        # one warm-up call outside the epoch, as PyTorch gets one warm-up step: a program's first run
+        # can be slower (on a GPU its kernels load then). Without it an H100 epoch of ResNet-50 @32
+        # took 1.99 s against 1.37 s from the steady steps; how much of that is the first run is unmeasured.
+        state, metrics = run(self.state, metrics, *args, jnp.int32(0))
+        jax.block_until_ready(state)
 
         t0 = time.perf_counter()
-        state = self.state
         args = (x, y, pipeline.epoch_order(0, 0, len(images)), jnp.int32(0))  # the order is drawn inside the timed epoch
         for first in range(0, self.steps_per_epoch, self.steps_per_call):
             state, metrics = run(state, metrics, *args, jnp.int32(first))
@@ -359,7 +381,8 @@ class TorchImages:
 
 
 class TorchSide:
-    """torchvision's model for one case, at its best on the device, eager or torch.compile'd."""
+    """torchvision's model for one case, at its best on the device: eager, torch.compile'd, or
+    torch.compile'd with CUDA graphs ("cudagraphs", GPU only)."""
 
     def __init__(self, case: Case, opts, mode: str):
         import torch
@@ -374,11 +397,14 @@ class TorchSide:
         torch.manual_seed(0)
         model = torch_models.create(case.arch, NUM_CLASSES, stem=case.stem or "imagenet")
         self.model = model.to(self.dev, memory_format=torch.channels_last)
-        if mode == "compile":
+        self.compiled = mode != "eager"
+        if self.compiled:
             import torch._inductor.config
 
             torch._inductor.config.force_disable_caches = True  # measure compilation, not a cache hit (as for JAX)
-        self.forward = torch.compile(self.model) if mode == "compile" else self.model
+            self.forward = torch.compile(self.model, mode="reduce-overhead" if mode == "cudagraphs" else "default")
+        else:
+            self.forward = self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=self.cuda)
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
         self.mode = mode
@@ -391,6 +417,8 @@ class TorchSide:
 
     def step(self, x, y):
         torch = self.torch
+        if self.mode == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are no longer read
         with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda):
             loss = self.loss_fn(self.forward(x), y)
         self.opt.zero_grad(set_to_none=True)
@@ -414,7 +442,7 @@ class TorchSide:
         windows = -(-opts.steps // window_steps)
         first_s, times = _timed_windows(window, self.sync, opts.warmup, windows)
         return _row(case, opts, "torch", "train", self.variant, self.device, _median_rate(window_steps * opts.batch_size, times),
-                    first_s - statistics.median(times) if self.mode == "compile" else None, step_ms=_ms(times, window_steps))
+                    first_s - statistics.median(times) if self.compiled else None, step_ms=_ms(times, window_steps))
 
     def eval(self, opts, case):
         torch = self.torch
@@ -422,12 +450,14 @@ class TorchSide:
         self.model.eval()
 
         def window():
+            if self.mode == "cudagraphs":
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.inference_mode(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda):
                 self.forward(x)
 
         first_s, times = _timed_windows(window, self.sync, opts.warmup, opts.steps)
         return _row(case, opts, "torch", "eval", self.variant, self.device, _median_rate(opts.eval_batch_size, times),
-                    first_s - statistics.median(times) if self.mode == "compile" else None,
+                    first_s - statistics.median(times) if self.compiled else None,
                     batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
 
     def epoch(self, opts, case, images, labels):
@@ -450,7 +480,7 @@ class TorchSide:
         t0 = time.perf_counter()
         self.step(*self.batch(opts.batch_size, case.image_size))  # warm-up (and compilation) outside the epoch
         self.sync()
-        compile_s = time.perf_counter() - t0 if self.mode == "compile" else None
+        compile_s = time.perf_counter() - t0 if self.compiled else None
 
         t0 = time.perf_counter()
         n = 0
@@ -557,7 +587,7 @@ def parse_args(argv):
     p.add_argument("--sizes", help="only these image sizes, e.g. 32")
     p.add_argument("--modes", default="train,eval", help=f"of {', '.join(MODES)} (default: %(default)s)")
     p.add_argument("--frameworks", default="jax,torch", help="jax, torch or both (default: %(default)s)")
-    p.add_argument("--torch_modes", default=None, help="eager and/or compile (default: both on GPU, eager on CPU)")
+    p.add_argument("--torch_modes", default=None, help="of eager, compile, cudagraphs (GPU only) (default: all three on GPU, eager on CPU)")
     p.add_argument("--batch_size", type=int, default=128, help="global training batch (default: %(default)s)")
     p.add_argument("--eval_batch_size", type=int, default=500, help="evaluation batch (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps or eval batches (default: %(default)s)")
@@ -586,8 +616,10 @@ def check(opts):
             import torchvision  # noqa: F401
         except ImportError:
             raise BenchError("PyTorch is not installed: pip install -e '.[torch]', or pass --frameworks jax") from None
-        default = "eager,compile" if torch.cuda.is_available() else "eager"
+        default = ",".join(TORCH_MODES) if torch.cuda.is_available() else "eager"
         opts.torch_modes = _choices("--torch_modes", opts.torch_modes or default, TORCH_MODES)
+        if "cudagraphs" in opts.torch_modes and not torch.cuda.is_available():
+            raise BenchError("--torch_modes cudagraphs needs a CUDA GPU (CUDA graphs); on this machine use eager or compile")
     if "epoch" in modes:
         if opts.data and not Path(opts.data).is_file():
             raise BenchError(f"--data {opts.data}: no such file (the CIFAR-100 npz, see README)")

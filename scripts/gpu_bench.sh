@@ -6,8 +6,9 @@
 # .whl/ is git-ignored, so it travels only when named in carry):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl ml_collections==1.1.0
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl/flax flax==0.12.8
-# Then device calls back to back while the machine is warm; the argument is the call's budget in
-# seconds, to fit its timeout_s and the device time left:
+# Then device calls back to back while the machine is warm; the first argument is the call's budget
+# in seconds, to fit its timeout_s and the device time left; further arguments, if any, name the
+# only items to run (see the list at the end):
 #   run(command="bash scripts/gpu_bench.sh 540", carry=[".whl"], timeout_s=570)
 #   run(command="bash scripts/gpu_bench.sh 200", carry=[".whl"], timeout_s=230)
 # The measurements run in order of importance. Each runs under its own cap and never past the
@@ -15,11 +16,12 @@
 # where this one stopped (markers in /tmp survive while the machine stays warm). Each command
 # writes its JSON after every measurement, so a command cut off keeps what it measured; all rows
 # so far come back as $OUT/gpu_rows.json (a call returns at most 8 files).
-# JAX and PyTorch run in separate processes (JAX first), so neither holds GPU memory the other needs.
+# JAX and each PyTorch mode run in separate processes, so none holds GPU memory another needs.
 # Random images stand in for CIFAR-100: throughput does not depend on pixel values, and the real
 # npz (167 MB) exceeds what one call can carry.
 set -uo pipefail
 deadline=$((SECONDS + ${1:-540}))
+only=" ${*:2} "
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-/tmp/gpu_bench}
 done_dir=/tmp/gpu_bench_done json_dir=/tmp/gpu_bench_json
@@ -38,6 +40,7 @@ item() {
   local name=$1 min=$2 cap=$3 left=$((deadline - SECONDS))
   shift 3
   [ -e "$done_dir/$name" ] && return 0
+  [ "$only" != "  " ] && [[ "$only" != *" $name "* ]] && return 0
   if [ "$left" -lt "$min" ]; then echo "$(date -u +%T) stopping with ${left}s left: $name and the rest go to the next call" | tee -a "$log"; exit 0; fi
   echo "$(date -u +%T) $name: $*" | tee -a "$log"
   timeout "$(( cap < left ? cap : left ))" "$@" 2>&1 | tee -a "$log"
@@ -52,21 +55,28 @@ collect() { python3 -c "import glob, json, sys; json.dump([r for f in sorted(glo
 trap collect EXIT
 table=(python3 -m cifar_jax.bench --modes train,eval,pipeline --steps 64 --warmup 3)
 
-# the table: train, eval and the input pipeline; PyTorch eager and torch.compile
-for case in simple_cnn@32 resnet50@32 resnet34@32 resnet50@224; do
-  n=${case/@/_}
+# The table: train, eval and the input pipeline; PyTorch eager, torch.compile and CUDA graphs.
+# 32x32 first, ResNet-50 (the part-3 model) and the real trainer on its config right after SimpleCNN.
+case_items() {
+  local case=$1 n=${1/@/_}
   item "jax_$n" 40 200 "${table[@]}" --cases "$case" --frameworks jax --out "$json_dir/jax_$n.json"
-  item "torch_$n" 60 300 "${table[@]}" --cases "$case" --frameworks torch --out "$json_dir/torch_$n.json"
-done
-# whole 40,000-image epochs with the input pipeline, ours against the DataLoader (workers = cores)
-item epoch_resnet50_32 60 150 python3 -m cifar_jax.bench --cases resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_resnet50_32.json"
-# dispatch: one step per jitted call against the default fusion of several
-item one_step_per_call 40 90 python3 -m cifar_jax.bench --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$json_dir/one_step_per_call.json"
+  for mode in eager compile cudagraphs; do
+    item "${mode}_$n" 30 200 "${table[@]}" --cases "$case" --frameworks torch --torch_modes $mode --out "$json_dir/${mode}_$n.json"
+  done
+}
+case_items simple_cnn@32
+case_items resnet50@32
 # the real trainer on the part-3 config (random weights and CIFAR-sized random data: no download
-# there): compile, epoch times and img/s of both phases in metrics.jsonl
+# there): compile, epoch times and img/s of both phases, checkpoints every epoch, in metrics.jsonl
 item train_ft 90 400 bash -c "rm -rf /tmp/ft && python3 train.py --config configs/resnet50_ft.py --config.model.pretrained= \
   --config.data.source=fake --config.data.fake.num_train=50000 --config.data.fake.num_test=10000 \
   --config.num_epochs=3 --config.head_only_epochs=1 --workdir /tmp/ft --noprogress"
 [ -f /tmp/ft/metrics.jsonl ] && cp /tmp/ft/metrics.jsonl "$OUT/gpu_train_ft_metrics.jsonl"
+case_items resnet34@32
+case_items resnet50@224
+# whole 40,000-image epochs with the input pipeline, ours against the DataLoader (workers = cores)
+item epoch_resnet50_32 60 150 python3 -m cifar_jax.bench --cases resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_resnet50_32.json"
+# dispatch: one step per jitted call against the default fusion of several
+item one_step_per_call 40 90 python3 -m cifar_jax.bench --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$json_dir/one_step_per_call.json"
 item epoch_simple_cnn_32 40 90 python3 -m cifar_jax.bench --cases simple_cnn@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_simple_cnn_32.json"
 echo "$(date -u +%T) all done" | tee -a "$log"
