@@ -55,27 +55,32 @@ collect() { python3 -c "import glob, json, sys; json.dump([r for f in sorted(glo
 trap collect EXIT
 table=(python3 -m cifar_jax.bench --modes train,eval,pipeline --steps 64 --warmup 3)
 
-# The table: train, eval and the input pipeline; PyTorch eager, torch.compile and CUDA graphs.
-# 32x32 first, ResNet-50 (the part-3 model) and the real trainer on its config right after SimpleCNN.
-case_items() {
-  local case=$1 n=${1/@/_}
-  item "jax_$n" 40 200 "${table[@]}" --cases "$case" --frameworks jax --out "$json_dir/jax_$n.json"
-  for mode in eager compile cudagraphs; do
-    item "${mode}_$n" 30 200 "${table[@]}" --cases "$case" --frameworks torch --torch_modes $mode --out "$json_dir/${mode}_$n.json"
+# The table: train, eval and the input pipeline; PyTorch eager, with CUDA graphs, and torch.compile
+# (last: CUDA graphs are torch.compile plus graph replay, so rarely slower). 32x32 first, ResNet-50
+# (the part-3 model) and the real trainer on its config right after SimpleCNN.
+case_items() {  # case_items CASE ITEM...: ITEM is jax or a PyTorch mode
+  local case=$1 n=${1/@/_} side
+  for side in "${@:2}"; do
+    if [ "$side" = jax ]; then
+      item "jax_$n" 40 200 "${table[@]}" --cases "$case" --frameworks jax --out "$json_dir/jax_$n.json"
+    else
+      item "${side}_$n" 30 200 "${table[@]}" --cases "$case" --frameworks torch --torch_modes "$side" --out "$json_dir/${side}_$n.json"
+    fi
   done
 }
-case_items simple_cnn@32
-case_items resnet50@32
+case_items simple_cnn@32 jax eager cudagraphs
+case_items resnet50@32 jax eager cudagraphs
 # the real trainer on the part-3 config (random weights and CIFAR-sized random data: no download
 # there): compile, epoch times and img/s of both phases, checkpoints every epoch, in metrics.jsonl
 item train_ft 90 400 bash -c "rm -rf /tmp/ft && python3 train.py --config configs/resnet50_ft.py --config.model.pretrained= \
   --config.data.source=fake --config.data.fake.num_train=50000 --config.data.fake.num_test=10000 \
   --config.num_epochs=3 --config.head_only_epochs=1 --workdir /tmp/ft --noprogress"
 [ -f /tmp/ft/metrics.jsonl ] && cp /tmp/ft/metrics.jsonl "$OUT/gpu_train_ft_metrics.jsonl"
-case_items resnet34@32
-case_items resnet50@224
+case_items resnet34@32 jax eager cudagraphs
+case_items resnet50@224 jax eager cudagraphs
 # whole 40,000-image epochs with the input pipeline, ours against the DataLoader (workers = cores)
 item epoch_resnet50_32 60 150 python3 -m cifar_jax.bench --cases resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_resnet50_32.json"
+for case in simple_cnn@32 resnet50@32 resnet34@32 resnet50@224; do case_items "$case" compile; done
 # dispatch: one step per jitted call against the default fusion of several
 item one_step_per_call 40 90 python3 -m cifar_jax.bench --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$json_dir/one_step_per_call.json"
 item epoch_simple_cnn_32 40 90 python3 -m cifar_jax.bench --cases simple_cnn@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_simple_cnn_32.json"

@@ -97,3 +97,30 @@ def test_pipeline_runs_as_many_batches_per_call_as_the_training_step():
     by = {r["mode"]: r for r in rows}
     assert by["train"]["variant"].endswith("2 steps/call") and by["pipeline"]["variant"].endswith("2 batches/call")
     assert by["pipeline"]["img_per_s"] > by["train"]["img_per_s"] > 0  # the step contains the pipeline and more
+
+
+def _queued_work(host_s, device_s):
+    """A stand-in for asynchronous work: each window costs the host `host_s`, then queues
+    `device_s` on a one-worker "device" and returns its future."""
+    import concurrent.futures
+    import time
+
+    device = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    def window():
+        time.sleep(host_s)
+        return device.submit(time.sleep, device_s)
+
+    return window, lambda future: future.result()
+
+
+def test_timed_windows_overlap_the_host_with_the_device_only_when_asked():
+    """A synced window adds the host's time to the device's; a loop without host syncs hides it."""
+    import statistics
+
+    window, wait = _queued_work(host_s=0.02, device_s=0.06)
+    first, times = bench._timed_windows(window, wait, warmup=1, windows=5)
+    assert len(times) == 5 and first >= 0.08
+    assert 0.055 < statistics.median(times) < 0.072  # the device's 60 ms: the host's 20 ms overlap it
+    _, times = bench._timed_windows(window, wait, warmup=1, windows=5, overlap=False)
+    assert statistics.median(times) >= 0.079  # 20 + 60 ms, one after the other
