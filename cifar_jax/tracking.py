@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
+
+log = logging.getLogger("cifar_jax")
 
 
 class MetricsLog:
@@ -55,6 +59,44 @@ def plot_curves(rows: list[dict], path) -> None:
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=80)
     os.replace(tmp, path)
+
+
+class CurvesPlotter:
+    """Redraws `curves.png` as epochs end, at most once every `min_interval_s` seconds, and once
+    more on `close()` if epochs ended since the last drawing.
+
+    Drawing takes about 0.25 s (matplotlib, 3 panels) and stops training meanwhile: every epoch,
+    that would be a sixth of a 1.4 s ResNet-50 epoch on an H100. Epochs longer than the interval
+    still get a drawing each. A failure to draw is logged once and never stops training.
+    (Drawing in a background thread instead made 1.1 s CPU epochs slower, 1.35 s: the thread
+    competes with XLA for the cores.)
+    """
+
+    def __init__(self, path, min_interval_s: float = 10.0):
+        self.path = Path(path)
+        self.min_interval_s = min_interval_s
+        self._last_draw = None  # perf_counter() of the last drawing
+        self._undrawn = None  # rows not drawn yet
+        self._warned = False
+
+    def update(self, rows: list[dict]) -> None:
+        self._undrawn = list(rows)
+        if self._last_draw is None or time.perf_counter() - self._last_draw >= self.min_interval_s:
+            self._draw()
+
+    def close(self) -> None:
+        if self._undrawn is not None:
+            self._draw()
+
+    def _draw(self) -> None:
+        rows, self._undrawn = self._undrawn, None
+        try:
+            plot_curves(rows, self.path)
+        except Exception as e:  # noqa: BLE001  (curves are a convenience; metrics.jsonl holds the numbers)
+            if not self._warned:
+                log.warning("could not draw %s: %s", self.path, e)
+                self._warned = True
+        self._last_draw = time.perf_counter()
 
 
 class Wandb:

@@ -24,7 +24,7 @@ from cifar_jax import data, models, optim, pretrained, steps
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import StopSignals, WorkdirLock
-from cifar_jax.tracking import MetricsLog, Wandb, plot_curves
+from cifar_jax.tracking import CurvesPlotter, MetricsLog, Wandb
 
 log = logging.getLogger("cifar_jax")
 
@@ -264,6 +264,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
 
     metrics_log = MetricsLog(workdir, resume_epoch=start_epoch) if is_main else None
     tracker = Wandb(config, workdir, resume=latest is not None) if is_main else None
+    plotter = CurvesPlotter(workdir / "curves.png") if is_main else None
     compiled = {}
     compile_s = first_step_s = None
     stop = StopSignals()
@@ -334,7 +335,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                     row["first_step_s"] = round(first_step_s, 2)
                 if is_main:
                     metrics_log.append(row)
-                    plot_curves(metrics_log.rows, workdir / "curves.png")
+                    plotter.update(metrics_log.rows)
                     tracker.log(row)
                     log.info(
                         "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
@@ -354,6 +355,8 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
         except Exception:  # noqa: BLE001  (reported by _save_or_fail where it matters)
             pass
         ckpts.close()
+        if plotter is not None:
+            plotter.close()
         if tracker is not None:
             tracker.finish()
     rows = metrics_log.rows if metrics_log is not None else []

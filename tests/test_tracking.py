@@ -1,0 +1,48 @@
+"""What training reports besides the checkpoints: the curves, drawn without slowing fast epochs."""
+
+import logging
+
+from cifar_jax import tracking
+
+
+def _rows(n):
+    return [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "train_acc": 0.5, "val_acc": 0.5, "lr": 1e-3} for e in range(1, n + 1)]
+
+
+def test_fast_epochs_are_drawn_at_most_once_per_interval_and_all_at_close(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(tracking, "plot_curves", lambda rows, path: drawn.append(len(rows)))
+    plotter = tracking.CurvesPlotter(tmp_path / "curves.png", min_interval_s=60)
+    for n in range(1, 6):  # five epochs end within a second
+        plotter.update(_rows(n))
+    assert drawn == [1]  # the first epoch at once, then nothing until the interval has passed
+    plotter.close()
+    assert drawn == [1, 5]  # closing draws every epoch
+    plotter.close()
+    assert drawn == [1, 5]  # nothing new: nothing drawn
+
+    drawn.clear()
+    plotter = tracking.CurvesPlotter(tmp_path / "curves.png", min_interval_s=0)  # epochs longer than the interval
+    for n in range(1, 4):
+        plotter.update(_rows(n))
+    plotter.close()
+    assert drawn == [1, 2, 3]
+
+
+def test_curves_png_is_written_and_a_failing_drawing_is_logged_once(tmp_path, monkeypatch, caplog):
+    plotter = tracking.CurvesPlotter(tmp_path / "curves.png")
+    plotter.update(_rows(3))
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+    def broken(rows, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracking, "plot_curves", broken)
+    monkeypatch.setattr(logging.getLogger("cifar_jax"), "propagate", True)
+    plotter = tracking.CurvesPlotter(tmp_path / "curves.png", min_interval_s=0)
+    with caplog.at_level(logging.WARNING, logger="cifar_jax"):
+        for n in range(1, 4):
+            plotter.update(_rows(n))
+        plotter.close()
+    warnings = [r for r in caplog.records if "could not draw" in r.getMessage()]
+    assert len(warnings) == 1 and "disk full" in warnings[0].getMessage()
