@@ -17,6 +17,9 @@ ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each c
             training split); without it, `--epoch_images` random images.
   pipeline  (JAX only) our input pipeline alone, to show its share of a training step.
 
+`--profile DIR` traces two more JAX training windows with jax.profiler and prints how much of the
+traced time the device was busy and which kernels took it (cifar_jax/profiling.py).
+
 Throughput is the median over timed windows after warm-up (JAX: one window is one jitted call of
 `steps_per_call` steps; PyTorch: the same number of steps). Where the work runs asynchronously (JAX;
 PyTorch on a GPU) each timed window starts before the previous one is waited for, as in a
@@ -267,9 +270,24 @@ class JaxSide:
 
         windows = -(-opts.steps // self.steps_per_call)
         first_s, times = _timed_windows(window, jax.block_until_ready, opts.warmup, windows)
+        extra = {"profile": self._profile(window, opts, case)} if opts.profile else {}
         self.state = carry[0]
-        return _row(case, opts, "jax", "train", f"{self.dtype}, {self.steps_per_call} steps/call",
-                    self.device, _median_rate(n, times), first_s - statistics.median(times), step_ms=_ms(times, self.steps_per_call))
+        return _row(case, opts, "jax", "train", f"{self.dtype}, {self.steps_per_call} steps/call", self.device,
+                    _median_rate(n, times), first_s - statistics.median(times), step_ms=_ms(times, self.steps_per_call), **extra)
+
+    def _profile(self, window, opts, case) -> dict:
+        """Two more training windows (after the timed ones) under jax.profiler; the trace's device summary."""
+        import jax
+
+        from cifar_jax import profiling
+
+        directory = Path(opts.profile) / f"{case.model}_{case.image_size}"
+        with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+            window()
+            jax.block_until_ready(window())
+        summary = profiling.trace_summary(profiling.latest_trace(directory))
+        print(profiling.format_summary(summary), file=sys.stderr, flush=True)
+        return summary
 
     def eval(self, opts, case):
         import jax
@@ -631,6 +649,8 @@ def parse_args(argv):
     p.add_argument("--epoch_images", type=int, default=10_000, help="random images per epoch without --data")
     p.add_argument("--workers", type=int, default=-1, help="PyTorch DataLoader workers (default: the number of cores)")
     p.add_argument("--out", help="write the measurements as a JSON list here")
+    p.add_argument("--profile", metavar="DIR", help="trace two more JAX training windows into DIR; print how busy the device "
+                   "was and its top kernels (also in the train row's 'profile')")
     return p.parse_args(argv)
 
 
@@ -654,6 +674,8 @@ def check(opts):
         opts.torch_modes = _choices("--torch_modes", opts.torch_modes or default, TORCH_MODES)
         if "cudagraphs" in opts.torch_modes and not torch.cuda.is_available():
             raise BenchError("--torch_modes cudagraphs needs a CUDA GPU (CUDA graphs); on this machine use eager or compile")
+    if opts.profile and ("jax" not in frameworks or "train" not in modes):
+        raise BenchError("--profile traces JAX training steps: keep jax in --frameworks and train in --modes")
     if "epoch" in modes:
         if opts.data and not Path(opts.data).is_file():
             raise BenchError(f"--data {opts.data}: no such file (the CIFAR-100 npz, see README)")

@@ -1,0 +1,72 @@
+"""What a JAX profiler trace says about the device: how busy it was and which kernels took the time.
+
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        ...                                   # the work to look at, synced at the end
+    print(format_summary(trace_summary(latest_trace(directory))))
+
+Reads the Perfetto (Chrome JSON) trace that `jax.profiler.trace` writes. Device activity is every
+complete event ("ph": "X") of a process named "/device:..." (on a GPU, the kernels and copies
+CUPTI records, one thread per stream). Busy time is the union of those intervals, so kernels
+overlapping on several streams count once; the rest of the traced span the device sat idle,
+waiting for the host (launches, dispatch, Python) or for a copy. A CPU backend has no device
+process: its summary says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def latest_trace(directory) -> Path:
+    """The newest perfetto_trace.json.gz under `directory` (jax.profiler.trace's layout)."""
+    found = sorted(Path(directory).glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {directory}: trace with create_perfetto_trace=True")
+    return found[-1]
+
+
+def _union_length(intervals) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def trace_summary(path, top: int = 15) -> dict:
+    """{device, span_ms, busy_ms, busy_share, events, kernels: [{name, ms, share, count}]} of the
+    device processes in the trace at `path` (or {device: None} when it has none)."""
+    with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    ops = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e]
+    if not ops:
+        return {"device": None, "processes": sorted(processes.values())}
+    intervals = [(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in ops]
+    span = max(stop for _, stop in intervals) - min(start for start, _ in intervals)
+    busy = _union_length(intervals)
+    by_name, counts = defaultdict(float), defaultdict(int)
+    for e in ops:
+        by_name[e["name"]] += float(e["dur"])
+        counts[e["name"]] += 1
+    total = sum(by_name.values())
+    kernels = [{"name": n, "ms": us / 1e3, "share": us / total, "count": counts[n]}
+               for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]
+    return {"device": ", ".join(sorted(processes[p] for p in devices)), "span_ms": span / 1e3, "busy_ms": busy / 1e3,
+            "busy_share": busy / span if span else 0.0, "events": len(ops), "kernels": kernels}
+
+
+def format_summary(summary: dict) -> str:
+    if summary["device"] is None:
+        return f"profile: no device activity in the trace (processes: {', '.join(summary['processes'])}); a CPU backend records none"
+    lines = [f"profile of {summary['device']}: busy {summary['busy_ms']:.1f} of {summary['span_ms']:.1f} ms "
+             f"({summary['busy_share']:.1%}), {summary['events']} device events; by total time:"]
+    for k in summary["kernels"]:
+        lines.append(f"  {k['ms']:9.2f} ms {k['share']:6.1%} x{k['count']:<5d} {k['name'][:100]}")
+    return "\n".join(lines)
