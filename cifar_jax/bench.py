@@ -21,10 +21,10 @@ ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each c
 traced time the device was busy and which kernels took it (cifar_jax/profiling.py).
 
 Throughput is the median over timed windows after warm-up (JAX: one window is one jitted call of
-`steps_per_call` steps; PyTorch: the same number of steps). Where the work runs asynchronously (JAX;
-PyTorch on a GPU) each timed window starts before the previous one is waited for, as in a
-training loop without host syncs, and lasts from the end of the one before to its own end. Compile time is
-reported apart: the first window's time minus a steady one. PyTorch runs at its best on the
+`steps_per_call` steps; PyTorch: the same number of steps). Where the work runs asynchronously
+(JAX; PyTorch on a GPU) each timed window starts before the previous one is waited for, as in a
+training loop without host syncs, and lasts from the end of the one before to its own end.
+Compile time is reported apart: the first window's time minus a steady one. PyTorch runs at its best on the
 device: channels_last; on GPU also bf16 autocast, cudnn.benchmark, fused AdamW, and three modes:
 eager, torch.compile, and torch.compile(mode="reduce-overhead"), which replays CUDA graphs and so
 removes the per-kernel launch cost that bounds small models (`--torch_modes`; the table's ratio
@@ -136,9 +136,10 @@ def _timed_windows(run_window, wait, warmup: int, windows: int, overlap: bool = 
     for one by one. With `overlap` (for work that runs asynchronously: JAX, PyTorch on a GPU) the
     timed windows run as a training loop without host syncs runs them: each starts before the one
     before it is waited for, and its time is the interval between the two windows' ends. So the
-    host's work to start a call (for ResNet-50's 591 state arrays, about 9 ms) overlaps the device's
-    work for the previous one, as in the trainer, instead of leaving a GPU idle in every window. (The first
-    interval also holds its own start; the median sets it aside.) Without it, each window alone.
+    host's work to start a call (about 9 ms for ResNet-50's 591 state arrays) overlaps the
+    device's work for the previous call, as in the trainer, instead of leaving a GPU idle in every
+    window. (The first interval also holds its own start; the median sets it aside.) Without
+    `overlap`, each window is timed alone.
     """
     t0 = time.perf_counter()
     wait(run_window())

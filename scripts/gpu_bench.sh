@@ -9,8 +9,9 @@
 # Then device calls back to back while the machine is warm; the first argument is the call's budget
 # in seconds, to fit its timeout_s and the device time left; further arguments, if any, name the
 # only items to run (see the list at the end):
-#   run(command="bash scripts/gpu_bench.sh 540", carry=[".whl"], timeout_s=570)
-#   run(command="bash scripts/gpu_bench.sh 200", carry=[".whl"], timeout_s=230)
+#   run(command="bash scripts/gpu_bench.sh 535", carry=[".whl"], timeout_s=565)
+#   run(command="bash scripts/gpu_bench.sh <budget_left_s - 60>", carry=[".whl"], timeout_s=<that + 25>)
+# (On 2026-11-27 a 15-minute lease left 334 s after the first call; the second ran 275 s.)
 # The measurements run in order of importance. Each runs under its own cap and never past the
 # call's deadline; one that would not get its minimum time waits for the next call, which goes on
 # where this one stopped (markers in /tmp survive while the machine stays warm). Each command
