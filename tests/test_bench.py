@@ -118,9 +118,9 @@ def test_timed_windows_overlap_the_host_with_the_device_only_when_asked():
     """A synced window adds the host's time to the device's; a loop without host syncs hides it."""
     import statistics
 
-    window, wait = _queued_work(host_s=0.02, device_s=0.06)
+    window, wait = _queued_work(host_s=0.04, device_s=0.09)
     first, times = bench._timed_windows(window, wait, warmup=1, windows=5)
-    assert len(times) == 5 and first >= 0.08
-    assert 0.055 < statistics.median(times) < 0.072  # the device's 60 ms: the host's 20 ms overlap it
+    assert len(times) == 5 and first >= 0.13
+    assert 0.085 < statistics.median(times) < 0.115  # the device's 90 ms: the host's 40 ms overlap it
     _, times = bench._timed_windows(window, wait, warmup=1, windows=5, overlap=False)
-    assert statistics.median(times) >= 0.079  # 20 + 60 ms, one after the other
+    assert statistics.median(times) >= 0.129  # 40 + 90 ms, one after the other
