@@ -128,7 +128,7 @@ def _median_rate(images_per_window: int, times: list[float]) -> float:
     return images_per_window / statistics.median(times)
 
 
-def _timed_windows(run_window, wait, warmup: int, windows: int, overlap: bool = True):
+def timed_windows(run_window, wait, warmup: int, windows: int, overlap: bool = True):
     """(seconds of the first window, seconds of each timed window).
 
     `run_window()` starts one window and returns a handle; `wait(handle)` blocks until that window
@@ -270,7 +270,7 @@ class JaxSide:
             return carry[1]  # this window's metrics: its state is donated to the next window
 
         windows = -(-opts.steps // self.steps_per_call)
-        first_s, times = _timed_windows(window, jax.block_until_ready, opts.warmup, windows)
+        first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
         extra = {"profile": self._profile(window, opts, case)} if opts.profile else {}
         self.state = carry[0]
         return _row(case, opts, "jax", "train", f"{self.dtype}, {self.steps_per_call} steps/call", self.device,
@@ -305,7 +305,7 @@ class JaxSide:
         def window():
             return batch_logits(self.state["params"], self.state["batch_stats"], x, b)
 
-        first_s, times = _timed_windows(window, jax.block_until_ready, opts.warmup, opts.steps)
+        first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, opts.steps)
         return _row(case, opts, "jax", "eval", self.dtype, self.device, _median_rate(opts.eval_batch_size, times),
                     first_s - statistics.median(times), batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
 
@@ -340,7 +340,7 @@ class JaxSide:
             return draws(x, y, order, epoch, first)
 
         windows = -(-opts.steps // k)
-        first_s, times = _timed_windows(window, jax.block_until_ready, opts.warmup, windows)
+        first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
         return _row(case, opts, "jax", "pipeline", f"on device, {k} batches/call", self.device, _median_rate(n, times),
                     first_s - statistics.median(times), step_ms=_ms(times, k))
 
@@ -492,7 +492,7 @@ class TorchSide:
             return self.mark()
 
         windows = -(-opts.steps // window_steps)
-        first_s, times = _timed_windows(window, self.wait, opts.warmup, windows, overlap=self.cuda)
+        first_s, times = timed_windows(window, self.wait, opts.warmup, windows, overlap=self.cuda)
         return _row(case, opts, "torch", "train", self.variant, self.device, _median_rate(window_steps * opts.batch_size, times),
                     first_s - statistics.median(times) if self.compiled else None, step_ms=_ms(times, window_steps))
 
@@ -508,7 +508,7 @@ class TorchSide:
                 self.forward(x)
             return self.mark()
 
-        first_s, times = _timed_windows(window, self.wait, opts.warmup, opts.steps, overlap=self.cuda)
+        first_s, times = timed_windows(window, self.wait, opts.warmup, opts.steps, overlap=self.cuda)
         return _row(case, opts, "torch", "eval", self.variant, self.device, _median_rate(opts.eval_batch_size, times),
                     first_s - statistics.median(times) if self.compiled else None,
                     batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
@@ -698,9 +698,8 @@ def main(argv=None) -> list[dict]:
     try:
         cases, modes, frameworks = check(opts)
         epoch_data = _epoch_data(opts) if "epoch" in modes else None
-    except ValueError as e:  # BenchError, DataError: one line, exit 2
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except ValueError as e:  # BenchError, DataError
+        cli.fail(str(e))
 
     def log(message):
         print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
 import numpy as np
 
-from cifar_jax.bench import NUM_CLASSES, BenchError, Case, _timed_windows, parse_cases
+from cifar_jax.bench import NUM_CLASSES, BenchError, Case, parse_cases, timed_windows
 
 
 def conv_layers(case: Case) -> list[dict]:
@@ -50,7 +49,7 @@ def conv_layers(case: Case) -> list[dict]:
 
 def _median_ms(fn, reps: int) -> float:
     """Median milliseconds of `reps` calls of `fn` (which waits for its result), after one untimed."""
-    _, times = _timed_windows(fn, lambda _: None, 1, reps, overlap=False)
+    _, times = timed_windows(fn, lambda _: None, 1, reps, overlap=False)
     return statistics.median(times) * 1e3
 
 
@@ -148,9 +147,8 @@ def main(argv=None) -> list[dict]:
 
         if jax.default_backend() != "cpu":  # the PyTorch side runs on the CPU: compare like with like
             raise BenchError(f"this compares CPU kernels, and JAX runs on {jax.default_backend()}: set JAX_PLATFORMS=cpu")
-    except BenchError as e:  # one line, exit 2, as cifar_jax.bench does
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except BenchError as e:
+        cli.fail(str(e))
 
     print(f"{cases[0]}, batch {opts.batch_size}, median of {opts.reps}; ours vs PyTorch on the CPU", flush=True)
     rows = run(cases[0], opts.batch_size, opts.reps, log=lambda line: print(line, flush=True))

@@ -1,6 +1,7 @@
-"""Helpers shared by tests: tiny configs and loading the PyTorch SimpleCNN's weights."""
+"""Helpers shared by tests: tiny configs, loading the PyTorch SimpleCNN's weights, one-line errors."""
 
 import jax.numpy as jnp
+import pytest
 
 from cifar_jax import config as config_lib
 
@@ -42,3 +43,12 @@ def load_torch_simple_cnn(model, torch_model):
         model.bns[i].var[...] = jnp.asarray(t[f"{idx + 1}.running_var"])
     model.fc1.kernel[...], model.fc1.bias[...] = jnp.asarray(t["17.weight"].T), jnp.asarray(t["17.bias"])
     model.fc2.kernel[...], model.fc2.bias[...] = jnp.asarray(t["19.weight"].T), jnp.asarray(t["19.bias"])
+
+
+def assert_fails_in_one_line(main, argv, message, capsys):
+    """`main(argv)` exits with status 2 and one stderr line, "error: ...", that contains `message`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err

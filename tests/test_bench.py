@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cifar_jax import bench
+from tests.helpers import assert_fails_in_one_line
 
 REQUIRED = {"model", "image_size", "batch_size", "framework", "mode", "device", "img_per_s", "compile_s"}
 
@@ -30,14 +31,11 @@ def test_default_cases_and_filters():
         (["--modes", "epoch", "--data", "/nonexistent/cifar100.npz"], "no such file"),
         (["--steps", "0"], "--steps=0 must be at least 1"),
         (["--sizes", "64"], "no case left to measure"),
+        (["--modes", "eval", "--profile", "prof"], "--profile traces JAX training steps"),
     ],
 )
 def test_bad_options_fail_in_one_line_before_measuring(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert_fails_in_one_line(bench.main, argv, message, capsys)
 
 
 def test_table_compares_jax_with_the_faster_pytorch_variant():
@@ -119,8 +117,8 @@ def test_timed_windows_overlap_the_host_with_the_device_only_when_asked():
     import statistics
 
     window, wait = _queued_work(host_s=0.04, device_s=0.09)
-    first, times = bench._timed_windows(window, wait, warmup=1, windows=5)
+    first, times = bench.timed_windows(window, wait, warmup=1, windows=5)
     assert len(times) == 5 and first >= 0.13
     assert 0.085 < statistics.median(times) < 0.115  # the device's 90 ms: the host's 40 ms overlap it
-    _, times = bench._timed_windows(window, wait, warmup=1, windows=5, overlap=False)
+    _, times = bench.timed_windows(window, wait, warmup=1, windows=5, overlap=False)
     assert statistics.median(times) >= 0.129  # 40 + 90 ms, one after the other

@@ -3,6 +3,7 @@
 import pytest
 
 from cifar_jax import bench, bench_convs
+from tests.helpers import assert_fails_in_one_line
 
 
 def test_finds_every_distinct_convolution_with_its_count():
@@ -45,8 +46,4 @@ def test_tiny_run_reports_both_sides_and_count_weighted_totals(capsys):
     ],
 )
 def test_bad_options_fail_in_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench_convs.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert_fails_in_one_line(bench_convs.main, argv, message, capsys)

@@ -51,5 +51,3 @@ def test_bench_profile_traces_real_training_windows(tmp_path, capsys):
     assert trace.stat().st_size > 0
     assert rows[0]["profile"]["device"] is None  # JAX on CPU records no device process
     assert "profile: no device activity" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench.main(["--modes", "eval", "--profile", str(tmp_path)])
