@@ -3,11 +3,18 @@
 Order of work: validate the config and everything cheap to check (devices, pretrained weights,
 the workdir) -> load data -> put it on the devices -> restore the latest checkpoint if any ->
 per epoch: train (jitted chunks of steps), evaluate on val, log, checkpoint.
+
+The host stays ahead of the device: it reads a chunk's metrics while the next chunk runs, and at
+the end of an epoch it queues validation and the next epoch's first `run_ahead_chunks` chunks
+before it logs and checkpoints the epoch (a device copy of its state), so that this work does
+not leave the device idle between epochs (a ResNet-50 checkpoint alone holds the host 0.1-0.25 s).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import json
 import logging
 import signal
@@ -80,6 +87,12 @@ def steps_per_call(config, steps_per_epoch: int, backend: str | None = None) -> 
     """
     wanted = config.steps_per_call or (1 if (backend or jax.default_backend()) == "cpu" else 16)
     return max(d for d in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
+
+
+@jax.jit
+def _copy(tree):
+    """A copy of `tree` on the device: what an epoch's checkpoint saves once the next chunk has the state."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 def check_before_start(config, workdir) -> None:
@@ -267,7 +280,38 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     plotter = CurvesPlotter(workdir / "curves.png") if is_main else None
     compiled = {}
     compile_s = first_step_s = None
+    ahead = config.run_ahead_chunks
     stop = StopSignals()
+
+    def end_epoch(epoch, phase, first_step, sums, val_sums, lr, t_epoch, train_time, seen_before, state) -> float:
+        """The host's work after an epoch: read validation, log, plot, checkpoint `state` (the
+        state at the end of `epoch`). Returns the time validation was read: the epoch's end."""
+        val = _to_host(val_sums) if val_sums is not None else None
+        t_end = time.perf_counter()
+        row = _epoch_row(epoch, phase, sums, val, lr, t_end - t_epoch, (sums["count"] - seen_before) / train_time)
+        if epoch == start_epoch and compile_s is not None:
+            row["compile_s"] = round(compile_s, 2)
+            row["first_step_s"] = round(first_step_s, 2)
+        if is_main:
+            metrics_log.append(row)
+            plotter.update(metrics_log.rows)
+            tracker.log(row)
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
+                epoch + 1, config.num_epochs, row["train_loss"], row["train_acc"],
+                _fmt(row["val_loss"]), _fmt(row["val_acc"]), lr, row["epoch_time_s"], row["train_img_per_s"],
+            )
+        _save_or_fail(lambda: ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "phase": phase.name, "row": row}), ckpts)
+        if epoch == start_epoch and first_step:
+            _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
+            ckpts.clear_interrupted()
+        return t_end
+
+    # The previous epoch's `end_epoch`, while its run-ahead chunks of the next epoch are queued.
+    deferred = None
+    # Everything built so far lives until the end of the run: out of the collector's way, a
+    # ResNet-50 checkpoint's save() blocks 0.13 s instead of 0.23 s (CPU, median of 4).
+    gc.freeze()
     try:
         with stop:
             for epoch in range(start_epoch, config.num_epochs):
@@ -307,49 +351,54 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                                         img_s=f"{(sums['count'] - seen_before) / (time.perf_counter() - t_train):.0f}")
                     return sums
 
-                pending = None  # the previous chunk's metrics, read while the next chunk runs
-                for first in range(first_step, steps_per_epoch, this_chunk):
+                pending = []  # dispatched chunks' (metrics, first step), read while later chunks run
+                for i, first in enumerate(range(first_step, steps_per_epoch, this_chunk)):
                     state, metrics = run_chunk(state, metrics, *args, jnp.int32(first))
                     if first_step_s is None:  # one wait, once per run: how long until training really runs
                         jax.block_until_ready(metrics)
                         first_step_s = time.perf_counter() - t_start
                         log.info("first training step done %.1f s after the start (data, model, compilation)", first_step_s)
-                    if pending is not None:  # the device is busy with this chunk: reading the last one stalls nothing
-                        check(*pending)
-                    pending = (metrics, first)
+                    pending.append((metrics, first))
                     next_step = first + this_chunk
+                    if deferred is not None and (i + 1 == ahead or next_step >= steps_per_epoch or stop.requested):
+                        finish, deferred = deferred, None
+                        t_epoch = t_train = finish()  # the device went on from that validation to this epoch
+                    while deferred is None and len(pending) > 1:  # the device is busy with a later chunk: no stall
+                        check(*pending.pop(0))
                     if stop.requested and next_step < steps_per_epoch:
-                        check(*pending)
+                        while pending:
+                            check(*pending.pop(0))
                         _save_or_fail(lambda: ckpts.save_interrupted(
                             epoch * steps_per_epoch + next_step, {"state": state, "metrics": metrics},
                             {"epoch": epoch, "next_step": next_step, "phase": phase.name}), ckpts)
                         raise Interrupted(stop.signum, f"epoch {epoch + 1}, step {next_step} of {steps_per_epoch}", workdir)
-                sums = check(*pending)
+                sums = check(*pending.pop(0))
                 train_time = time.perf_counter() - t_train
                 if bar is not None:
                     bar.close()
-                val = _to_host(eval_sums(state["params"], state["batch_stats"], val_x, val_y)) if val_x is not None else None
-                row = _epoch_row(epoch, phase, sums, val, lr, time.perf_counter() - t_epoch, (sums["count"] - seen_before) / train_time)
-                if epoch == start_epoch and compile_s is not None:
-                    row["compile_s"] = round(compile_s, 2)
-                    row["first_step_s"] = round(first_step_s, 2)
-                if is_main:
-                    metrics_log.append(row)
-                    plotter.update(metrics_log.rows)
-                    tracker.log(row)
-                    log.info(
-                        "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
-                        epoch + 1, config.num_epochs, row["train_loss"], row["train_acc"],
-                        _fmt(row["val_loss"]), _fmt(row["val_acc"]), lr, row["epoch_time_s"], row["train_img_per_s"],
-                    )
-                _save_or_fail(lambda: ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "phase": phase.name, "row": row}), ckpts)
-                if epoch == start_epoch and first_step:
-                    _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
-                    ckpts.clear_interrupted()
+                val_sums = eval_sums(state["params"], state["batch_stats"], val_x, val_y) if val_x is not None else None
+                # Run ahead: queue the next epoch's first chunks before this epoch's host work, which then
+                # saves a device copy of the state (the next chunk takes `state` over).
+                run_ahead = (ahead and epoch + 1 < config.num_epochs and not stop.requested
+                             and phase_of(config, epoch + 1) == phase and (phase.name, chunk) in compiled)
+                finish = functools.partial(end_epoch, epoch, phase, first_step, sums, val_sums, lr, t_epoch, train_time,
+                                           seen_before, _copy(state) if run_ahead else state)
+                if run_ahead:
+                    deferred = finish
+                    continue
+                finish()
                 if stop.requested and epoch + 1 < config.num_epochs:
                     _save_or_fail(ckpts.wait, ckpts)
                     raise Interrupted(stop.signum, f"the end of epoch {epoch + 1}", workdir)
+    except BaseException:
+        if deferred is not None:  # keep the finished epoch: write its checkpoint before giving up
+            try:
+                deferred()
+            except Exception:  # noqa: BLE001  (the first error is the one to report)
+                log.exception("could not log and checkpoint epoch %d after the error below", epoch)
+        raise
     finally:
+        gc.unfreeze()
         try:
             ckpts.wait()
         except Exception:  # noqa: BLE001  (reported by _save_or_fail where it matters)

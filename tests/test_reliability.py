@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -15,6 +16,7 @@ import pytest
 
 from cifar_jax import evaluate, trainer
 from cifar_jax.checkpoint import Checkpoints
+from cifar_jax.data import pipeline
 from cifar_jax.runguard import WorkdirLock
 from tests.helpers import tiny_config
 
@@ -120,6 +122,44 @@ def test_nan_loss_stops_within_the_epoch_and_keeps_good_checkpoints(tmp_path):
         trainer.train_and_evaluate(bad, tmp_path, progress=False)
     assert Checkpoints(tmp_path, read_only=True).epochs() == [1]
     assert evaluate.restore(tmp_path, "latest").epoch == 1
+
+
+def _at_epoch_start(monkeypatch, epoch, action):
+    """Run `action` when the trainer starts 0-based `epoch`: with run-ahead, while the previous
+    epoch's log and checkpoint still wait behind the new epoch's first chunks."""
+    real = pipeline.epoch_order
+
+    def epoch_order(seed, e, n):
+        if e == epoch:
+            action()
+        return real(seed, e, n)
+
+    monkeypatch.setattr(pipeline, "epoch_order", epoch_order)
+
+
+def test_an_error_while_running_ahead_still_checkpoints_the_finished_epoch(tmp_path, monkeypatch):
+    def fail():
+        raise RuntimeError("device lost")
+
+    _at_epoch_start(monkeypatch, 1, fail)
+    with pytest.raises(RuntimeError, match="device lost"):
+        trainer.train_and_evaluate(tiny_config(num_epochs=2, run_ahead_chunks=2), tmp_path, progress=False)
+    assert Checkpoints(tmp_path, read_only=True).epochs() == [1]
+    assert len(_rows(tmp_path)) == 1
+
+
+def test_sigterm_while_running_ahead_saves_both_checkpoints_and_the_rerun_is_bit_identical(tmp_path, monkeypatch):
+    assert threading.current_thread() is threading.main_thread()  # where the trainer turns SIGTERM into a flag
+    config = tiny_config(num_epochs=3, run_ahead_chunks=2)
+    _at_epoch_start(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(trainer.Interrupted, match="stopped by SIGTERM at epoch 2, step 1 of 4"):
+        trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    assert Checkpoints(tmp_path / "run", read_only=True).epochs() == [1]
+    assert (tmp_path / "run" / "interrupted").is_dir()
+    trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    trainer.train_and_evaluate(config, tmp_path / "straight", progress=False)
+    _assert_same_run(tmp_path / "run", tmp_path / "straight")
 
 
 def test_a_changed_optimizer_is_not_mistaken_for_damage(tmp_path):
