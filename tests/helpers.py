@@ -1,9 +1,15 @@
-"""Helpers shared by tests: tiny configs, loading the PyTorch SimpleCNN's weights, one-line errors."""
+"""Helpers shared by tests: tiny configs, loading the PyTorch SimpleCNN's weights, one-line errors,
+comparing two training runs."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cifar_jax import config as config_lib
+from cifar_jax import evaluate
+
+TIMING_KEYS = {"epoch_time_s", "train_img_per_s", "compile_s", "first_step_s"}  # differ between identical runs
 
 
 def tiny_config(**overrides):
@@ -52,3 +58,14 @@ def assert_fails_in_one_line(main, argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def without_timing(rows):
+    """Metrics rows without the keys that differ between two identical runs."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def checkpoint_arrays(workdir, epoch="latest"):
+    """Every parameter and BatchNorm statistic of checkpoint `epoch` of `workdir`, as numpy arrays."""
+    restored = evaluate.restore(workdir, epoch)
+    return [np.asarray(x) for x in jax.tree.leaves((restored.params, restored.batch_stats))]

@@ -1,6 +1,5 @@
 """torchvision -> Flax conversion against real torchvision models (random weights, no download)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

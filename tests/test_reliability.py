@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -18,10 +17,9 @@ from cifar_jax import evaluate, trainer
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import WorkdirLock
-from tests.helpers import tiny_config
+from tests.helpers import checkpoint_arrays, tiny_config, without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = {"epoch_time_s", "train_img_per_s", "compile_s", "first_step_s"}
 
 
 def _tiny_file_config():
@@ -50,13 +48,7 @@ def _wait_for_rows(workdir, n, proc, timeout=180):
 
 
 def _rows(workdir):
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-def _final_arrays(workdir):
-    restored = evaluate.restore(workdir, "latest")
-    return [np.asarray(x) for x in jax.tree.leaves((restored.params, restored.batch_stats))]
+    return without_timing(json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +60,7 @@ def straight_run(tmp_path_factory):
 
 def _assert_same_run(a, b):
     assert _rows(a) == _rows(b)
-    for x, y in zip(_final_arrays(a), _final_arrays(b)):
+    for x, y in zip(checkpoint_arrays(a), checkpoint_arrays(b)):
         np.testing.assert_array_equal(x, y)
 
 

@@ -3,14 +3,13 @@
 import functools
 import json
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from cifar_jax import evaluate, pretrained, trainer
 from cifar_jax.checkpoint import Checkpoints
-from tests.helpers import tiny_config
+from tests.helpers import checkpoint_arrays, tiny_config, without_timing
 
 # Resuming (2 epochs, a stop, 2 more == 4 straight, bit for bit) is tested in test_reliability.py.
 
@@ -37,23 +36,20 @@ def test_several_steps_per_call_train_like_one_step_per_call(tmp_path):
     for one, fused in zip(runs[1], runs[4]):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert fused[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
-    restored = [evaluate.restore(tmp_path / str(k), "latest") for k in (1, 4)]
-    for a, b in zip(jax.tree.leaves((restored[0].params, restored[0].batch_stats)), jax.tree.leaves((restored[1].params, restored[1].batch_stats))):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    for a, b in zip(checkpoint_arrays(tmp_path / "1"), checkpoint_arrays(tmp_path / "4")):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_running_ahead_trains_and_checkpoints_like_a_run_that_does_not(tmp_path):
     # By default the next epoch's first chunks are queued before the host reads validation, logs
     # and checkpoints an epoch, which then saves a device copy of the epoch's state (the next chunk
     # has taken the state over). Every checkpoint must still hold its own epoch's state.
-    timing = {"epoch_time_s", "train_img_per_s", "compile_s", "first_step_s"}
     runs = {k: trainer.train_and_evaluate(tiny_config(num_epochs=3, run_ahead_chunks=k), tmp_path / str(k), progress=False) for k in (0, 2)}
-    assert [{k: v for k, v in r.items() if k not in timing} for r in runs[2]] == [{k: v for k, v in r.items() if k not in timing} for r in runs[0]]
+    assert without_timing(runs[2]) == without_timing(runs[0])
     assert Checkpoints(tmp_path / "2", read_only=True).epochs() == [1, 2, 3]
     for epoch in (1, 2, 3):
-        ahead, plain = (evaluate.restore(tmp_path / str(k), epoch) for k in (2, 0))
-        for a, b in zip(jax.tree.leaves((ahead.params, ahead.batch_stats)), jax.tree.leaves((plain.params, plain.batch_stats))):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(checkpoint_arrays(tmp_path / "2", epoch), checkpoint_arrays(tmp_path / "0", epoch)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_bfloat16_compute_trains_like_float32(tmp_path):
