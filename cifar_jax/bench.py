@@ -10,7 +10,8 @@ ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each c
             flip, colour jitter) and resizes its batch on the device; PyTorch: the torchvision
             model's step on a batch already on the device. Same global batch, AdamW, label-smoothed
             cross-entropy on both sides.
-  eval      forward passes in eval mode, one batch of `--eval_batch_size` per call.
+  eval      forward passes in eval mode, batches of `--eval_batch_size`: as many per jitted call
+            as the trainer fuses for a 10,000-image split (all 20 at batch 500), at most `--steps`.
   epoch     one whole training epoch including the input pipeline: ours on the device against
             PyTorch's DataLoader (workers = cores) with torchvision transforms on PIL images, as
             in the study's starter loop. `--data` takes the CIFAR-100 npz (its 40,000-image
@@ -21,7 +22,8 @@ ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each c
 traced time the device was busy and which kernels took it (cifar_jax/profiling.py).
 
 Throughput is the median over timed windows after warm-up (JAX: one window is one jitted call of
-`steps_per_call` steps; PyTorch: the same number of steps). Where the work runs asynchronously
+`steps_per_call` steps, or of the eval batches fused per call; PyTorch: the same number of steps
+or batches). Where the work runs asynchronously
 (JAX; PyTorch on a GPU) each timed window starts before the previous one is waited for, as in a
 training loop without host syncs, and lasts from the end of the one before to its own end.
 Compile time is reported apart: the first window's time minus a steady one. PyTorch runs at its best on the
@@ -61,6 +63,7 @@ FRAMEWORKS = ("jax", "torch")
 TORCH_MODES = ("eager", "compile", "cudagraphs")
 NUM_CLASSES = 100
 NUM_TRAIN = 40_000  # CIFAR-100's training split after the validation split: sets the steps fused per call
+NUM_EVAL = 10_000  # the validation split (and the test set): sets the eval batches fused per call
 LR, WEIGHT_DECAY, LABEL_SMOOTHING, COLOR_JITTER = 1e-3, 5e-4, 0.1, (0.2, 0.2, 0.2)
 
 
@@ -212,8 +215,18 @@ def jax_config(case: Case, opts):
     c.label_smoothing = LABEL_SMOOTHING
     c.schedule.per = "step"
     c.steps_per_call = opts.steps_per_call
+    c.eval_batches_per_call = opts.eval_batches_per_call
     config_lib.validate(c)
     return c
+
+
+def eval_window(config, timed_batches: int) -> int:
+    """Eval batches per timed window, on both sides: what the trainer fuses into one jitted call
+    for a NUM_EVAL-image split, but no more than the batches to time (`--steps`)."""
+    from cifar_jax import steps, trainer
+
+    wanted = min(trainer.eval_batches_per_call(config), timed_batches)
+    return steps.eval_calls(-(-NUM_EVAL // config.eval_batch_size), wanted)[0]
 
 
 class JaxSide:
@@ -296,18 +309,21 @@ class JaxSide:
 
         from cifar_jax import steps
 
+        per_call = eval_window(self.config, opts.steps)
         batch_logits = steps.make_batch_logits(self.graphdef_eval, preprocess=self.preprocess,
                                                batch_size=opts.eval_batch_size, sharding=self.sharding)
-        x, _ = _random_uint8(opts.eval_batch_size)
+        x, _ = _random_uint8(per_call * opts.eval_batch_size)
         x = self.put(x)
-        b = jnp.int32(0)
+        first = jnp.int32(0)
 
         def window():
-            return batch_logits(self.state["params"], self.state["batch_stats"], x, b)
+            return batch_logits(self.state["params"], self.state["batch_stats"], x, first, per_call=per_call)
 
-        first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, opts.steps)
-        return _row(case, opts, "jax", "eval", self.dtype, self.device, _median_rate(opts.eval_batch_size, times),
-                    first_s - statistics.median(times), batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
+        windows = -(-opts.steps // per_call)
+        first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
+        return _row(case, opts, "jax", "eval", f"{self.dtype}, {per_call} batches/call", self.device,
+                    _median_rate(per_call * opts.eval_batch_size, times), first_s - statistics.median(times),
+                    batch_size=opts.eval_batch_size, step_ms=_ms(times, per_call))
 
     def pipeline(self, opts, case):
         """The input pipeline alone, run as the training step runs it: `steps_per_call` batches per
@@ -496,22 +512,24 @@ class TorchSide:
         return _row(case, opts, "torch", "train", self.variant, self.device, _median_rate(window_steps * opts.batch_size, times),
                     first_s - statistics.median(times) if self.compiled else None, step_ms=_ms(times, window_steps))
 
-    def eval(self, opts, case):
+    def eval(self, opts, case, window_batches):
         torch = self.torch
         x, _ = self.batch(opts.eval_batch_size, case.image_size)
         self.model.eval()
 
         def window():
-            if self.mode == "cudagraphs":
-                torch.compiler.cudagraph_mark_step_begin()
-            with torch.inference_mode(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda):
-                self.forward(x)
+            for _ in range(window_batches):
+                if self.mode == "cudagraphs":
+                    torch.compiler.cudagraph_mark_step_begin()
+                with torch.inference_mode(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda):
+                    self.forward(x)
             return self.mark()
 
-        first_s, times = timed_windows(window, self.wait, opts.warmup, opts.steps, overlap=self.cuda)
-        return _row(case, opts, "torch", "eval", self.variant, self.device, _median_rate(opts.eval_batch_size, times),
+        windows = -(-opts.steps // window_batches)
+        first_s, times = timed_windows(window, self.wait, opts.warmup, windows, overlap=self.cuda)
+        return _row(case, opts, "torch", "eval", self.variant, self.device, _median_rate(window_batches * opts.eval_batch_size, times),
                     first_s - statistics.median(times) if self.compiled else None,
-                    batch_size=opts.eval_batch_size, step_ms=_ms(times, 1))
+                    batch_size=opts.eval_batch_size, step_ms=_ms(times, window_batches))
 
     def epoch(self, opts, case, images, labels):
         torch = self.torch
@@ -554,9 +572,11 @@ def run_torch(cases, modes, opts, epoch_data, log, record) -> None:
 
     backend = "gpu" if torch.cuda.is_available() else "cpu"
     for case in cases:
-        # Time PyTorch in windows as long as one of JAX's jitted calls (the trainer's rule, decided
+        # Time PyTorch in windows as long as one of JAX's jitted calls (the trainer's rules, decided
         # without starting JAX's runtime yet).
-        window_steps = trainer.steps_per_call(jax_config(case, opts), _num_train(modes, epoch_data) // opts.batch_size, backend)
+        config = jax_config(case, opts)
+        window_steps = trainer.steps_per_call(config, _num_train(modes, epoch_data) // opts.batch_size, backend)
+        window_batches = eval_window(config, opts.steps)
         for torch_mode in opts.torch_modes:
             side = TorchSide(case, opts, torch_mode)
             for mode in (m for m in modes if m != "pipeline"):
@@ -564,7 +584,7 @@ def run_torch(cases, modes, opts, epoch_data, log, record) -> None:
                 if mode == "train":
                     record(side.train(opts, case, window_steps))
                 elif mode == "eval":
-                    record(side.eval(opts, case))
+                    record(side.eval(opts, case, window_batches))
                 else:
                     record(side.epoch(opts, case, *epoch_data))
             del side
@@ -646,6 +666,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed training steps or eval batches (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed windows first, including compilation (default: %(default)s)")
     p.add_argument("--steps_per_call", type=int, default=0, help="JAX steps per jitted call (0: the trainer's choice)")
+    p.add_argument("--eval_batches_per_call", type=int, default=0,
+                   help="JAX eval batches per jitted call (0: the trainer's choice for a 10,000-image split)")
     p.add_argument("--data", help="CIFAR-100 npz for --modes epoch (its 40,000-image training split)")
     p.add_argument("--epoch_images", type=int, default=10_000, help="random images per epoch without --data")
     p.add_argument("--workers", type=int, default=-1, help="PyTorch DataLoader workers (default: the number of cores)")
@@ -663,6 +685,9 @@ def check(opts):
     for name in ("batch_size", "eval_batch_size", "steps"):
         if getattr(opts, name) < 1:
             raise BenchError(f"--{name}={getattr(opts, name)} must be at least 1")
+    for name in ("steps_per_call", "eval_batches_per_call"):
+        if getattr(opts, name) < 0:
+            raise BenchError(f"--{name}={getattr(opts, name)} must be at least 0 (0: the trainer's choice)")
     if opts.warmup < 1:
         raise BenchError(f"--warmup={opts.warmup} must be at least 1 (the first call compiles)")
     if "torch" in frameworks:

@@ -25,6 +25,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.label_smoothing = 0.0
     c.steps_per_call = 0  # training steps per jitted call (lax.fori_loop); 0 = automatic (1 on CPU, up to 16 on GPU)
+    c.eval_batches_per_call = 0  # evaluation batches per jitted call; 0 = automatic (a whole split)
     c.run_ahead_chunks = 4  # chunks of the next epoch queued before the host logs and checkpoints an epoch; 0 = off
     c.distributed = False  # jax.distributed.initialize() for multi-process runs
 
@@ -115,6 +116,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("schedule.warmup_epochs", c.schedule.warmup_epochs, "must be >= 0 and shorter than the (last) phase")
     if c.steps_per_call < 0:
         _fail("steps_per_call", c.steps_per_call, "must be >= 0 (0 = automatic)")
+    if c.eval_batches_per_call < 0:
+        _fail("eval_batches_per_call", c.eval_batches_per_call, "must be >= 0 (0 = automatic)")
     if c.run_ahead_chunks < 0:
         _fail("run_ahead_chunks", c.run_ahead_chunks, "must be >= 0 (0 = off)")
     if c.model.name == "simple_cnn" and c.data.image_size != 32:

@@ -97,7 +97,8 @@ def predict(restored: Restored, images: np.ndarray, batch_size: int | None = Non
     batch_size = batch_size or restored.config.eval_batch_size
     run = steps.make_predict(
         restored.graphdef, preprocess=pipeline.Preprocess.from_config(restored.config.data),
-        batch_size=batch_size, sharding=pipeline.batch_sharding(mesh),
+        batch_size=batch_size, batches_per_call=trainer.eval_batches_per_call(restored.config),
+        sharding=pipeline.batch_sharding(mesh),
     )
     return np.asarray(run(restored.params, restored.batch_stats, pipeline.replicate(images, mesh)))
 

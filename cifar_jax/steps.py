@@ -11,6 +11,7 @@ The train state is a dict pytree: `params` (nnx.State of all parameters), `batch
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -110,53 +111,74 @@ def make_train_chunk(cfg: StepConfig, num_steps: int) -> Callable:
     return jax.jit(chunk, donate_argnums=0)
 
 
-def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: int, label_smoothing: float, sharding=None):
-    """(params, batch_stats, images, labels) -> {loss_sum, correct, count} over a whole split, in
-    padded, masked batches (every example counted once). One jitted call per batch, summed on
-    device: no host sync until the caller reads the result. (Not a fori_loop: on CPU, XLA runs a
-    loop body many times slower than the same computation called directly.)"""
+def eval_calls(num_batches: int, batches_per_call: int) -> tuple[int, int]:
+    """(batches per call, calls) for `num_batches` eval batches, at most `batches_per_call` a call:
+    the calls are of equal size (one program), the last one padded with whole masked batches."""
+    calls = -(-num_batches // max(min(batches_per_call, num_batches), 1))
+    return -(-num_batches // calls), calls
 
-    @jax.jit
-    def add_batch(params, batch_stats, images, labels, b, sums):
+
+def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: int, label_smoothing: float,
+                   batches_per_call: int = 1, sharding=None):
+    """(params, batch_stats, images, labels) -> {loss_sum, correct, count} over a whole split, in
+    padded, masked batches (every example counted once), up to `batches_per_call` batches per
+    jitted call (a fori_loop), summed on device: no host sync until the caller reads the result."""
+
+    @functools.partial(jax.jit, static_argnames="per_call")
+    def add_batches(params, batch_stats, images, labels, first, sums, per_call):
         model = nnx.merge(graphdef_eval, params, batch_stats, copy=True)
-        x, y, mask = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
-        logits = model(x)
-        loss = cross_entropy(logits, y, num_classes, label_smoothing)
-        return {
-            "loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(mask, loss, 0.0)),
-            "correct": sums["correct"] + jnp.sum((jnp.argmax(logits, -1) == y) & mask).astype(jnp.int32),
-            "count": sums["count"] + jnp.sum(mask).astype(jnp.int32),
-        }
+
+        def add_batch(b, sums):
+            x, y, mask = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
+            logits = model(x)
+            loss = cross_entropy(logits, y, num_classes, label_smoothing)
+            return {
+                "loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(mask, loss, 0.0)),
+                "correct": sums["correct"] + jnp.sum((jnp.argmax(logits, -1) == y) & mask).astype(jnp.int32),
+                "count": sums["count"] + jnp.sum(mask).astype(jnp.int32),
+            }
+
+        if per_call == 1:
+            return add_batch(first, sums)
+        return jax.lax.fori_loop(0, per_call, lambda i, s: add_batch(first + i, s), sums)
 
     def run(params, batch_stats, images, labels):
+        per_call, calls = eval_calls(pipeline.num_eval_batches(images.shape[0], batch_size), batches_per_call)
         sums = {k: v for k, v in zero_metrics().items() if k != "nonfinite_steps"}
-        for b in range(pipeline.num_eval_batches(images.shape[0], batch_size)):
-            sums = add_batch(params, batch_stats, images, labels, jnp.int32(b), sums)
+        for c in range(calls):
+            sums = add_batches(params, batch_stats, images, labels, jnp.int32(c * per_call), sums, per_call=per_call)
         return sums
 
     return run
 
 
 def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=None):
-    """jit(params, batch_stats, images, b) -> logits of eval batch `b` of `images` (padded)."""
+    """jit(params, batch_stats, images, first, per_call=1) -> logits of the `per_call` eval batches
+    from batch `first` of `images` (padded), shaped (per_call, batch_size, classes) if per_call > 1."""
 
-    @jax.jit
-    def batch_logits(params, batch_stats, images, b):
+    @functools.partial(jax.jit, static_argnames="per_call")
+    def batch_logits(params, batch_stats, images, first, per_call=1):
         model = nnx.merge(graphdef_eval, params, batch_stats, copy=True)
         labels = jnp.zeros((images.shape[0],), jnp.int32)
-        x, _, _ = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
-        return model(x)
+
+        def logits_of(b):
+            x, _, _ = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
+            return model(x)
+
+        return logits_of(first) if per_call == 1 else jax.lax.map(logits_of, first + jnp.arange(per_call))
 
     return batch_logits
 
 
-def make_predict(graphdef_eval, *, preprocess, batch_size: int, sharding=None):
-    """(params, batch_stats, images) -> logits of every example (padding removed), batch by batch."""
+def make_predict(graphdef_eval, *, preprocess, batch_size: int, batches_per_call: int = 1, sharding=None):
+    """(params, batch_stats, images) -> logits of every example (padding removed), up to
+    `batches_per_call` batches per jitted call."""
     batch_logits = make_batch_logits(graphdef_eval, preprocess=preprocess, batch_size=batch_size, sharding=sharding)
 
     def run(params, batch_stats, images):
         n = images.shape[0]
-        logits = [batch_logits(params, batch_stats, images, jnp.int32(b)) for b in range(pipeline.num_eval_batches(n, batch_size))]
-        return jnp.concatenate(logits)[:n]
+        per_call, calls = eval_calls(pipeline.num_eval_batches(n, batch_size), batches_per_call)
+        logits = [batch_logits(params, batch_stats, images, jnp.int32(c * per_call), per_call=per_call) for c in range(calls)]
+        return jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in logits])[:n]
 
     return run

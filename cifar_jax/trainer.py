@@ -89,6 +89,14 @@ def steps_per_call(config, steps_per_epoch: int, backend: str | None = None) -> 
     return max(d for d in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
 
 
+def eval_batches_per_call(config) -> int:
+    """Evaluation batches fused into one jitted call (a fori_loop), as configured or automatically:
+    a whole split (`steps.eval_calls` makes the calls equal). Unlike training steps, evaluation
+    runs faster in a loop even on CPU: 10,000 images, batch 500, 20 batches per call against 1,
+    SimpleCNN 3,847 -> 4,846 img/s, ResNet-50 @32 848 -> 1,035 img/s."""
+    return config.get("eval_batches_per_call", 0) or 2**31 - 1  # the key is absent from configs saved before it
+
+
 @jax.jit
 def _copy(tree):
     """A copy of `tree` on the device: what an epoch's checkpoint saves once the next chunk has the state."""
@@ -236,7 +244,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
     eval_sums = steps.make_eval_sums(
         graphdef_eval, preprocess=preprocess, batch_size=config.eval_batch_size, num_classes=splits.num_classes,
-        label_smoothing=config.label_smoothing, sharding=sharding,
+        label_smoothing=config.label_smoothing, batches_per_call=eval_batches_per_call(config), sharding=sharding,
     )
 
     def phase_setup(phase: Phase, params):

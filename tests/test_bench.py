@@ -69,6 +69,8 @@ def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):
     assert by["jax", "train"]["compile_s"] > 0  # compiled in this run: the bench bypasses the persistent cache
     assert by["torch", "train"]["compile_s"] is None  # eager PyTorch compiles nothing
     assert by["jax", "eval"]["batch_size"] == 8
+    # Eval fuses batches per call like the trainer (a whole split), at most the --steps timed.
+    assert by["jax", "eval"]["variant"].endswith("2 batches/call")
 
 
 def test_out_keeps_the_measurements_made_before_a_run_is_cut_short(tmp_path, monkeypatch):
