@@ -146,6 +146,51 @@ def test_conv_as_patch_matmul_equals_xla_convolution(kernel, stride, padding, si
 
 
 @pytest.mark.parametrize(
+    "kernel,stride,padding,size", [(3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 9), (3, 1, 0, 7), (7, 2, 3, 16), (7, 2, 3, 15), (1, 2, 0, 8), (1, 2, 0, 7)],
+)
+def test_conv_nhwc_gradients_equal_autodiff_of_xla_convolution(x64, kernel, stride, padding, size):
+    from cifar_jax.models.layers import conv_nhwc
+
+    rng = np.random.default_rng(0)
+    x, k = jnp.asarray(rng.normal(size=(3, size, size, 5))), jnp.asarray(rng.normal(size=(kernel, kernel, 5, 4)))
+    strides, pads = (stride, stride), ((padding, padding), (padding, padding))
+    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, k: conv_nhwc(x, k, strides, pads)
+    dy = jnp.asarray(rng.normal(size=ref(x, k).shape))
+    np.testing.assert_array_equal(ours(x, k), ref(x, k))
+    for got, want in zip(jax.vjp(ours, x, k)[1](dy), jax.vjp(ref, x, k)[1](dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_kernel_gradient_is_not_slow_inside_a_loop():
+    """XLA:CPU moves a kernel gradient into the layout its fast convolution takes only outside loops;
+    in a fori_loop (several training steps per call) it ran ~100x slower. conv_nhwc writes it in that
+    layout itself: a loop step must cost about what a step alone does (loose bound: 5x)."""
+    import statistics
+    import time
+
+    from cifar_jax.models.layers import conv_nhwc
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 16, 16, 32)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 32, 64)), jnp.float32)
+    kernel_grad = jax.grad(lambda k, x: conv_nhwc(x, k, (1, 1), ((1, 1), (1, 1))).sum())
+    alone = jax.jit(kernel_grad)
+    loop = jax.jit(lambda k, x: jax.lax.fori_loop(0, 4, lambda i, acc: acc + kernel_grad(k, x + i), jnp.zeros_like(k)))
+
+    def seconds(f):
+        jax.block_until_ready(f(k, x))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(k, x))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    assert seconds(loop) / 4 < 5 * seconds(alone)
+
+
+@pytest.mark.parametrize(
     "window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 3, 0, 7), (3, 2, 1, 16), (3, 2, 1, 15), (3, 1, 1, 6)]
 )
 def test_max_pool_gradient_goes_to_the_first_tied_maximum_like_pytorch(window, stride, padding, size):
