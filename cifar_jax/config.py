@@ -24,7 +24,7 @@ def base() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices
     c.eval_batch_size = 500
     c.label_smoothing = 0.0
-    c.steps_per_call = 0  # training steps per jitted call (lax.fori_loop); 0 = automatic (1 on CPU, up to 16 on GPU)
+    c.steps_per_call = 0  # training steps per jitted call (lax.fori_loop); 0 = automatic (up to 4 on CPU, 16 on GPU)
     c.eval_batches_per_call = 0  # evaluation batches per jitted call; 0 = automatic (a whole split)
     c.run_ahead_chunks = 4  # chunks of the next epoch queued before the host logs and checkpoints an epoch; 0 = off
     c.distributed = False  # jax.distributed.initialize() for multi-process runs

@@ -142,7 +142,8 @@ def test_an_error_while_running_ahead_still_checkpoints_the_finished_epoch(tmp_p
 
 def test_sigterm_while_running_ahead_saves_both_checkpoints_and_the_rerun_is_bit_identical(tmp_path, monkeypatch):
     assert threading.current_thread() is threading.main_thread()  # where the trainer turns SIGTERM into a flag
-    config = tiny_config(num_epochs=3, run_ahead_chunks=2)
+    # One step per call, so that the 2 chunks run ahead are half of the next epoch's 4 steps.
+    config = tiny_config(num_epochs=3, run_ahead_chunks=2, steps_per_call=1)
     _at_epoch_start(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(trainer.Interrupted, match="stopped by SIGTERM at epoch 2, step 1 of 4"):
         trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
