@@ -96,5 +96,7 @@ done
 for case in simple_cnn@32 resnet50@32 resnet34@32 resnet50@224; do case_items "$case" compile; done
 # dispatch: one step per jitted call against the default fusion of several
 item one_step_per_call 40 90 python3 -m cifar_jax.bench --cases resnet50@32 --modes train --frameworks jax --steps_per_call 1 --steps 64 --out "$json_dir/one_step_per_call.json"
+# and one eval batch per call against a whole 10,000-image split per call (the default)
+item one_eval_batch_per_call 30 90 python3 -m cifar_jax.bench --cases simple_cnn@32,resnet50@32 --modes eval --frameworks jax --eval_batches_per_call 1 --steps 64 --out "$json_dir/one_eval_batch_per_call.json"
 item epoch_simple_cnn_32 40 90 python3 -m cifar_jax.bench --cases simple_cnn@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_simple_cnn_32.json"
 echo "$(date -u +%T) all done" | tee -a "$log"
