@@ -1,5 +1,10 @@
 """Evaluation several batches per jitted call (the default: a whole split) against one per call."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -58,3 +63,21 @@ def test_fused_eval_predicts_and_sums_like_one_batch_per_call(eval_model, per_ca
     expected_loss = np.asarray(steps.cross_entropy(logits[1], labels, 10, 0.1)).sum()
     np.testing.assert_allclose(sums[per_call]["loss_sum"], sums[1]["loss_sum"], rtol=1e-5)
     np.testing.assert_allclose(sums[per_call]["loss_sum"], expected_loss, rtol=1e-4)
+
+
+def _eval_probe(devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "tests", "eval_probe.py")], env=env, cwd=root,
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fused_eval_over_8_devices_equals_one_device():
+    """Each batch sharded over the mesh, two batches per call (the last call padded)."""
+    one, eight = _eval_probe(1), _eval_probe(8)
+    assert one["devices"] == 1 and eight["devices"] == 8
+    np.testing.assert_allclose(eight["logits"], one["logits"], rtol=1e-5, atol=1e-5)
+    assert np.asarray(one["logits"]).shape == (23, 10)
+    assert eight["sums"]["count"] == one["sums"]["count"] == 23 and eight["sums"]["correct"] == one["sums"]["correct"]
+    assert eight["sums"]["loss_sum"] == pytest.approx(one["sums"]["loss_sum"], rel=1e-5)
