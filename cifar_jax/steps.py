@@ -138,8 +138,6 @@ def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: i
                 "count": sums["count"] + jnp.sum(mask).astype(jnp.int32),
             }
 
-        if per_call == 1:
-            return add_batch(first, sums)
         return jax.lax.fori_loop(0, per_call, lambda i, s: add_batch(first + i, s), sums)
 
     def run(params, batch_stats, images, labels):
@@ -154,7 +152,7 @@ def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: i
 
 def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=None):
     """jit(params, batch_stats, images, first, per_call=1) -> logits of the `per_call` eval batches
-    from batch `first` of `images` (padded), shaped (per_call, batch_size, classes) if per_call > 1."""
+    from batch `first` of `images` (padded), shaped (per_call, batch_size, classes)."""
 
     @functools.partial(jax.jit, static_argnames="per_call")
     def batch_logits(params, batch_stats, images, first, per_call=1):
@@ -165,7 +163,7 @@ def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=No
             x, _, _ = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
             return model(x)
 
-        return logits_of(first) if per_call == 1 else jax.lax.map(logits_of, first + jnp.arange(per_call))
+        return jax.lax.map(logits_of, first + jnp.arange(per_call))
 
     return batch_logits
 
@@ -179,6 +177,6 @@ def make_predict(graphdef_eval, *, preprocess, batch_size: int, batches_per_call
         n = images.shape[0]
         per_call, calls = eval_calls(pipeline.num_eval_batches(n, batch_size), batches_per_call)
         logits = [batch_logits(params, batch_stats, images, jnp.int32(c * per_call), per_call=per_call) for c in range(calls)]
-        return jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in logits])[:n]
+        return jnp.concatenate(logits).reshape(-1, logits[0].shape[-1])[:n]
 
     return run

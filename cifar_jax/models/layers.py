@@ -42,8 +42,8 @@ class Conv(nnx.Conv):
       maps), which XLA:CPU rewrites into a form it runs 20-80x slower than the same FLOPs on a
       larger map: a 3x3 conv of 100x2x2x256 -> 256 took 112 ms against 5 ms at 4x4x128 -> 128.
 
-    All other convolutions run `conv_nhwc` on CPU (XLA's convolution, with a kernel gradient that
-    stays fast inside loops), and nnx.Conv's convolution on other backends.
+    All other convolutions run `conv_nhwc` on CPU (XLA's convolution, with gradients that stay
+    fast inside loops), and nnx.Conv's convolution on other backends.
     """
 
     def __call__(self, x):
@@ -53,14 +53,15 @@ class Conv(nnx.Conv):
         if jax.default_backend() != "cpu":
             return super().__call__(x)
         dtype = self.dtype or x.dtype
+        x, kernel = x.astype(dtype), self.kernel[...].astype(dtype)
         if (kh, kw) != (1, 1) and min(oh, ow) > 2:
-            y = conv_nhwc(x.astype(dtype), self.kernel[...].astype(dtype), self.strides, self.padding)
-            return y + self.bias[...].astype(dtype) if self.use_bias else y
-        x = jnp.pad(x.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-        patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)  # in the kernel's (H, W, I) order
-        # As a 2-D matmul: XLA:CPU ran the same product on 4-D patches up to 3x slower.
-        y = patches.reshape(-1, patches.shape[-1]) @ self.kernel[...].astype(dtype).reshape(-1, self.out_features)
-        y = y.reshape(*patches.shape[:-1], self.out_features)
+            y = conv_nhwc(x, kernel, self.strides, self.padding)
+        else:
+            x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+            patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)  # in the kernel's (H, W, I) order
+            # As a 2-D matmul: XLA:CPU ran the same product on 4-D patches up to 3x slower.
+            y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, self.out_features)
+            y = y.reshape(*patches.shape[:-1], self.out_features)
         return y + self.bias[...].astype(dtype) if self.use_bias else y
 
 
@@ -76,8 +77,8 @@ def conv_nhwc(x, kernel, strides, padding):
     return _conv(x, kernel, strides, padding)
 
 
-def _conv(x, kernel, strides, padding):
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _conv(x, kernel, strides, padding, **dilation):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **dilation)
 
 
 def _conv_nhwc_fwd(x, kernel, strides, padding):
@@ -86,21 +87,17 @@ def _conv_nhwc_fwd(x, kernel, strides, padding):
 
 def _conv_nhwc_bwd(strides, padding, residuals, dy):
     x, kernel = residuals
+    # Per spatial axis: how far past the input the last window offset reads (at most the forward's
+    # high padding; less with a stride that does not divide the padded input).
+    reach = [k + s * (o - 1) - size - low
+             for k, s, o, size, (low, _) in zip(kernel.shape[:2], strides, dy.shape[1:3], x.shape[1:3], padding)]
     # dX: dy, dilated by the stride, convolved with the kernel flipped in space and transposed (O, I).
-    dx = jax.lax.conv_general_dilated(
-        dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), (1, 1),
-        [(k - 1 - low, size + low - s * (o - 1) - 1)
-         for k, s, o, size, (low, _) in zip(kernel.shape[:2], strides, dy.shape[1:3], x.shape[1:3], padding)],
-        lhs_dilation=strides, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), (1, 1),
+               [(k - 1 - low, k - 1 - r) for k, (low, _), r in zip(kernel.shape[:2], padding, reach)], lhs_dilation=strides)
     # dK[i, j, c, o] = sum over n, h, w of x_padded[n, s*h + i, s*w + j, c] * dy[n, h, w, o]: a
-    # convolution of x (C, H, W, N) by dy as an (Ho, Wo, N, O) kernel dilated by the stride, with
-    # the high padding cut to what the last window offset reads (less than the forward's with a stride).
-    high = [k + s * (o - 1) - size - low for k, s, o, size, (low, _) in zip(kernel.shape[:2], strides, dy.shape[1:3], x.shape[1:3], padding)]
-    dk = jax.lax.conv_general_dilated(
-        jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1), [(low, h) for (low, _), h in zip(padding, high)],
-        rhs_dilation=strides, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    # convolution of x as (C, H, W, N) by dy as an (Ho, Wo, N, O) kernel dilated by the stride.
+    dk = _conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
+               [(low, r) for (low, _), r in zip(padding, reach)], rhs_dilation=strides)
     return dx, jnp.transpose(dk, (1, 2, 0, 3))
 
 
