@@ -69,7 +69,9 @@ def base() -> ml_collections.ConfigDict:
     c.schedule.warmup_start_factor = 0.1
     c.schedule.min_lr = 0.0  # CosineAnnealingLR's eta_min
 
-    c.checkpoint = ml_collections.ConfigDict(dict(keep=3))
+    # Orbax checkpoints: one every `every_epochs` epochs and at the end (the last `keep` of them kept,
+    # plus the best by validation accuracy among those saved); a stop by signal saves where it is.
+    c.checkpoint = ml_collections.ConfigDict(dict(keep=3, every_epochs=1))
 
     c.wandb = ml_collections.ConfigDict(dict(mode="disabled", project="cifar_jax", entity="", name=""))
     return c
@@ -96,7 +98,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _choice("schedule.name", c.schedule.name, SCHEDULES)
     _choice("schedule.per", c.schedule.per, ("epoch", "step"))
     _choice("wandb.mode", c.wandb.mode, ("online", "offline", "disabled"))
-    for key in ("num_epochs", "batch_size", "eval_batch_size", "model.num_classes", "data.image_size", "checkpoint.keep"):
+    for key in ("num_epochs", "batch_size", "eval_batch_size", "model.num_classes", "data.image_size", "checkpoint.keep",
+                "checkpoint.every_epochs"):
         value = c[key] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
         if not isinstance(value, int) or value <= 0:
             _fail(key, value, "must be a positive integer")

@@ -182,9 +182,12 @@ def _to_host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s):
+def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s, val_s, host_s, checkpoint_s):
     def mean(sums, key):
         return float(sums[key]) / max(int(sums["count"]), 1)
+
+    def seconds(t):
+        return None if t is None else round(t, 3)
 
     return {
         "epoch": epoch + 1,
@@ -196,6 +199,9 @@ def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s):
         "lr": lr,
         "epoch_time_s": round(epoch_time, 3),
         "train_img_per_s": round(img_per_s, 1),
+        "val_s": seconds(val_s),
+        "host_s": seconds(host_s),
+        "checkpoint_s": seconds(checkpoint_s),
     }
 
 
@@ -293,12 +299,29 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     ahead = config.run_ahead_chunks
     stop = StopSignals()
 
-    def end_epoch(epoch, phase, first_step, sums, val_sums, lr, t_epoch, train_time, seen_before, state) -> float:
-        """The host's work after an epoch: read validation, log, plot, checkpoint `state` (the
-        state at the end of `epoch`). Returns the time validation was read: the epoch's end."""
+    def checkpoint_due(epoch) -> bool:
+        """Whether `epoch` ends with a checkpoint on schedule: every `checkpoint.every_epochs`, the
+        last epoch, and the epoch a mid-epoch checkpoint resumed (which that one makes obsolete)."""
+        return ((epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == config.num_epochs
+                or (epoch == start_epoch and start_step > 0))
+
+    def kept_checkpoints(epoch) -> str:
+        """What an error in `epoch` leaves: the checkpoints of the epochs before it that were due."""
+        last = max([e + 1 for e in range(start_epoch, epoch) if checkpoint_due(e)] + [latest or 0])
+        return f"checkpoints up to epoch {last} are kept in {ckpts.directory}." if last else "no checkpoint was saved yet."
+
+    # The end-of-epoch work of the previous epoch, done inside the next epoch's time: in its row.
+    host_times = {"host_s": None, "checkpoint_s": None}
+    saved = {"epoch": None, "meta": None}  # the last finished epoch: saved or not, and its checkpoint meta
+
+    def end_epoch(epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch, train_time, seen_before, state) -> float:
+        """The host's work after an epoch: read validation, log, plot, and checkpoint `state` (the
+        state at the end of `epoch`, or None) if the schedule says so. Returns the time validation
+        was read: the epoch's end."""
         val = _to_host(val_sums) if val_sums is not None else None
         t_end = time.perf_counter()
-        row = _epoch_row(epoch, phase, sums, val, lr, t_end - t_epoch, (sums["count"] - seen_before) / train_time)
+        row = _epoch_row(epoch, phase, sums, val, lr, t_end - t_epoch, (sums["count"] - seen_before) / train_time,
+                         val_s=t_end - t_val if val is not None else None, **host_times)
         if epoch == start_epoch and compile_s is not None:
             row["compile_s"] = round(compile_s, 2)
             row["first_step_s"] = round(first_step_s, 2)
@@ -311,10 +334,17 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                 epoch + 1, config.num_epochs, row["train_loss"], row["train_acc"],
                 _fmt(row["val_loss"]), _fmt(row["val_acc"]), lr, row["epoch_time_s"], row["train_img_per_s"],
             )
-        _save_or_fail(lambda: ckpts.save(epoch + 1, state, {"epoch": epoch + 1, "phase": phase.name, "row": row}), ckpts)
-        if epoch == start_epoch and first_step:
-            _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
-            ckpts.clear_interrupted()
+        meta = {"epoch": epoch + 1, "phase": phase.name, "row": row}
+        t_save = time.perf_counter()
+        save = state is not None and checkpoint_due(epoch)
+        if save:
+            _save_or_fail(lambda: ckpts.save(epoch + 1, state, meta), ckpts)
+            if epoch == start_epoch and first_step:
+                _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
+                ckpts.clear_interrupted()
+        t_done = time.perf_counter()
+        host_times.update(host_s=t_done - t_end, checkpoint_s=t_done - t_save if save else None)
+        saved.update(epoch=epoch if save else None, meta=meta)
         return t_end
 
     # The previous epoch's `end_epoch`, while its run-ahead chunks of the next epoch are queued.
@@ -354,7 +384,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                     if sums["nonfinite_steps"]:
                         raise TrainingError(
                             f"loss became NaN/Inf in epoch {epoch + 1}, steps {first + 1}-{first + this_chunk} of {steps_per_epoch} "
-                            f"(lr {lr:g}); checkpoints up to epoch {epoch} are kept in {ckpts.directory}. Lower optimizer.lr?"
+                            f"(lr {lr:g}); {kept_checkpoints(epoch)} Lower optimizer.lr?"
                         )
                     if bar is not None:
                         bar.update(this_chunk)
@@ -387,18 +417,25 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                 train_time = time.perf_counter() - t_train
                 if bar is not None:
                     bar.close()
+                t_val = time.perf_counter()
                 val_sums = eval_sums(state["params"], state["batch_stats"], val_x, val_y) if val_x is not None else None
                 # Run ahead: queue the next epoch's first chunks before this epoch's host work, which then
-                # saves a device copy of the state (the next chunk takes `state` over).
+                # saves a device copy of the state (the next chunk takes `state` over), if a checkpoint is due.
                 run_ahead = (ahead and epoch + 1 < config.num_epochs and not stop.requested
                              and phase_of(config, epoch + 1) == phase and (phase.name, chunk) in compiled)
-                finish = functools.partial(end_epoch, epoch, phase, first_step, sums, val_sums, lr, t_epoch, train_time,
-                                           seen_before, _copy(state) if run_ahead else state)
+                if run_ahead:
+                    epoch_state = _copy(state) if checkpoint_due(epoch) else None  # a stop in the next epoch saves mid-epoch
+                else:
+                    epoch_state = state
+                finish = functools.partial(end_epoch, epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch,
+                                           train_time, seen_before, epoch_state)
                 if run_ahead:
                     deferred, t_last_end = finish, None
                     continue
                 t_last_end = finish()
                 if stop.requested and epoch + 1 < config.num_epochs:
+                    if saved["epoch"] != epoch:  # not on the checkpoint schedule: saved for the rerun
+                        _save_or_fail(lambda: ckpts.save(epoch + 1, state, saved["meta"]), ckpts)
                     _save_or_fail(ckpts.wait, ckpts)
                     raise Interrupted(stop.signum, f"the end of epoch {epoch + 1}", workdir)
     except BaseException:

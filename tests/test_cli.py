@@ -28,6 +28,7 @@ def _train(tmp_path, *args):
         ("--config.model.num_classes=100", "model.num_classes=100 but data.source='digits' has 10 classes"),
         ("--config.data.image_size=64", "cannot feed simple_cnn"),
         ("--config.run_ahead_chunks=-1", "config: run_ahead_chunks=-1 must be >= 0 (0 = off)"),
+        ("--config.checkpoint.every_epochs=0", "config: checkpoint.every_epochs=0 must be a positive integer"),
         ("--config.eval_batches_per_call=-1", "config: eval_batches_per_call=-1 must be >= 0 (0 = automatic)"),
         ("--config.model.pretrained=/nonexistent", "holds no converted weights"),
     ],

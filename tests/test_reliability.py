@@ -155,6 +155,21 @@ def test_sigterm_while_running_ahead_saves_both_checkpoints_and_the_rerun_is_bit
     _assert_same_run(tmp_path / "run", tmp_path / "straight")
 
 
+def test_sigterm_at_an_epoch_without_a_scheduled_checkpoint_saves_it(tmp_path, monkeypatch):
+    # Checkpoints every 3 epochs; the signal comes during epoch 2, which is one call (4 steps): the
+    # run stops at its end and must save it although the schedule would not.
+    config = tiny_config(num_epochs=3, run_ahead_chunks=0, steps_per_call=4, **{"checkpoint.every_epochs": 3})
+    _at_epoch_start(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(trainer.Interrupted, match="stopped by SIGTERM at the end of epoch 2"):
+        trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    assert Checkpoints(tmp_path / "run", read_only=True).epochs() == [2]
+    trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    trainer.train_and_evaluate(config, tmp_path / "straight", progress=False)
+    assert Checkpoints(tmp_path / "straight", read_only=True).epochs() == [3]
+    _assert_same_run(tmp_path / "run", tmp_path / "straight")
+
+
 def test_a_changed_optimizer_is_not_mistaken_for_damage(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
     with pytest.raises(ValueError, match="no checkpoint .* restores into the configured model and optimizer.*was the config changed"):
