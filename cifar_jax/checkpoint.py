@@ -1,21 +1,33 @@
 """Orbax checkpoints of a run: the last `keep` epochs plus the best by validation accuracy, and
 one mid-epoch checkpoint written when a run is stopped by a signal.
 
-Layout: `<workdir>/checkpoints/<epoch>/{state,meta}` and `<workdir>/interrupted/<global step>/`.
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a killed
-run never leaves a half-written checkpoint that restores. `meta` (JSON) holds the epoch, the
+Layout: `<workdir>/checkpoints/<epoch>/{arrays,layout,meta}` and `<workdir>/interrupted/<global
+step>/`. Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
+killed run never leaves a half-written checkpoint that restores. `meta` (JSON) holds the epoch, the
 phase and that epoch's metrics row. A checkpoint that exists but does not restore (damaged on
 disk) is moved to `<workdir>/corrupt_checkpoints/` and reported, and the previous one is used.
+
+The state is saved packed (`Packed`): its leaves raveled and concatenated into one array per
+dtype, with `layout` (each leaf's path, dtype and shape) beside it, which a restore checks against
+its template. Orbax's cost grows with the number of arrays: on 2 CPU cores the 590 arrays of a
+ResNet-50 train state (285 MB) took 0.8-1.4 s of background writing per checkpoint and held the
+host 0.1-0.2 s, while 590 arrays of 10 floats took 0.7-0.9 s and one array of 285 MB about 0.1 s.
+With short epochs every save waited for the previous one (the trainer's `checkpoint_s`: median
+0.47-0.84 s an epoch, packed 0.02 s). Checkpoints written before packing (`state` instead of
+`arrays`) still restore.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -26,6 +38,85 @@ log = logging.getLogger("cifar_jax")
 def abstract(tree):
     """Shapes, dtypes and shardings of `tree`: the target that restores onto the same devices."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def layout(tree) -> list[list]:
+    """[path, dtype, shape] of every leaf of `tree`, in flattening order."""
+    return [[jax.tree_util.keystr(path), jnp.dtype(x.dtype).name, list(x.shape)]
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+@jax.jit
+def _concatenate_by_dtype(tree) -> dict[str, jax.Array]:
+    groups = {}
+    for x in jax.tree.leaves(tree):
+        groups.setdefault(jnp.dtype(x.dtype).name, []).append(jnp.ravel(x))
+    return {dtype: jnp.concatenate(xs) for dtype, xs in groups.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A state as one 1-D array per dtype (a device copy: the state may be donated afterwards)."""
+
+    arrays: dict  # dtype name -> 1-D jax.Array
+    layout: list  # layout() of the state
+
+    @classmethod
+    def of(cls, tree) -> "Packed":
+        return cls(_concatenate_by_dtype(tree), layout(tree))
+
+
+def unpack(arrays: dict, saved_layout: list, template):
+    """The tree of `template`'s structure and shardings from packed host `arrays`; a ValueError that
+    names the first difference when the saved layout is not the template's."""
+    expected = layout(template)
+    if saved_layout != expected:
+        if len(saved_layout) != len(expected):
+            raise ValueError(f"the checkpoint holds {len(saved_layout)} arrays, the configured state {len(expected)}")
+        saved, wanted = next((a, b) for a, b in zip(saved_layout, expected) if a != b)
+        raise ValueError(f"the checkpoint holds {_describe(saved)} where the configured state has {_describe(wanted)}")
+    leaves, treedef = jax.tree.flatten(template)
+    offsets = dict.fromkeys(arrays, 0)
+    out = []
+    for x in leaves:
+        dtype, size = jnp.dtype(x.dtype).name, int(np.prod(x.shape))
+        host = arrays[dtype][offsets[dtype]:offsets[dtype] + size].reshape(x.shape)
+        offsets[dtype] += size
+        out.append(jax.make_array_from_callback(x.shape, x.sharding, lambda index, host=host: host[index]))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _describe(entry) -> str:
+    path, dtype, shape = entry
+    return f"{path} {dtype}{shape}"
+
+
+def _handlers() -> dict:
+    """The handler of each checkpoint item. The packed arrays are written without zstd, which made a
+    ResNet-50 train state 7% smaller (272 -> 252 MiB) but its background write about 4x longer
+    (median of 6 saves on 2 CPU cores: 0.85 s against 0.22 s)."""
+    return {"arrays": ocp.PyTreeCheckpointHandler(use_compression=False), "layout": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(), "state": ocp.StandardCheckpointHandler()}
+
+
+def _save_args(state, meta: dict | None = None) -> ocp.args.Composite:
+    packed = state if isinstance(state, Packed) else Packed.of(state)
+    items = {"arrays": ocp.args.PyTreeSave(packed.arrays), "layout": ocp.args.JsonSave(packed.layout)}
+    if meta is not None:
+        items["meta"] = ocp.args.JsonSave(meta)
+    return ocp.args.Composite(**items)
+
+
+def _restore_tree(manager, step: int, template, with_meta: bool = False):
+    """(tree shaped like `template`, meta or None) of checkpoint `step` of `manager`."""
+    meta_args = {"meta": ocp.args.JsonRestore()} if with_meta else {}
+    if (Path(manager.directory) / str(step) / "state").is_dir():  # written before packing
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(template)), **meta_args))
+        return restored["state"], restored["meta"] if with_meta else None
+    saved_layout = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+    as_numpy = {dtype: ocp.RestoreArgs(restore_type=np.ndarray) for dtype in {d for _, d, _ in saved_layout}}
+    restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(restore_args=as_numpy), **meta_args))
+    return unpack(restored["arrays"], saved_layout, template), restored["meta"] if with_meta else None
 
 
 class Checkpoints:
@@ -39,7 +130,7 @@ class Checkpoints:
             preservation_policy=preservation, read_only=read_only, create=not read_only,
             save_interval_steps=0 if read_only else 1,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
     def epochs(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -48,18 +139,16 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, epoch: int, state, meta: dict) -> None:
+        """Save `state` (a tree, or a `Packed` copy of one) and `meta` as checkpoint `epoch`, in the background."""
         val_acc = meta["row"].get("val_acc")
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.manager.save(epoch, args=args, metrics={"val_acc": val_acc} if val_acc is not None else None)
+        self.manager.save(epoch, args=_save_args(state, meta), metrics={"val_acc": val_acc} if val_acc is not None else None)
 
     def meta(self, epoch: int) -> dict:
         return self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, epoch: int, template):
         """(state, meta) of `epoch`, restored with the structure and shardings of `template`."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract(template)), meta=ocp.args.JsonRestore())
-        restored = self.manager.restore(epoch, args=args)
-        return restored["state"], restored["meta"]
+        return _restore_tree(self.manager, epoch, template, with_meta=True)
 
     def best_epoch(self) -> int | None:
         """The kept epoch with the highest validation accuracy (the latest if none has one)."""
@@ -102,12 +191,12 @@ class Checkpoints:
     # The mid-epoch checkpoint of a run stopped by a signal.
 
     def _interrupted_manager(self):
-        return ocp.CheckpointManager(self.workdir / "interrupted", options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+        return ocp.CheckpointManager(self.workdir / "interrupted", options=options, item_handlers=_handlers())
 
     def save_interrupted(self, global_step: int, tree, meta: dict) -> None:
         with self._interrupted_manager() as manager:
-            args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
-            manager.save(global_step, args=args, force=True)
+            manager.save(global_step, args=_save_args(tree, meta), force=True)
             manager.wait_until_finished()
 
     def interrupted_meta(self) -> dict | None:
@@ -124,8 +213,7 @@ class Checkpoints:
         with self._interrupted_manager() as manager:
             step = manager.latest_step()
             try:
-                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(template))))
-                return restored["state"]
+                return _restore_tree(manager, step, template)[0]
             except Exception as e:  # noqa: BLE001
                 log.warning("the interrupted-run checkpoint does not restore (%s); using the last epoch checkpoint", type(e).__name__)
         self.quarantine(self.workdir / "interrupted" / str(step))

@@ -6,7 +6,7 @@ per epoch: train (jitted chunks of steps), evaluate on val, log, checkpoint.
 
 The host stays ahead of the device: it reads a chunk's metrics while the next chunk runs, and at
 the end of an epoch it queues validation and the next epoch's first `run_ahead_chunks` chunks
-before it logs and checkpoints the epoch (a device copy of its state), so that this work does
+before it logs and checkpoints the epoch (a packed device copy of its state), so that this work does
 not leave the device idle between epochs (a ResNet-50 checkpoint alone holds the host 0.1-0.25 s).
 """
 
@@ -28,7 +28,7 @@ from flax import nnx
 
 from cifar_jax import config as config_lib
 from cifar_jax import data, models, optim, pretrained, steps
-from cifar_jax.checkpoint import Checkpoints
+from cifar_jax.checkpoint import Checkpoints, Packed
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import StopSignals, WorkdirLock
 from cifar_jax.tracking import CurvesPlotter, MetricsLog, Wandb
@@ -97,12 +97,6 @@ def eval_batches_per_call(config) -> int:
     runs faster in a loop even on CPU: 10,000 images, batch 500, 20 batches per call against 1,
     SimpleCNN 3,847 -> 4,846 img/s, ResNet-50 @32 848 -> 1,035 img/s."""
     return config.get("eval_batches_per_call", 0) or 2**31 - 1  # the key is absent from configs saved before it
-
-
-@jax.jit
-def _copy(tree):
-    """A copy of `tree` on the device: what an epoch's checkpoint saves once the next chunk has the state."""
-    return jax.tree.map(jnp.copy, tree)
 
 
 def check_before_start(config, workdir) -> None:
@@ -420,11 +414,11 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                 t_val = time.perf_counter()
                 val_sums = eval_sums(state["params"], state["batch_stats"], val_x, val_y) if val_x is not None else None
                 # Run ahead: queue the next epoch's first chunks before this epoch's host work, which then
-                # saves a device copy of the state (the next chunk takes `state` over), if a checkpoint is due.
+                # saves a packed device copy of the state (the next chunk takes `state` over), if one is due.
                 run_ahead = (ahead and epoch + 1 < config.num_epochs and not stop.requested
                              and phase_of(config, epoch + 1) == phase and (phase.name, chunk) in compiled)
                 if run_ahead:
-                    epoch_state = _copy(state) if checkpoint_due(epoch) else None  # a stop in the next epoch saves mid-epoch
+                    epoch_state = Packed.of(state) if checkpoint_due(epoch) else None  # a stop in the next epoch saves mid-epoch
                 else:
                     epoch_state = state
                 finish = functools.partial(end_epoch, epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch,

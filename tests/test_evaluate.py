@@ -121,7 +121,7 @@ def test_truncated_checkpoint_is_reported(run_dir, tmp_path):
     workdir, _ = run_dir
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
-    state_dir = copy / "checkpoints" / "2" / "state"
+    state_dir = copy / "checkpoints" / "2" / "arrays"
     biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     with open(biggest, "r+b") as f:
         f.truncate(biggest.stat().st_size // 3)

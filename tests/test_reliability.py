@@ -97,7 +97,7 @@ def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(strai
     shutil.copytree(straight_run, workdir)
     for epoch in (3, 4):
         shutil.rmtree(workdir / "checkpoints" / str(epoch))
-    state_dir = workdir / "checkpoints" / "2" / "state"
+    state_dir = workdir / "checkpoints" / "2" / "arrays"
     for f in (p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     with caplog.at_level("WARNING", logger="cifar_jax"):

@@ -1,0 +1,107 @@
+"""Checkpoints hold a state packed into one array per dtype, restore it exactly into its template,
+name a layout that does not match, and still read checkpoints written before packing."""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cifar_jax.checkpoint import Checkpoints, Packed
+
+
+def _state(seed=0):
+    """A small train-state-like tree: float32 arrays of several shapes, a scalar, int32 and bfloat16 leaves."""
+    rng = np.random.default_rng(seed)
+    return {
+        "params": {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+                            "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+                   "fc": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)}},
+        "batch_stats": {"mean": jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16)},
+        "opt_state": {"count": jnp.asarray(7, jnp.int32), "scale": jnp.asarray(rng.normal(), jnp.float32)},
+    }
+
+
+def _zeros_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _meta(epoch):
+    return {"epoch": epoch, "phase": "all", "row": {"val_acc": 0.5}}
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_a_state_round_trips_packed_into_one_array_per_dtype(tmp_path):
+    state = _state()
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(1, state, _meta(1))
+    ckpts.wait()
+    on_disk = json.loads((tmp_path / "checkpoints" / "1" / "arrays" / "_METADATA").read_text())["tree_metadata"]
+    assert len(on_disk) == 3  # float32, bfloat16, int32: not one array per leaf
+    restored, meta = ckpts.restore(1, _zeros_like(state))
+    _assert_trees_equal(restored, state)
+    assert meta == _meta(1)
+    template_sharding = jax.tree.leaves(_zeros_like(state))[0].sharding
+    assert all(x.sharding == template_sharding for x in jax.tree.leaves(restored))
+    ckpts.close()
+
+
+def test_a_packed_copy_survives_the_state_being_donated(tmp_path):
+    # Running ahead, the trainer packs an epoch's state and the next chunk then donates (deletes) it.
+    state = _state()
+    expected = jax.tree.map(np.asarray, state)
+    packed = Packed.of(state)
+    for x in jax.tree.leaves(state):
+        x.delete()
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(1, packed, _meta(1))
+    ckpts.wait()
+    restored, _ = ckpts.restore(1, _zeros_like(_state()))
+    _assert_trees_equal(restored, expected)
+    ckpts.close()
+
+
+def test_a_layout_that_does_not_match_is_named(tmp_path):
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(1, _state(), _meta(1))
+    ckpts.wait()
+    other = _zeros_like(_state())
+    other["params"]["fc"]["kernel"] = jnp.zeros((4, 6))
+    with pytest.raises(ValueError, match=re.escape("holds ['params']['fc']['kernel'] float32[4, 5] where the configured state has ['params']['fc']['kernel'] float32[4, 6]")):
+        ckpts.restore(1, other)
+    fewer = _zeros_like(_state())
+    del fewer["opt_state"]["scale"]
+    with pytest.raises(ValueError, match="the checkpoint holds 6 arrays, the configured state 5"):
+        ckpts.restore(1, fewer)
+    ckpts.close()
+
+
+def test_checkpoints_written_before_packing_still_restore(tmp_path):
+    state = _state()
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:  # the format of earlier versions
+        manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_meta(3))))
+        manager.wait_until_finished()
+    ckpts = Checkpoints(tmp_path, read_only=True)
+    assert ckpts.epochs() == [3] and ckpts.best_epoch() == 3
+    restored, meta = ckpts.restore(3, _zeros_like(state))
+    _assert_trees_equal(restored, state)
+    assert meta == _meta(3)
+    ckpts.close()
+
+
+def test_the_interrupted_checkpoint_round_trips(tmp_path):
+    tree = {"state": _state(), "metrics": {"count": jnp.asarray(12, jnp.int32), "loss_sum": jnp.asarray(3.5)}}
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save_interrupted(42, tree, {"epoch": 1, "next_step": 2, "phase": "all"})
+    assert ckpts.interrupted_meta() == {"epoch": 1, "next_step": 2, "phase": "all"}
+    _assert_trees_equal(ckpts.restore_interrupted(_zeros_like(tree)), tree)
+    ckpts.close()
