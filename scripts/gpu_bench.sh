@@ -72,19 +72,23 @@ case_items() {  # case_items CASE ITEM...: ITEM is jax or a PyTorch mode
 case_items simple_cnn@32 jax eager cudagraphs
 case_items resnet50@32 jax eager cudagraphs
 # the real trainer on the part-3 config (random weights and CIFAR-sized random data: no download
-# there): compile, epoch times and img/s of both phases, checkpoints every epoch, in metrics.jsonl;
-# then the same run (compilation cached) with the host's end-of-epoch work not overlapped
-# (run_ahead_chunks=0): what running ahead saves per epoch boundary
-train_ft() {  # train_ft RUN_AHEAD_CHUNKS
+# there): compile, epoch times and img/s of both phases, checkpoints every epoch, and where each
+# epoch's time went (val_s, host_s, checkpoint_s) in metrics.jsonl; then the same run (compilation
+# cached) with the host's end-of-epoch work not overlapped (run_ahead_chunks=0), with a whole epoch
+# run ahead (24 calls of 13 steps), and with a checkpoint every 5 epochs only (what saving costs)
+train_ft() {  # train_ft NAME RUN_AHEAD_CHUNKS CHECKPOINT_EVERY_EPOCHS
   rm -rf /tmp/ft && python3 train.py --config configs/resnet50_ft.py --config.model.pretrained= \
     --config.data.source=fake --config.data.fake.num_train=50000 --config.data.fake.num_test=10000 \
-    --config.num_epochs=6 --config.head_only_epochs=1 --config.run_ahead_chunks="$1" --workdir /tmp/ft --noprogress \
-    && cp /tmp/ft/metrics.jsonl "$OUT/gpu_train_ft_ahead$1_metrics.jsonl"
+    --config.num_epochs=8 --config.head_only_epochs=1 --config.run_ahead_chunks="$2" \
+    --config.checkpoint.every_epochs="$3" --workdir /tmp/ft --noprogress \
+    && cp /tmp/ft/metrics.jsonl "$OUT/gpu_$1_metrics.jsonl"
 }
 export -f train_ft
 export OUT
-item train_ft 90 400 bash -c "train_ft 4"
-item train_ft_no_run_ahead 30 150 bash -c "train_ft 0"
+item train_ft 90 400 bash -c "train_ft train_ft 4 1"
+item train_ft_no_run_ahead 30 150 bash -c "train_ft train_ft_no_run_ahead 0 1"
+item train_ft_run_ahead_epoch 30 150 bash -c "train_ft train_ft_run_ahead_epoch 24 1"
+item train_ft_checkpoint_every_5 30 150 bash -c "train_ft train_ft_checkpoint_every_5 4 5"
 case_items resnet34@32 jax eager cudagraphs
 case_items resnet50@224 jax eager cudagraphs
 # whole 40,000-image epochs with the input pipeline, ours against the DataLoader (workers = cores)
