@@ -304,14 +304,15 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
         last = max([e + 1 for e in range(start_epoch, epoch) if checkpoint_due(e)] + [latest or 0])
         return f"checkpoints up to epoch {last} are kept in {ckpts.directory}." if last else "no checkpoint was saved yet."
 
-    # The end-of-epoch work of the previous epoch, done inside the next epoch's time: in its row.
+    # The host's work of checkpointing and logging an epoch, reported in the next epoch's row (done
+    # within that epoch's time, but for the copy of the state when running ahead).
     host_times = {"host_s": None, "checkpoint_s": None}
     saved = {"epoch": None, "meta": None}  # the last finished epoch: saved or not, and its checkpoint meta
 
-    def end_epoch(epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch, train_time, seen_before, state) -> float:
+    def end_epoch(epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch, train_time, seen_before, state, pack_s) -> float:
         """The host's work after an epoch: read validation, log, plot, and checkpoint `state` (the
-        state at the end of `epoch`, or None) if the schedule says so. Returns the time validation
-        was read: the epoch's end."""
+        state at the end of `epoch`, or None; a `Packed` copy made in `pack_s` seconds when running
+        ahead) if the schedule says so. Returns the time validation was read: the epoch's end."""
         val = _to_host(val_sums) if val_sums is not None else None
         t_end = time.perf_counter()
         row = _epoch_row(epoch, phase, sums, val, lr, t_end - t_epoch, (sums["count"] - seen_before) / train_time,
@@ -337,7 +338,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                 _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
                 ckpts.clear_interrupted()
         t_done = time.perf_counter()
-        host_times.update(host_s=t_done - t_end, checkpoint_s=t_done - t_save if save else None)
+        host_times.update(host_s=pack_s + t_done - t_end, checkpoint_s=pack_s + t_done - t_save if save else None)
         saved.update(epoch=epoch if save else None, meta=meta)
         return t_end
 
@@ -411,18 +412,19 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                 train_time = time.perf_counter() - t_train
                 if bar is not None:
                     bar.close()
-                t_val = time.perf_counter()
-                val_sums = eval_sums(state["params"], state["batch_stats"], val_x, val_y) if val_x is not None else None
                 # Run ahead: queue the next epoch's first chunks before this epoch's host work, which then
                 # saves a packed device copy of the state (the next chunk takes `state` over), if one is due.
                 run_ahead = (ahead and epoch + 1 < config.num_epochs and not stop.requested
                              and phase_of(config, epoch + 1) == phase and (phase.name, chunk) in compiled)
+                t_pack = time.perf_counter()
                 if run_ahead:
                     epoch_state = Packed.of(state) if checkpoint_due(epoch) else None  # a stop in the next epoch saves mid-epoch
                 else:
                     epoch_state = state
+                t_val = time.perf_counter()  # on a CPU the copy is made during the call: part of the checkpoint's time
+                val_sums = eval_sums(state["params"], state["batch_stats"], val_x, val_y) if val_x is not None else None
                 finish = functools.partial(end_epoch, epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch,
-                                           train_time, seen_before, epoch_state)
+                                           train_time, seen_before, epoch_state, t_val - t_pack)
                 if run_ahead:
                     deferred, t_last_end = finish, None
                     continue
