@@ -1,4 +1,5 @@
-"""Data parallelism: the same losses on 1 device, 8 devices, and 2 processes x 2 devices."""
+"""Data parallelism: the same losses on 1 device, 8 devices, and 2 processes x 2 devices; checkpoints
+saved and restored by 2 processes."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(ROOT, "tests", "train_probe.py")
+CHECKPOINT_PROBE = os.path.join(ROOT, "tests", "checkpoint_probe.py")
 
 
 def _env(devices, **extra):
@@ -57,3 +59,21 @@ def test_two_processes_match_one_process_with_four_devices():
     assert multi["processes"] == 2 and multi["devices"] == 4
     single = _run(4, ["simple_cnn:adamw"])
     np.testing.assert_allclose(multi["simple_cnn:adamw"], single["simple_cnn:adamw"], rtol=1e-5)
+
+
+def test_two_processes_save_and_restore_a_packed_checkpoint(tmp_path):
+    # Every process takes part in Orbax's save (one writes the replicated arrays) and restores the
+    # whole packed arrays onto its own devices.
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, CHECKPOINT_PROBE, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=_env(2, PROBE_COORDINATOR=coordinator, PROBE_NUM_PROCESSES="2", PROBE_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+    for out, _ in outputs:
+        assert json.loads(out.strip().splitlines()[-1]) == {"processes": 2, "devices": 4, "equal": True, "epoch": 1}

@@ -1,0 +1,43 @@
+"""Run as a subprocess: save a replicated state as a packed checkpoint over a mesh of all devices,
+restore it into a template, and print whether every process got the saved values back.
+
+Argument: the workdir (shared by the processes). With PROBE_PROCESS_ID / PROBE_NUM_PROCESSES /
+PROBE_COORDINATOR set, it joins a multi-process run through jax.distributed.
+"""
+
+import json
+import os
+import sys
+
+import jax
+
+if "PROBE_NUM_PROCESSES" in os.environ:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=os.environ["PROBE_COORDINATOR"],
+        num_processes=int(os.environ["PROBE_NUM_PROCESSES"]),
+        process_id=int(os.environ["PROBE_PROCESS_ID"]),
+    )
+
+import numpy as np  # noqa: E402
+
+from cifar_jax.checkpoint import Checkpoints  # noqa: E402
+from cifar_jax.data import pipeline  # noqa: E402
+
+if __name__ == "__main__":
+    mesh = pipeline.make_mesh()
+    rng = np.random.default_rng(0)
+    host = {"w": rng.normal(size=(3, 5)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32),
+            "count": np.asarray(9, np.int32)}
+    state = {k: pipeline.replicate(v, mesh) for k, v in host.items()}
+    ckpts = Checkpoints(sys.argv[1])
+    ckpts.save(1, state, {"epoch": 1, "phase": "all", "row": {"val_acc": 0.5}})
+    ckpts.wait()
+    template = {k: pipeline.replicate(np.zeros_like(v), mesh) for k, v in host.items()}
+    restored, meta = ckpts.restore(1, template)
+    ckpts.close()
+    equal = all(
+        np.array_equal(np.asarray(shard.data), host[k]) and restored[k].sharding == template[k].sharding
+        for k in host for shard in restored[k].addressable_shards
+    )
+    print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(), "equal": bool(equal), "epoch": meta["epoch"]}))
