@@ -16,7 +16,8 @@ ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each c
             PyTorch's DataLoader (workers = cores) with torchvision transforms on PIL images, as
             in the study's starter loop. `--data` takes the CIFAR-100 npz (its 40,000-image
             training split); without it, `--epoch_images` random images.
-  pipeline  (JAX only) our input pipeline alone, to show its share of a training step.
+  pipeline  (JAX only) our input pipeline's share of a training step: timed alone (an upper
+            bound), and in the step (the step against the same step fed a fixed prepared batch).
 
 `--profile DIR` traces two more JAX training windows with jax.profiler and prints how much of the
 traced time the device was busy and which kernels took it (cifar_jax/profiling.py).
@@ -326,10 +327,15 @@ class JaxSide:
                     batch_size=opts.eval_batch_size, step_ms=_ms(times, per_call))
 
     def pipeline(self, opts, case):
-        """The input pipeline alone, run as the training step runs it: `steps_per_call` batches per
-        jitted call. Each batch is summed so that XLA cannot drop it: a pass the step does not make,
-        so the share is an upper bound. (One batch per call would time the call's dispatch instead:
-        on an H100 it took 0.9-1.4 ms whatever the image size, more than a whole SimpleCNN step.)"""
+        """What the input pipeline costs, measured two ways.
+
+        Alone: run as the training step runs it, `steps_per_call` batches per jitted call. Each
+        batch is summed so that XLA cannot drop it: a pass the step does not make, so its share is
+        an upper bound. (One batch per call would time the call's dispatch instead: on an H100 it
+        took 0.9-1.4 ms whatever the image size, more than a whole SimpleCNN step.)
+        In the step: the training chunk against the same chunk fed one fixed, already prepared
+        batch (`steps.update_step`), in alternating rounds; the difference of their medians per
+        step (`in_step_ms`, `in_step_share`) is what the pipeline adds to a step where it runs."""
         import functools
 
         import jax
@@ -341,6 +347,7 @@ class JaxSide:
         n = k * b
         x, y = (self.put(a) for a in _random_uint8(n))
         draw = functools.partial(pipeline.train_batch, seed=0, batch_size=b, preprocess=self.preprocess, sharding=self.sharding)
+        in_step = self._pipeline_in_step(opts, x, y, draw)
 
         @jax.jit
         def draws(x, y, order, epoch, first):
@@ -358,7 +365,46 @@ class JaxSide:
         windows = -(-opts.steps // k)
         first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
         return _row(case, opts, "jax", "pipeline", f"on device, {k} batches/call", self.device, _median_rate(n, times),
-                    first_s - statistics.median(times), step_ms=_ms(times, k))
+                    first_s - statistics.median(times), step_ms=_ms(times, k), **in_step)
+
+    def _pipeline_in_step(self, opts, x, y, draw, rounds: int = 2) -> dict:
+        """{in_step_ms, in_step_share}: the training chunk's median time per step against the same
+        chunk fed one fixed prepared batch, timed in `rounds` alternating rounds."""
+        import functools
+
+        import jax
+        import jax.numpy as jnp
+
+        from cifar_jax import steps
+
+        k, cfg = self.steps_per_call, self.step_cfg
+        order, epoch, first = jnp.arange(x.shape[0]), jnp.int32(0), jnp.int32(0)
+        fixed_x, fixed_y = jax.jit(lambda x, y, order, epoch: draw(x, y, order, epoch=epoch, step=0))(x, y, order, epoch)
+
+        @functools.partial(jax.jit, donate_argnums=0)
+        def fixed_chunk(state, metrics, fixed_x, fixed_y):
+            return jax.lax.fori_loop(0, k, lambda i, c: steps.update_step(cfg, *c, fixed_x, fixed_y), (state, metrics))
+
+        carry = [self.state, self.zero_metrics()]
+
+        def with_pipeline():
+            carry[:] = self.train_chunk(carry[0], carry[1], x, y, order, epoch, first)
+            return carry[1]
+
+        def with_fixed_batch():
+            carry[:] = fixed_chunk(carry[0], carry[1], fixed_x, fixed_y)
+            return carry[1]
+
+        windows = max(-(-opts.steps // k) // rounds, 1)
+        times = {with_pipeline: [], with_fixed_batch: []}
+        for _ in range(rounds):
+            for window in times:
+                times[window] += timed_windows(window, jax.block_until_ready, opts.warmup, windows)[1]
+        self.state = carry[0]
+        step_ms = {w: statistics.median(t) / k * 1e3 for w, t in times.items()}
+        in_step = step_ms[with_pipeline] - step_ms[with_fixed_batch]
+        return {"in_step_ms": round(in_step, 4), "in_step_share": round(in_step / step_ms[with_pipeline], 4),
+                "step_ms_with_pipeline": round(step_ms[with_pipeline], 4), "step_ms_fixed_batch": round(step_ms[with_fixed_batch], 4)}
 
     def epoch(self, opts, case, images, labels):
         import jax
@@ -620,20 +666,26 @@ def table(rows: list[dict]) -> str:
             ", ".join(f"{r['variant'].split(',')[0]} {_fmt_s(r['compile_s'])}" for r in torch_rows if r["compile_s"] is not None) or "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    shares = pipeline_shares(rows)
-    for (model, size), share in shares.items():
-        lines.append(f"\nInput pipeline share of a JAX training step, {model} @{size}: {share:.2%}")
+    for (model, size), (alone, in_step) in pipeline_shares(rows).items():
+        parts = [] if alone is None else [f"{alone:.2%} alone (an upper bound)"]
+        if in_step is not None:
+            p = next(r for r in rows if r["mode"] == "pipeline" and (r["model"], r["image_size"]) == (model, size))
+            parts.append(f"{in_step:.2%} in the step (median {p['step_ms_with_pipeline']:.3f} ms a step with it, "
+                         f"{p['step_ms_fixed_batch']:.3f} ms fed a fixed prepared batch)")
+        lines.append(f"\nInput pipeline share of a JAX training step, {model} @{size}: {'; '.join(parts)}")
     return "\n".join(lines)
 
 
 def pipeline_shares(rows) -> dict:
-    """(model, size) -> time of the on-device input pipeline / time of the training step containing it."""
+    """(model, size) -> (the on-device input pipeline's time alone / the training step's time, or
+    None without a train row; the pipeline's measured cost within the step / the step, or None)."""
     out = {}
     for p in (r for r in rows if r["framework"] == "jax" and r["mode"] == "pipeline"):
         t = next((r for r in rows if r["framework"] == "jax" and r["mode"] == "train"
                   and (r["model"], r["image_size"]) == (p["model"], p["image_size"])), None)
-        if t:
-            out[p["model"], p["image_size"]] = t["img_per_s"] / p["img_per_s"]
+        alone = t["img_per_s"] / p["img_per_s"] if t else None
+        if alone is not None or p.get("in_step_share") is not None:
+            out[p["model"], p["image_size"]] = (alone, p.get("in_step_share"))
     return out
 
 

@@ -67,11 +67,16 @@ class StepConfig:
 
 
 def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, step):
-    """One optimizer step on batch `step` of `epoch`."""
+    """One optimizer step on batch `step` of `epoch`: the input pipeline, then `update_step`."""
     x, y = pipeline.train_batch(
         images, labels, order, cfg.seed, epoch, step,
         batch_size=cfg.batch_size, preprocess=cfg.preprocess, sharding=cfg.sharding,
     )
+    return update_step(cfg, state, metrics, x, y)
+
+
+def update_step(cfg: StepConfig, state, metrics, x, y):
+    """One optimizer step on a prepared batch (normalised images `x`, labels `y`)."""
     trainable, frozen = partition(state["params"], cfg.head_only)
 
     def loss_fn(trainable):
