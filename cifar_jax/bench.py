@@ -17,7 +17,7 @@ ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each c
             in the study's starter loop. `--data` takes the CIFAR-100 npz (its 40,000-image
             training split); without it, `--epoch_images` random images.
   pipeline  (JAX only) our input pipeline's share of a training step: timed alone (an upper
-            bound), and in the step (the step against the same step fed a fixed prepared batch).
+            bound), and in the step (the step against the same step fed batches prepared beforehand).
 
 `--profile DIR` traces two more JAX training windows with jax.profiler and prints how much of the
 traced time the device was busy and which kernels took it (cifar_jax/profiling.py).
@@ -333,9 +333,11 @@ class JaxSide:
         batch is summed so that XLA cannot drop it: a pass the step does not make, so its share is
         an upper bound. (One batch per call would time the call's dispatch instead: on an H100 it
         took 0.9-1.4 ms whatever the image size, more than a whole SimpleCNN step.)
-        In the step: the training chunk against the same chunk fed one fixed, already prepared
-        batch (`steps.update_step`), in alternating rounds; the difference of their medians per
-        step (`in_step_ms`, `in_step_share`) is what the pipeline adds to a step where it runs."""
+        In the step: the training chunk against the same chunk fed the chunk's batches prepared
+        beforehand (`steps.update_step` on each in turn; one batch fed to every step would let XLA
+        hoist the work that depends on the images alone out of the loop), in alternating rounds;
+        the difference of their medians per step (`in_step_ms`, `in_step_share`) is what the
+        pipeline adds to a step where it runs."""
         import functools
 
         import jax
@@ -369,7 +371,7 @@ class JaxSide:
 
     def _pipeline_in_step(self, opts, x, y, draw, rounds: int = 2) -> dict:
         """{in_step_ms, in_step_share}: the training chunk's median time per step against the same
-        chunk fed one fixed prepared batch, timed in `rounds` alternating rounds."""
+        chunk fed its batches prepared beforehand, timed in `rounds` alternating rounds."""
         import functools
 
         import jax
@@ -379,11 +381,18 @@ class JaxSide:
 
         k, cfg = self.steps_per_call, self.step_cfg
         order, epoch, first = jnp.arange(x.shape[0]), jnp.int32(0), jnp.int32(0)
-        fixed_x, fixed_y = jax.jit(lambda x, y, order, epoch: draw(x, y, order, epoch=epoch, step=0))(x, y, order, epoch)
+        prepared = jax.jit(lambda x, y, order, epoch: jax.tree.map(
+            lambda *b: jnp.stack(b), *(draw(x, y, order, epoch=epoch, step=i) for i in range(k))))(x, y, order, epoch)
 
         @functools.partial(jax.jit, donate_argnums=0)
-        def fixed_chunk(state, metrics, fixed_x, fixed_y):
-            return jax.lax.fori_loop(0, k, lambda i, c: steps.update_step(cfg, *c, fixed_x, fixed_y), (state, metrics))
+        def prepared_chunk(state, metrics, prepared):
+            def body(i, carry):
+                xb, yb = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in prepared)
+                if cfg.sharding is not None:
+                    xb, yb = (jax.lax.with_sharding_constraint(a, cfg.sharding) for a in (xb, yb))
+                return steps.update_step(cfg, *carry, xb, yb)
+
+            return jax.lax.fori_loop(0, k, body, (state, metrics))
 
         carry = [self.state, self.zero_metrics()]
 
@@ -391,20 +400,20 @@ class JaxSide:
             carry[:] = self.train_chunk(carry[0], carry[1], x, y, order, epoch, first)
             return carry[1]
 
-        def with_fixed_batch():
-            carry[:] = fixed_chunk(carry[0], carry[1], fixed_x, fixed_y)
+        def with_prepared_batches():
+            carry[:] = prepared_chunk(carry[0], carry[1], prepared)
             return carry[1]
 
         windows = max(-(-opts.steps // k) // rounds, 1)
-        times = {with_pipeline: [], with_fixed_batch: []}
+        times = {with_pipeline: [], with_prepared_batches: []}
         for _ in range(rounds):
             for window in times:
                 times[window] += timed_windows(window, jax.block_until_ready, opts.warmup, windows)[1]
         self.state = carry[0]
         step_ms = {w: statistics.median(t) / k * 1e3 for w, t in times.items()}
-        in_step = step_ms[with_pipeline] - step_ms[with_fixed_batch]
+        in_step = step_ms[with_pipeline] - step_ms[with_prepared_batches]
         return {"in_step_ms": round(in_step, 4), "in_step_share": round(in_step / step_ms[with_pipeline], 4),
-                "step_ms_with_pipeline": round(step_ms[with_pipeline], 4), "step_ms_fixed_batch": round(step_ms[with_fixed_batch], 4)}
+                "step_ms_with_pipeline": round(step_ms[with_pipeline], 4), "step_ms_prepared_batches": round(step_ms[with_prepared_batches], 4)}
 
     def epoch(self, opts, case, images, labels):
         import jax
@@ -671,7 +680,7 @@ def table(rows: list[dict]) -> str:
         if in_step is not None:
             p = next(r for r in rows if r["mode"] == "pipeline" and (r["model"], r["image_size"]) == (model, size))
             parts.append(f"{in_step:.2%} in the step (median {p['step_ms_with_pipeline']:.3f} ms a step with it, "
-                         f"{p['step_ms_fixed_batch']:.3f} ms fed a fixed prepared batch)")
+                         f"{p['step_ms_prepared_batches']:.3f} ms fed prepared batches)")
         lines.append(f"\nInput pipeline share of a JAX training step, {model} @{size}: {'; '.join(parts)}")
     return "\n".join(lines)
 

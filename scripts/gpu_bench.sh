@@ -64,7 +64,7 @@ case_items() {  # case_items CASE ITEM...: ITEM is jax or a PyTorch mode
   for side in "${@:2}"; do
     if [ "$side" = jax ]; then
       # the pipeline's share: SimpleCNN only (10% alone on 2026-11-27, the ResNets 0.75-1.00%); its
-      # in-step measurement compiles the training chunk a second time (fed a fixed batch)
+      # in-step measurement compiles the training chunk a second time (fed prepared batches)
       local modes=train,eval
       [ "$case" = simple_cnn@32 ] && modes=train,eval,pipeline
       item "jax_$n" 40 200 "${table[@]}" --modes "$modes" --cases "$case" --frameworks jax --out "$json_dir/jax_$n.json"

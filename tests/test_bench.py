@@ -47,14 +47,14 @@ def test_table_compares_jax_with_the_faster_pytorch_variant():
         bench._row(case, opts, "torch", "train", "eager, channels_last", "cpu", 100.0, None),
         bench._row(case, opts, "torch", "train", "compile, channels_last", "cpu", 200.0, 30.0),
         bench._row(case, opts, "jax", "pipeline", "on device", "cpu", 6000.0, 0.5, in_step_ms=0.083, in_step_share=0.025,
-                   step_ms_with_pipeline=3.32, step_ms_fixed_batch=3.237),
+                   step_ms_with_pipeline=3.32, step_ms_prepared_batches=3.237),
     ]
     lines = bench.table(rows).splitlines()
     train = next(line for line in lines if line.startswith("| resnet50 (imagenet) | 32 | 128 | train"))
     assert "| 300.0 | 200.0 (compile) | 1.50x | 2.0 | compile 30.0 |" in train
     # alone: 1/6000 of 1/300 s
     assert ("Input pipeline share of a JAX training step, resnet50 @32: 5.00% alone (an upper bound); "
-            "2.50% in the step (median 3.320 ms a step with it, 3.237 ms fed a fixed prepared batch)") in lines
+            "2.50% in the step (median 3.320 ms a step with it, 3.237 ms fed prepared batches)") in lines
 
 
 def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):
@@ -108,8 +108,8 @@ def test_pipeline_runs_as_many_batches_per_call_as_the_training_step():
 def test_the_in_step_share_sees_what_the_pipeline_costs(monkeypatch):
     # A pipeline made costly on purpose (16 extra 384x384 matmuls per batch, on values of the batch
     # so that XLA can neither fold nor hoist them; the batch unchanged) must show as most of a tiny
-    # SimpleCNN step: the measurement times the step with its pipeline against the step fed a
-    # fixed prepared batch.
+    # SimpleCNN step: the measurement times the step with its pipeline against the step fed
+    # batches prepared beforehand.
     real = pipeline.Preprocess.train
 
     def costly(self, key, images):
