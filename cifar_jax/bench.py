@@ -19,8 +19,9 @@ ResNet-50 with the ImageNet stem at 32x32, and ResNet-50 at 224x224). For each c
   pipeline  (JAX only) our input pipeline's share of a training step: timed alone (an upper
             bound), and in the step (the step against the same step fed batches prepared beforehand).
 
-`--profile DIR` traces two more JAX training windows with jax.profiler and prints how much of the
-traced time the device was busy and which kernels took it (cifar_jax/profiling.py).
+`--profile DIR` traces two more JAX training windows and two more evaluation windows (of the modes
+run) with jax.profiler and prints how much of the traced time the device was busy and which
+kernels took it (cifar_jax/profiling.py).
 
 Throughput is the median over timed windows after warm-up (JAX: one window is one jitted call of
 `steps_per_call` steps, or of the eval batches fused per call; PyTorch: the same number of steps
@@ -285,18 +286,18 @@ class JaxSide:
 
         windows = -(-opts.steps // self.steps_per_call)
         first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
-        extra = {"profile": self._profile(window, opts, case)} if opts.profile else {}
+        extra = {"profile": self._profile(window, opts, case, "train")} if opts.profile else {}
         self.state = carry[0]
         return _row(case, opts, "jax", "train", f"{self.dtype}, {self.steps_per_call} steps/call", self.device,
                     _median_rate(n, times), first_s - statistics.median(times), step_ms=_ms(times, self.steps_per_call), **extra)
 
-    def _profile(self, window, opts, case) -> dict:
-        """Two more training windows (after the timed ones) under jax.profiler; the trace's device summary."""
+    def _profile(self, window, opts, case, mode: str) -> dict:
+        """Two more windows of `mode` (after the timed ones) under jax.profiler; the trace's device summary."""
         import jax
 
         from cifar_jax import profiling
 
-        directory = Path(opts.profile) / f"{case.model}_{case.image_size}"
+        directory = Path(opts.profile) / f"{case.model}_{case.image_size}_{mode}"
         with jax.profiler.trace(str(directory), create_perfetto_trace=True):
             window()
             jax.block_until_ready(window())
@@ -322,9 +323,10 @@ class JaxSide:
 
         windows = -(-opts.steps // per_call)
         first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
+        extra = {"profile": self._profile(window, opts, case, "eval")} if opts.profile else {}
         return _row(case, opts, "jax", "eval", f"{self.dtype}, {per_call} batches/call", self.device,
                     _median_rate(per_call * opts.eval_batch_size, times), first_s - statistics.median(times),
-                    batch_size=opts.eval_batch_size, step_ms=_ms(times, per_call))
+                    batch_size=opts.eval_batch_size, step_ms=_ms(times, per_call), **extra)
 
     def pipeline(self, opts, case):
         """What the input pipeline costs, measured two ways.
@@ -733,8 +735,8 @@ def parse_args(argv):
     p.add_argument("--epoch_images", type=int, default=10_000, help="random images per epoch without --data")
     p.add_argument("--workers", type=int, default=-1, help="PyTorch DataLoader workers (default: the number of cores)")
     p.add_argument("--out", help="write the measurements as a JSON list here")
-    p.add_argument("--profile", metavar="DIR", help="trace two more JAX training windows into DIR; print how busy the device "
-                   "was and its top kernels (also in the train row's 'profile')")
+    p.add_argument("--profile", metavar="DIR", help="trace two more JAX training and evaluation windows into DIR; print how "
+                   "busy the device was and its top kernels (also in the train and eval rows' 'profile')")
     return p.parse_args(argv)
 
 
@@ -761,8 +763,8 @@ def check(opts):
         opts.torch_modes = _choices("--torch_modes", opts.torch_modes or default, TORCH_MODES)
         if "cudagraphs" in opts.torch_modes and not torch.cuda.is_available():
             raise BenchError("--torch_modes cudagraphs needs a CUDA GPU (CUDA graphs); on this machine use eager or compile")
-    if opts.profile and ("jax" not in frameworks or "train" not in modes):
-        raise BenchError("--profile traces JAX training steps: keep jax in --frameworks and train in --modes")
+    if opts.profile and ("jax" not in frameworks or not {"train", "eval"} & set(modes)):
+        raise BenchError("--profile traces JAX training and evaluation: keep jax in --frameworks and train or eval in --modes")
     if "epoch" in modes:
         if opts.data and not Path(opts.data).is_file():
             raise BenchError(f"--data {opts.data}: no such file (the CIFAR-100 npz, see README)")

@@ -97,9 +97,10 @@ case_items resnet34@32 jax eager cudagraphs
 case_items resnet50@224 jax eager cudagraphs
 # whole 40,000-image epochs with the input pipeline, ours against the DataLoader (workers = cores)
 item epoch_resnet50_32 60 150 python3 -m cifar_jax.bench --cases resnet50@32 --modes epoch --epoch_images 40000 --torch_modes eager --out "$json_dir/epoch_resnet50_32.json"
-# where the device's time goes in a ResNet-50 step: busy share and top kernels (jax.profiler)
-for case in resnet50@224 resnet50@32; do
-  item "profile_${case/@/_}" 30 120 python3 -m cifar_jax.bench --cases "$case" --modes train --frameworks jax --steps 13 --warmup 2 --profile /tmp/gpu_profile --out "$json_dir/profile_${case/@/_}.json"
+# where the device's time goes in ResNet-50's training step and evaluation (at 32 half PyTorch's
+# speed with CUDA graphs on 2026-11-27): busy share and top kernels (jax.profiler)
+for case in resnet50@32 resnet50@224; do
+  item "profile_${case/@/_}" 30 150 python3 -m cifar_jax.bench --cases "$case" --modes train,eval --frameworks jax --steps 13 --warmup 2 --profile /tmp/gpu_profile --out "$json_dir/profile_${case/@/_}.json"
 done
 for case in simple_cnn@32 resnet50@32 resnet34@32 resnet50@224; do case_items "$case" compile; done
 # dispatch: one step per jitted call against the default fusion of several

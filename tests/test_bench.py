@@ -33,7 +33,7 @@ def test_default_cases_and_filters():
         (["--modes", "epoch", "--data", "/nonexistent/cifar100.npz"], "no such file"),
         (["--steps", "0"], "--steps=0 must be at least 1"),
         (["--sizes", "64"], "no case left to measure"),
-        (["--modes", "eval", "--profile", "prof"], "--profile traces JAX training steps"),
+        (["--modes", "epoch", "--profile", "prof"], "--profile traces JAX training and evaluation"),
     ],
 )
 def test_bad_options_fail_in_one_line_before_measuring(argv, message, capsys):

@@ -44,10 +44,12 @@ def test_a_trace_without_a_device_says_so(tmp_path):
         profiling.latest_trace(tmp_path / "empty")
 
 
-def test_bench_profile_traces_real_training_windows(tmp_path, capsys):
-    rows = bench.main(["--cases", "simple_cnn@32", "--modes", "train", "--frameworks", "jax", "--batch_size", "8",
-                       "--steps", "1", "--warmup", "1", "--profile", str(tmp_path)])
-    trace = profiling.latest_trace(tmp_path / "simple_cnn_32")
-    assert trace.stat().st_size > 0
-    assert rows[0]["profile"]["device"] is None  # JAX on CPU records no device process
-    assert "profile: no device activity" in capsys.readouterr().err
+def test_bench_profile_traces_real_training_and_evaluation_windows(tmp_path, capsys):
+    rows = bench.main(["--cases", "simple_cnn@32", "--modes", "train,eval", "--frameworks", "jax", "--batch_size", "8",
+                       "--eval_batch_size", "8", "--steps", "1", "--warmup", "1", "--profile", str(tmp_path)])
+    assert [r["mode"] for r in rows] == ["train", "eval"]
+    for row in rows:
+        trace = profiling.latest_trace(tmp_path / f"simple_cnn_32_{row['mode']}")
+        assert trace.stat().st_size > 0
+        assert row["profile"]["device"] is None  # JAX on CPU records no device process
+    assert capsys.readouterr().err.count("profile: no device activity") == 2
