@@ -99,12 +99,10 @@ def _handlers() -> dict:
             "meta": ocp.JsonCheckpointHandler(), "state": ocp.StandardCheckpointHandler()}
 
 
-def _save_args(state, meta: dict | None = None) -> ocp.args.Composite:
+def _save_args(state, meta: dict) -> ocp.args.Composite:
     packed = state if isinstance(state, Packed) else Packed.of(state)
-    items = {"arrays": ocp.args.PyTreeSave(packed.arrays), "layout": ocp.args.JsonSave(packed.layout)}
-    if meta is not None:
-        items["meta"] = ocp.args.JsonSave(meta)
-    return ocp.args.Composite(**items)
+    return ocp.args.Composite(arrays=ocp.args.PyTreeSave(packed.arrays), layout=ocp.args.JsonSave(packed.layout),
+                              meta=ocp.args.JsonSave(meta))
 
 
 def _restore_tree(manager, step: int, template, with_meta: bool = False):

@@ -6,19 +6,13 @@ PROBE_COORDINATOR set, it joins a multi-process run through jax.distributed.
 """
 
 import json
-import os
 import sys
 
-import jax
+from probe_env import join_distributed_from_env  # this script's directory
 
-if "PROBE_NUM_PROCESSES" in os.environ:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=os.environ["PROBE_COORDINATOR"],
-        num_processes=int(os.environ["PROBE_NUM_PROCESSES"]),
-        process_id=int(os.environ["PROBE_PROCESS_ID"]),
-    )
+join_distributed_from_env()
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cifar_jax.checkpoint import Checkpoints  # noqa: E402

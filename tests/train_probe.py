@@ -2,25 +2,19 @@
 
 Arguments: specs 'ARCH:OPTIMIZER[:float64]'.
 Device count comes from XLA_FLAGS. With PROBE_PROCESS_ID / PROBE_NUM_PROCESSES / PROBE_COORDINATOR
-set, it joins a multi-process run through jax.distributed (CPU collectives over gloo).
+set, it joins a multi-process run (tests/probe_env.py).
 """
 
 import functools
 import json
-import os
 import sys
 
 import jax
+from probe_env import join_distributed_from_env  # this script's directory
 
 if any(spec.endswith(":float64") for spec in sys.argv[1:]):
     jax.config.update("jax_enable_x64", True)
-if "PROBE_NUM_PROCESSES" in os.environ:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=os.environ["PROBE_COORDINATOR"],
-        num_processes=int(os.environ["PROBE_NUM_PROCESSES"]),
-        process_id=int(os.environ["PROBE_PROCESS_ID"]),
-    )
+join_distributed_from_env()
 
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
