@@ -4,11 +4,11 @@ Order of work: validate the config and everything cheap to check (devices, pretr
 the workdir) -> load data -> put it on the devices -> restore the latest checkpoint if any ->
 per epoch: train (jitted chunks of steps), evaluate on val, log, checkpoint.
 
-The host stays ahead of the device: it reads a chunk's metrics while the next chunk runs, and at
-the end of an epoch it queues validation and the next epoch's first `run_ahead_chunks` chunks
-before it logs and checkpoints the epoch (a packed device copy of its state), so that this work does
-not leave the device idle between epochs. Each metrics row says what the host's work between
-epochs cost (`host_s`, `checkpoint_s`; see `end_epoch`).
+The host stays ahead of the device: it reads a chunk's metrics while the next chunk runs, queues
+validation before it reads the epoch's last chunk, and queues the next epoch's first
+`run_ahead_chunks` chunks before it logs and checkpoints the epoch (a packed device copy of its
+state), so that this work does not leave the device idle between epochs. Each metrics row says
+what the host's work between epochs cost (`host_s`, `checkpoint_s`; see `end_epoch`).
 """
 
 from __future__ import annotations
@@ -154,6 +154,14 @@ def replicated_model(config, num_classes: int, mesh):
     return graphdef_train, graphdef_eval, params, batch_stats
 
 
+def epoch_lrs(schedule, phase: Phase, steps_per_epoch: int) -> np.ndarray:
+    """The learning rate at the first step of each epoch of `phase`, for the metrics rows. Computed
+    once per phase: evaluating the schedule on the device at each epoch's start, then reading it,
+    made the host wait for the device's queue (the previous epoch's validation) before it could
+    queue the epoch's first steps."""
+    return np.asarray(jax.vmap(schedule)(jnp.arange(phase.num_epochs) * steps_per_epoch), np.float64)
+
+
 def step_config(config, phase: Phase, graphdefs, *, preprocess, num_classes: int, steps_per_epoch: int, sharding):
     """(StepConfig, schedule) of `phase`. A frozen backbone (phase 1) runs in eval mode: its
     BatchNorm uses (and keeps) the pretrained running statistics."""
@@ -253,7 +261,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     def phase_setup(phase: Phase, params):
         cfg, schedule = step_config(config, phase, (graphdef_train, graphdef_eval), preprocess=preprocess,
                                     num_classes=splits.num_classes, steps_per_epoch=steps_per_epoch, sharding=sharding)
-        return cfg, schedule, init_opt_state(cfg.tx, params, phase, replicated)
+        return cfg, epoch_lrs(schedule, phase, steps_per_epoch), init_opt_state(cfg.tx, params, phase, replicated)
 
     ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
     # Where to start: the newest checkpoint that restores (epoch end, or a signal's mid-epoch one).
@@ -264,7 +272,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
         return phase_of(config, max(min(epochs_done, config.num_epochs) - 1, 0))
 
     phase = phase_after(latest or 0)
-    step_cfg, schedule, opt_state = phase_setup(phase, params)
+    step_cfg, lrs, opt_state = phase_setup(phase, params)
     state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
     fresh_state = state
     if latest is not None:
@@ -273,7 +281,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     interrupted = ckpts.interrupted_meta()
     if interrupted is not None and interrupted["epoch"] >= start_epoch:
         phase = phase_of(config, interrupted["epoch"])
-        step_cfg, schedule, opt_state = phase_setup(phase, params)
+        step_cfg, lrs, opt_state = phase_setup(phase, params)
         template = {"state": {**fresh_state, "opt_state": opt_state}, "metrics": jax.device_put(steps.zero_metrics(), replicated)}
         restored = ckpts.restore_interrupted(template)
         if restored is not None:
@@ -282,7 +290,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
             log.info("resumed the interrupted epoch %d at step %d of %d", start_epoch + 1, start_step, steps_per_epoch)
         elif phase_after(start_epoch) != phase:  # back to the epoch checkpoint's phase
             phase = phase_after(start_epoch)
-            step_cfg, schedule, _ = phase_setup(phase, params)
+            step_cfg, lrs, _ = phase_setup(phase, params)
     if start_epoch >= config.num_epochs:
         log.info("workdir %s already holds all %d epochs; nothing to train", workdir, config.num_epochs)
 
@@ -354,7 +362,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
             for epoch in range(start_epoch, config.num_epochs):
                 if phase_of(config, epoch) != phase:
                     phase = phase_of(config, epoch)
-                    step_cfg, schedule, state["opt_state"] = phase_setup(phase, state["params"])
+                    step_cfg, lrs, state["opt_state"] = phase_setup(phase, state["params"])
                     log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
                 t_epoch = t_last_end or time.perf_counter()
                 order = pipeline.epoch_order(config.seed, epoch, n_train)
@@ -369,7 +377,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                     compile_s = time.perf_counter() - t0
                     log.info("compiled the %s train step (%d steps per call) in %.1f s", phase.name, this_chunk, compile_s)
                 run_chunk = compiled[phase.name, this_chunk]
-                lr = float(schedule((epoch - phase.first_epoch) * steps_per_epoch))
+                lr = float(lrs[epoch - phase.first_epoch])
                 bar = _progress(progress and is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}", first_step)
                 t_train = time.perf_counter()
                 seen_before = int(_to_host(metrics)["count"]) if first_step else 0
@@ -409,8 +417,12 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                             epoch * steps_per_epoch + next_step, {"state": state, "metrics": metrics},
                             {"epoch": epoch, "next_step": next_step, "phase": phase.name}), ckpts)
                         raise Interrupted(stop.signum, f"epoch {epoch + 1}, step {next_step} of {steps_per_epoch}", workdir)
+                # Validation is queued behind the last chunk before the host waits for that chunk: the
+                # device goes on from one to the other without waiting for the host.
+                val_sums = eval_sums(state["params"], state["batch_stats"], val_x, val_y) if val_x is not None else None
                 sums = check(*pending.pop(0))
-                train_time = time.perf_counter() - t_train
+                t_val = time.perf_counter()  # training is done: validation runs from here
+                train_time = t_val - t_train
                 if bar is not None:
                     bar.close()
                 # Run ahead: queue the next epoch's first chunks before this epoch's host work, which then
@@ -422,10 +434,9 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                     epoch_state = Packed.of(state) if checkpoint_due(epoch) else None  # a stop in the next epoch saves mid-epoch
                 else:
                     epoch_state = state
-                t_val = time.perf_counter()  # on a CPU the copy is made during the call: part of the checkpoint's time
-                val_sums = eval_sums(state["params"], state["batch_stats"], val_x, val_y) if val_x is not None else None
+                pack_s = time.perf_counter() - t_pack  # on a CPU the copy is made during the call: part of the checkpoint's time
                 finish = functools.partial(end_epoch, epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch,
-                                           train_time, seen_before, epoch_state, t_val - t_pack)
+                                           train_time, seen_before, epoch_state, pack_s)
                 if run_ahead:
                     deferred, t_last_end = finish, None
                     continue

@@ -3,6 +3,7 @@
 import functools
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -70,6 +71,50 @@ def test_checkpoints_every_n_epochs_and_the_last_with_or_without_running_ahead(t
         assert rows[0]["host_s"] is None and all(r["host_s"] >= 0 for r in rows[1:])
         assert [r["checkpoint_s"] is not None for r in rows] == [False, False, True, False, True]
         assert all(0 < r["val_s"] <= r["epoch_time_s"] for r in rows)
+
+
+def test_the_host_waits_for_no_device_value_between_an_epochs_last_chunk_and_its_validation(tmp_path, monkeypatch):
+    # An epoch boundary must not leave the device idle while the host catches up: validation is
+    # queued behind the last chunk before the host reads that chunk's metrics, and the logged lr
+    # comes from a table made at the phase's start, not from the schedule evaluated on the device
+    # (and read back) as each epoch starts. One chunk per epoch, no running ahead: per epoch the
+    # host queues validation, then reads the chunk's metrics, then validation's.
+    events = []
+    to_host = trainer._to_host
+    monkeypatch.setattr(trainer, "_to_host", lambda tree: events.append("read") or to_host(tree))
+    make_eval_sums = trainer.steps.make_eval_sums
+
+    def recording_eval_sums(*args, **kwargs):
+        run = make_eval_sums(*args, **kwargs)
+        return lambda *a: events.append("validate") or run(*a)
+
+    monkeypatch.setattr(trainer.steps, "make_eval_sums", recording_eval_sums)
+    make_schedule = trainer.optim.make_schedule
+
+    def recording_schedule(*args, **kwargs):
+        schedule = make_schedule(*args, **kwargs)
+
+        def evaluated(count):
+            if not isinstance(count, jax.core.Tracer):  # computed on the device now, for the host to read
+                events.append("schedule")
+            return schedule(count)
+
+        return evaluated
+
+    monkeypatch.setattr(trainer.optim, "make_schedule", recording_schedule)
+    trainer.train_and_evaluate(tiny_config(num_epochs=3, steps_per_call=4, run_ahead_chunks=0), tmp_path, progress=False)
+    assert events == ["validate", "read", "read"] * 3
+
+
+@pytest.mark.parametrize("per", ["epoch", "step"])
+def test_logged_learning_rates_are_the_schedules_at_each_epochs_first_step(per):
+    config = tiny_config(num_epochs=7, **{"schedule.name": "step", "schedule.step_size": 2, "schedule.gamma": 0.5,
+                                          "schedule.warmup_epochs": 2, "schedule.per": per})
+    phase = trainer.phases(config)[0]
+    schedule, _ = trainer.make_tx(config, phase, steps_per_epoch=5)
+    lrs = trainer.epoch_lrs(schedule, phase, steps_per_epoch=5)
+    assert lrs.tolist() == [float(schedule(e * 5)) for e in range(7)]
+    assert len(set(lrs.tolist())) > 3  # warmup, then decays: a table of one value would not pass
 
 
 def test_bfloat16_compute_trains_like_float32(tmp_path):
