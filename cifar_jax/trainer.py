@@ -154,12 +154,14 @@ def replicated_model(config, num_classes: int, mesh):
     return graphdef_train, graphdef_eval, params, batch_stats
 
 
-def epoch_lrs(schedule, phase: Phase, steps_per_epoch: int) -> np.ndarray:
-    """The learning rate at the first step of each epoch of `phase`, for the metrics rows. Computed
-    once per phase: evaluating the schedule on the device at each epoch's start, then reading it,
-    made the host wait for the device's queue (the previous epoch's validation) before it could
-    queue the epoch's first steps."""
-    return np.asarray(jax.vmap(schedule)(jnp.arange(phase.num_epochs) * steps_per_epoch), np.float64)
+def epoch_lrs(schedule, phase: Phase, steps_per_epoch: int) -> list[float]:
+    """The learning rate at the first step of each epoch of `phase`, for the metrics rows, each the
+    shortest decimal of the optimizer's value (0.001, not 0.0010000000474974513 for a float32).
+    Computed once per phase: evaluating the schedule on the device at each epoch's start, then
+    reading it, made the host wait for the device's queue (the previous epoch's validation) before
+    it could queue the epoch's first steps."""
+    values = np.asarray(jax.vmap(schedule)(jnp.arange(phase.num_epochs) * steps_per_epoch))
+    return [float(str(v)) for v in values]
 
 
 def step_config(config, phase: Phase, graphdefs, *, preprocess, num_classes: int, steps_per_epoch: int, sharding):
@@ -377,7 +379,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                     compile_s = time.perf_counter() - t0
                     log.info("compiled the %s train step (%d steps per call) in %.1f s", phase.name, this_chunk, compile_s)
                 run_chunk = compiled[phase.name, this_chunk]
-                lr = float(lrs[epoch - phase.first_epoch])
+                lr = lrs[epoch - phase.first_epoch]
                 bar = _progress(progress and is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}", first_step)
                 t_train = time.perf_counter()
                 seen_before = int(_to_host(metrics)["count"]) if first_step else 0
