@@ -231,6 +231,17 @@ def eval_window(config, timed_batches: int) -> int:
     return steps.eval_calls(-(-NUM_EVAL // config.eval_batch_size), wanted)[0]
 
 
+def _chunk_window(carry: list, chunk, *args):
+    """A timed window: one call of the training `chunk` on `carry` = [state, metrics], which it
+    updates (the state is donated to the next window); returns the window's metrics to wait on."""
+
+    def window():
+        carry[:] = chunk(carry[0], carry[1], *args)
+        return carry[1]
+
+    return window
+
+
 class JaxSide:
     """This project's own jitted code for one case: the trainer's step, evaluate's forward pass."""
 
@@ -279,11 +290,7 @@ class JaxSide:
         x, y = (self.put(a) for a in _random_uint8(n))
         order, epoch, first = jnp.arange(n), jnp.int32(0), jnp.int32(0)
         carry = [self.state, self.zero_metrics()]
-
-        def window():
-            carry[:] = self.train_chunk(carry[0], carry[1], x, y, order, epoch, first)
-            return carry[1]  # this window's metrics: its state is donated to the next window
-
+        window = _chunk_window(carry, self.train_chunk, x, y, order, epoch, first)
         windows = -(-opts.steps // self.steps_per_call)
         first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
         extra = {"profile": self._profile(window, opts, case, "train")} if opts.profile else {}
@@ -397,15 +404,8 @@ class JaxSide:
             return jax.lax.fori_loop(0, k, body, (state, metrics))
 
         carry = [self.state, self.zero_metrics()]
-
-        def with_pipeline():
-            carry[:] = self.train_chunk(carry[0], carry[1], x, y, order, epoch, first)
-            return carry[1]
-
-        def with_prepared_batches():
-            carry[:] = prepared_chunk(carry[0], carry[1], prepared)
-            return carry[1]
-
+        with_pipeline = _chunk_window(carry, self.train_chunk, x, y, order, epoch, first)
+        with_prepared_batches = _chunk_window(carry, prepared_chunk, prepared)
         windows = max(-(-opts.steps // k) // rounds, 1)
         times = {with_pipeline: [], with_prepared_batches: []}
         for _ in range(rounds):

@@ -1,6 +1,11 @@
 """Helpers shared by tests: tiny configs, loading the PyTorch SimpleCNN's weights, one-line errors,
 comparing two training runs."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,3 +74,18 @@ def checkpoint_arrays(workdir, epoch="latest"):
     """Every parameter and BatchNorm statistic of checkpoint `epoch` of `workdir`, as numpy arrays."""
     restored = evaluate.restore(workdir, epoch)
     return [np.asarray(x) for x in jax.tree.leaves((restored.params, restored.batch_stats))]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def probe_env(devices: int, **extra) -> dict:
+    """The environment of a probe subprocess: a CPU backend of `devices` devices, plus `extra`."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+
+
+def run_probe(script: str, devices: int, *args) -> dict:
+    """Run `tests/<script>` on `devices` CPU devices; the JSON object of its last output line."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", script), *args], env=probe_env(devices), cwd=ROOT,
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

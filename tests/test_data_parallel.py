@@ -2,25 +2,44 @@
 saved and restored by 2 processes."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = os.path.join(ROOT, "tests", "train_probe.py")
-CHECKPOINT_PROBE = os.path.join(ROOT, "tests", "checkpoint_probe.py")
-
-
-def _env(devices, **extra):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+from tests.helpers import ROOT, probe_env, run_probe
 
 
 def _run(devices, archs):
-    out = subprocess.run([sys.executable, PROBE, *archs], env=_env(devices), cwd=ROOT, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe("train_probe.py", devices, *archs)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(script, *args) -> list[dict]:
+    """Run `tests/<script>` as 2 processes x 2 CPU devices joined through jax.distributed; the last
+    JSON line of each process that printed one, in process order (Gloo logs to stdout too)."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, f"tests/{script}", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=probe_env(2, PROBE_COORDINATOR=coordinator, PROBE_NUM_PROCESSES="2", PROBE_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-2000:]
+    results = []
+    for out, _ in outputs:
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        results += [json.loads(lines[-1])] if lines else []
+    return results
 
 
 def test_losses_do_not_depend_on_device_count():
@@ -37,25 +56,8 @@ def test_losses_do_not_depend_on_device_count():
         assert len(set(np.round(one[spec], 6))) == 5  # five different batches, really trained
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process_with_four_devices():
-    coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, PROBE, "simple_cnn:adamw"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=_env(2, PROBE_COORDINATOR=coordinator, PROBE_NUM_PROCESSES="2", PROBE_PROCESS_ID=str(i)),
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-2000:]
-    multi = json.loads(outputs[0][0].strip().splitlines()[-1])
+    (multi,) = _two_processes("train_probe.py", "simple_cnn:adamw")  # process 0 prints the losses
     assert multi["processes"] == 2 and multi["devices"] == 4
     single = _run(4, ["simple_cnn:adamw"])
     np.testing.assert_allclose(multi["simple_cnn:adamw"], single["simple_cnn:adamw"], rtol=1e-5)
@@ -64,16 +66,4 @@ def test_two_processes_match_one_process_with_four_devices():
 def test_two_processes_save_and_restore_a_packed_checkpoint(tmp_path):
     # Every process takes part in Orbax's save (one writes the replicated arrays) and restores the
     # whole packed arrays onto its own devices.
-    coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, CHECKPOINT_PROBE, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=_env(2, PROBE_COORDINATOR=coordinator, PROBE_NUM_PROCESSES="2", PROBE_PROCESS_ID=str(i)),
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-2000:]
-    for out, _ in outputs:
-        assert json.loads(out.strip().splitlines()[-1]) == {"processes": 2, "devices": 4, "equal": True, "epoch": 1}
+    assert _two_processes("checkpoint_probe.py", str(tmp_path)) == [{"processes": 2, "devices": 4, "equal": True, "epoch": 1}] * 2

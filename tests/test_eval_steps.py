@@ -1,9 +1,5 @@
 """Evaluation several batches per jitted call (the default: a whole split) against one per call."""
 
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,7 +8,7 @@ from flax import nnx
 
 from cifar_jax import models, steps, trainer
 from cifar_jax.data import pipeline
-from tests.helpers import tiny_config
+from tests.helpers import run_probe, tiny_config
 
 
 @pytest.mark.parametrize("num_batches,wanted", [(20, 16), (20, 2**31 - 1), (7, 3), (7, 1), (1, 5), (21, 16), (13, 4)])
@@ -65,17 +61,9 @@ def test_fused_eval_predicts_and_sums_like_one_batch_per_call(eval_model, per_ca
     np.testing.assert_allclose(sums[per_call]["loss_sum"], expected_loss, rtol=1e-4)
 
 
-def _eval_probe(devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "tests", "eval_probe.py")], env=env, cwd=root,
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_fused_eval_over_8_devices_equals_one_device():
     """Each batch sharded over the mesh, two batches per call (the last call padded)."""
-    one, eight = _eval_probe(1), _eval_probe(8)
+    one, eight = run_probe("eval_probe.py", 1), run_probe("eval_probe.py", 8)
     assert one["devices"] == 1 and eight["devices"] == 8
     np.testing.assert_allclose(eight["logits"], one["logits"], rtol=1e-5, atol=1e-5)
     assert np.asarray(one["logits"]).shape == (23, 10)
