@@ -378,9 +378,11 @@ class JaxSide:
         return _row(case, opts, "jax", "pipeline", f"on device, {k} batches/call", self.device, _median_rate(n, times),
                     first_s - statistics.median(times), step_ms=_ms(times, k), **in_step)
 
-    def _pipeline_in_step(self, opts, x, y, draw, rounds: int = 2) -> dict:
-        """{in_step_ms, in_step_share}: the training chunk's median time per step against the same
-        chunk fed its batches prepared beforehand, timed in `rounds` alternating rounds."""
+    def prepared_chunk(self, x, y, draw):
+        """(chunk, batches): the training chunk on batches drawn beforehand, the `steps_per_call`
+        batches that the chunk itself draws from `x`, `y` at epoch 0, step 0. Each step gets its
+        own batch: one batch fed to every step would let XLA hoist the work that depends on the
+        images alone out of the loop."""
         import functools
 
         import jax
@@ -389,20 +391,31 @@ class JaxSide:
         from cifar_jax import steps
 
         k, cfg = self.steps_per_call, self.step_cfg
-        order, epoch, first = jnp.arange(x.shape[0]), jnp.int32(0), jnp.int32(0)
-        prepared = jax.jit(lambda x, y, order, epoch: jax.tree.map(
+        order, epoch = jnp.arange(x.shape[0]), jnp.int32(0)
+        batches = jax.jit(lambda x, y, order, epoch: jax.tree.map(
             lambda *b: jnp.stack(b), *(draw(x, y, order, epoch=epoch, step=i) for i in range(k))))(x, y, order, epoch)
 
         @functools.partial(jax.jit, donate_argnums=0)
-        def prepared_chunk(state, metrics, prepared):
+        def chunk(state, metrics, batches):
             def body(i, carry):
-                xb, yb = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in prepared)
+                xb, yb = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in batches)
                 if cfg.sharding is not None:
                     xb, yb = (jax.lax.with_sharding_constraint(a, cfg.sharding) for a in (xb, yb))
                 return steps.update_step(cfg, *carry, xb, yb)
 
             return jax.lax.fori_loop(0, k, body, (state, metrics))
 
+        return chunk, batches
+
+    def _pipeline_in_step(self, opts, x, y, draw, rounds: int = 2) -> dict:
+        """{in_step_ms, in_step_share}: the training chunk's median time per step against the same
+        chunk fed its batches prepared beforehand, timed in `rounds` alternating rounds."""
+        import jax
+        import jax.numpy as jnp
+
+        k = self.steps_per_call
+        order, epoch, first = jnp.arange(x.shape[0]), jnp.int32(0), jnp.int32(0)
+        prepared_chunk, prepared = self.prepared_chunk(x, y, draw)
         carry = [self.state, self.zero_metrics()]
         with_pipeline = _chunk_window(carry, self.train_chunk, x, y, order, epoch, first)
         with_prepared_batches = _chunk_window(carry, prepared_chunk, prepared)

@@ -105,49 +105,68 @@ def test_pipeline_runs_as_many_batches_per_call_as_the_training_step():
     assert {"in_step_ms", "in_step_share"} <= set(by["pipeline"])
 
 
-def test_the_in_step_share_sees_what_the_pipeline_costs(monkeypatch):
-    # A pipeline made costly on purpose (16 extra 384x384 matmuls per batch, on values of the batch
-    # so that XLA can neither fold nor hoist them; the batch unchanged) must show as most of a tiny
-    # SimpleCNN step: the measurement times the step with its pipeline against the step fed
-    # batches prepared beforehand.
-    real = pipeline.Preprocess.train
+def test_the_in_step_baseline_trains_on_the_batches_the_step_draws():
+    """The pipeline's share in the step is the training chunk against the same chunk fed batches
+    prepared beforehand: both must train on the same batches, step for step (a baseline that fed
+    one batch to every step once let XLA hoist work out of the loop), to the same state."""
+    import dataclasses
+    import functools
 
-    def costly(self, key, images):
-        x = real(self, key, images)
-        v = x.reshape(-1)[:384]
-        m = jnp.outer(v, v) / 384.0
-        for _ in range(16):
-            m = jnp.tanh(m @ m)
-        return x + 0.0 * m[0, 0]
+    import jax
+    import numpy as np
+    import optax
 
-    monkeypatch.setattr(pipeline.Preprocess, "train", costly)
-    rows = bench.main(["--cases", "simple_cnn@32", "--modes", "pipeline", "--frameworks", "jax", "--steps_per_call", "2",
-                       "--batch_size", "4", "--steps", "8", "--warmup", "1"])
-    assert rows[0]["in_step_share"] > 0.4, rows[0]
+    from cifar_jax import steps
 
-
-def _queued_work(host_s, device_s):
-    """A stand-in for asynchronous work: each window costs the host `host_s`, then queues
-    `device_s` on a one-worker "device" and returns its future."""
-    import concurrent.futures
-    import time
-
-    device = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-
-    def window():
-        time.sleep(host_s)
-        return device.submit(time.sleep, device_s)
-
-    return window, lambda future: future.result()
+    opts = bench.parse_args(["--cases", "simple_cnn@32", "--frameworks", "jax", "--steps_per_call", "2", "--batch_size", "4"])
+    side = bench.JaxSide(bench.Case("simple_cnn", 32), opts, num_train=8)
+    # Plain SGD: Adam's first steps are about sign(gradient), so rounding in a near-zero gradient
+    # (the two programs fuse differently) would move a weight by up to 2 lr; SGD keeps it smooth.
+    side.step_cfg = dataclasses.replace(side.step_cfg, tx=optax.sgd(0.01))
+    side.state["opt_state"] = side.step_cfg.tx.init(side.state["params"])
+    side.train_chunk = steps.make_train_chunk(side.step_cfg, side.steps_per_call)
+    x, y = (side.put(a) for a in bench._random_uint8(8))
+    draw = functools.partial(pipeline.train_batch, seed=0, batch_size=4, preprocess=side.preprocess, sharding=side.sharding)
+    chunk, batches = side.prepared_chunk(x, y, draw)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (both chunks donate their state)
+    order = jnp.arange(8)
+    drawn = side.train_chunk(copy(side.state), side.zero_metrics(), x, y, order, jnp.int32(0), jnp.int32(0))
+    prepared = chunk(copy(side.state), side.zero_metrics(), batches)
+    assert int(prepared[1]["count"]) == 8
+    for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(prepared), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Two different batches: a batch repeated for both steps would train to another state.
+    assert not np.array_equal(np.asarray(batches[0][0]), np.asarray(batches[0][1]))
 
 
-def test_timed_windows_overlap_the_host_with_the_device_only_when_asked():
+class _SimulatedDevice:
+    """A clock and a one-queue "device": each window costs the host `host_s`, then queues `device_s`
+    of work that starts when both the host has queued it and the device is free. Deterministic,
+    whatever the machine's load: timed_windows reads this clock instead of the wall clock."""
+
+    def __init__(self, host_s, device_s):
+        self.now, self.device_free, self.host_s, self.device_s = 0.0, 0.0, host_s, device_s
+
+    def perf_counter(self):
+        return self.now
+
+    def window(self):
+        self.now += self.host_s
+        self.device_free = max(self.now, self.device_free) + self.device_s
+        return self.device_free  # the handle: when this window's work is done
+
+    def wait(self, done):
+        self.now = max(self.now, done)
+
+
+def test_timed_windows_overlap_the_host_with_the_device_only_when_asked(monkeypatch):
     """A synced window adds the host's time to the device's; a loop without host syncs hides it."""
     import statistics
 
-    window, wait = _queued_work(host_s=0.04, device_s=0.09)
-    first, times = bench.timed_windows(window, wait, warmup=1, windows=5)
-    assert len(times) == 5 and first >= 0.13
-    assert 0.085 < statistics.median(times) < 0.115  # the device's 90 ms: the host's 40 ms overlap it
-    _, times = bench.timed_windows(window, wait, warmup=1, windows=5, overlap=False)
-    assert statistics.median(times) >= 0.129  # 40 + 90 ms, one after the other
+    device = _SimulatedDevice(host_s=0.04, device_s=0.09)
+    monkeypatch.setattr(bench, "time", device)
+    first, times = bench.timed_windows(device.window, device.wait, warmup=1, windows=5)
+    assert len(times) == 5 and first == pytest.approx(0.13)
+    assert statistics.median(times) == pytest.approx(0.09)  # the device's 90 ms: the host's 40 ms overlap it
+    _, times = bench.timed_windows(device.window, device.wait, warmup=1, windows=5, overlap=False)
+    assert times == pytest.approx([0.13] * 5)  # 40 + 90 ms, one after the other
