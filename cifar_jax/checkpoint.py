@@ -15,6 +15,9 @@ host 0.1-0.2 s, while 590 arrays of 10 floats took 0.7-0.9 s and one array of 28
 With short epochs every save waited for the previous one (the trainer's `checkpoint_s`: median
 0.47-0.84 s an epoch, packed 0.02 s). Checkpoints written before packing (`state` instead of
 `arrays`) still restore.
+
+Every checkpoint's meta also holds a checksum of each array of the state (`checksums`), verified on
+restore: a checkpoint whose bytes changed on disk is treated as damaged (`DamagedCheckpoint`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 
 log = logging.getLogger("cifar_jax")
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint's arrays do not match the checksums saved with them: its files changed on disk."""
 
 
 def abstract(tree):
@@ -54,16 +61,55 @@ def _concatenate_by_dtype(tree) -> dict[str, jax.Array]:
     return {dtype: jnp.concatenate(xs) for dtype, xs in groups.items()}
 
 
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of `x` as a flat uint32 vector (64-bit values as two words, narrower ones widened)."""
+    if x.dtype == jnp.bool_:
+        return jnp.ravel(x).astype(jnp.uint32)
+    width = jnp.dtype(x.dtype).itemsize
+    as_unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[width]
+    return jnp.ravel(jax.lax.bitcast_convert_type(x, as_unsigned)).astype(jnp.uint32)
+
+
+@jax.jit
+def _leaf_checksums(tree) -> jax.Array:
+    """One uint32 per leaf: the sum of its words times odd position weights, mod 2**32. Any change
+    of a single bit changes it, and so does swapping two different words."""
+    sums = []
+    for x in jax.tree.leaves(tree):
+        words = _as_uint32(x)
+        weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2 * 2654435761 % 2**32) + jnp.uint32(1)
+        sums.append(jnp.sum(words * weights, dtype=jnp.uint32))
+    return jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
+
+
+def checksums(tree) -> dict[str, int]:
+    """{leaf path: checksum} of `tree` (device or host arrays)."""
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return dict(zip(paths, np.asarray(_leaf_checksums(tree)).tolist()))
+
+
+def verify(tree, saved: dict[str, int], where) -> None:
+    """Raise DamagedCheckpoint naming the first leaf of `tree` whose checksum is not `saved`'s."""
+    for path, value in checksums(tree).items():
+        if saved.get(path) != value:
+            raise DamagedCheckpoint(f"{where}: {path} does not match the checksum saved with it (its files changed on disk)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Packed:
-    """A state as one 1-D array per dtype (a device copy: the state may be donated afterwards)."""
+    """A state as one 1-D array per dtype (a device copy: the state may be donated afterwards),
+    with the checksums of its leaves (computed on the device, read when saved)."""
 
     arrays: dict  # dtype name -> 1-D jax.Array
     layout: list  # layout() of the state
+    leaf_checksums: jax.Array  # uint32, one per leaf in layout order
 
     @classmethod
     def of(cls, tree) -> "Packed":
-        return cls(_concatenate_by_dtype(tree), layout(tree))
+        return cls(_concatenate_by_dtype(tree), layout(tree), _leaf_checksums(tree))
+
+    def checksums(self) -> dict[str, int]:
+        return dict(zip((path for path, _, _ in self.layout), np.asarray(self.leaf_checksums).tolist()))
 
 
 def unpack(arrays: dict, saved_layout: list, template):
@@ -101,20 +147,31 @@ def _handlers() -> dict:
 
 def _save_args(state, meta: dict) -> ocp.args.Composite:
     packed = state if isinstance(state, Packed) else Packed.of(state)
+    meta = {**meta, "checksums": packed.checksums()}
     return ocp.args.Composite(arrays=ocp.args.PyTreeSave(packed.arrays), layout=ocp.args.JsonSave(packed.layout),
                               meta=ocp.args.JsonSave(meta))
 
 
-def _restore_tree(manager, step: int, template, with_meta: bool = False):
-    """(tree shaped like `template`, meta or None) of checkpoint `step` of `manager`."""
-    meta_args = {"meta": ocp.args.JsonRestore()} if with_meta else {}
+def _without_checksums(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "checksums"}
+
+
+def _restore_tree(manager, step: int, template):
+    """(tree shaped like `template`, meta) of checkpoint `step` of `manager`, its checksums verified
+    (checkpoints saved before checksums have none to verify)."""
+    meta_args = {"meta": ocp.args.JsonRestore()}
     if (Path(manager.directory) / str(step) / "state").is_dir():  # written before packing
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(template)), **meta_args))
-        return restored["state"], restored["meta"] if with_meta else None
-    saved_layout = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
-    as_numpy = {dtype: ocp.RestoreArgs(restore_type=np.ndarray) for dtype in {d for _, d, _ in saved_layout}}
-    restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(restore_args=as_numpy), **meta_args))
-    return unpack(restored["arrays"], saved_layout, template), restored["meta"] if with_meta else None
+        tree = restored["state"]
+    else:
+        saved_layout = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
+        as_numpy = {dtype: ocp.RestoreArgs(restore_type=np.ndarray) for dtype in {d for _, d, _ in saved_layout}}
+        restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(restore_args=as_numpy), **meta_args))
+        tree = unpack(restored["arrays"], saved_layout, template)
+    meta = restored["meta"]
+    if "checksums" in meta:
+        verify(tree, meta.pop("checksums"), Path(manager.directory) / str(step))
+    return tree, meta
 
 
 class Checkpoints:
@@ -142,31 +199,48 @@ class Checkpoints:
         self.manager.save(epoch, args=_save_args(state, meta), metrics={"val_acc": val_acc} if val_acc is not None else None)
 
     def meta(self, epoch: int) -> dict:
-        return self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return _without_checksums(self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def restore(self, epoch: int, template):
         """(state, meta) of `epoch`, restored with the structure and shardings of `template`."""
-        return _restore_tree(self.manager, epoch, template, with_meta=True)
+        return _restore_tree(self.manager, epoch, template)
+
+    def by_preference(self, which: str) -> list[int]:
+        """The kept epochs, best first: by validation accuracy (then earliest) for 'best', newest
+        first for 'latest'. An epoch whose meta does not read (damaged, empty) comes last."""
+        def score(epoch):
+            try:
+                acc = self.meta(epoch)["row"].get("val_acc")
+            except Exception as e:  # noqa: BLE001  (a damaged checkpoint raises many types)
+                log.warning("checkpoint of epoch %d has no readable meta (%s: %s)", epoch, type(e).__name__, str(e)[:160])
+                return (0, 0.0, 0)
+            if which == "latest" or acc is None:
+                return (1, 0.0, epoch)
+            return (2, acc, -epoch)
+
+        return sorted(self.epochs(), key=score, reverse=True)
 
     def best_epoch(self) -> int | None:
         """The kept epoch with the highest validation accuracy (the latest if none has one)."""
-        scored = [(self.meta(e)["row"].get("val_acc"), e) for e in self.epochs()]
-        with_acc = [(acc, e) for acc, e in scored if acc is not None]
-        if with_acc:
-            return max(with_acc, key=lambda t: (t[0], -t[1]))[1]
-        return self.latest_epoch()
+        order = self.by_preference("best")
+        return order[0] if order else None
 
     def restore_latest_good(self, template):
         """(epoch, state, meta) of the newest checkpoint that restores.
 
         Newer checkpoints that fail while an older one restores are damaged: they are moved to
         `corrupt_checkpoints/` and reported. If none restores, nothing is moved (the config more
-        likely changed than every file broke) and a ValueError says so.
+        likely changed than every file broke) and a ValueError says so; but a checkpoint whose
+        checksums fail is damaged whatever else restores, and is always moved aside.
         """
         failed = []
         for epoch in reversed(self.epochs()):
             try:
                 state, meta = self.restore(epoch, template)
+            except DamagedCheckpoint as e:
+                moved = self.quarantine(self.directory / str(epoch))
+                log.warning("checkpoint of epoch %d is damaged (%s); moved it to %s", epoch, e, moved)
+                continue
             except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)
                 failed.append((epoch, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
                 continue
@@ -174,6 +248,9 @@ class Checkpoints:
                 moved = self.quarantine(self.directory / str(bad))
                 log.warning("checkpoint of epoch %d does not restore (%s); moved it to %s and resumed from epoch %d", bad, why, moved, epoch)
             return epoch, state, meta
+        if not failed:  # every checkpoint was damaged and moved aside
+            raise ValueError(f"no checkpoint in {self.directory} is intact (the damaged ones are in {self.workdir / 'corrupt_checkpoints'}); "
+                             f"use another --workdir to train from the start")
         raise ValueError(
             f"no checkpoint in {self.directory} restores into the configured model and optimizer ({failed[0][1]}); "
             f"was the config changed (model, optimizer.name)? Rerun with the run's config.json settings or another --workdir"
@@ -198,13 +275,23 @@ class Checkpoints:
             manager.wait_until_finished()
 
     def interrupted_meta(self) -> dict | None:
+        """The mid-epoch checkpoint's meta, or None: none, or one whose meta is damaged (reported, moved aside)."""
         if not (self.workdir / "interrupted").is_dir():
             return None
         with self._interrupted_manager() as manager:
             step = manager.latest_step()
             if step is None:
                 return None
-            return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            try:
+                meta = _without_checksums(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+                if not {"epoch", "next_step", "phase"} <= set(meta):
+                    raise ValueError(f"its meta lacks {sorted({'epoch', 'next_step', 'phase'} - set(meta))}")
+                return meta
+            except Exception as e:  # noqa: BLE001  (a damaged JSON file raises many types)
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        moved = self.quarantine(self.workdir / "interrupted" / str(step))
+        log.warning("the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch checkpoint", why, moved)
+        return None
 
     def restore_interrupted(self, template):
         """The saved tree, or None (reported, moved aside) if it does not restore."""
@@ -213,8 +300,9 @@ class Checkpoints:
             try:
                 return _restore_tree(manager, step, template)[0]
             except Exception as e:  # noqa: BLE001
-                log.warning("the interrupted-run checkpoint does not restore (%s); using the last epoch checkpoint", type(e).__name__)
-        self.quarantine(self.workdir / "interrupted" / str(step))
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        moved = self.quarantine(self.workdir / "interrupted" / str(step))
+        log.warning("the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch checkpoint", why, moved)
         return None
 
     def clear_interrupted(self) -> None:

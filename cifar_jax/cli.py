@@ -34,11 +34,20 @@ def tune_xla_cpu() -> bool:
     return True
 
 
+def _not_from_orbax(record: logging.LogRecord) -> bool:
+    """Orbax logs the traceback of a failed write or read itself (330 lines for a full disk) and then
+    raises it to us, and our entry points report every such error in one line."""
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def setup_logging() -> None:
     """Our progress lines on stderr; absl-logged chatter (Orbax logs every file it writes) only at ERROR."""
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
+    absl_logger = logging.getLogger("absl")
+    if _not_from_orbax not in absl_logger.filters:
+        absl_logger.addFilter(_not_from_orbax)
     logger = logging.getLogger("cifar_jax")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -20,10 +21,11 @@ import numpy as np
 from flax import nnx
 
 from cifar_jax import steps, trainer
-from cifar_jax.checkpoint import Checkpoints
+from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
 
 ECE_BINS = 15
+log = logging.getLogger("cifar_jax")
 
 
 class EvalError(ValueError):
@@ -55,11 +57,11 @@ def restore(workdir, epoch: int | str = "best", mesh=None) -> Restored:
     available = ckpts.epochs()
     if not available:
         raise EvalError(f"{workdir} holds no complete checkpoint; train first (python train.py --config ... --workdir {workdir})")
-    if epoch == "best":
-        epoch = ckpts.best_epoch()
-    elif epoch == "latest":
-        epoch = ckpts.latest_epoch()
-    elif epoch not in available:
+    if epoch in ("best", "latest"):
+        candidates = ckpts.by_preference(epoch)  # a damaged one is skipped (reported) for the next
+    elif epoch in available:
+        candidates = [epoch]
+    else:
         raise EvalError(f"no checkpoint of epoch {epoch} in {workdir}; available: {', '.join(map(str, available))}")
     mesh = mesh or pipeline.make_mesh()
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -67,16 +69,23 @@ def restore(workdir, epoch: int | str = "best", mesh=None) -> Restored:
     model.eval()
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = (jax.device_put(t, replicated) for t in (params, batch_stats))
-    phase = trainer.phase_of(config, min(epoch, config.num_epochs) - 1)
-    _, tx = trainer.make_tx(config, phase, 1)
-    template = {"params": params, "batch_stats": batch_stats, "opt_state": trainer.init_opt_state(tx, params, phase, replicated)}
+    failures = []
     try:
-        state, meta = ckpts.restore(epoch, template)
-    except Exception as e:  # noqa: BLE001  (Orbax raises many types for damaged or mismatched files)
-        raise EvalError(
-            f"checkpoint {ckpts.directory / str(epoch)} does not restore into {config.model.name} as configured in "
-            f"config.json ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from None
+        for epoch in candidates:
+            phase = trainer.phase_of(config, min(epoch, config.num_epochs) - 1)
+            _, tx = trainer.make_tx(config, phase, 1)
+            template = {"params": params, "batch_stats": batch_stats, "opt_state": trainer.init_opt_state(tx, params, phase, replicated)}
+            try:
+                state, meta = ckpts.restore(epoch, template)
+                break
+            except Exception as e:  # noqa: BLE001  (Orbax raises many types for damaged or mismatched files)
+                failures.append(f"checkpoint {e}" if isinstance(e, DamagedCheckpoint) else
+                                f"checkpoint {ckpts.directory / str(epoch)} does not restore into {config.model.name} as configured "
+                                f"in config.json ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+            if len(candidates) > 1:
+                log.warning("%s; trying the next one", failures[-1])
+        else:
+            raise EvalError(failures[0] if len(failures) == 1 else f"none of the {len(failures)} checkpoints restores; {failures[0]}")
     finally:
         ckpts.close()
     return Restored(config, graphdef, state["params"], state["batch_stats"], epoch, meta)

@@ -13,19 +13,33 @@ log = logging.getLogger("cifar_jax")
 
 class MetricsLog:
     """`<workdir>/metrics.jsonl`, one JSON object per epoch. On resume, rows of epochs after the
-    restored checkpoint (logged by a run killed before its checkpoint landed) are dropped."""
+    restored checkpoint (logged by a run killed before its checkpoint landed) are dropped; a last
+    line torn by a kill is dropped too, and the restored epoch's row, saved in its checkpoint, put
+    back if it was lost."""
 
-    def __init__(self, workdir, resume_epoch: int):
+    def __init__(self, workdir, resume_epoch: int, resume_row: dict | None = None):
         self.path = Path(workdir) / "metrics.jsonl"
+        self._torn = False
         rows = self.read(self.path) if self.path.exists() else []
         self.rows = [r for r in rows if r["epoch"] <= resume_epoch]
-        if len(self.rows) != len(rows):
+        if resume_row is not None and resume_row["epoch"] == resume_epoch and (not self.rows or self.rows[-1]["epoch"] < resume_epoch):
+            self.rows.append(resume_row)
+        if self.rows != rows or self._torn:
             self._rewrite()
 
-    @staticmethod
-    def read(path) -> list[dict]:
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+    def read(self, path) -> list[dict]:
+        """The rows of `path`; a torn last line is reported and left out, any other bad line is an error."""
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        rows, self._torn = [], False
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i + 1 < len(lines):
+                    raise ValueError(f"{path} line {i + 1} is not JSON ({line[:40]!r}); move the file aside to start its log anew") from None
+                self._torn = True
+                log.warning("%s: its last line was cut short (a run was killed while writing it); dropped it", path)
+        return rows
 
     def _rewrite(self):
         tmp = self.path.with_suffix(".jsonl.tmp")

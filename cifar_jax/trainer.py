@@ -14,10 +14,13 @@ what the host's work between epochs cost (`host_s`, `checkpoint_s`; see `end_epo
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import gc
 import json
 import logging
+import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -118,8 +121,9 @@ def check_before_start(config, workdir) -> None:
             raise ValueError(f"config: model.pretrained holds {meta['arch']} weights but model.name={config.model.name!r}; set --config.model.name={meta['arch']}")
         if meta.get("stem", "imagenet") != config.model.stem:
             raise ValueError(f"config: model.pretrained was converted with stem={meta.get('stem')!r} but model.stem={config.model.stem!r}; pretrained weights need --config.model.stem={meta.get('stem')}")
+    check_workdir(workdir)
     saved = Path(workdir) / "config.json"
-    if saved.exists():
+    if saved.exists() and has_checkpoints(workdir):  # a run that saved nothing binds nothing
         old = json.loads(saved.read_text())
         for key in ("name", "num_classes", "stem"):
             if old["model"][key] != config.model[key]:
@@ -127,6 +131,25 @@ def check_before_start(config, workdir) -> None:
                     f"workdir {workdir} holds a run with model.{key}={old['model'][key]!r}, not {config.model[key]!r}; "
                     f"use another --workdir to start a new run"
                 )
+
+
+def has_checkpoints(workdir) -> bool:
+    """Whether `workdir` holds a checkpoint (complete or not) of an epoch or of an interrupted epoch."""
+    return any(p.name.split(".")[0].isdigit() for d in ("checkpoints", "interrupted") if (Path(workdir) / d).is_dir()
+               for p in (Path(workdir) / d).iterdir())
+
+
+def check_workdir(workdir) -> None:
+    """A ValueError in one line if `workdir` cannot be created or written."""
+    path = Path(workdir).absolute()
+    long = [part for part in path.parts if len(os.fsencode(part)) > 255]
+    if long:
+        raise ValueError(f"workdir {path}: the name {long[0][:40]}... is longer than 255 bytes; use a shorter --workdir")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"workdir {path}: {existing} is a file, not a directory; pass another --workdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {path}: {existing} is not writable; make it writable or pass another --workdir")
 
 
 def build_model(config, num_classes: int):
@@ -267,7 +290,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
 
     ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
     # Where to start: the newest checkpoint that restores (epoch end, or a signal's mid-epoch one).
-    start_epoch, start_step, resumed_metrics = 0, 0, None
+    start_epoch, start_step, resumed_metrics, resumed_row = 0, 0, None, None
     latest = ckpts.latest_epoch()
 
     def phase_after(epochs_done):  # the phase whose optimizer state a checkpoint after `epochs_done` epochs holds
@@ -279,6 +302,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     fresh_state = state
     if latest is not None:
         start_epoch, state, meta = ckpts.restore_latest_good(state)  # restores only into `phase`'s structure
+        resumed_row = meta["row"]
         log.info("resumed from %s (epoch %d, val_acc %s)", ckpts.directory / str(start_epoch), start_epoch, _fmt(meta["row"].get("val_acc")))
     interrupted = ckpts.interrupted_meta()
     if interrupted is not None and interrupted["epoch"] >= start_epoch:
@@ -296,7 +320,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     if start_epoch >= config.num_epochs:
         log.info("workdir %s already holds all %d epochs; nothing to train", workdir, config.num_epochs)
 
-    metrics_log = MetricsLog(workdir, resume_epoch=start_epoch) if is_main else None
+    metrics_log = MetricsLog(workdir, resume_epoch=start_epoch, resume_row=resumed_row) if is_main else None
     tracker = Wandb(config, workdir, resume=latest is not None) if is_main else None
     plotter = CurvesPlotter(workdir / "curves.png") if is_main else None
     compiled = {}
@@ -448,6 +472,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                         _save_or_fail(lambda: ckpts.save(epoch + 1, state, saved["meta"]), ckpts)
                     _save_or_fail(ckpts.wait, ckpts)
                     raise Interrupted(stop.signum, f"the end of epoch {epoch + 1}", workdir)
+        _save_or_fail(ckpts.wait, ckpts)  # the last checkpoints are written in the background: a run ends when they are
     except BaseException:
         if deferred is not None:  # keep the finished epoch: write its checkpoint before giving up
             try:
@@ -483,13 +508,41 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {name} at {where}; checkpoint saved in {workdir}; rerun the same command to resume")
 
 
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
+    errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "use a writable --workdir",
+    errno.ENAMETOOLONG: "use a shorter --workdir",
+}
+
+
+def write_errno(e: BaseException) -> int | None:
+    """The OS error number behind a failed write: an OSError anywhere in the chain, or the
+    `[os_error_code='N']` of TensorStore's messages (how Orbax reports a full disk)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        found = re.search(r"os_error_code='?(\d+)", str(e))
+        if found:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _save_or_fail(save, ckpts: Checkpoints) -> None:
-    """Run a checkpoint write; turn I/O failures (a full disk, ...) into one clear TrainingError."""
+    """Run a checkpoint write (or wait for the background ones); turn an OS failure (a full disk, a
+    read-only directory, ...) into one clear TrainingError."""
     try:
         save()
-    except OSError as e:
-        raise TrainingError(f"could not write a checkpoint ({e}); earlier checkpoints in {ckpts.directory} are intact. "
-                            f"Free some space and rerun to resume") from None
+    except Exception as e:  # noqa: BLE001  (Orbax raises ValueError around TensorStore's OS errors)
+        code = write_errno(e)
+        if code is None:
+            raise
+        raise TrainingError(
+            f"could not write a checkpoint in {ckpts.directory} ({os.strerror(code)}); earlier checkpoints there are intact. "
+            f"{_WRITE_ADVICE.get(code, 'fix that').capitalize()} and rerun to resume"
+        ) from None
 
 
 def _fmt(x):

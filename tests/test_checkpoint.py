@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from cifar_jax import checkpoint
 from cifar_jax.checkpoint import Checkpoints, Packed
 
 
@@ -105,3 +106,29 @@ def test_the_interrupted_checkpoint_round_trips(tmp_path):
     assert ckpts.interrupted_meta() == {"epoch": 1, "next_step": 2, "phase": "all"}
     _assert_trees_equal(ckpts.restore_interrupted(_zeros_like(tree)), tree)
     ckpts.close()
+
+
+def _numpy_checksum(x) -> int:
+    """The checksum's definition, computed with NumPy in Python integers: sum of words * (2 * 2654435761 * i + 1) mod 2**32."""
+    raw = np.asarray(x).tobytes()
+    width = {1: np.uint8, 2: np.uint16}.get(np.asarray(x).dtype.itemsize, np.uint32)
+    words = np.frombuffer(raw, dtype=width).astype(np.uint64)
+    weights = (np.arange(words.size, dtype=np.uint64) * (2 * 2654435761) + 1) % 2**32
+    return int(sum(int(w) * int(v) for w, v in zip(words, weights)) % 2**32)
+
+
+def test_checksums_equal_a_numpy_computation_and_see_every_flipped_bit():
+    state = _state()
+    sums = checkpoint.checksums(state)
+    assert sums == {jax.tree_util.keystr(p): _numpy_checksum(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    assert Packed.of(state).checksums() == sums
+    kernel = np.asarray(state["params"]["conv"]["kernel"])
+    for index in (0, 17, kernel.size - 1):
+        for bit in (0, 22, 31):  # mantissa, its top, the sign
+            flipped = kernel.copy().reshape(-1).view(np.uint32)
+            flipped[index] ^= np.uint32(1 << bit)
+            changed = {**state, "params": {**state["params"], "conv": {**state["params"]["conv"],
+                                                                       "kernel": jnp.asarray(flipped.view(np.float32).reshape(kernel.shape))}}}
+            assert checkpoint.checksums(changed)["['params']['conv']['kernel']"] != sums["['params']['conv']['kernel']"]
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=r"where: \['opt_state'\]\['count'\] does not match"):
+        checkpoint.verify(state, {**sums, "['opt_state']['count']": sums["['opt_state']['count']"] + 1}, "where")

@@ -67,8 +67,9 @@ def _assert_same_run(a, b):
 def test_sigterm_saves_mid_epoch_and_the_rerun_is_bit_identical(straight_run, tmp_path):
     workdir = tmp_path / "run"
     proc = _start(workdir)
+    # The row of epoch 1 is written while epoch 2's first chunks run (run-ahead): a signal sent as
+    # soon as it appears lands early in epoch 2's 196 steps, on a fast machine as on a loaded one.
     _wait_for_rows(workdir, 1, proc)
-    time.sleep(1.2)  # inside epoch 2 (196 steps, 2.6 s on 2 cores), past the checkpoint of epoch 1
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -95,16 +96,17 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(straight_run, tmp_path
 def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(straight_run, tmp_path, caplog):
     workdir = tmp_path / "run"
     shutil.copytree(straight_run, workdir)
-    for epoch in (3, 4):
-        shutil.rmtree(workdir / "checkpoints" / str(epoch))
-    state_dir = workdir / "checkpoints" / "2" / "arrays"
+    # Which epochs are kept depends on the best validation epoch: take the two newest, whichever they are.
+    *_, previous, latest = Checkpoints(workdir, read_only=True).epochs()
+    state_dir = workdir / "checkpoints" / str(latest) / "arrays"
     for f in (p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     with caplog.at_level("WARNING", logger="cifar_jax"):
         trainer.train_and_evaluate(_tiny_file_config(), workdir, progress=False)
-    assert "checkpoint of epoch 2 does not restore" in caplog.text
+    assert f"checkpoint of epoch {latest} does not restore" in caplog.text
+    assert f"resumed from epoch {previous}" in caplog.text
     assert list((workdir / "corrupt_checkpoints").iterdir())
-    _assert_same_run(workdir, straight_run)  # epochs 2 to 4 retrained from epoch 1
+    _assert_same_run(workdir, straight_run)  # the epochs after `previous` retrained
 
 
 def test_nan_loss_stops_within_the_epoch_and_keeps_good_checkpoints(tmp_path):
@@ -197,3 +199,139 @@ def test_a_full_disk_is_a_clear_error_and_earlier_checkpoints_stay(tmp_path, mon
         trainer.train_and_evaluate(tiny_config(num_epochs=2), tmp_path, progress=False)
     monkeypatch.undo()
     assert evaluate.restore(tmp_path, "latest").epoch == 1
+
+
+# ------------------------------------------------------------- nothing lost, nothing silently wrong
+
+
+def _flip_bytes_in_arrays(checkpoint_dir):
+    """Flip bits in the middle of the largest array file of a checkpoint, leaving its size and headers."""
+    f = max((p for p in (checkpoint_dir / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(f.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 16):
+        data[i] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("three")
+    trainer.train_and_evaluate(tiny_config(num_epochs=3, **{"checkpoint.keep": 3}), workdir, progress=False)
+    return workdir
+
+
+def test_flipped_bytes_in_a_checkpoint_fail_its_checksum(three_epochs, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_epochs, workdir)
+    _flip_bytes_in_arrays(workdir / "checkpoints" / "3")
+    with pytest.raises(evaluate.EvalError, match=r"checkpoints/3: \[.* does not match the checksum saved with it"):
+        evaluate.restore(workdir, 3)
+    # The rerun moves it aside and retrains epoch 3 from epoch 2: the same run as before.
+    with caplog.at_level("WARNING", logger="cifar_jax"):
+        trainer.train_and_evaluate(tiny_config(num_epochs=3, **{"checkpoint.keep": 3}), workdir, progress=False)
+    assert "checkpoint of epoch 3 is damaged" in caplog.text and "does not match the checksum" in caplog.text
+    assert [p.name.split("-")[1] for p in (workdir / "corrupt_checkpoints").iterdir()] == ["3"]
+    _assert_same_run(workdir, three_epochs)
+
+
+def test_eval_of_the_best_checkpoint_skips_a_damaged_or_empty_one(three_epochs, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_epochs, workdir)
+    ckpts = Checkpoints(workdir, read_only=True)
+    best, second, third = ckpts.by_preference("best")
+    ckpts.close()
+    _flip_bytes_in_arrays(workdir / "checkpoints" / str(best))
+    shutil.rmtree(workdir / "checkpoints" / str(second))
+    (workdir / "checkpoints" / str(second)).mkdir()  # empty
+    with caplog.at_level("WARNING", logger="cifar_jax"):
+        restored = evaluate.restore(workdir, "best")
+    assert restored.epoch == third
+    assert f"checkpoints/{best}: " in caplog.text and "does not match the checksum" in caplog.text
+    assert f"checkpoint of epoch {second} has no readable meta" in caplog.text
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_the_rerun_goes_on(three_epochs, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_epochs, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "3")
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    # Killed while writing epoch 2's row (its checkpoint had landed): epoch 3's row never came.
+    (workdir / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    with caplog.at_level("WARNING", logger="cifar_jax"):
+        trainer.train_and_evaluate(tiny_config(num_epochs=3, **{"checkpoint.keep": 3}), workdir, progress=False)
+    assert "its last line was cut short" in caplog.text
+    assert [r["epoch"] for r in _rows(workdir)] == [1, 2, 3]  # epoch 2's row comes back from its checkpoint
+    _assert_same_run(workdir, three_epochs)
+
+
+def test_a_bad_metrics_line_before_the_last_is_one_clear_error(three_epochs, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_epochs, workdir)
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    (workdir / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON .*move the file aside"):
+        trainer.train_and_evaluate(tiny_config(num_epochs=3), workdir, progress=False)
+    assert Checkpoints(workdir, read_only=True).epochs() == [1, 2, 3]
+
+
+def test_a_damaged_interrupted_checkpoint_is_set_aside_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    config = tiny_config(num_epochs=2, run_ahead_chunks=0, steps_per_call=1)
+    _at_epoch_start(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(trainer.Interrupted):
+        trainer.train_and_evaluate(config, tmp_path, progress=False)
+    monkeypatch.undo()
+    (meta,) = (tmp_path / "interrupted").glob("*/meta/metadata")
+    meta.write_text('{"epoch": 1, "next_st')
+    with caplog.at_level("WARNING", logger="cifar_jax"):
+        rows = trainer.train_and_evaluate(config, tmp_path, progress=False)
+    assert "the interrupted-run checkpoint does not restore" in caplog.text
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert list((tmp_path / "corrupt_checkpoints").iterdir())
+
+
+def test_a_failed_write_of_the_last_checkpoint_is_an_error(tmp_path, monkeypatch):
+    """The last epoch's checkpoint is written in the background: the run must wait for it and say
+    when it failed, never report success (TensorStore's error, as Orbax raises it on a full disk)."""
+    real_wait = Checkpoints.wait
+
+    def wait_then_fail(self):
+        real_wait(self)
+        if self.epochs() and self.epochs()[-1] == 2:
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing \"float32/0\": No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(Checkpoints, "wait", wait_then_fail)
+    with pytest.raises(trainer.TrainingError, match=r"could not write a checkpoint in .*\(No space left on device\); earlier checkpoints there are intact. Free some space"):
+        trainer.train_and_evaluate(tiny_config(num_epochs=2), tmp_path, progress=False)
+
+
+def test_a_read_only_directory_is_not_told_to_free_space(tmp_path, monkeypatch):
+    def read_only(self, epoch, state, meta):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Checkpoints, "save", read_only)
+    with pytest.raises(trainer.TrainingError, match=r"\(Read-only file system\).*Use a writable --workdir") as e:
+        trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
+    assert "free" not in str(e.value).lower()
+
+
+@pytest.mark.parametrize("make_workdir,message", [
+    (lambda tmp: tmp / ("x" * 300) / "run", "is longer than 255 bytes; use a shorter --workdir"),
+    (lambda tmp: tmp / "a_file" / "run", "is a file, not a directory"),
+])
+def test_a_workdir_that_cannot_be_made_fails_at_once(tmp_path, make_workdir, message):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=message):
+        trainer.train_and_evaluate(tiny_config(num_epochs=1), make_workdir(tmp_path), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_start_that_saved_nothing_does_not_bind_the_workdir_to_its_config(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("compilation failed")
+
+    monkeypatch.setattr(trainer.steps, "make_train_chunk", fail)
+    with pytest.raises(RuntimeError, match="compilation failed"):
+        trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
+    monkeypatch.undo()
+    rows = trainer.train_and_evaluate(tiny_config(num_epochs=1, **{"model.name": "resnet18"}), tmp_path, progress=False)
+    assert len(rows) == 1
