@@ -10,6 +10,7 @@ corruptions.png and the accuracy per corruption and severity in report.json.
 """
 
 import json
+import logging
 from pathlib import Path
 
 from absl import app, flags
@@ -22,7 +23,7 @@ _OUT = flags.DEFINE_string("out", None, "output directory (default: <workdir>/ev
 _TTA = flags.DEFINE_bool("tta", False, "average predictions over the image and its horizontal mirror")
 _OOD = flags.DEFINE_string("ood_dir", None, "directory of distortionNN.npy files -> submission_ood.csv")
 _CORRUPTIONS = flags.DEFINE_bool("corruptions", False, "accuracy under the built-in corruption suite (severities 1..5)")
-_CORRUPTION_LIMIT = flags.DEFINE_integer("corruption_limit", 0, "use only the first N images for --corruptions (0: all)")
+_CORRUPTION_LIMIT = flags.DEFINE_integer("corruption_limit", 0, "use N test images for --corruptions, a fixed random subset (0: all)")
 _CACHE = flags.DEFINE_string("compilation_cache", None, "persistent XLA cache dir ('' disables)")
 flags.mark_flag_as_required("workdir")
 
@@ -36,12 +37,23 @@ def main(argv):
     from cifar_jax import corruptions, data, evaluate
 
     # Everything that can fail on bad input, before any prediction or file is written.
+    out = Path(_OUT.value or Path(_WORKDIR.value) / "eval").absolute()
     try:
         run = evaluate.restore(_WORKDIR.value, _STEP.value if _STEP.value is not None else ("best" if _BEST.value else "latest"))
         splits = data.load_splits(run.config.data)
+        if not len(getattr(splits, _SPLIT.value)[0]):
+            raise evaluate.EvalError(f"the run has no {_SPLIT.value} split (data.val_fraction={run.config.data.val_fraction}); use --split test")
         distortions = evaluate.load_distortions(_OOD.value, splits.test[0].shape[1:]) if _OOD.value else []
+        if _CORRUPTION_LIMIT.value < 0:
+            raise evaluate.EvalError(f"--corruption_limit={_CORRUPTION_LIMIT.value} must be >= 0 (0: the whole test split)")
+        staging = evaluate.staging_dir(out)
     except (evaluate.EvalError, data.DataError, ValueError) as e:
         cli.fail(str(e))
+    except OSError as e:
+        cli.fail(f"cannot write to --out {out} ({e.strerror or e}); pass a writable directory")
+    if _TTA.value and not run.config.data.augment.flip:
+        logging.getLogger("cifar_jax").warning("--tta averages over horizontal mirrors, but this model was trained without flips "
+                                               "(data.augment.flip=False): mirrored images are new to it")
 
     def logits_of(images):
         return evaluate.tta_logits(run, images) if _TTA.value else evaluate.predict(run, images)
@@ -50,11 +62,9 @@ def main(argv):
     logits = logits_of(images)
     report = {"split": _SPLIT.value, "step": run.epoch, "tta": _TTA.value,
               **evaluate.metrics(logits, labels, run.config.label_smoothing)}
-    out = Path(_OUT.value or Path(_WORKDIR.value) / "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    evaluate.per_class_csv(logits, labels, splits.label_names, out / "per_class.csv")
-    evaluate.plot_confusion(logits, labels, splits.label_names, out / "confusion.png")
-    evaluate.plot_reliability(logits, labels, out / "reliability.png")
+    evaluate.per_class_csv(logits, labels, splits.label_names, staging / "per_class.csv")
+    evaluate.plot_confusion(logits, labels, splits.label_names, staging / "confusion.png")
+    evaluate.plot_reliability(logits, labels, staging / "reliability.png")
 
     print(f"{run.config.model.name} epoch {run.epoch}, {_SPLIT.value} split ({report['n_examples']} images){' with TTA' if _TTA.value else ''}")
     for key in ("top1_acc", "top5_acc", "loss", "ece"):
@@ -66,12 +76,12 @@ def main(argv):
         for name, x in distortions:
             rows += evaluate.submission_rows(name, predictions[start:start + len(x)])
             start += len(x)
-        evaluate.write_submission(rows, out / "submission_ood.csv")
+        evaluate.write_submission(rows, staging / "submission_ood.csv")
         report["ood_rows"] = len(rows)
         print(f"submission: {out / 'submission_ood.csv'} ({len(rows)} rows from {len(distortions)} files)")
 
     if _CORRUPTIONS.value:
-        x_clean, y_clean = splits.test if not _CORRUPTION_LIMIT.value else (a[: _CORRUPTION_LIMIT.value] for a in splits.test)
+        x_clean, y_clean = evaluate.subset(splits.test, _CORRUPTION_LIMIT.value)
         accuracy = {}
         for name in corruptions.NAMES:
             accuracy[name] = [
@@ -80,12 +90,15 @@ def main(argv):
             print(f"  {name:<15} " + " ".join(f"{a:.3f}" for a in accuracy[name]))
         report["corruptions"] = {"n_examples": int(len(y_clean)), "accuracy": accuracy,
                                  "mean": float(np.mean(list(accuracy.values())))}
-        evaluate.plot_corruption_heatmap(accuracy, out / "corruptions.png")
+        evaluate.plot_corruption_heatmap(accuracy, staging / "corruptions.png")
         print(f"  mean accuracy under corruption {report['corruptions']['mean']:.4f}")
 
-    evaluate.atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    evaluate.atomic_write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
+    evaluate.publish(staging, out)  # all of this run's outputs replace all of the last one's
     print(f"report: {out / 'report.json'}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from cifar_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -110,3 +110,20 @@ def fail(message: str) -> None:
     """Exit with one line on stderr (status 2): what is wrong and how to fix it."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl's flag parsing (app.run's `flags_parser`), where a config file that does not load or an
+    override of a key the config lacks fails in one line instead of a traceback."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except AttributeError as e:
+        if "get_config" in str(e):
+            fail("the --config file defines no get_config(); a config file returns its ConfigDict from get_config() (see configs/)")
+        key = str(e).strip("'\"")
+        fail(f"a --config override names {key!r}, which the config does not have: check its spelling against the config file "
+             f"and cifar_jax/config.py")
+    except (KeyError, ImportError, SyntaxError, OSError) as e:
+        fail(f"the --config file does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cifar_jax import models, pretrained
 
@@ -22,18 +23,26 @@ def main(argv=None) -> int:
     src.add_argument("--weights", help="torchvision weights name, e.g. IMAGENET1K_V2")
     src.add_argument("--state-dict", help="path to a torchvision state_dict (.pth, .pt or .safetensors)")
     parser.add_argument("--num_classes", type=int, default=None, help="replace the head (default: keep the source's)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (new, or replaced with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the converted weights already in --out")
     args = parser.parse_args(argv)
 
     source = args.weights or args.state_dict
+    out = Path(args.out).absolute()
     try:
+        if args.num_classes is not None and args.num_classes <= 0:
+            raise pretrained.ConversionError(f"--num_classes={args.num_classes} must be a positive integer")
+        if out.exists() and not out.is_dir():
+            raise pretrained.ConversionError(f"--out {out} is a file; pass a directory")
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise pretrained.ConversionError(f"--out {out} is not empty; pass --overwrite to replace it, or another --out")
         model = pretrained.from_torchvision(args.arch, source, args.num_classes)
+        num_classes = model.fc.kernel.shape[-1]
+        meta = {"arch": args.arch, "num_classes": num_classes, "stem": "imagenet", "source": str(source)}
+        out = pretrained.save(model, out, meta)
     except (pretrained.ConversionError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    num_classes = model.fc.kernel.shape[-1]
-    meta = {"arch": args.arch, "num_classes": num_classes, "stem": "imagenet", "source": str(source)}
-    out = pretrained.save(model, args.out, meta)
     print(f"converted {args.arch} ({models.count_params(model):,} parameters, {num_classes} classes) from {source} -> {out}")
     return 0
 

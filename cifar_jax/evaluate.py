@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -148,6 +149,37 @@ def tta_logits(restored: Restored, images: np.ndarray, mesh=None) -> np.ndarray:
     return np.asarray(jnp.log((probs[0] + probs[1]) / 2))
 
 
+OUTPUT_FILES = ("report.json", "per_class.csv", "confusion.png", "reliability.png", "submission_ood.csv", "corruptions.png")
+
+
+def staging_dir(out: Path) -> Path:
+    """A new empty directory beside `out` where eval.py writes its outputs; `publish` then puts it in
+    `out`'s place, so that `out` never mixes two runs' files. An OSError if it cannot be made."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise EvalError(f"--out {out}: {existing} is a file, not a directory; pass another --out")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
+        if foreign:
+            raise EvalError(f"--out {out} holds files that eval.py did not write ({', '.join(foreign[:3])}); "
+                            f"pass a new or empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a run that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Replace `out` by `staging`: two renames (a kill between them leaves the old outputs whole, beside `out`)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -223,15 +255,27 @@ def load_distortions(ood_dir, image_shape=(32, 32, 3)) -> list[tuple[str, np.nda
     ood_dir = Path(ood_dir)
     if not ood_dir.is_dir():
         raise EvalError(f"--ood_dir {ood_dir} is not a directory")
-    files = sorted(p for p in ood_dir.iterdir() if _DISTORTION_FILE.match(p.name))
+    arrays = sorted(p for p in ood_dir.iterdir() if p.suffix == ".npy")
+    misnamed = [p.name for p in arrays if not _DISTORTION_FILE.match(p.name)]
+    if misnamed:
+        raise EvalError(f"--ood_dir {ood_dir} holds {', '.join(misnamed)}, not named distortionNN.npy (two digits); "
+                        f"rename or remove it: the submission must cover every file")
+    files = sorted(arrays, key=lambda p: int(p.stem[len("distortion"):]))
     if not files:
         raise EvalError(f"--ood_dir {ood_dir} holds no distortionNN.npy files")
+    numbers = [int(p.stem[len("distortion"):]) for p in files]
+    if numbers != list(range(len(numbers))):
+        missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        raise EvalError(f"--ood_dir {ood_dir} lacks distortion{missing[0]:02d}.npy (the files must be distortion00 ... "
+                        f"distortion{max(numbers):02d} without gaps)")
     out = []
     for path in files:
         try:
             x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"{path} is not a readable .npy array ({e})") from None
+        except (OSError, ValueError, EOFError) as e:
+            raise EvalError(f"{path} is not a readable .npy array ({e or type(e).__name__})") from None
+        if len(x) == 0:
+            raise EvalError(f"{path} holds no images; expected uint8 (5*n, {', '.join(map(str, image_shape))}) with n > 0")
         if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(image_shape) or len(x) % 5:
             raise EvalError(
                 f"{path} has {x.dtype} {tuple(x.shape)}; expected uint8 (5*n, {', '.join(map(str, image_shape))}) "
@@ -239,6 +283,17 @@ def load_distortions(ood_dir, image_shape=(32, 32, 3)) -> list[tuple[str, np.nda
             )
         out.append((path.stem, np.asarray(x)))
     return out
+
+
+def subset(split: tuple[np.ndarray, np.ndarray], n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` examples of (images, labels) drawn at random without replacement (fixed `seed`, kept in
+    their order), or all for n = 0: the first n of a test split sorted by class would cover n/100
+    of its classes."""
+    x, y = split
+    if not n or n >= len(y):
+        return x, y
+    keep = np.sort(np.random.default_rng(seed).permutation(len(y))[:n])
+    return x[keep], y[keep]
 
 
 def submission_rows(name: str, predictions: np.ndarray) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -61,12 +62,23 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {source}")
-        return _clean(_require("safetensors.numpy", "torch").load_file(source))
+        try:
+            return _clean(_require("safetensors.numpy", "torch").load_file(source))
+        except ImportError:
+            raise
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a damaged file)
+            raise ConversionError(f"{source} is not a readable .safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if path.suffix in (".pth", ".pt", ".bin"):
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {source}")
         torch = _require("torch", "torch")
-        return _clean(torch.load(source, map_location="cpu", weights_only=True))
+        try:
+            loaded = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (pickle, zip and torch errors for a file that is no state_dict)
+            raise ConversionError(f"{source} is not a readable PyTorch state_dict ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        if not isinstance(loaded, Mapping):
+            raise ConversionError(f"{source} holds a {type(loaded).__name__}, not a state_dict (a mapping of names to tensors)")
+        return _clean(loaded)
     if path.exists() or os.sep in source:
         raise ConversionError(f"cannot read weights from {source!r}: use a .pth/.pt or .safetensors file")
     if arch is None:
@@ -164,11 +176,23 @@ def save(model: nnx.Module, out_dir, meta: dict) -> Path:
     import orbax.checkpoint as ocp
 
     out = Path(out_dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(out / "state", nnx.to_pure_dict(nnx.state(model)), force=True)
-    ckpt.wait_until_finished()
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # written whole, then renamed into place
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(staging / "state", nnx.to_pure_dict(nnx.state(model)))
+        ckpt.wait_until_finished()
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 

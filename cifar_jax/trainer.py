@@ -139,6 +139,18 @@ def has_checkpoints(workdir) -> bool:
                for p in (Path(workdir) / d).iterdir())
 
 
+def class_count_mismatch(config, splits) -> str:
+    """The one-line error for data whose class count is not the configured one; with more classes it
+    says how many examples lie beyond, since one stray label also makes a class."""
+    wanted, found = config.model.num_classes, splits.num_classes
+    message = f"config: model.num_classes={wanted} but data.source={config.data.source!r} has {found} classes"
+    if found < wanted:
+        return f"{message}; set --config.model.num_classes={found}"
+    beyond = sum(int((y >= wanted).sum()) for _, y in (splits.train, splits.val, splits.test))
+    return (f"{message} ({beyond} example(s) have labels {wanted}..{found - 1}); fix those labels, or set "
+            f"--config.model.num_classes={found} if the data really has {found} classes")
+
+
 def check_workdir(workdir) -> None:
     """A ValueError in one line if `workdir` cannot be created or written."""
     path = Path(workdir).absolute()
@@ -256,10 +268,7 @@ def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
 def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float) -> list[dict]:
     splits = data.load_splits(config.data)
     if splits.num_classes != config.model.num_classes:
-        raise ValueError(
-            f"config: model.num_classes={config.model.num_classes} but data.source={config.data.source!r} has "
-            f"{splits.num_classes} classes; set --config.model.num_classes={splits.num_classes}"
-        )
+        raise ValueError(class_count_mismatch(config, splits))
     n_train = len(splits.train[0])
     if n_train < config.batch_size:
         raise ValueError(f"config: batch_size={config.batch_size} exceeds the {n_train} training examples")

@@ -57,6 +57,7 @@ def test_table_compares_jax_with_the_faster_pytorch_variant():
             "2.50% in the step (median 3.320 ms a step with it, 3.237 ms fed prepared batches)") in lines
 
 
+@pytest.mark.slow
 def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.main([
@@ -78,6 +79,7 @@ def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):
     assert by["jax", "eval"]["variant"].endswith("2 batches/call")
 
 
+@pytest.mark.slow
 def test_out_keeps_the_measurements_made_before_a_run_is_cut_short(tmp_path, monkeypatch):
     """On the GPU each bench command runs under a time cap: what it measured before must survive."""
     out = tmp_path / "bench.json"
@@ -94,6 +96,7 @@ def test_out_keeps_the_measurements_made_before_a_run_is_cut_short(tmp_path, mon
     assert all(r["img_per_s"] > 0 for r in kept)
 
 
+@pytest.mark.slow
 def test_pipeline_runs_as_many_batches_per_call_as_the_training_step():
     """Timed one batch per call, the pipeline's share measures dispatch (on an H100 it read 169% of a
     SimpleCNN step); fused like the step, it compares like with like."""

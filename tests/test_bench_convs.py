@@ -25,6 +25,7 @@ def test_finds_every_distinct_convolution_with_its_count():
     ]
 
 
+@pytest.mark.slow
 def test_tiny_run_reports_both_sides_and_count_weighted_totals(capsys):
     rows = bench_convs.main(["--case", "simple_cnn@32", "--batch_size", "2", "--reps", "1"])
     assert len(rows) == 4

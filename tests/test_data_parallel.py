@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.helpers import ROOT, probe_env, run_probe
+
+pytestmark = pytest.mark.slow  # every test runs subprocesses of several devices
 
 
 def _run(devices, archs):

@@ -184,3 +184,31 @@ def test_bad_val_fraction():
     with pytest.raises(data.DataError, match=r"val_fraction=1.5 must be in \[0, 1\)"):
         data.load_splits(_data_config(val_fraction=1.5))
 
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda good: b"", "No data left in file"),
+    (lambda good: good[: len(good) // 2], "File is not a zip file"),
+])
+def test_a_zero_byte_or_truncated_npz_is_one_clear_error(tmp_path, damage, message):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "good.npz", x_train=rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), y_train=np.arange(8),
+             x_test=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), y_test=np.arange(4))
+    (tmp_path / "d.npz").write_bytes(damage((tmp_path / "good.npz").read_bytes()))
+    with pytest.raises(data.DataError, match=f"d.npz is not a readable .npz archive .*{message}"):
+        data.load("npz", tmp_path / "d.npz")
+
+
+def test_float_labels_are_refused_not_truncated(tmp_path):
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0.5, 1.0, 2.7, 3.0]), x_test=x, y_test=np.arange(4))
+    with pytest.raises(data.DataError, match=r"y_train holds float64 values; class labels must be integers"):
+        data.load("npz", tmp_path / "d.npz")
+
+
+def test_cifar_meta_without_fine_label_names_is_named(tmp_path):
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    d = _write_cifar_python(tmp_path, x, np.arange(4), x, np.arange(4))
+    (d / "meta").write_bytes(pickle.dumps({"label_names": ["a"]}, protocol=2))  # CIFAR-10's meta
+    with pytest.raises(data.DataError, match=r"meta has no 'fine_label_names' \(it has label_names\)"):
+        data.load("cifar_python", tmp_path)

@@ -61,6 +61,7 @@ def test_fused_eval_predicts_and_sums_like_one_batch_per_call(eval_model, per_ca
     np.testing.assert_allclose(sums[per_call]["loss_sum"], expected_loss, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_fused_eval_over_8_devices_equals_one_device():
     """Each batch sharded over the mesh, two batches per call (the last call padded)."""
     one, eight = run_probe("eval_probe.py", 1), run_probe("eval_probe.py", 8)

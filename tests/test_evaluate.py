@@ -58,6 +58,7 @@ def test_tta_mirrors_the_images(run_dir):
     assert not np.allclose(plain, mirrored)  # the mirror really is another input
 
 
+@pytest.mark.slow
 def test_submission_and_corruption_suite(run_dir, tmp_path):
     """One eval.py run (it is slow to start) checks both the submission file and --corruptions."""
     workdir, _ = run_dir
@@ -98,6 +99,82 @@ def test_bad_distortion_files_are_named(tmp_path, bad, message):
     np.save(tmp_path / "distortion01.npy", bad)
     with pytest.raises(evaluate.EvalError, match=r"distortion01\.npy has .*" + re.escape(message)):
         evaluate.load_distortions(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "names,message",
+    [
+        (["distortion00", "distortion1"], r"holds distortion1\.npy, not named distortionNN\.npy"),
+        (["distortion00", "distortion100"], r"holds distortion100\.npy, not named distortionNN\.npy"),
+        (["distortion00", "distortion02"], r"lacks distortion01\.npy .*without gaps"),
+        (["distortion01"], r"lacks distortion00\.npy"),
+    ],
+)
+def test_every_distortion_file_is_covered_or_named(tmp_path, names, message):
+    for name in names:
+        np.save(tmp_path / f"{name}.npy", np.zeros((5, 32, 32, 3), np.uint8))
+    with pytest.raises(evaluate.EvalError, match=message):
+        evaluate.load_distortions(tmp_path)
+
+
+def test_an_empty_or_zero_byte_distortion_file_is_named(tmp_path):
+    np.save(tmp_path / "distortion00.npy", np.zeros((0, 32, 32, 3), np.uint8))
+    with pytest.raises(evaluate.EvalError, match=r"distortion00\.npy holds no images"):
+        evaluate.load_distortions(tmp_path)
+    (tmp_path / "distortion00.npy").write_bytes(b"")
+    with pytest.raises(evaluate.EvalError, match=r"distortion00\.npy is not a readable \.npy array"):
+        evaluate.load_distortions(tmp_path)
+
+
+def test_the_corruption_subset_covers_the_classes_of_a_sorted_split():
+    y = np.repeat(np.arange(100), 100)  # sorted by class, as the real test split is
+    x = np.arange(len(y))
+    xs, ys = evaluate.subset((x, y), 500)
+    assert len(ys) == 500 and len(set(ys.tolist())) > 90
+    np.testing.assert_array_equal(y[xs], ys)  # images and labels stay paired, in their order
+    assert np.all(np.diff(xs) > 0)
+    np.testing.assert_array_equal(evaluate.subset((x, y), 500)[0], xs)  # a fixed subset
+    assert evaluate.subset((x, y), 0)[0] is x
+
+
+@pytest.mark.parametrize("case", ["val_without_split", "out_under_a_file", "out_name_too_long", "out_with_foreign_files"])
+def test_eval_input_errors_are_one_line_before_anything_is_written(run_dir, tmp_path, case):
+    workdir, _ = run_dir
+    args, message = {
+        "val_without_split": ([f"--workdir={tmp_path / 'noval'}", "--split=val"], "the run has no val split"),
+        "out_under_a_file": ([f"--workdir={workdir}", f"--out={tmp_path / 'a_file' / 'eval'}"], "a_file is a file, not a directory"),
+        "out_name_too_long": ([f"--workdir={workdir}", f"--out={tmp_path / ('y' * 300) / 'eval'}"], "cannot write to --out"),
+        "out_with_foreign_files": ([f"--workdir={workdir}", f"--out={tmp_path / 'mine'}"], "holds files that eval.py did not write (notes.txt)"),
+    }[case]
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    if case == "val_without_split":
+        trainer.train_and_evaluate(tiny_config(num_epochs=1, **{"data.val_fraction": 0.0}), tmp_path / "noval", progress=False)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    out = _eval(*args)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr[-1500:]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_eval_outputs_replace_the_last_ones_whole(run_dir, tmp_path):
+    """A new evaluation replaces all of the last one's files at once: none of a stopped run's
+    partial outputs (here: the old submission, which the new run does not write) is left beside them."""
+    workdir, _ = run_dir
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    np.save(ood / "distortion00.npy", np.zeros((5, 32, 32, 3), np.uint8))
+    out = tmp_path / "eval"
+    assert _eval(f"--workdir={workdir}", "--step=2", f"--ood_dir={ood}", f"--out={out}").returncode == 0
+    assert (out / "submission_ood.csv").exists()
+    first = json.loads((out / "report.json").read_text())
+    (tmp_path / ".eval.partial-99999").mkdir()  # left by a killed run
+    done = _eval(f"--workdir={workdir}", "--step=1", f"--out={out}")
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "per_class.csv", "reliability.png", "report.json"]
+    assert first["step"] == 2 and json.loads((out / "report.json").read_text())["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "ood"]
 
 
 def test_eval_with_bad_distortions_fails_before_anything_is_written(run_dir, tmp_path):

@@ -27,6 +27,7 @@ def test_parameter_counts_match_pytorch(name, num_classes, expected):
     assert models.count_params(_abstract(name, num_classes)) == expected
 
 
+@pytest.mark.slow
 def test_cifar_stem_replaces_7x7_conv_and_drops_maxpool():
     cifar, imagenet = models.create("resnet18", 10, stem="cifar"), models.create("resnet18", 10)
     assert cifar.conv1.kernel.shape == (3, 3, 3, 64)
@@ -58,6 +59,7 @@ def test_unknown_stem_is_rejected():
         models.create("resnet18", stem="tiny")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     m32 = models.create("resnet18", 10, stem="cifar", seed=1)
     m16 = models.create("resnet18", 10, stem="cifar", seed=1, dtype="bfloat16")

@@ -38,7 +38,7 @@ def _forward(model, x):
     return model(x)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet34", marks=pytest.mark.slow), pytest.param("resnet50", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("size", [32, 64])
 def test_logits_and_running_stats_match_torchvision(arch, size, highest_precision):
     ref = _randomised_torchvision(arch)
@@ -154,3 +154,35 @@ def test_convert_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 def test_load_without_converted_weights_says_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m cifar_jax.convert"):
         pretrained.load(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["random_pth", "random_safetensors", "out_is_a_file", "negative_classes", "out_not_empty"])
+def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(tmp_path, capsys, case):
+    torch.save(_randomised_torchvision("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
+    (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "noise.safetensors").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "a_file").write_text("keep")
+    existing = tmp_path / "converted"
+    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing)]) == 0
+    args, message = {
+        "random_pth": (["--state-dict", str(tmp_path / "noise.pth"), "--out", str(tmp_path / "o")], "noise.pth is not a readable PyTorch state_dict"),
+        "random_safetensors": (["--state-dict", str(tmp_path / "noise.safetensors"), "--out", str(tmp_path / "o")], "is not a readable .safetensors file"),
+        "out_is_a_file": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "a_file")], "a_file is a file; pass a directory"),
+        "negative_classes": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "o"), "--num_classes=-3"], "--num_classes=-3 must be a positive integer"),
+        "out_not_empty": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing), "--num_classes=7"], "is not empty; pass --overwrite"),
+    }[case]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert convert.main(["--arch", "resnet18", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written, nothing lost
+
+
+def test_convert_overwrite_replaces_the_directory_whole(tmp_path):
+    torch.save(_randomised_torchvision("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
+    out = tmp_path / "converted"
+    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(out)]) == 0
+    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(out), "--num_classes=7", "--overwrite"]) == 0
+    assert pretrained.load(out).fc.kernel.shape == (512, 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "r18.pth"]

@@ -64,6 +64,7 @@ def _assert_same_run(a, b):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_mid_epoch_and_the_rerun_is_bit_identical(straight_run, tmp_path):
     workdir = tmp_path / "run"
     proc = _start(workdir)
@@ -80,6 +81,7 @@ def test_sigterm_saves_mid_epoch_and_the_rerun_is_bit_identical(straight_run, tm
     _assert_same_run(workdir, straight_run)
 
 
+@pytest.mark.slow
 def test_kill_9_resumes_from_the_last_complete_checkpoint(straight_run, tmp_path):
     """Also the training issue's resume check: 2 epochs, a stop, 2 more == 4 straight, bit for bit."""
     workdir = tmp_path / "run"
@@ -93,6 +95,7 @@ def test_kill_9_resumes_from_the_last_complete_checkpoint(straight_run, tmp_path
     _assert_same_run(workdir, straight_run)
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(straight_run, tmp_path, caplog):
     workdir = tmp_path / "run"
     shutil.copytree(straight_run, workdir)
@@ -142,6 +145,7 @@ def test_an_error_while_running_ahead_still_checkpoints_the_finished_epoch(tmp_p
     assert len(_rows(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_while_running_ahead_saves_both_checkpoints_and_the_rerun_is_bit_identical(tmp_path, monkeypatch):
     assert threading.current_thread() is threading.main_thread()  # where the trainer turns SIGTERM into a flag
     # One step per call, so that the 2 chunks run ahead are half of the next epoch's 4 steps.
@@ -157,6 +161,7 @@ def test_sigterm_while_running_ahead_saves_both_checkpoints_and_the_rerun_is_bit
     _assert_same_run(tmp_path / "run", tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_sigterm_at_an_epoch_without_a_scheduled_checkpoint_saves_it(tmp_path, monkeypatch):
     # Checkpoints every 3 epochs; the signal comes during epoch 2, which is one call (4 steps): the
     # run stops at its end and must save it although the schedule would not.
@@ -180,6 +185,7 @@ def test_a_changed_optimizer_is_not_mistaken_for_damage(tmp_path):
     assert not (tmp_path / "corrupt_checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_second_train_py_on_the_same_workdir_refuses(tmp_path):
     with WorkdirLock(tmp_path):
         proc = _start(tmp_path)

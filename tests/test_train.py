@@ -27,6 +27,7 @@ def test_metrics_rows_are_complete_and_accuracies_are_fractions(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "simple_cnn"
 
 
+@pytest.mark.slow
 def test_several_steps_per_call_train_like_one_step_per_call(tmp_path):
     # Accelerators fuse up to 16 steps into one call (a fori_loop), CPUs run one: both must give the
     # same training. 4 steps per epoch, 2 epochs: one call per epoch against four. SGD, because a
@@ -53,6 +54,7 @@ def test_running_ahead_trains_and_checkpoints_like_a_run_that_does_not(tmp_path)
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_checkpoints_every_n_epochs_and_the_last_with_or_without_running_ahead(tmp_path):
     # checkpoint.every_epochs=2 over 5 epochs saves epochs 2, 4 and 5 (the last), each holding its
     # own epoch's state, whether or not the next epoch runs ahead of the host's end-of-epoch work.
@@ -119,6 +121,7 @@ def test_logged_learning_rates_are_the_schedules_at_each_epochs_first_step(per):
     assert trainer.epoch_lrs(lambda count: 1e-3 + 0 * count, phase, 5)[0] == 0.001  # logged as 0.001, not 0.0010000000474974513
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_like_float32(tmp_path):
     # bfloat16 is the compute dtype on accelerators (float32 parameters, optimizer and statistics).
     # Measured here: val acc 0.83 for both after 3 epochs of digits, train loss 0.542 vs 0.545.
@@ -133,6 +136,7 @@ def test_bfloat16_compute_trains_like_float32(tmp_path):
         assert low["train_loss"] == pytest.approx(full["train_loss"], rel=0.05)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_the_best_epoch_and_restores_its_val_acc(tmp_path):
     config = tiny_config(num_epochs=4, **{"model.num_classes": 10, "data.source": "digits", "batch_size": 64, "eval_batch_size": 100})
     config.checkpoint.keep = 1  # only the latest and the best survive
@@ -158,6 +162,7 @@ def converted_resnet18(tmp_path):
     return pretrained.save(model, tmp_path / "weights", {"arch": "resnet18", "num_classes": 7, "stem": "imagenet"})
 
 
+@pytest.mark.slow
 def test_head_only_phase_keeps_backbone_bit_identical_then_all_layers_train(tmp_path, converted_resnet18):
     config = tiny_config(num_epochs=2, head_only_epochs=1, **{"model.name": "resnet18", "model.stem": "imagenet", "model.pretrained": str(converted_resnet18)})
     trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
@@ -184,6 +189,7 @@ def test_head_only_phase_keeps_backbone_bit_identical_then_all_layers_train(tmp_
         assert not np.array_equal(before[...], after[...]), f"{path} did not train in phase 2"
 
 
+@pytest.mark.slow
 def test_quickstart_config_learns_digits(tmp_path):
     import importlib.util
 

@@ -24,6 +24,8 @@ torchvision = pytest.importorskip("torchvision")
 
 STEPS, BATCH, CLASSES = 20, 8, 10
 
+pytestmark = pytest.mark.slow  # float64 training of both sides
+
 
 def _from_torch(arch, ref):
     """Our float64 model holding the weights and BatchNorm buffers of the PyTorch model `ref`."""

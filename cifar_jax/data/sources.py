@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +62,12 @@ def _require_path(path, what: str, hint: str) -> Path:
     return p
 
 
-def _labels(y) -> np.ndarray:
-    return np.asarray(y, dtype=np.int32)
+def _labels(y, where: str) -> np.ndarray:
+    """Integer class labels as int32; a DataError for any other dtype (floats would be truncated)."""
+    y = np.asarray(y)
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where} holds {y.dtype} values; class labels must be integers (e.g. y.astype(np.int32))")
+    return y.astype(np.int32)
 
 
 def load_npz(path) -> Arrays:
@@ -74,13 +80,14 @@ def load_npz(path) -> Arrays:
                 raise DataError(f"{p} lacks {', '.join(missing)} (it has {', '.join(f.files) or 'nothing'}); the npz source needs x_train, y_train, x_test, y_test")
             x_train, y_train, x_test, y_test = (f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
             names = f["label_names"] if "label_names" in f.files else None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         if isinstance(e, DataError):
             raise
-        raise DataError(f"{p} is not a readable .npz archive ({e}); write one with np.savez(path, x_train=..., ...)") from None
-    num_classes = len(names) if names is not None else int(max(y_train.max(), y_test.max())) + 1
+        raise DataError(f"{p} is not a readable .npz archive ({e or type(e).__name__}); write one with np.savez(path, x_train=..., ...)") from None
+    y_train, y_test = _labels(y_train, f"{p}: y_train"), _labels(y_test, f"{p}: y_test")
+    num_classes = len(names) if names is not None else int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     names = tuple(str(n) for n in names) if names is not None else tuple(str(i) for i in range(num_classes))
-    return _checked(Arrays(x_train, _labels(y_train), x_test, _labels(y_test), names), str(p))
+    return _checked(Arrays(x_train, y_train, x_test, y_test, names), str(p))
 
 
 def _unpickle(path: Path) -> dict:
@@ -104,8 +111,12 @@ def load_cifar_python(path) -> Arrays:
         if "data" not in d or "fine_labels" not in d:
             raise DataError(f"{p / split} has no 'data'/'fine_labels': not a CIFAR-100 python pickle (CIFAR-10 uses 'labels')")
         x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        splits[split] = (np.ascontiguousarray(x), _labels(d["fine_labels"]))
-    names = tuple(_unpickle(p / "meta")["fine_label_names"])
+        splits[split] = (np.ascontiguousarray(x), _labels(d["fine_labels"], f"{p / split}: fine_labels"))
+    meta = _unpickle(p / "meta")
+    if "fine_label_names" not in meta:
+        raise DataError(f"{p / 'meta'} has no 'fine_label_names' (it has {', '.join(map(str, meta)) or 'nothing'}): "
+                        f"not CIFAR-100's meta; re-extract cifar-100-python.tar.gz")
+    names = tuple(meta["fine_label_names"])
     return _checked(Arrays(*splits["train"], *splits["test"], names), str(p))
 
 
@@ -119,7 +130,7 @@ def load_digits(path=None) -> Arrays:
     x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
     x = np.repeat(np.repeat(x, 4, axis=1), 4, axis=2)  # 8x8 -> 32x32, nearest
     x = np.repeat(x[..., None], 3, axis=-1)
-    y = _labels(d.target)
+    y = _labels(d.target, "digits")
     order = np.random.default_rng(0).permutation(len(x))
     n_test = len(x) // 5
     test, train = order[:n_test], order[n_test:]
@@ -159,7 +170,7 @@ def load_tfds(path=None) -> Arrays:
         src = tfds.data_source("cifar100", split=split, data_dir=str(data_dir))
         records = src.__getitems__(list(range(len(src))))
         x = np.stack([r["image"] for r in records]).astype(np.uint8)
-        splits[split] = (x, _labels([r["label"] for r in records]))
+        splits[split] = (x, _labels([r["label"] for r in records], f"tfds cifar100 {split}"))
     names = tuple(builder.info.features["label"].names)
     arrays = _checked(Arrays(*splits["train"], *splits["test"], names), f"tfds cifar100 in {data_dir}")
     tmp = cache.with_name(cache.stem + ".tmp.npz")
