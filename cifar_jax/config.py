@@ -13,7 +13,7 @@ from cifar_jax import models
 from cifar_jax.data import SOURCES, augment
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -39,6 +39,10 @@ def base() -> ml_collections.ConfigDict:
     # Phase 1 of a two-phase fine-tune: only the classifier head trains, for this many epochs.
     c.head_only_epochs = 0
     c.head_only_lr = 1e-3
+    # How the frozen backbone's BatchNorm runs in phase 1: 'frozen' (eval mode: the pretrained running
+    # statistics, left unchanged) or 'train' (batch statistics, running statistics updated: what
+    # PyTorch does with requires_grad=False under model.train(), as the study did).
+    c.head_only_batchnorm = "frozen"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "tfds"
@@ -59,6 +63,7 @@ def base() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.nesterov = False  # sgd only
+    c.optimizer.decay_norm_and_bias = True  # False: no weight decay on BatchNorm scales/biases and biases
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"
@@ -67,7 +72,7 @@ def base() -> ml_collections.ConfigDict:
     c.schedule.gamma = 0.1  # StepLR decay factor
     c.schedule.warmup_epochs = 0  # linear warmup (LinearLR) before the schedule
     c.schedule.warmup_start_factor = 0.1
-    c.schedule.min_lr = 0.0  # CosineAnnealingLR's eta_min
+    c.schedule.min_lr = 0.0  # CosineAnnealingLR's eta_min; the end of the linear decay
 
     # Orbax checkpoints: one every `every_epochs` epochs and at the end (the last `keep` of them kept,
     # plus the best by validation accuracy among those saved); a stop by signal saves where it is.
@@ -98,6 +103,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _choice("schedule.name", c.schedule.name, SCHEDULES)
     _choice("schedule.per", c.schedule.per, ("epoch", "step"))
     _choice("wandb.mode", c.wandb.mode, ("online", "offline", "disabled"))
+    _choice("head_only_batchnorm", c.head_only_batchnorm, ("frozen", "train"))
     for key in ("num_epochs", "batch_size", "eval_batch_size", "model.num_classes", "data.image_size", "checkpoint.keep",
                 "checkpoint.every_epochs"):
         value = c[key] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]

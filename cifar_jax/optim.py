@@ -4,13 +4,19 @@
     adamw  = torch.optim.AdamW(weight_decay=wd): decoupled decay
     sgd    = torch.optim.SGD(momentum, nesterov, weight_decay=wd): coupled L2
     step   = StepLR(step_size, gamma);  cosine = CosineAnnealingLR(T_max=phase length, eta_min)
+    linear = LinearLR(start_factor=1, end_factor=eta_min/lr, total_iters=phase length): a straight
+             decay to min_lr, which suits short runs (with warmup: a one-cycle-like triangle)
     warmup = LinearLR(start_factor, total_iters=warmup) followed by the schedule (SequentialLR)
+
+`decay_norm_and_bias=False` exempts BatchNorm scales and biases and all biases (every parameter
+of one dimension) from weight decay, as PyTorch parameter groups with weight_decay=0 do.
 
 Schedules are stepped per epoch (PyTorch's usual `scheduler.step()` after each epoch) or per step.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -22,6 +28,8 @@ def _epoch_schedule(cfg, base_lr: float, length: int):
         main = optax.constant_schedule(base_lr)
     elif cfg.name == "step":
         main = lambda t: base_lr * cfg.gamma ** (t // cfg.step_size)  # noqa: E731
+    elif cfg.name == "linear":
+        main = optax.linear_schedule(base_lr, cfg.min_lr, max(length - warmup, 1))
     else:  # cosine
         main = optax.cosine_decay_schedule(base_lr, max(length - warmup, 1), alpha=cfg.min_lr / base_lr)
     if not warmup:
@@ -42,12 +50,20 @@ def make_schedule(cfg, base_lr: float, num_epochs: int, steps_per_epoch: int):
     return lambda count: sched(jnp.asarray(count) // steps_per_epoch)
 
 
+def decayed(params):
+    """True for the parameters that weight decay applies to when norms and biases are exempt: those
+    of more than one dimension (convolution and linear kernels)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
+
+
 def make_optimizer(cfg, schedule) -> optax.GradientTransformation:
     wd = cfg.weight_decay
+    mask = None if cfg.get("decay_norm_and_bias", True) else decayed
     if cfg.name == "adamw":
-        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=mask)
     if cfg.name == "adam":
         core = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     else:  # sgd
         core = optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity()
-    return optax.chain(optax.add_decayed_weights(wd) if wd else optax.identity(), core, optax.scale_by_learning_rate(schedule))
+    decay = optax.add_decayed_weights(wd, mask=mask) if wd else optax.identity()
+    return optax.chain(decay, core, optax.scale_by_learning_rate(schedule))

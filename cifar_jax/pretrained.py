@@ -37,11 +37,13 @@ def _require(module: str, extra: str):
 
 
 def _to_numpy(value) -> np.ndarray:
+    """A copy: `Tensor.numpy()` shares the tensor's memory, and so can a CPU jax.Array made from it,
+    which the torch model would then change in place (its BatchNorm buffers, on a forward pass)."""
     if hasattr(value, "detach"):  # a torch.Tensor; .float() because NumPy has no bfloat16
         value = value.detach().cpu()
         value = value.float() if value.is_floating_point() else value
-        return value.numpy()
-    return np.asarray(value)
+        return value.numpy().copy()
+    return np.array(value)
 
 
 def _clean(sd: Mapping) -> dict[str, np.ndarray]:

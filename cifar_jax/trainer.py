@@ -200,12 +200,14 @@ def epoch_lrs(schedule, phase: Phase, steps_per_epoch: int) -> list[float]:
 
 
 def step_config(config, phase: Phase, graphdefs, *, preprocess, num_classes: int, steps_per_epoch: int, sharding):
-    """(StepConfig, schedule) of `phase`. A frozen backbone (phase 1) runs in eval mode: its
-    BatchNorm uses (and keeps) the pretrained running statistics."""
+    """(StepConfig, schedule) of `phase`. A frozen backbone (phase 1) runs in eval mode, its
+    BatchNorm using (and keeping) the pretrained running statistics, unless
+    `head_only_batchnorm='train'`: then batch statistics, and the running ones updated."""
     graphdef_train, graphdef_eval = graphdefs
     schedule, tx = make_tx(config, phase, steps_per_epoch)
+    frozen_bn = phase.head_only and config.get("head_only_batchnorm", "frozen") == "frozen"
     cfg = steps.StepConfig(
-        graphdef=graphdef_eval if phase.head_only else graphdef_train, tx=tx, head_only=phase.head_only,
+        graphdef=graphdef_eval if frozen_bn else graphdef_train, tx=tx, head_only=phase.head_only,
         preprocess=preprocess, batch_size=config.batch_size, num_classes=num_classes,
         label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding,
     )

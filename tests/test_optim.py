@@ -114,3 +114,70 @@ def test_coupled_and_decoupled_decay_differ():
         out[name] = np.asarray(u["w"])
     assert not np.allclose(out["adam"], out["adamw"], rtol=1e-3)
 
+
+
+@pytest.mark.parametrize("per", ["epoch", "step"])
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_linear_decay_with_warmup_matches_torch(per, warmup):
+    epochs, spe, end = 6, 4, 1e-3
+    unit = 1 if per == "epoch" else spe
+    total, w = epochs * unit, warmup * unit
+
+    def make(opt):
+        decay = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=end / 0.1, total_iters=total - w)
+        if not w:
+            return decay
+        ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=w)
+        return torch.optim.lr_scheduler.SequentialLR(opt, [ramp, decay], milestones=[w])
+
+    expected = _torch_lrs(make, epochs * spe, spe, per)
+    cfg = _schedule_cfg(name="linear", per=per, warmup_epochs=warmup, warmup_start_factor=0.1, min_lr=end)
+    np.testing.assert_allclose(_ours(cfg, epochs, spe), expected, rtol=1e-5, atol=1e-9)
+    assert len(set(np.round(expected, 8))) > epochs // 2  # the decay is seen, not a constant
+
+
+@pytest.mark.parametrize(
+    "name,torch_opt",
+    [
+        ("adamw", lambda groups: torch.optim.AdamW(groups, lr=0.1, weight_decay=0.1)),
+        ("sgd", lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=0.1)),
+    ],
+)
+def test_no_decay_on_norm_and_bias_matches_torch_parameter_groups(name, torch_opt, x64):
+    rng = np.random.default_rng(2)
+    w0 = {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)), "bias": rng.normal(size=(4,))}, "bn": {"scale": rng.normal(size=(4,))}}
+    grads = [jax.tree.map(lambda a: rng.normal(size=a.shape), w0) for _ in range(3)]
+    torch_params = {k: {n: torch.nn.Parameter(torch.tensor(v)) for n, v in d.items()} for k, d in w0.items()}
+    kernels = [torch_params["conv"]["kernel"]]
+    rest = [torch_params["conv"]["bias"], torch_params["bn"]["scale"]]
+    topt = torch_opt([{"params": kernels}, {"params": rest, "weight_decay": 0.0}])
+    tx = optim.make_optimizer(_opt_cfg(name, decay_norm_and_bias=False), 0.1)
+    params = jax.tree.map(jnp.asarray, w0)
+    state = tx.init(params)
+    for g in grads:
+        for k, d in g.items():
+            for n, v in d.items():
+                torch_params[k][n].grad = torch.tensor(v)
+        topt.step()
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        for k, d in torch_params.items():
+            for n, v in d.items():
+                np.testing.assert_allclose(np.asarray(params[k][n]), v.detach().numpy(), rtol=1e-10, atol=1e-12)
+    # The same optimizer with decay everywhere moves the biases elsewhere: the exemption is seen.
+    everywhere = optim.make_optimizer(_opt_cfg(name), 0.1)
+    u, _ = everywhere.update(jax.tree.map(jnp.asarray, grads[0]), everywhere.init(jax.tree.map(jnp.asarray, w0)), jax.tree.map(jnp.asarray, w0))
+    u_exempt, _ = tx.update(jax.tree.map(jnp.asarray, grads[0]), tx.init(jax.tree.map(jnp.asarray, w0)), jax.tree.map(jnp.asarray, w0))
+    assert not np.allclose(u["conv"]["bias"], u_exempt["conv"]["bias"])
+    np.testing.assert_allclose(u["conv"]["kernel"], u_exempt["conv"]["kernel"])
+
+
+def test_the_decay_mask_sees_kernels_only_in_a_real_model():
+    from flax import nnx
+
+    from cifar_jax import models
+
+    params = nnx.state(models.create("resnet18", 10, stem="cifar"), nnx.Param)
+    mask = optim.decayed(params)
+    flags = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flags and all(m == ("kernel" in path) for path, m in flags.items()), flags

@@ -186,3 +186,15 @@ def test_convert_overwrite_replaces_the_directory_whole(tmp_path):
     assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(out), "--num_classes=7", "--overwrite"]) == 0
     assert pretrained.load(out).fc.kernel.shape == (512, 7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "r18.pth"]
+
+
+def test_converted_weights_do_not_share_memory_with_the_torch_model():
+    """Tensor.numpy() shares memory, and a CPU jax.Array made from it may too: a train-mode forward of
+    the torch model would then change the converted BatchNorm statistics in place."""
+    ref = _randomised_torchvision("resnet18", num_classes=10)
+    model = pretrained.from_torchvision("resnet18", ref.state_dict())
+    before = np.array(model.bn1.mean[...])
+    ref.train()
+    ref(torch.randn(4, 3, 32, 32))
+    assert not np.allclose(ref.bn1.running_mean.numpy(), before)  # the torch buffers did move
+    np.testing.assert_array_equal(np.asarray(model.bn1.mean[...]), before)

@@ -202,3 +202,55 @@ def test_quickstart_config_learns_digits(tmp_path):
 
     x, y = data.load_splits(restored.config.data).test
     assert evaluate.metrics(evaluate.predict(restored, x), y)["top1_acc"] >= 0.95
+
+
+@pytest.mark.parametrize("batchnorm", ["train", "frozen"])
+def test_head_only_batchnorm_modes_match_pytorch(batchnorm, highest_precision):
+    """Phase 1 as the study ran it (PyTorch: requires_grad=False on the backbone under
+    model.train(): batch statistics, running statistics updated, only the head stepped) or with the
+    backbone's BatchNorm frozen (model.eval() on the backbone): one Adam step on the same batch."""
+    import jax.numpy as jnp
+    import torch
+    import torchvision
+
+    from cifar_jax import steps
+    from cifar_jax.data import pipeline
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(num_classes=5)
+    model = pretrained.from_torchvision("resnet18", ref.state_dict())
+    config = tiny_config(num_epochs=2, head_only_epochs=1, head_only_batchnorm=batchnorm,
+                         **{"model.name": "resnet18", "model.stem": "imagenet", "optimizer.name": "adam"})
+    graphdef_train = nnx.graphdef(model)
+    model.eval()
+    graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    phase = trainer.phases(config)[0]
+    cfg, _ = trainer.step_config(config, phase, (graphdef_train, graphdef_eval), preprocess=pipeline.Preprocess(image_size=32),
+                                 num_classes=5, steps_per_epoch=1, sharding=None)
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": cfg.tx.init(steps.partition(params, True)[0])}
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 32, 32, 3)).astype(np.float32), rng.integers(0, 5, 8)
+    new_state, _ = jax.jit(functools.partial(steps.update_step, cfg))(state, steps.zero_metrics(), jnp.asarray(x), jnp.asarray(y))
+
+    ref.train()
+    if batchnorm == "frozen":
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+    for p in ref.parameters():
+        p.requires_grad = False
+    for p in ref.fc.parameters():
+        p.requires_grad = True
+    opt = torch.optim.Adam(ref.fc.parameters(), lr=config.head_only_lr, weight_decay=config.optimizer.weight_decay)
+    loss = torch.nn.CrossEntropyLoss()(ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())), torch.from_numpy(y))
+    loss.backward()
+    opt.step()
+
+    ours_params, ours_stats = nnx.to_pure_dict(new_state["params"]), nnx.to_pure_dict(new_state["batch_stats"])
+    np.testing.assert_allclose(ours_params["fc"]["kernel"], ref.fc.weight.detach().numpy().T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ours_params["layer4"][1]["conv2"]["kernel"], nnx.to_pure_dict(params)["layer4"][1]["conv2"]["kernel"])
+    for ours, theirs in ((ours_stats["bn1"], ref.bn1), (ours_stats["layer4"][1]["bn2"], ref.layer4[1].bn2)):
+        np.testing.assert_allclose(ours["mean"], theirs.running_mean.numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours["var"], theirs.running_var.numpy(), rtol=1e-4, atol=1e-6)
+    moved = not np.array_equal(ours_stats["bn1"]["mean"], nnx.to_pure_dict(batch_stats)["bn1"]["mean"])
+    assert moved == (batchnorm == "train")

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                  "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}  # Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
 
 
 def random_crop(key, x, padding: int = 4):
