@@ -1,6 +1,6 @@
 """Evaluate a training run:
 
-    python eval.py --workdir DIR [--step N | --best] [--split test|val] [--out DIR] [--tta]
+    python eval.py --workdir DIR [--step N | --best] [--split test|val] [--out DIR] [--tta] [--ema]
                    [--ood_dir DIR] [--corruptions [--corruption_limit N]]
 
 Restores the checkpoint (the best by validation accuracy unless --step is given) with the config
@@ -21,6 +21,7 @@ _BEST = flags.DEFINE_bool("best", True, "evaluate the best checkpoint by validat
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"], "which split to evaluate")
 _OUT = flags.DEFINE_string("out", None, "output directory (default: <workdir>/eval)")
 _TTA = flags.DEFINE_bool("tta", False, "average predictions over the image and its horizontal mirror")
+_EMA = flags.DEFINE_bool("ema", False, "evaluate the weight average kept in training (config ema_decay > 0)")
 _OOD = flags.DEFINE_string("ood_dir", None, "directory of distortionNN.npy files -> submission_ood.csv")
 _CORRUPTIONS = flags.DEFINE_bool("corruptions", False, "accuracy under the built-in corruption suite (severities 1..5)")
 _CORRUPTION_LIMIT = flags.DEFINE_integer("corruption_limit", 0, "use N test images for --corruptions, a fixed random subset (0: all)")
@@ -39,7 +40,8 @@ def main(argv):
     # Everything that can fail on bad input, before any prediction or file is written.
     out = Path(_OUT.value or Path(_WORKDIR.value) / "eval").absolute()
     try:
-        run = evaluate.restore(_WORKDIR.value, _STEP.value if _STEP.value is not None else ("best" if _BEST.value else "latest"))
+        run = evaluate.restore(_WORKDIR.value, _STEP.value if _STEP.value is not None else ("best" if _BEST.value else "latest"),
+                               ema=_EMA.value)
         splits = data.load_splits(run.config.data)
         if not len(getattr(splits, _SPLIT.value)[0]):
             raise evaluate.EvalError(f"the run has no {_SPLIT.value} split (data.val_fraction={run.config.data.val_fraction}); use --split test")
@@ -60,13 +62,14 @@ def main(argv):
 
     images, labels = getattr(splits, _SPLIT.value)
     logits = logits_of(images)
-    report = {"split": _SPLIT.value, "step": run.epoch, "tta": _TTA.value,
+    report = {"split": _SPLIT.value, "step": run.epoch, "weights": "ema" if _EMA.value else "trained", "tta": _TTA.value,
               **evaluate.metrics(logits, labels, run.config.label_smoothing)}
     evaluate.per_class_csv(logits, labels, splits.label_names, staging / "per_class.csv")
     evaluate.plot_confusion(logits, labels, splits.label_names, staging / "confusion.png")
     evaluate.plot_reliability(logits, labels, staging / "reliability.png")
 
-    print(f"{run.config.model.name} epoch {run.epoch}, {_SPLIT.value} split ({report['n_examples']} images){' with TTA' if _TTA.value else ''}")
+    print(f"{run.config.model.name} epoch {run.epoch}{' (weight average)' if _EMA.value else ''}, {_SPLIT.value} split "
+          f"({report['n_examples']} images){' with TTA' if _TTA.value else ''}")
     for key in ("top1_acc", "top5_acc", "loss", "ece"):
         print(f"  {key:<9} {report[key]:.4f}")
 

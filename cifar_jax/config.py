@@ -24,6 +24,7 @@ def base() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices
     c.eval_batch_size = 500
     c.label_smoothing = 0.0
+    c.ema_decay = 0.0  # > 0: keep an exponential moving average of the weights and BatchNorm statistics (e.g. 0.999)
     c.steps_per_call = 0  # training steps per jitted call (lax.fori_loop); 0 = automatic (up to 4 on CPU, 16 on GPU)
     c.eval_batches_per_call = 0  # evaluation batches per jitted call; 0 = automatic (a whole split)
     c.run_ahead_chunks = 4  # chunks of the next epoch queued before the host logs and checkpoints an epoch; 0 = off
@@ -113,6 +114,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("optimizer.lr", c.optimizer.lr, "must be positive")
     if c.optimizer.weight_decay < 0:
         _fail("optimizer.weight_decay", c.optimizer.weight_decay, "must be >= 0")
+    if not 0 <= c.ema_decay < 1:
+        _fail("ema_decay", c.ema_decay, "must be in [0, 1) (0 = no weight average)")
     if not 0 <= c.label_smoothing < 1:
         _fail("label_smoothing", c.label_smoothing, "must be in [0, 1)")
     if not 0 <= c.head_only_epochs < c.num_epochs:

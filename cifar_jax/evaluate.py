@@ -50,10 +50,13 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def restore(workdir, epoch: int | str = "best", mesh=None) -> Restored:
-    """The model of checkpoint `epoch` (an int, 'best' by validation accuracy, or 'latest')."""
+def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) -> Restored:
+    """The model of checkpoint `epoch` (an int, 'best' by validation accuracy, or 'latest'): its
+    trained weights, or with `ema` the weight average that training kept (`ema_decay` > 0)."""
     workdir = Path(workdir)
     config = load_config(workdir)
+    if ema and not config.get("ema_decay", 0.0):
+        raise EvalError(f"{workdir} was trained without a weight average (ema_decay=0); evaluate it without --ema")
     ckpts = Checkpoints(workdir, read_only=True)
     available = ckpts.epochs()
     if not available:
@@ -76,6 +79,8 @@ def restore(workdir, epoch: int | str = "best", mesh=None) -> Restored:
             phase = trainer.phase_of(config, min(epoch, config.num_epochs) - 1)
             _, tx = trainer.make_tx(config, phase, 1)
             template = {"params": params, "batch_stats": batch_stats, "opt_state": trainer.init_opt_state(tx, params, phase, replicated)}
+            if config.get("ema_decay", 0.0):
+                template["ema"] = {"params": params, "batch_stats": batch_stats}
             try:
                 state, meta = ckpts.restore(epoch, template)
                 break
@@ -89,7 +94,8 @@ def restore(workdir, epoch: int | str = "best", mesh=None) -> Restored:
             raise EvalError(failures[0] if len(failures) == 1 else f"none of the {len(failures)} checkpoints restores; {failures[0]}")
     finally:
         ckpts.close()
-    return Restored(config, graphdef, state["params"], state["batch_stats"], epoch, meta)
+    weights = state["ema"] if ema else state
+    return Restored(config, graphdef, weights["params"], weights["batch_stats"], epoch, meta)
 
 
 def _fresh(config):

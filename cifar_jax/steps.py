@@ -5,7 +5,8 @@ same code runs on one device or data-parallel over a mesh: the dataset is replic
 is sharded over 'data', parameters are replicated, and XLA inserts the gradient all-reduce.
 
 The train state is a dict pytree: `params` (nnx.State of all parameters), `batch_stats`
-(BatchNorm running statistics) and `opt_state` (optax state of the *trainable* parameters only).
+(BatchNorm running statistics), `opt_state` (optax state of the *trainable* parameters only) and,
+with a weight average, `ema` ({params, batch_stats} averaged over the steps).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class StepConfig:
     label_smoothing: float
     seed: int
     sharding: Any = None  # NamedSharding of a batch over the mesh, or None
+    ema_decay: float = 0.0  # > 0: state['ema'] = decay * ema + (1 - decay) * (params, batch_stats) after each step
 
 
 def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, step):
@@ -89,7 +91,10 @@ def update_step(cfg: StepConfig, state, metrics, x, y):
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = cfg.tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
-    state = {"params": nnx.merge_state(trainable, frozen), "batch_stats": batch_stats, "opt_state": opt_state}
+    new = {"params": nnx.merge_state(trainable, frozen), "batch_stats": batch_stats, "opt_state": opt_state}
+    if cfg.ema_decay:
+        new["ema"] = update_ema(state["ema"], {"params": new["params"], "batch_stats": batch_stats}, cfg.ema_decay)
+    state = new
     n = y.shape[0]
     metrics = {
         "loss_sum": metrics["loss_sum"] + loss * n,
@@ -98,6 +103,12 @@ def update_step(cfg: StepConfig, state, metrics, x, y):
         "nonfinite_steps": metrics["nonfinite_steps"] + (~jnp.isfinite(loss)).astype(jnp.int32),
     }
     return state, metrics
+
+
+def update_ema(ema, current, decay: float):
+    """An exponential moving average of the weights and BatchNorm statistics (timm's ModelEmaV2:
+    started from the initial model, updated after every step)."""
+    return jax.tree.map(lambda e, x: (decay * e + (1 - decay) * x).astype(e.dtype), ema, current)
 
 
 def make_train_chunk(cfg: StepConfig, num_steps: int) -> Callable:

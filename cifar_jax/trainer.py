@@ -209,7 +209,7 @@ def step_config(config, phase: Phase, graphdefs, *, preprocess, num_classes: int
     cfg = steps.StepConfig(
         graphdef=graphdef_eval if frozen_bn else graphdef_train, tx=tx, head_only=phase.head_only,
         preprocess=preprocess, batch_size=config.batch_size, num_classes=num_classes,
-        label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding,
+        label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding, ema_decay=config.get("ema_decay", 0.0),
     )
     return cfg, schedule
 
@@ -231,13 +231,16 @@ def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s, va
     def seconds(t):
         return None if t is None else round(t, 3)
 
+    validation = {}  # val_loss, val_acc, and ema_val_loss, ema_val_acc for the weight average
+    for prefix, sums in sorted((val_sums or {"val": None}).items(), key=lambda kv: kv[0] != "val"):
+        validation[f"{prefix}_loss"] = mean(sums, "loss_sum") if sums is not None else None
+        validation[f"{prefix}_acc"] = mean(sums, "correct") if sums is not None else None
     return {
         "epoch": epoch + 1,
         "phase": phase.name,
         "train_loss": mean(train_sums, "loss_sum"),
         "train_acc": mean(train_sums, "correct"),
-        "val_loss": mean(val_sums, "loss_sum") if val_sums is not None else None,
-        "val_acc": mean(val_sums, "correct") if val_sums is not None else None,
+        **validation,
         "lr": lr,
         "epoch_time_s": round(epoch_time, 3),
         "train_img_per_s": round(img_per_s, 1),
@@ -310,6 +313,8 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     phase = phase_after(latest or 0)
     step_cfg, lrs, opt_state = phase_setup(phase, params)
     state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+    if config.get("ema_decay", 0.0):  # the weight average starts from the initial model (its own buffers: the state is donated)
+        state["ema"] = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
     fresh_state = state
     if latest is not None:
         start_epoch, state, meta = ckpts.restore_latest_good(state)  # restores only into `phase`'s structure
@@ -456,7 +461,11 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                         raise Interrupted(stop.signum, f"epoch {epoch + 1}, step {next_step} of {steps_per_epoch}", workdir)
                 # Validation is queued behind the last chunk before the host waits for that chunk: the
                 # device goes on from one to the other without waiting for the host.
-                val_sums = eval_sums(state["params"], state["batch_stats"], val_x, val_y) if val_x is not None else None
+                val_sums = None
+                if val_x is not None:
+                    val_sums = {"val": eval_sums(state["params"], state["batch_stats"], val_x, val_y)}
+                    if "ema" in state:
+                        val_sums["ema_val"] = eval_sums(state["ema"]["params"], state["ema"]["batch_stats"], val_x, val_y)
                 sums = check(*pending.pop(0))
                 t_val = time.perf_counter()  # training is done: validation runs from here
                 train_time = t_val - t_train

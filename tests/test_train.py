@@ -254,3 +254,52 @@ def test_head_only_batchnorm_modes_match_pytorch(batchnorm, highest_precision):
         np.testing.assert_allclose(ours["var"], theirs.running_var.numpy(), rtol=1e-4, atol=1e-6)
     moved = not np.array_equal(ours_stats["bn1"]["mean"], nnx.to_pure_dict(batch_stats)["bn1"]["mean"])
     assert moved == (batchnorm == "train")
+
+
+def test_the_weight_average_is_the_numpy_recurrence_over_the_steps(x64):
+    """state['ema'] after each step equals decay * previous + (1 - decay) * (params, batch_stats),
+    computed here in NumPy from the weights each step produced, starting from the initial model."""
+    import jax.numpy as jnp
+
+    from cifar_jax import data, models, optim, steps
+    from cifar_jax.data import pipeline
+
+    decay = 0.75
+    model = models.create("simple_cnn", 10, dtype="float64")
+    nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64), nnx.state(model)))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = optim.make_optimizer(tiny_config().optimizer, 1e-3)
+    cfg = steps.StepConfig(graphdef, tx, False, pipeline.Preprocess(image_size=32), 8, 10, 0.0, seed=0, ema_decay=decay)
+    digits = data.load("digits")
+    images, labels = jnp.asarray(digits.x_train[:32]), jnp.asarray(digits.y_train[:32])
+    order = pipeline.epoch_order(0, 0, 32)
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params),
+             "ema": jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})}
+    expected = [np.asarray(x) for x in jax.tree.leaves(state["ema"])]
+    metrics = steps.zero_metrics()
+    step = jax.jit(functools.partial(steps.train_step, cfg))
+    for s in range(4):
+        state, metrics = step(state, metrics, images, labels, order, 0, s)
+        current = [np.asarray(x) for x in jax.tree.leaves({"params": state["params"], "batch_stats": state["batch_stats"]})]
+        expected = [decay * e + (1 - decay) * c for e, c in zip(expected, current)]
+    got = [np.asarray(x) for x in jax.tree.leaves(state["ema"])]
+    for g, e, c in zip(got, expected, current, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-14)
+    assert any(not np.allclose(g, c) for g, c in zip(got, current))  # an average, not the last weights
+
+
+def test_the_weight_average_is_validated_checkpointed_and_evaluated(tmp_path):
+    from cifar_jax import data
+
+    rows = trainer.train_and_evaluate(tiny_config(num_epochs=2, ema_decay=0.5), tmp_path, progress=False)
+    assert all({"ema_val_loss", "ema_val_acc"} <= set(r) for r in rows)
+    ours = evaluate.restore(tmp_path, 2, ema=True)
+    trained = evaluate.restore(tmp_path, 2)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(trained.params)))
+    splits = data.load_splits(ours.config.data)
+    for restored, key in ((ours, "ema_val_loss"), (trained, "val_loss")):
+        report = evaluate.metrics(evaluate.predict(restored, splits.val[0]), splits.val[1], restored.config.label_smoothing)
+        assert report["loss"] == pytest.approx(rows[1][key], rel=1e-4)
+    trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "plain", progress=False)
+    with pytest.raises(evaluate.EvalError, match="trained without a weight average"):
+        evaluate.restore(tmp_path / "plain", 1, ema=True)
