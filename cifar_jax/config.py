@@ -52,7 +52,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.2
     c.data.split_seed = 0
     c.data.normalization = "cifar"
-    c.data.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True, color_jitter=(0.0, 0.0, 0.0)))
+    # mixup_alpha / cutmix_alpha > 0: torchvision.transforms.v2 MixUp / CutMix on each batch (both: one of them per batch).
+    c.data.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True, color_jitter=(0.0, 0.0, 0.0),
+                                                    mixup_alpha=0.0, cutmix_alpha=0.0))
     c.data.fake = ml_collections.ConfigDict(dict(num_train=512, num_test=128, num_classes=100, image_size=32))
 
     c.optimizer = ml_collections.ConfigDict()
@@ -114,6 +116,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("optimizer.lr", c.optimizer.lr, "must be positive")
     if c.optimizer.weight_decay < 0:
         _fail("optimizer.weight_decay", c.optimizer.weight_decay, "must be >= 0")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if c.data.augment[key] < 0:
+            _fail(f"data.augment.{key}", c.data.augment[key], "must be >= 0 (0 = off)")
     if not 0 <= c.ema_decay < 1:
         _fail("ema_decay", c.ema_decay, "must be in [0, 1) (0 = no weight average)")
     if not 0 <= c.label_smoothing < 1:

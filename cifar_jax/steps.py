@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from cifar_jax.data import pipeline
+from cifar_jax.data import mix, pipeline
 
 
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-    """Per-example `nn.CrossEntropyLoss(label_smoothing=...)` (targets (1-a) one-hot + a/K), in float32."""
-    targets = jax.nn.one_hot(labels, num_classes)
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0, targets=None):
+    """Per-example `nn.CrossEntropyLoss(label_smoothing=...)` (targets (1-a) one-hot + a/K), in float32;
+    `targets` (N, K) replaces the one-hot labels (MixUp/CutMix's class probabilities)."""
+    if targets is None:
+        targets = jax.nn.one_hot(labels, num_classes)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), targets)
@@ -66,6 +68,8 @@ class StepConfig:
     seed: int
     sharding: Any = None  # NamedSharding of a batch over the mesh, or None
     ema_decay: float = 0.0  # > 0: state['ema'] = decay * ema + (1 - decay) * (params, batch_stats) after each step
+    mixup_alpha: float = 0.0  # > 0: MixUp (data/mix.py) with lam ~ Beta(alpha, alpha)
+    cutmix_alpha: float = 0.0  # > 0: CutMix; with both, one of the two per batch
 
 
 def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, step):
@@ -74,18 +78,23 @@ def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, st
         images, labels, order, cfg.seed, epoch, step,
         batch_size=cfg.batch_size, preprocess=cfg.preprocess, sharding=cfg.sharding,
     )
-    return update_step(cfg, state, metrics, x, y)
+    targets = None
+    if cfg.mixup_alpha or cfg.cutmix_alpha:
+        key = jax.random.fold_in(pipeline.step_key(cfg.seed, epoch, step), 1)  # not the augmentation's key
+        x, targets = mix.mix_batch(key, x, y, cfg.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha)
+    return update_step(cfg, state, metrics, x, y, targets)
 
 
-def update_step(cfg: StepConfig, state, metrics, x, y):
-    """One optimizer step on a prepared batch (normalised images `x`, labels `y`)."""
+def update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
+    """One optimizer step on a prepared batch (normalised images `x`, labels `y`, and the soft
+    `targets` of a mixed batch; accuracy is counted against `y`, each image's own label)."""
     trainable, frozen = partition(state["params"], cfg.head_only)
 
     def loss_fn(trainable):
         # Only `trainable` is differentiated: with a frozen backbone nothing flows back through it.
         model = nnx.merge(cfg.graphdef, nnx.merge_state(trainable, frozen), state["batch_stats"], copy=True)
         logits = model(x)
-        loss = cross_entropy(logits, y, cfg.num_classes, cfg.label_smoothing).mean()
+        loss = cross_entropy(logits, y, cfg.num_classes, cfg.label_smoothing, targets).mean()
         return loss, (logits, nnx.state(model, nnx.BatchStat))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)

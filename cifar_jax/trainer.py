@@ -210,6 +210,7 @@ def step_config(config, phase: Phase, graphdefs, *, preprocess, num_classes: int
         graphdef=graphdef_eval if frozen_bn else graphdef_train, tx=tx, head_only=phase.head_only,
         preprocess=preprocess, batch_size=config.batch_size, num_classes=num_classes,
         label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding, ema_decay=config.get("ema_decay", 0.0),
+        mixup_alpha=config.data.augment.get("mixup_alpha", 0.0), cutmix_alpha=config.data.augment.get("cutmix_alpha", 0.0),
     )
     return cfg, schedule
 

@@ -303,3 +303,10 @@ def test_the_weight_average_is_validated_checkpointed_and_evaluated(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "plain", progress=False)
     with pytest.raises(evaluate.EvalError, match="trained without a weight average"):
         evaluate.restore(tmp_path / "plain", 1, ema=True)
+
+
+def test_mixup_and_cutmix_run_inside_the_jitted_step(tmp_path):
+    mixed = trainer.train_and_evaluate(tiny_config(num_epochs=1, **{"data.augment.mixup_alpha": 0.2, "data.augment.cutmix_alpha": 1.0}),
+                                       tmp_path / "mixed", progress=False)
+    plain = trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "plain", progress=False)
+    assert np.isfinite(mixed[0]["train_loss"]) and mixed[0]["train_loss"] != plain[0]["train_loss"]
