@@ -251,18 +251,34 @@ def _epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s, va
     }
 
 
-def train_and_evaluate(config, workdir, *, progress: bool = True) -> list[dict]:
-    """Train `config` in `workdir` (resuming from its latest checkpoint); returns the metrics rows."""
+def check_cluster(cluster: dict | None) -> None:
+    """A ValueError in one line unless `cluster` (coordinator_address, num_processes, process_id) is
+    None or complete and consistent."""
+    if not cluster:
+        return
+    missing = [k for k in ("coordinator_address", "num_processes", "process_id") if cluster.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"a multi-process run needs --coordinator_address, --num_processes and --process_id; missing: --{', --'.join(missing)}")
+    if ":" not in cluster["coordinator_address"]:
+        raise ValueError(f"--coordinator_address={cluster['coordinator_address']} needs a port: HOST:PORT of process 0")
+    if not 0 <= cluster["process_id"] < cluster["num_processes"]:
+        raise ValueError(f"--process_id={cluster['process_id']} must be in [0, --num_processes={cluster['num_processes']})")
+
+
+def train_and_evaluate(config, workdir, *, progress: bool = True, cluster: dict | None = None) -> list[dict]:
+    """Train `config` in `workdir` (resuming from its latest checkpoint); returns the metrics rows.
+    `cluster` (coordinator_address, num_processes, process_id) joins a multi-process run explicitly;
+    `config.distributed` alone relies on jax.distributed's auto-detection (SLURM, TPU pods, ...)."""
     t_start = time.perf_counter()
     workdir = Path(workdir).absolute()
     config = config.copy_and_resolve_references()
     for section, key in (("data", "path"), ("model", "pretrained")):
         if config[section][key]:  # saved absolute, so that eval.py works from any directory
             config[section][key] = str(Path(config[section][key]).expanduser().absolute())
-    if config.distributed:
-        # Cluster auto-detection (SLURM, TPU, ...); gloo gives CPU processes their collectives.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+    check_cluster(cluster)
+    if cluster or config.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes' collectives
+        jax.distributed.initialize(**(cluster or {}))  # without `cluster`: auto-detection
     check_before_start(config, workdir)
     is_main = jax.process_index() == 0
     if not is_main:  # one lock per run: process 0 holds it for all

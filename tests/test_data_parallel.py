@@ -70,3 +70,33 @@ def test_two_processes_save_and_restore_a_packed_checkpoint(tmp_path):
     # Every process takes part in Orbax's save (one writes the replicated arrays) and restores the
     # whole packed arrays onto its own devices.
     assert _two_processes("checkpoint_probe.py", str(tmp_path)) == [{"processes": 2, "devices": 4, "equal": True, "epoch": 1}] * 2
+
+
+def test_train_py_joins_a_two_process_run_through_explicit_flags(tmp_path):
+    """--coordinator_address, --num_processes and --process_id (no auto-detection): 2 processes x 1
+    device train the tiny config like one process with 2 devices."""
+    from tests.helpers import without_timing
+
+    coordinator = f"127.0.0.1:{_free_port()}"
+    base = [sys.executable, "train.py", "--config", "tests/tiny_config.py", "--config.num_epochs=1", "--progress=false"]
+    procs = [subprocess.Popen([*base, f"--workdir={tmp_path / 'multi'}", f"--coordinator_address={coordinator}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=probe_env(1)) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    single = subprocess.run([*base, f"--workdir={tmp_path / 'single'}"], cwd=ROOT, capture_output=True, text=True, env=probe_env(2))
+    assert single.returncode == 0, single.stderr[-2000:]
+    rows = [without_timing(json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+            for run in ("multi", "single")]
+    assert len(rows[0]) == len(rows[1]) == 1
+    for key in ("train_loss", "val_loss"):
+        assert rows[0][0][key] == pytest.approx(rows[1][0][key], rel=1e-5)
+
+
+def test_incomplete_multi_process_flags_fail_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={tmp_path}",
+                          "--coordinator_address=127.0.0.1:1234", "--num_processes=2"], cwd=ROOT, capture_output=True,
+                         text=True, env=probe_env(1), timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "error: a multi-process run needs --coordinator_address, --num_processes and --process_id; missing: --process_id")
