@@ -7,7 +7,7 @@ TEST := $(VENV)/.installed-test
 PYTEST_ARGS ?= -n 2
 QUICKSTART_DIR := checkpoints/quickstart
 
-.PHONY: quickstart test venv clean
+.PHONY: quickstart test test-fast venv clean
 
 venv: $(CORE)
 
@@ -32,6 +32,10 @@ quickstart: $(CORE)
 
 test: $(TEST)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The daily loop: everything but the tests marked slow.
+test-fast: $(TEST)
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by train.py")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint epoch to evaluate (default: the best)")
@@ -102,6 +102,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from cifar_jax.cli import parse_flags
+    from cifar_jax.cli import run
 
-    app.run(main, flags_parser=parse_flags)
+    run(main, "before eval.py finished: its outputs are written whole or not at all")

@@ -6,7 +6,7 @@ Orbax checkpoints; running the same command again resumes from the latest checkp
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py: the experiment", lock_config=True)
@@ -45,6 +45,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from cifar_jax.cli import parse_flags
+    from cifar_jax.cli import run
 
-    app.run(main, flags_parser=parse_flags)
+    run(main, "outside the training loop")

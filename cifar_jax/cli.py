@@ -127,3 +127,15 @@ def parse_flags(argv):
              f"and cifar_jax/config.py")
     except (KeyError, ImportError, SyntaxError, OSError) as e:
         fail(f"the --config file does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def run(main, what: str) -> None:
+    """absl's app.run(main) with our flag parsing, where Ctrl-C outside the training loop (whose own
+    SIGINT handler saves a checkpoint) ends in one line and status 130, not a traceback."""
+    from absl import app
+
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C) {what}; what was already saved is kept: rerun the same command", file=sys.stderr)
+        sys.exit(130)

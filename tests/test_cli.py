@@ -139,3 +139,22 @@ def test_cpu_convolution_flag_is_added_once_and_never_over_the_users(monkeypatch
     assert not cli.tune_xla_cpu()  # never twice
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     assert not cli.tune_xla_cpu() and os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [2.0, 6.0])
+def test_ctrl_c_at_any_moment_ends_in_one_line_without_a_traceback(tmp_path, delay):
+    """During start-up (imports, data, compilation) or in the training loop: status 130, a message,
+    no traceback."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.py", f"--workdir={tmp_path / 'run'}", "--progress=false"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal")  # a machine fast enough to train the quickstart in the delay
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "rerun the same command" in err.strip().splitlines()[-1]
