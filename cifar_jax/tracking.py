@@ -62,7 +62,7 @@ def plot_curves(rows: list[dict], path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy")):
-        for split in ("train", "val"):
+        for split in ("train", "val", "ema_val"):  # ema_val: the weight average, when kept
             values = [r.get(f"{split}_{key}") for r in rows]
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", label=split)
