@@ -41,23 +41,32 @@ def test_step_lr_per_epoch_matches_torch():
     assert len(set(np.round(expected, 8))) == 3  # 0.1, 0.01, 0.001: the test sees the decays
 
 
+def _torch_main(name, opt, length, end_lr):
+    """PyTorch's scheduler for our schedule `name` over `length` steps, ending at `end_lr` (of 0.1)."""
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=length, eta_min=end_lr)
+    return torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=end_lr / 0.1, total_iters=length)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
 @pytest.mark.parametrize("per", ["epoch", "step"])
 @pytest.mark.parametrize("warmup", [0, 2])
-def test_cosine_with_warmup_matches_torch(per, warmup):
-    epochs, spe, eta_min = 7, 4, 1e-3
+def test_decay_with_warmup_matches_torch(name, per, warmup):
+    epochs, spe, end_lr = 7, 4, 1e-3
     unit = 1 if per == "epoch" else spe
     total, w = epochs * unit, warmup * unit
 
     def make(opt):
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - w, eta_min=eta_min)
+        main = _torch_main(name, opt, total - w, end_lr)
         if not w:
-            return cosine
-        linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=w)
-        return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[w])
+            return main
+        ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=w)
+        return torch.optim.lr_scheduler.SequentialLR(opt, [ramp, main], milestones=[w])
 
     expected = _torch_lrs(make, epochs * spe, spe, per)
-    cfg = _schedule_cfg(name="cosine", per=per, warmup_epochs=warmup, warmup_start_factor=0.1, min_lr=eta_min)
+    cfg = _schedule_cfg(name=name, per=per, warmup_epochs=warmup, warmup_start_factor=0.1, min_lr=end_lr)
     np.testing.assert_allclose(_ours(cfg, epochs, spe), expected, rtol=1e-5, atol=1e-9)
+    assert len(set(np.round(expected, 8))) > epochs // 2  # the decay is seen, not a constant
 
 
 def test_label_smoothed_loss_matches_torch():
@@ -114,26 +123,6 @@ def test_coupled_and_decoupled_decay_differ():
         out[name] = np.asarray(u["w"])
     assert not np.allclose(out["adam"], out["adamw"], rtol=1e-3)
 
-
-
-@pytest.mark.parametrize("per", ["epoch", "step"])
-@pytest.mark.parametrize("warmup", [0, 2])
-def test_linear_decay_with_warmup_matches_torch(per, warmup):
-    epochs, spe, end = 6, 4, 1e-3
-    unit = 1 if per == "epoch" else spe
-    total, w = epochs * unit, warmup * unit
-
-    def make(opt):
-        decay = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=end / 0.1, total_iters=total - w)
-        if not w:
-            return decay
-        ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=w)
-        return torch.optim.lr_scheduler.SequentialLR(opt, [ramp, decay], milestones=[w])
-
-    expected = _torch_lrs(make, epochs * spe, spe, per)
-    cfg = _schedule_cfg(name="linear", per=per, warmup_epochs=warmup, warmup_start_factor=0.1, min_lr=end)
-    np.testing.assert_allclose(_ours(cfg, epochs, spe), expected, rtol=1e-5, atol=1e-9)
-    assert len(set(np.round(expected, 8))) > epochs // 2  # the decay is seen, not a constant
 
 
 @pytest.mark.parametrize(
