@@ -1,23 +1,16 @@
 """Orbax checkpoints of a run: the last `keep` epochs plus the best by validation accuracy, and
 one mid-epoch checkpoint written when a run is stopped by a signal.
 
-Layout: `<workdir>/checkpoints/<epoch>/{arrays,layout,meta}` and `<workdir>/interrupted/<global
-step>/`. Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
-killed run never leaves a half-written checkpoint that restores. `meta` (JSON) holds the epoch, the
-phase and that epoch's metrics row. A checkpoint that exists but does not restore (damaged on
-disk) is moved to `<workdir>/corrupt_checkpoints/` and reported, and the previous one is used.
-
-The state is saved packed (`Packed`): its leaves raveled and concatenated into one array per
-dtype, with `layout` (each leaf's path, dtype and shape) beside it, which a restore checks against
-its template. Orbax's cost grows with the number of arrays: on 2 CPU cores the 590 arrays of a
-ResNet-50 train state (285 MB) took 0.8-1.4 s of background writing per checkpoint and held the
-host 0.1-0.2 s, while 590 arrays of 10 floats took 0.7-0.9 s and one array of 285 MB about 0.1 s.
-With short epochs every save waited for the previous one (the trainer's `checkpoint_s`: median
-0.47-0.84 s an epoch, packed 0.02 s). Checkpoints written before packing (`state` instead of
-`arrays`) still restore.
-
-Every checkpoint's meta also holds a checksum of each array of the state (`checksums`), verified on
-restore: a checkpoint whose bytes changed on disk is treated as damaged (`DamagedCheckpoint`).
+Layout: `<workdir>/checkpoints/<epoch>/` holds one Orbax item per part of the train state,
+`params`, `batch_stats`, `opt_state` (and `ema` with a weight average), each a tree of named
+arrays that Orbax alone restores (README, "Restoring with Orbax alone"), plus `layout` (each
+array's path, dtype and shape) and `meta` (JSON: epoch, phase, that epoch's metrics row, and a
+checksum of every array). `<workdir>/interrupted/<global step>/` holds the mid-epoch state the
+same way. Orbax writes each checkpoint to a temporary directory and renames it when complete, so
+a killed run never leaves a half-written checkpoint that restores. A restore checks the layout
+(naming the first difference), restores only the items asked for (evaluation needs no
+optimizer state), and verifies the checksums: a checkpoint whose files changed on disk is
+`DamagedCheckpoint`, moved to `<workdir>/corrupt_checkpoints/` and reported.
 """
 
 from __future__ import annotations
@@ -51,14 +44,6 @@ def layout(tree) -> list[list]:
     """[path, dtype, shape] of every leaf of `tree`, in flattening order."""
     return [[jax.tree_util.keystr(path), jnp.dtype(x.dtype).name, list(x.shape)]
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-@jax.jit
-def _concatenate_by_dtype(tree) -> dict[str, jax.Array]:
-    groups = {}
-    for x in jax.tree.leaves(tree):
-        groups.setdefault(jnp.dtype(x.dtype).name, []).append(jnp.ravel(x))
-    return {dtype: jnp.concatenate(xs) for dtype, xs in groups.items()}
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -95,41 +80,39 @@ def verify(tree, saved: dict[str, int], where) -> None:
             raise DamagedCheckpoint(f"{where}: {path} does not match the checksum saved with it (its files changed on disk)")
 
 
-@dataclasses.dataclass(frozen=True)
-class Packed:
-    """A state as one 1-D array per dtype (a device copy: the state may be donated afterwards),
-    with the checksums of its leaves (computed on the device, read when saved)."""
+@jax.jit
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
 
-    arrays: dict  # dtype name -> 1-D jax.Array
-    layout: list  # layout() of the state
-    leaf_checksums: jax.Array  # uint32, one per leaf in layout order
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A device copy of a state (the state itself may be donated afterwards, as when the trainer
+    runs ahead), with the checksums of its leaves (computed on the device, read when saved)."""
+
+    tree: dict
+    leaf_checksums: jax.Array  # uint32, one per leaf in flattening order
 
     @classmethod
-    def of(cls, tree) -> "Packed":
-        return cls(_concatenate_by_dtype(tree), layout(tree), _leaf_checksums(tree))
+    def of(cls, tree) -> "Snapshot":
+        return cls(_copy(tree), _leaf_checksums(tree))
 
     def checksums(self) -> dict[str, int]:
-        return dict(zip((path for path, _, _ in self.layout), np.asarray(self.leaf_checksums).tolist()))
+        return dict(zip((path for path, _, _ in layout(self.tree)), np.asarray(self.leaf_checksums).tolist()))
 
 
-def unpack(arrays: dict, saved_layout: list, template):
-    """The tree of `template`'s structure and shardings from packed host `arrays`; a ValueError that
-    names the first difference when the saved layout is not the template's."""
+def check_layout(saved_layout: list, template) -> None:
+    """A ValueError naming the first difference between a checkpoint's layout (restricted to the
+    items of `template`) and `template`'s."""
     expected = layout(template)
-    if saved_layout != expected:
-        if len(saved_layout) != len(expected):
-            raise ValueError(f"the checkpoint holds {len(saved_layout)} arrays, the configured state {len(expected)}")
-        saved, wanted = next((a, b) for a, b in zip(saved_layout, expected) if a != b)
-        raise ValueError(f"the checkpoint holds {_describe(saved)} where the configured state has {_describe(wanted)}")
-    leaves, treedef = jax.tree.flatten(template)
-    offsets = dict.fromkeys(arrays, 0)
-    out = []
-    for x in leaves:
-        dtype, size = jnp.dtype(x.dtype).name, int(np.prod(x.shape))
-        host = arrays[dtype][offsets[dtype]:offsets[dtype] + size].reshape(x.shape)
-        offsets[dtype] += size
-        out.append(jax.make_array_from_callback(x.shape, x.sharding, lambda index, host=host: host[index]))
-    return jax.tree.unflatten(treedef, out)
+    items = tuple(f"[{k!r}]" for k in template)
+    saved_layout = [entry for entry in saved_layout if entry[0].startswith(items)]
+    if saved_layout == expected:
+        return
+    if len(saved_layout) != len(expected):
+        raise ValueError(f"the checkpoint holds {len(saved_layout)} arrays, the configured state {len(expected)}")
+    saved, wanted = next((a, b) for a, b in zip(saved_layout, expected) if a != b)
+    raise ValueError(f"the checkpoint holds {_describe(saved)} where the configured state has {_describe(wanted)}")
 
 
 def _describe(entry) -> str:
@@ -137,19 +120,21 @@ def _describe(entry) -> str:
     return f"{path} {dtype}{shape}"
 
 
+# The parts a saved tree may have (not "metrics": CheckpointManager keeps its own item of that name).
+ITEMS = ("params", "batch_stats", "opt_state", "ema", "state", "sums")
+
+
 def _handlers() -> dict:
-    """The handler of each checkpoint item. The packed arrays are written without zstd, which made a
-    ResNet-50 train state 7% smaller (272 -> 252 MiB) but its background write about 4x longer
-    (median of 6 saves on 2 CPU cores: 0.85 s against 0.22 s)."""
-    return {"arrays": ocp.PyTreeCheckpointHandler(use_compression=False), "layout": ocp.JsonCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(), "state": ocp.StandardCheckpointHandler()}
+    return {**{item: ocp.StandardCheckpointHandler() for item in ITEMS},
+            "layout": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
 def _save_args(state, meta: dict) -> ocp.args.Composite:
-    packed = state if isinstance(state, Packed) else Packed.of(state)
-    meta = {**meta, "checksums": packed.checksums()}
-    return ocp.args.Composite(arrays=ocp.args.PyTreeSave(packed.arrays), layout=ocp.args.JsonSave(packed.layout),
-                              meta=ocp.args.JsonSave(meta))
+    """One item per top-level part of `state` (a dict, or a `Snapshot` of one), its layout, and
+    `meta` with the checksum of every array."""
+    tree, sums = (state.tree, state.checksums()) if isinstance(state, Snapshot) else (state, checksums(state))
+    return ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in tree.items()},
+                              layout=ocp.args.JsonSave(layout(tree)), meta=ocp.args.JsonSave({**meta, "checksums": sums}))
 
 
 def _without_checksums(meta: dict) -> dict:
@@ -157,21 +142,20 @@ def _without_checksums(meta: dict) -> dict:
 
 
 def _restore_tree(manager, step: int, template):
-    """(tree shaped like `template`, meta) of checkpoint `step` of `manager`, its checksums verified
-    (checkpoints saved before checksums have none to verify)."""
-    meta_args = {"meta": ocp.args.JsonRestore()}
-    if (Path(manager.directory) / str(step) / "state").is_dir():  # written before packing
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(template)), **meta_args))
-        tree = restored["state"]
-    else:
-        saved_layout = manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"]
-        as_numpy = {dtype: ocp.RestoreArgs(restore_type=np.ndarray) for dtype in {d for _, d, _ in saved_layout}}
-        restored = manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(restore_args=as_numpy), **meta_args))
-        tree = unpack(restored["arrays"], saved_layout, template)
+    """(tree shaped like `template`, meta) of checkpoint `step` of `manager`: only the items of
+    `template` (e.g. params and batch_stats without the optimizer state), checksums verified."""
+    where = Path(manager.directory) / str(step)
+    if (where / "arrays").is_dir():
+        raise ValueError(f"{where} is in the packed format of earlier versions, which this one does not read; "
+                         f"retrain, or evaluate it with the version that wrote it")
+    check_layout(manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"], template)
+    args = {k: ocp.args.StandardRestore(abstract(v)) for k, v in template.items()}
+    restored = manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+    tree = {k: restored[k] for k in template}
     meta = restored["meta"]
     if "checksums" in meta:
-        verify(tree, meta.pop("checksums"), Path(manager.directory) / str(step))
-    return tree, meta
+        verify(tree, meta["checksums"], where)
+    return tree, _without_checksums(meta)
 
 
 class Checkpoints:
@@ -194,7 +178,7 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, epoch: int, state, meta: dict) -> None:
-        """Save `state` (a tree, or a `Packed` copy of one) and `meta` as checkpoint `epoch`, in the background."""
+        """Save `state` (a dict of the state's parts, or a `Snapshot` of one) and `meta` as checkpoint `epoch`, in the background."""
         val_acc = meta["row"].get("val_acc")
         self.manager.save(epoch, args=_save_args(state, meta), metrics={"val_acc": val_acc} if val_acc is not None else None)
 
@@ -202,7 +186,8 @@ class Checkpoints:
         return _without_checksums(self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def restore(self, epoch: int, template):
-        """(state, meta) of `epoch`, restored with the structure and shardings of `template`."""
+        """(state, meta) of `epoch`, restored with the structure and shardings of `template` (a dict
+        of some or all of the saved parts)."""
         return _restore_tree(self.manager, epoch, template)
 
     def by_preference(self, which: str) -> list[int]:

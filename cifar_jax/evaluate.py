@@ -73,14 +73,11 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
     model.eval()
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     params, batch_stats = (jax.device_put(t, replicated) for t in (params, batch_stats))
+    # Only the weights and statistics: evaluation builds no optimizer.
+    template = {"ema": {"params": params, "batch_stats": batch_stats}} if ema else {"params": params, "batch_stats": batch_stats}
     failures = []
     try:
         for epoch in candidates:
-            phase = trainer.phase_of(config, min(epoch, config.num_epochs) - 1)
-            _, tx = trainer.make_tx(config, phase, 1)
-            template = {"params": params, "batch_stats": batch_stats, "opt_state": trainer.init_opt_state(tx, params, phase, replicated)}
-            if config.get("ema_decay", 0.0):
-                template["ema"] = {"params": params, "batch_stats": batch_stats}
             try:
                 state, meta = ckpts.restore(epoch, template)
                 break

@@ -6,7 +6,7 @@ per epoch: train (jitted chunks of steps), evaluate on val, log, checkpoint.
 
 The host stays ahead of the device: it reads a chunk's metrics while the next chunk runs, queues
 validation before it reads the epoch's last chunk, and queues the next epoch's first
-`run_ahead_chunks` chunks before it logs and checkpoints the epoch (a packed device copy of its
+`run_ahead_chunks` chunks before it logs and checkpoints the epoch (a device copy of its
 state), so that this work does not leave the device idle between epochs. Each metrics row says
 what the host's work between epochs cost (`host_s`, `checkpoint_s`; see `end_epoch`).
 """
@@ -32,7 +32,7 @@ from flax import nnx
 
 from cifar_jax import config as config_lib
 from cifar_jax import data, models, optim, pretrained, steps
-from cifar_jax.checkpoint import Checkpoints, Packed
+from cifar_jax.checkpoint import Checkpoints, Snapshot
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import StopSignals, WorkdirLock
 from cifar_jax.tracking import CurvesPlotter, MetricsLog, Wandb
@@ -341,10 +341,10 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     if interrupted is not None and interrupted["epoch"] >= start_epoch:
         phase = phase_of(config, interrupted["epoch"])
         step_cfg, lrs, opt_state = phase_setup(phase, params)
-        template = {"state": {**fresh_state, "opt_state": opt_state}, "metrics": jax.device_put(steps.zero_metrics(), replicated)}
+        template = {"state": {**fresh_state, "opt_state": opt_state}, "sums": jax.device_put(steps.zero_metrics(), replicated)}
         restored = ckpts.restore_interrupted(template)
         if restored is not None:
-            state, resumed_metrics = restored["state"], restored["metrics"]
+            state, resumed_metrics = restored["state"], restored["sums"]
             start_epoch, start_step = interrupted["epoch"], interrupted["next_step"]
             log.info("resumed the interrupted epoch %d at step %d of %d", start_epoch + 1, start_step, steps_per_epoch)
         elif phase_after(start_epoch) != phase:  # back to the epoch checkpoint's phase
@@ -377,9 +377,9 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
     host_times = {"host_s": None, "checkpoint_s": None}
     saved = {"epoch": None, "meta": None}  # the last finished epoch: saved or not, and its checkpoint meta
 
-    def end_epoch(epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch, train_time, seen_before, state, pack_s) -> float:
+    def end_epoch(epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch, train_time, seen_before, state, copy_s) -> float:
         """The host's work after an epoch: read validation, log, plot, and checkpoint `state` (the
-        state at the end of `epoch`, or None; a `Packed` copy made in `pack_s` seconds when running
+        state at the end of `epoch`, or None; a `Snapshot` copy made in `copy_s` seconds when running
         ahead) if the schedule says so. Returns the time validation was read: the epoch's end."""
         val = _to_host(val_sums) if val_sums is not None else None
         t_end = time.perf_counter()
@@ -406,7 +406,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                 _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
                 ckpts.clear_interrupted()
         t_done = time.perf_counter()
-        host_times.update(host_s=pack_s + t_done - t_end, checkpoint_s=pack_s + t_done - t_save if save else None)
+        host_times.update(host_s=copy_s + t_done - t_end, checkpoint_s=copy_s + t_done - t_save if save else None)
         saved.update(epoch=epoch if save else None, meta=meta)
         return t_end
 
@@ -473,7 +473,7 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                         while pending:
                             check(*pending.pop(0))
                         _save_or_fail(lambda: ckpts.save_interrupted(
-                            epoch * steps_per_epoch + next_step, {"state": state, "metrics": metrics},
+                            epoch * steps_per_epoch + next_step, {"state": state, "sums": metrics},
                             {"epoch": epoch, "next_step": next_step, "phase": phase.name}), ckpts)
                         raise Interrupted(stop.signum, f"epoch {epoch + 1}, step {next_step} of {steps_per_epoch}", workdir)
                 # Validation is queued behind the last chunk before the host waits for that chunk: the
@@ -489,17 +489,17 @@ def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float)
                 if bar is not None:
                     bar.close()
                 # Run ahead: queue the next epoch's first chunks before this epoch's host work, which then
-                # saves a packed device copy of the state (the next chunk takes `state` over), if one is due.
+                # saves a device copy of the state (the next chunk takes `state` over), if one is due.
                 run_ahead = (ahead and epoch + 1 < config.num_epochs and not stop.requested
                              and phase_of(config, epoch + 1) == phase and (phase.name, chunk) in compiled)
-                t_pack = time.perf_counter()
+                t_copy = time.perf_counter()
                 if run_ahead:
-                    epoch_state = Packed.of(state) if checkpoint_due(epoch) else None  # a stop in the next epoch saves mid-epoch
+                    epoch_state = Snapshot.of(state) if checkpoint_due(epoch) else None  # a stop in the next epoch saves mid-epoch
                 else:
                     epoch_state = state
-                pack_s = time.perf_counter() - t_pack  # on a CPU the copy is made during the call: part of the checkpoint's time
+                copy_s = time.perf_counter() - t_copy  # on a CPU the copy is made during the call: part of the checkpoint's time
                 finish = functools.partial(end_epoch, epoch, phase, first_step, sums, val_sums, t_val, lr, t_epoch,
-                                           train_time, seen_before, epoch_state, pack_s)
+                                           train_time, seen_before, epoch_state, copy_s)
                 if run_ahead:
                     deferred, t_last_end = finish, None
                     continue

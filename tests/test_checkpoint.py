@@ -1,5 +1,5 @@
-"""Checkpoints hold a state packed into one array per dtype, restore it exactly into its template,
-name a layout that does not match, and still read checkpoints written before packing."""
+"""Checkpoints hold a state as named Orbax items, restore it (or some of its parts) exactly into a
+template, name a layout that does not match, and verify a checksum of every array."""
 
 import json
 import re
@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cifar_jax import checkpoint
-from cifar_jax.checkpoint import Checkpoints, Packed
+from cifar_jax.checkpoint import Checkpoints, Snapshot
 
 
 def _state(seed=0):
@@ -41,30 +41,32 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
-def test_a_state_round_trips_packed_into_one_array_per_dtype(tmp_path):
+def test_a_state_round_trips_as_named_items(tmp_path):
     state = _state()
     ckpts = Checkpoints(tmp_path)
     ckpts.save(1, state, _meta(1))
     ckpts.wait()
-    on_disk = json.loads((tmp_path / "checkpoints" / "1" / "arrays" / "_METADATA").read_text())["tree_metadata"]
-    assert len(on_disk) == 3  # float32, bfloat16, int32: not one array per leaf
+    assert {"params", "batch_stats", "opt_state", "layout", "meta"} <= {p.name for p in (tmp_path / "checkpoints" / "1").iterdir()}
     restored, meta = ckpts.restore(1, _zeros_like(state))
     _assert_trees_equal(restored, state)
     assert meta == _meta(1)
     template_sharding = jax.tree.leaves(_zeros_like(state))[0].sharding
     assert all(x.sharding == template_sharding for x in jax.tree.leaves(restored))
+    # Some of the parts alone, as evaluation restores them (no optimizer state to build).
+    weights, _ = ckpts.restore(1, {"params": _zeros_like(state["params"]), "batch_stats": _zeros_like(state["batch_stats"])})
+    _assert_trees_equal(weights, {"params": state["params"], "batch_stats": state["batch_stats"]})
     ckpts.close()
 
 
-def test_a_packed_copy_survives_the_state_being_donated(tmp_path):
-    # Running ahead, the trainer packs an epoch's state and the next chunk then donates (deletes) it.
+def test_a_snapshot_survives_the_state_being_donated(tmp_path):
+    # Running ahead, the trainer copies an epoch's state and the next chunk then donates (deletes) it.
     state = _state()
     expected = jax.tree.map(np.asarray, state)
-    packed = Packed.of(state)
+    snapshot = Snapshot.of(state)
     for x in jax.tree.leaves(state):
         x.delete()
     ckpts = Checkpoints(tmp_path)
-    ckpts.save(1, packed, _meta(1))
+    ckpts.save(1, snapshot, _meta(1))
     ckpts.wait()
     restored, _ = ckpts.restore(1, _zeros_like(_state()))
     _assert_trees_equal(restored, expected)
@@ -86,21 +88,19 @@ def test_a_layout_that_does_not_match_is_named(tmp_path):
     ckpts.close()
 
 
-def test_checkpoints_written_before_packing_still_restore(tmp_path):
-    state = _state()
-    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:  # the format of earlier versions
-        manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_meta(3))))
+def test_a_checkpoint_in_the_earlier_packed_format_is_named_as_such(tmp_path):
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:  # the packed layout of earlier versions
+        manager.save(3, args=ocp.args.Composite(arrays=ocp.args.StandardSave({"float32": jnp.zeros(4)}),
+                                                meta=ocp.args.JsonSave(_meta(3))))
         manager.wait_until_finished()
     ckpts = Checkpoints(tmp_path, read_only=True)
-    assert ckpts.epochs() == [3] and ckpts.best_epoch() == 3
-    restored, meta = ckpts.restore(3, _zeros_like(state))
-    _assert_trees_equal(restored, state)
-    assert meta == _meta(3)
+    with pytest.raises(ValueError, match="is in the packed format of earlier versions, which this one does not read"):
+        ckpts.restore(3, _zeros_like(_state()))
     ckpts.close()
 
 
 def test_the_interrupted_checkpoint_round_trips(tmp_path):
-    tree = {"state": _state(), "metrics": {"count": jnp.asarray(12, jnp.int32), "loss_sum": jnp.asarray(3.5)}}
+    tree = {"state": _state(), "sums": {"count": jnp.asarray(12, jnp.int32), "loss_sum": jnp.asarray(3.5)}}
     ckpts = Checkpoints(tmp_path)
     ckpts.save_interrupted(42, tree, {"epoch": 1, "next_step": 2, "phase": "all"})
     assert ckpts.interrupted_meta() == {"epoch": 1, "next_step": 2, "phase": "all"}
@@ -121,7 +121,7 @@ def test_checksums_equal_a_numpy_computation_and_see_every_flipped_bit():
     state = _state()
     sums = checkpoint.checksums(state)
     assert sums == {jax.tree_util.keystr(p): _numpy_checksum(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
-    assert Packed.of(state).checksums() == sums
+    assert Snapshot.of(state).checksums() == sums
     kernel = np.asarray(state["params"]["conv"]["kernel"])
     for index in (0, 17, kernel.size - 1):
         for bit in (0, 22, 31):  # mantissa, its top, the sign
@@ -132,3 +132,22 @@ def test_checksums_equal_a_numpy_computation_and_see_every_flipped_bit():
             assert checkpoint.checksums(changed)["['params']['conv']['kernel']"] != sums["['params']['conv']['kernel']"]
     with pytest.raises(checkpoint.DamagedCheckpoint, match=r"where: \['opt_state'\]\['count'\] does not match"):
         checkpoint.verify(state, {**sums, "['opt_state']['count']": sums["['opt_state']['count']"] + 1}, "where")
+
+
+def test_the_readme_snippet_restores_a_trained_checkpoint_with_orbax_alone(tmp_path):
+    """The README's snippet, run as written (no cifar_jax import) on a trained SimpleCNN's checkpoints."""
+    import os
+    import subprocess
+    import sys
+
+    from cifar_jax import trainer
+    from tests.helpers import tiny_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    snippet = readme.split("### Restoring with Orbax alone")[1].split("```python\n")[1].split("```")[0]
+    assert "cifar_jax" not in snippet
+    trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "checkpoints" / "quickstart", progress=False)
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(3, 3, 3, 32)"

@@ -66,9 +66,9 @@ def test_two_processes_match_one_process_with_four_devices():
     np.testing.assert_allclose(multi["simple_cnn:adamw"], single["simple_cnn:adamw"], rtol=1e-5)
 
 
-def test_two_processes_save_and_restore_a_packed_checkpoint(tmp_path):
+def test_two_processes_save_and_restore_a_checkpoint(tmp_path):
     # Every process takes part in Orbax's save (one writes the replicated arrays) and restores the
-    # whole packed arrays onto its own devices.
+    # whole arrays onto its own devices.
     assert _two_processes("checkpoint_probe.py", str(tmp_path)) == [{"processes": 2, "devices": 4, "equal": True, "epoch": 1}] * 2
 
 

@@ -198,7 +198,7 @@ def test_truncated_checkpoint_is_reported(run_dir, tmp_path):
     workdir, _ = run_dir
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
-    state_dir = copy / "checkpoints" / "2" / "arrays"
+    state_dir = copy / "checkpoints" / "2" / "params"
     biggest = max((p for p in state_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     with open(biggest, "r+b") as f:
         f.truncate(biggest.stat().st_size // 3)

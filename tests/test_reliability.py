@@ -101,7 +101,7 @@ def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(strai
     shutil.copytree(straight_run, workdir)
     # Which epochs are kept depends on the best validation epoch: take the two newest, whichever they are.
     *_, previous, latest = Checkpoints(workdir, read_only=True).epochs()
-    state_dir = workdir / "checkpoints" / str(latest) / "arrays"
+    state_dir = workdir / "checkpoints" / str(latest) / "params"
     for f in (p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 1000):
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     with caplog.at_level("WARNING", logger="cifar_jax"):
@@ -211,8 +211,8 @@ def test_a_full_disk_is_a_clear_error_and_earlier_checkpoints_stay(tmp_path, mon
 
 
 def _flip_bytes_in_arrays(checkpoint_dir):
-    """Flip bits in the middle of the largest array file of a checkpoint, leaving its size and headers."""
-    f = max((p for p in (checkpoint_dir / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    """Flip bits in the middle of the largest file of a checkpoint's parameters, leaving its size and headers."""
+    f = max((p for p in (checkpoint_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     data = bytearray(f.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 16):
         data[i] ^= 0x10
