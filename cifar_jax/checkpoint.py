@@ -125,7 +125,8 @@ ITEMS = ("params", "batch_stats", "opt_state", "ema", "state", "sums")
 
 
 def _handlers() -> dict:
-    return {**{item: ocp.StandardCheckpointHandler() for item in ITEMS},
+    """The arrays without zstd: compressed, a ResNet-50 state's background write took longer (BENCHMARKS.md)."""
+    return {**{item: ocp.PyTreeCheckpointHandler(use_compression=False) for item in ITEMS},
             "layout": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
@@ -133,7 +134,7 @@ def _save_args(state, meta: dict) -> ocp.args.Composite:
     """One item per top-level part of `state` (a dict, or a `Snapshot` of one), its layout, and
     `meta` with the checksum of every array."""
     tree, sums = (state.tree, state.checksums()) if isinstance(state, Snapshot) else (state, checksums(state))
-    return ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in tree.items()},
+    return ocp.args.Composite(**{k: ocp.args.PyTreeSave(v) for k, v in tree.items()},
                               layout=ocp.args.JsonSave(layout(tree)), meta=ocp.args.JsonSave({**meta, "checksums": sums}))
 
 
@@ -149,7 +150,8 @@ def _restore_tree(manager, step: int, template):
         raise ValueError(f"{where} is in the packed format of earlier versions, which this one does not read; "
                          f"retrain, or evaluate it with the version that wrote it")
     check_layout(manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"], template)
-    args = {k: ocp.args.StandardRestore(abstract(v)) for k, v in template.items()}
+    args = {k: ocp.args.PyTreeRestore(abstract(v), restore_args=ocp.checkpoint_utils.construct_restore_args(abstract(v)))
+            for k, v in template.items()}
     restored = manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
     tree = {k: restored[k] for k in template}
     meta = restored["meta"]
