@@ -27,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cifar_jax.errors import one_line
+
 
 log = logging.getLogger("cifar_jax")
 
@@ -229,7 +231,7 @@ class Checkpoints:
                 log.warning("checkpoint of epoch %d is damaged (%s); moved it to %s", epoch, e, moved)
                 continue
             except Exception as e:  # noqa: BLE001  (Orbax/TensorStore raise many types for damaged files)
-                failed.append((epoch, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+                failed.append((epoch, one_line(e)))
                 continue
             for bad, why in failed:
                 moved = self.quarantine(self.directory / str(bad))
@@ -275,7 +277,7 @@ class Checkpoints:
                     raise ValueError(f"its meta lacks {sorted({'epoch', 'next_step', 'phase'} - set(meta))}")
                 return meta
             except Exception as e:  # noqa: BLE001  (a damaged JSON file raises many types)
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                why = one_line(e)
         moved = self.quarantine(self.workdir / "interrupted" / str(step))
         log.warning("the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch checkpoint", why, moved)
         return None
@@ -287,7 +289,7 @@ class Checkpoints:
             try:
                 return _restore_tree(manager, step, template)[0]
             except Exception as e:  # noqa: BLE001
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                why = one_line(e)
         moved = self.quarantine(self.workdir / "interrupted" / str(step))
         log.warning("the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch checkpoint", why, moved)
         return None

@@ -117,6 +117,8 @@ def parse_flags(argv):
     override of a key the config lacks fails in one line instead of a traceback."""
     from absl import app
 
+    from cifar_jax.errors import one_line
+
     try:
         return app.parse_flags_with_usage(argv)
     except AttributeError as e:
@@ -126,7 +128,7 @@ def parse_flags(argv):
         fail(f"a --config override names {key!r}, which the config does not have: check its spelling against the config file "
              f"and cifar_jax/config.py")
     except (KeyError, ImportError, SyntaxError, OSError) as e:
-        fail(f"the --config file does not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        fail(f"the --config file does not load ({one_line(e, 300)})")
 
 
 def run(main, what: str) -> None:

@@ -24,6 +24,7 @@ from flax import nnx
 from cifar_jax import steps, trainer
 from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
+from cifar_jax.errors import one_line
 
 ECE_BINS = 15
 log = logging.getLogger("cifar_jax")
@@ -84,7 +85,7 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
             except Exception as e:  # noqa: BLE001  (Orbax raises many types for damaged or mismatched files)
                 failures.append(f"checkpoint {e}" if isinstance(e, DamagedCheckpoint) else
                                 f"checkpoint {ckpts.directory / str(epoch)} does not restore into {config.model.name} as configured "
-                                f"in config.json ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+                                f"in config.json ({one_line(e, 200)})")
             if len(candidates) > 1:
                 log.warning("%s; trying the next one", failures[-1])
         else:

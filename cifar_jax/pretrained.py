@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from cifar_jax import models
+from cifar_jax.errors import one_line
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -69,7 +70,7 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
         except ImportError:
             raise
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a damaged file)
-            raise ConversionError(f"{source} is not a readable .safetensors file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            raise ConversionError(f"{source} is not a readable .safetensors file ({one_line(e, 120)})") from None
     if path.suffix in (".pth", ".pt", ".bin"):
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {source}")
@@ -77,7 +78,7 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
         try:
             loaded = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (pickle, zip and torch errors for a file that is no state_dict)
-            raise ConversionError(f"{source} is not a readable PyTorch state_dict ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            raise ConversionError(f"{source} is not a readable PyTorch state_dict ({one_line(e, 120)})") from None
         if not isinstance(loaded, Mapping):
             raise ConversionError(f"{source} holds a {type(loaded).__name__}, not a state_dict (a mapping of names to tensors)")
         return _clean(loaded)
