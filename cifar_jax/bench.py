@@ -225,9 +225,9 @@ def jax_config(case: Case, opts):
 def eval_window(config, timed_batches: int) -> int:
     """Eval batches per timed window, on both sides: what the trainer fuses into one jitted call
     for a NUM_EVAL-image split, but no more than the batches to time (`--steps`)."""
-    from cifar_jax import steps, trainer
+    from cifar_jax import steps
 
-    wanted = min(trainer.eval_batches_per_call(config), timed_batches)
+    wanted = min(steps.eval_batches_per_call(config), timed_batches)
     return steps.eval_calls(-(-NUM_EVAL // config.eval_batch_size), wanted)[0]
 
 
@@ -236,7 +236,7 @@ def _chunk_window(carry: list, chunk, *args):
     updates (the state is donated to the next window); returns the window's metrics to wait on."""
 
     def window():
-        carry[:] = chunk(carry[0], carry[1], *args)
+        carry[:] = chunk(carry[0], carry[1], *args)[:2]  # the trainer's chunk also returns the stop vote
         return carry[1]
 
     return window
@@ -248,7 +248,7 @@ class JaxSide:
     def __init__(self, case: Case, opts, num_train: int):
         import jax
 
-        from cifar_jax import steps, trainer
+        from cifar_jax import steps, train_state
         from cifar_jax.data import pipeline
 
         self.config = config = jax_config(case, opts)
@@ -257,18 +257,19 @@ class JaxSide:
         self.replicated = jax.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.preprocess = pipeline.Preprocess.from_config(config.data)
         self.steps_per_epoch = pipeline.steps_per_epoch(num_train, config.batch_size)
-        self.steps_per_call = trainer.steps_per_call(config, self.steps_per_epoch)
-        self.graphdef_train, self.graphdef_eval, params, batch_stats = trainer.replicated_model(config, NUM_CLASSES, self.mesh)
-        phase = trainer.phases(config)[0]
-        self.step_cfg, _ = trainer.step_config(
-            config, phase, (self.graphdef_train, self.graphdef_eval), preprocess=self.preprocess,
+        self.steps_per_call = steps.steps_per_call(config, self.steps_per_epoch)
+        phase = train_state.phases(config)[0]
+        graphdefs, _ = train_state.create_train_state(config, NUM_CLASSES, self.mesh)
+        self.step_cfg, _ = train_state.step_config(
+            config, phase, graphdefs, preprocess=self.preprocess,
             num_classes=NUM_CLASSES, steps_per_epoch=self.steps_per_epoch, sharding=self.sharding,
         )
-        opt_state = trainer.init_opt_state(self.step_cfg.tx, params, phase, self.replicated)
-        self.state = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+        self.graphdef_eval = graphdefs.eval
+        _, self.state = train_state.create_train_state(config, NUM_CLASSES, self.mesh, phase, self.step_cfg.tx)
         self.train_chunk = steps.make_train_chunk(self.step_cfg, self.steps_per_call)
+        self.no_stop = steps.stop_votes(None, self.sharding)
         self.device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
-        self.dtype = trainer.compute_dtype(config)
+        self.dtype = train_state.compute_dtype(config)
 
     def put(self, x):
         from cifar_jax.data import pipeline
@@ -290,7 +291,7 @@ class JaxSide:
         x, y = (self.put(a) for a in _random_uint8(n))
         order, epoch, first = jnp.arange(n), jnp.int32(0), jnp.int32(0)
         carry = [self.state, self.zero_metrics()]
-        window = _chunk_window(carry, self.train_chunk, x, y, order, epoch, first)
+        window = _chunk_window(carry, self.train_chunk, x, y, order, epoch, first, self.no_stop)
         windows = -(-opts.steps // self.steps_per_call)
         first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
         extra = {"profile": self._profile(window, opts, case, "train")} if opts.profile else {}
@@ -417,7 +418,7 @@ class JaxSide:
         order, epoch, first = jnp.arange(x.shape[0]), jnp.int32(0), jnp.int32(0)
         prepared_chunk, prepared = self.prepared_chunk(x, y, draw)
         carry = [self.state, self.zero_metrics()]
-        with_pipeline = _chunk_window(carry, self.train_chunk, x, y, order, epoch, first)
+        with_pipeline = _chunk_window(carry, self.train_chunk, x, y, order, epoch, first, self.no_stop)
         with_prepared_batches = _chunk_window(carry, prepared_chunk, prepared)
         windows = max(-(-opts.steps // k) // rounds, 1)
         times = {with_pipeline: [], with_prepared_batches: []}
@@ -443,18 +444,18 @@ class JaxSide:
         metrics = self.zero_metrics()
         args = (x, y, pipeline.epoch_order(0, 0, len(images)), jnp.int32(0))
         t0 = time.perf_counter()
-        run = self.train_chunk.lower(self.state, metrics, *args, jnp.int32(0)).compile()
+        run = self.train_chunk.lower(self.state, metrics, *args, jnp.int32(0), self.no_stop).compile()
         compile_s = time.perf_counter() - t0
         # one warm-up call outside the epoch, as PyTorch gets one warm-up step: a program's first run
         # can be slower (on a GPU its kernels load then). Without it an H100 epoch of ResNet-50 @32
         # took 1.99 s against 1.37 s from the steady steps; how much of that is the first run is unmeasured.
-        state, metrics = run(self.state, metrics, *args, jnp.int32(0))
+        state, metrics, _ = run(self.state, metrics, *args, jnp.int32(0), self.no_stop)
         jax.block_until_ready(state)
 
         t0 = time.perf_counter()
         args = (x, y, pipeline.epoch_order(0, 0, len(images)), jnp.int32(0))  # the order is drawn inside the timed epoch
         for first in range(0, self.steps_per_epoch, self.steps_per_call):
-            state, metrics = run(state, metrics, *args, jnp.int32(first))
+            state, metrics, _ = run(state, metrics, *args, jnp.int32(first), self.no_stop)
         jax.block_until_ready((state, metrics))
         seconds = time.perf_counter() - t0
         self.state = state
@@ -638,14 +639,14 @@ class TorchSide:
 def run_torch(cases, modes, opts, epoch_data, log, record) -> None:
     import torch
 
-    from cifar_jax import trainer
+    from cifar_jax import steps
 
     backend = "gpu" if torch.cuda.is_available() else "cpu"
     for case in cases:
         # Time PyTorch in windows as long as one of JAX's jitted calls (the trainer's rules, decided
         # without starting JAX's runtime yet).
         config = jax_config(case, opts)
-        window_steps = trainer.steps_per_call(config, _num_train(modes, epoch_data) // opts.batch_size, backend)
+        window_steps = steps.steps_per_call(config, _num_train(modes, epoch_data) // opts.batch_size, backend)
         window_batches = eval_window(config, opts.steps)
         for torch_mode in opts.torch_modes:
             side = TorchSide(case, opts, torch_mode)

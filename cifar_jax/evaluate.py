@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from cifar_jax import steps, trainer
+from cifar_jax import steps
 from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
 from cifar_jax.errors import one_line
+from cifar_jax.train_state import create_train_state
 
 ECE_BINS = 15
 log = logging.getLogger("cifar_jax")
@@ -68,14 +68,9 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
         candidates = [epoch]
     else:
         raise EvalError(f"no checkpoint of epoch {epoch} in {workdir}; available: {', '.join(map(str, available))}")
-    mesh = mesh or pipeline.make_mesh()
-    replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    model = _fresh(config)
-    model.eval()
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, batch_stats = (jax.device_put(t, replicated) for t in (params, batch_stats))
-    # Only the weights and statistics: evaluation builds no optimizer.
-    template = {"ema": {"params": params, "batch_stats": batch_stats}} if ema else {"params": params, "batch_stats": batch_stats}
+    # Only the weights and statistics (or their average): evaluation builds no optimizer.
+    graphdefs, fresh = create_train_state(config, config.model.num_classes, mesh or pipeline.make_mesh(), weights=False)
+    template = {"ema": fresh["ema"]} if ema else {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
     failures = []
     try:
         for epoch in candidates:
@@ -93,16 +88,7 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
     finally:
         ckpts.close()
     weights = state["ema"] if ema else state
-    return Restored(config, graphdef, weights["params"], weights["batch_stats"], epoch, meta)
-
-
-def _fresh(config):
-    """The configured architecture with random weights (the checkpoint overwrites them): evaluation
-    must not need the pretrained weights directory that training started from."""
-    from cifar_jax import models
-
-    options = {} if config.model.name == "simple_cnn" else {"stem": config.model.stem}
-    return models.create(config.model.name, config.model.num_classes, dtype=trainer.compute_dtype(config), **options)
+    return Restored(config, graphdefs.eval, weights["params"], weights["batch_stats"], epoch, meta)
 
 
 def predict(restored: Restored, images: np.ndarray, batch_size: int | None = None, mesh=None) -> np.ndarray:
@@ -111,7 +97,7 @@ def predict(restored: Restored, images: np.ndarray, batch_size: int | None = Non
     batch_size = batch_size or restored.config.eval_batch_size
     run = steps.make_predict(
         restored.graphdef, preprocess=pipeline.Preprocess.from_config(restored.config.data),
-        batch_size=batch_size, batches_per_call=trainer.eval_batches_per_call(restored.config),
+        batch_size=batch_size, batches_per_call=steps.eval_batches_per_call(restored.config),
         sharding=pipeline.batch_sharding(mesh),
     )
     return np.asarray(run(restored.params, restored.batch_stats, pipeline.replicate(images, mesh)))

@@ -219,7 +219,7 @@ def load(weights_dir, num_classes: int | None = None, **options) -> nnx.Module:
     num_classes = num_classes or saved_classes
     model = models.create(arch, num_classes, **options)
     if num_classes != saved_classes:
-        restored["fc"] = nnx.to_pure_dict(nnx.state(model.fc))
+        restored[model.head] = nnx.to_pure_dict(nnx.state(getattr(model, model.head)))
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -33,15 +34,11 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     return optax.softmax_cross_entropy(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), targets)
 
 
-def is_head(path, _value) -> bool:
-    """The classifier head: ResNet's `fc`."""
-    return path[0] == "fc"
-
-
-def partition(params: nnx.State, head_only: bool):
-    """(trainable, frozen) parameters: the head and the rest in phase 1, everything and nothing after."""
-    if head_only:
-        return nnx.split_state(params, is_head, ...)
+def partition(params: nnx.State, train_only: str | None):
+    """(trainable, frozen) parameters: the top-level module `train_only` (the model's `head`, in
+    phase 1 of a fine-tune) and the rest, or everything and nothing when `train_only` is None."""
+    if train_only is not None:
+        return nnx.split_state(params, lambda path, _: path[0] == train_only, ...)
     return params, nnx.State({})
 
 
@@ -60,7 +57,7 @@ class StepConfig:
 
     graphdef: Any  # nnx.GraphDef of the model in train mode (phase 2) or eval mode (frozen backbone)
     tx: optax.GradientTransformation
-    head_only: bool
+    train_only: str | None  # a top-level module that alone trains (the model's head), or None: all
     preprocess: pipeline.Preprocess
     batch_size: int
     num_classes: int
@@ -88,7 +85,7 @@ def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, st
 def update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
     """One optimizer step on a prepared batch (normalised images `x`, labels `y`, and the soft
     `targets` of a mixed batch; accuracy is counted against `y`, each image's own label)."""
-    trainable, frozen = partition(state["params"], cfg.head_only)
+    trainable, frozen = partition(state["params"], cfg.train_only)
 
     def loss_fn(trainable):
         # Only `trainable` is differentiated: with a frozen backbone nothing flows back through it.
@@ -121,19 +118,51 @@ def update_ema(ema, current, decay: float):
 
 
 def make_train_chunk(cfg: StepConfig, num_steps: int) -> Callable:
-    """jit(state, metrics, images, labels, order, epoch, first_step) -> (state, metrics) after
-    `num_steps` steps in one call (a fori_loop). The state is donated; the metrics (four scalars)
-    are not, so the host can read one chunk's metrics while the next chunk runs."""
+    """jit(state, metrics, images, labels, order, epoch, first_step, stop_votes) -> (state, metrics,
+    stop) after `num_steps` steps in one call (a fori_loop). The state is donated; the metrics (four
+    scalars) are not, so the host can read one chunk's metrics while the next chunk runs.
 
-    def chunk(state, metrics, images, labels, order, epoch, first_step):
+    `stop_votes` holds one signal number (0: none) per device, each process filling its own; `stop`
+    is their maximum. Every process reads the same value from the same chunk, so all of them stop
+    at the same step when any one of them is signalled."""
+
+    def chunk(state, metrics, images, labels, order, epoch, first_step, stop_votes):
         def body(i, carry):
             return train_step(cfg, *carry, images, labels, order, epoch, first_step + i)
 
         if num_steps == 1:
-            return body(0, (state, metrics))
-        return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
+            state, metrics = body(0, (state, metrics))
+        else:
+            state, metrics = jax.lax.fori_loop(0, num_steps, body, (state, metrics))
+        # The votes' all-reduce must wait for the steps' collectives: left independent of them, it
+        # ran beside the steps' loop on CPU, and two processes paired different collectives (Gloo:
+        # "32 vs 4 bytes", tests/test_data_parallel.py). Reading the loop's count orders it after.
+        votes_after_steps = jnp.where(metrics["count"] > 0, stop_votes, 0)
+        return state, metrics, jnp.max(votes_after_steps)
 
     return jax.jit(chunk, donate_argnums=0)
+
+
+def stop_votes(signum: int | None, sharding) -> jax.Array:
+    """This process's vote for `make_train_chunk` (`signum`, or 0 for none) on each of its devices,
+    as one array over all processes' devices (`sharding`: NamedSharding over 'data')."""
+    local = np.full(len(sharding.addressable_devices), signum or 0, np.int32)
+    return jax.make_array_from_process_local_data(sharding, local, (sharding.mesh.size,))
+
+
+def steps_per_call(config, steps_per_epoch: int, backend: str | None = None) -> int:
+    """Training steps fused into one jitted call, as configured or automatically: the largest
+    divisor of an epoch (every call the same program) up to 16 on accelerators, to hide dispatch
+    latency, and up to 4 on CPU, where more ran no faster (BENCHMARKS.md, "Things measured while building"). The cap
+    keeps a call short enough for a stop signal to be honoured soon."""
+    wanted = config.steps_per_call or (4 if (backend or jax.default_backend()) == "cpu" else 16)
+    return max(d for d in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
+
+
+def eval_batches_per_call(config) -> int:
+    """Evaluation batches fused into one jitted call, as configured or automatically: a whole split
+    (`eval_calls` makes the calls equal), which ran faster than one batch a call even on CPU."""
+    return config.get("eval_batches_per_call", 0) or 2**31 - 1  # the key is absent from configs saved before it
 
 
 def eval_calls(num_batches: int, batches_per_call: int) -> tuple[int, int]:

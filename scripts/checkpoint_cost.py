@@ -13,7 +13,7 @@ import time
 import jax
 
 from cifar_jax import config as config_lib
-from cifar_jax import trainer
+from cifar_jax import train_state
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
 
@@ -22,11 +22,9 @@ def main(workdir):
     c = config_lib.base()
     c.model.name, c.model.stem, c.model.dtype = "resnet50", "imagenet", "float32"
     mesh = pipeline.make_mesh()
-    _, _, params, batch_stats = trainer.replicated_model(c, 100, mesh)
-    phase = trainer.phases(c)[0]
-    _, tx = trainer.make_tx(c, phase, 10)
-    replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = {"params": params, "batch_stats": batch_stats, "opt_state": trainer.init_opt_state(tx, params, phase, replicated)}
+    phase = train_state.phases(c)[0]
+    _, tx = train_state.make_tx(c, phase, 10)
+    _, state = train_state.create_train_state(c, 100, mesh, phase, tx)
     shutil.rmtree(workdir, ignore_errors=True)
     ckpts = Checkpoints(workdir, keep=2)
     held, written = [], []

@@ -133,7 +133,7 @@ def test_the_in_step_baseline_trains_on_the_batches_the_step_draws():
     chunk, batches = side.prepared_chunk(x, y, draw)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (both chunks donate their state)
     order = jnp.arange(8)
-    drawn = side.train_chunk(copy(side.state), side.zero_metrics(), x, y, order, jnp.int32(0), jnp.int32(0))
+    drawn = side.train_chunk(copy(side.state), side.zero_metrics(), x, y, order, jnp.int32(0), jnp.int32(0), side.no_stop)[:2]
     prepared = chunk(copy(side.state), side.zero_metrics(), batches)
     assert int(prepared[1]["count"]) == 8
     for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(prepared), strict=True):

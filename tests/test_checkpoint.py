@@ -1,7 +1,6 @@
 """Checkpoints hold a state as named Orbax items, restore it (or some of its parts) exactly into a
 template, name a layout that does not match, and verify a checksum of every array."""
 
-import json
 import re
 
 import jax

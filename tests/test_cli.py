@@ -85,12 +85,12 @@ def test_eval_without_checkpoint_says_so(tmp_path):
 def test_batch_not_divisible_by_the_devices(monkeypatch, tmp_path):
     import jax
 
-    from cifar_jax import trainer
+    from cifar_jax import preflight
     from tests.helpers import tiny_config
 
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     with pytest.raises(ValueError, match="batch_size=12 and eval_batch_size=16 must be divisible by the 8 devices; use a multiple of 8"):
-        trainer.check_before_start(tiny_config(batch_size=12, eval_batch_size=16), tmp_path)
+        preflight.check_before_start(tiny_config(batch_size=12, eval_batch_size=16), tmp_path)
 
 
 def test_pretrained_weights_of_another_architecture(tmp_path):

@@ -1,10 +1,12 @@
 """Data parallelism: the same losses on 1 device, 8 devices, and 2 processes x 2 devices; checkpoints
-saved and restored by 2 processes."""
+saved and restored by 2 processes; a stop signal to one process stops all of them at one step."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -72,26 +74,70 @@ def test_two_processes_save_and_restore_a_checkpoint(tmp_path):
     assert _two_processes("checkpoint_probe.py", str(tmp_path)) == [{"processes": 2, "devices": 4, "equal": True, "epoch": 1}] * 2
 
 
+def _train_py(workdir, *flags, num_epochs: int) -> list[str]:
+    return [sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--config.num_epochs={num_epochs}",
+            "--progress=false", f"--workdir={workdir}", *flags]
+
+
+def _start_two_processes(workdir, num_epochs: int) -> list[subprocess.Popen]:
+    """train.py as 2 processes x 1 device, joined through the explicit flags (no auto-detection)."""
+    coordinator = f"127.0.0.1:{_free_port()}"
+    return [subprocess.Popen(_train_py(workdir, f"--coordinator_address={coordinator}", "--num_processes=2", f"--process_id={i}",
+                                       num_epochs=num_epochs),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=probe_env(1))
+            for i in range(2)]
+
+
+def _rows(workdir) -> list[dict]:
+    from tests.helpers import without_timing
+
+    return without_timing(json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())
+
+
+def _assert_rows_match_one_process_with_two_devices(tmp_path, multi_rows, num_epochs: int):
+    single = subprocess.run(_train_py(tmp_path / "single", num_epochs=num_epochs), cwd=ROOT, capture_output=True, text=True,
+                            env=probe_env(2))
+    assert single.returncode == 0, single.stderr[-2000:]
+    single_rows = _rows(tmp_path / "single")
+    assert len(multi_rows) == len(single_rows) == num_epochs
+    for multi, one in zip(multi_rows, single_rows):
+        for key in ("train_loss", "val_loss"):
+            assert multi[key] == pytest.approx(one[key], rel=1e-5)
+
+
 def test_train_py_joins_a_two_process_run_through_explicit_flags(tmp_path):
     """--coordinator_address, --num_processes and --process_id (no auto-detection): 2 processes x 1
     device train the tiny config like one process with 2 devices."""
-    from tests.helpers import without_timing
-
-    coordinator = f"127.0.0.1:{_free_port()}"
-    base = [sys.executable, "train.py", "--config", "tests/tiny_config.py", "--config.num_epochs=1", "--progress=false"]
-    procs = [subprocess.Popen([*base, f"--workdir={tmp_path / 'multi'}", f"--coordinator_address={coordinator}",
-                               "--num_processes=2", f"--process_id={i}"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=probe_env(1)) for i in range(2)]
-    for p in procs:
+    for p in _start_two_processes(tmp_path / "multi", num_epochs=1):
         _, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-2000:]
-    single = subprocess.run([*base, f"--workdir={tmp_path / 'single'}"], cwd=ROOT, capture_output=True, text=True, env=probe_env(2))
-    assert single.returncode == 0, single.stderr[-2000:]
-    rows = [without_timing(json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-            for run in ("multi", "single")]
-    assert len(rows[0]) == len(rows[1]) == 1
-    for key in ("train_loss", "val_loss"):
-        assert rows[0][0][key] == pytest.approx(rows[1][0][key], rel=1e-5)
+    _assert_rows_match_one_process_with_two_devices(tmp_path, _rows(tmp_path / "multi"), num_epochs=1)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM to process 1 alone: both processes stop at the same step of epoch 2 (the vote travels
+    with the training chunks), one mid-epoch checkpoint is written, and rerunning both finishes the
+    run as one process with 2 devices trains it."""
+    workdir = tmp_path / "multi"
+    procs = _start_two_processes(workdir, num_epochs=2)
+    deadline = time.time() + 240
+    while not ((workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip()):
+        ended = [p for p in procs if p.poll() is not None]
+        assert time.time() < deadline and not ended, f"training did not reach epoch 2: {ended and ended[0].stderr.read()[-2000:]}"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # epoch 1's row appears early in epoch 2's 196 steps
+    stops = []
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+        stops += [line for line in err.splitlines() if line.startswith("stopped by SIGTERM at epoch 2, step ")]
+    assert len(stops) == 2 and stops[0] == stops[1], stops
+    assert len(list((workdir / "interrupted").iterdir())) == 1
+    for p in _start_two_processes(workdir, num_epochs=2):
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    assert not (workdir / "interrupted").exists()
+    _assert_rows_match_one_process_with_two_devices(tmp_path, _rows(workdir), num_epochs=2)
 
 
 def test_incomplete_multi_process_flags_fail_in_one_line(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cifar_jax import models, steps, trainer
+from cifar_jax import models, steps
 from cifar_jax.data import pipeline
 from tests.helpers import run_probe, tiny_config
 
@@ -20,11 +20,11 @@ def test_eval_calls_are_equal_cover_every_batch_and_waste_less_than_a_call(num_b
 
 
 def test_automatic_eval_fuses_a_whole_split_and_a_config_can_cap_it():
-    assert steps.eval_calls(20, trainer.eval_batches_per_call(tiny_config())) == (20, 1)
-    assert steps.eval_calls(20, trainer.eval_batches_per_call(tiny_config(eval_batches_per_call=8))) == (7, 3)
+    assert steps.eval_calls(20, steps.eval_batches_per_call(tiny_config())) == (20, 1)
+    assert steps.eval_calls(20, steps.eval_batches_per_call(tiny_config(eval_batches_per_call=8))) == (7, 3)
     old = tiny_config()
     del old["eval_batches_per_call"]  # a config.json saved before the key existed
-    assert trainer.eval_batches_per_call(old) == trainer.eval_batches_per_call(tiny_config())
+    assert steps.eval_batches_per_call(old) == steps.eval_batches_per_call(tiny_config())
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cifar_jax import evaluate, pretrained, trainer
+from cifar_jax import evaluate, optim, pretrained, train_state, trainer
 from cifar_jax.checkpoint import Checkpoints
 from tests.helpers import checkpoint_arrays, tiny_config, without_timing
 
@@ -93,7 +93,7 @@ def test_the_host_waits_for_no_device_value_between_an_epochs_last_chunk_and_its
         return lambda *a: events.append("validate") or run(*a)
 
     monkeypatch.setattr(trainer.steps, "make_eval_sums", recording_eval_sums)
-    make_schedule = trainer.optim.make_schedule
+    make_schedule = optim.make_schedule
 
     def recording_schedule(*args, **kwargs):
         schedule = make_schedule(*args, **kwargs)
@@ -105,7 +105,7 @@ def test_the_host_waits_for_no_device_value_between_an_epochs_last_chunk_and_its
 
         return evaluated
 
-    monkeypatch.setattr(trainer.optim, "make_schedule", recording_schedule)
+    monkeypatch.setattr(optim, "make_schedule", recording_schedule)
     trainer.train_and_evaluate(tiny_config(num_epochs=3, steps_per_call=4, run_ahead_chunks=0), tmp_path, progress=False)
     assert events == ["validate", "read", "read"] * 3
 
@@ -114,13 +114,13 @@ def test_the_host_waits_for_no_device_value_between_an_epochs_last_chunk_and_its
 def test_logged_learning_rates_are_the_schedules_at_each_epochs_first_step(per):
     config = tiny_config(num_epochs=7, **{"schedule.name": "step", "schedule.step_size": 2, "schedule.gamma": 0.5,
                                           "schedule.warmup_epochs": 2, "schedule.per": per})
-    phase = trainer.phases(config)[0]
-    schedule, _ = trainer.make_tx(config, phase, steps_per_epoch=5)
-    lrs = trainer.epoch_lrs(schedule, phase, steps_per_epoch=5)
+    phase = train_state.phases(config)[0]
+    schedule, _ = train_state.make_tx(config, phase, steps_per_epoch=5)
+    lrs = train_state.epoch_lrs(schedule, phase, steps_per_epoch=5)
     expected = np.array([schedule(e * 5) for e in range(7)], np.float32)  # what the optimizer uses
     np.testing.assert_array_equal(np.array(lrs, np.float32), expected)
     assert len(set(lrs)) > 3  # warmup, then decays: a table of one value would not pass
-    assert trainer.epoch_lrs(lambda count: 1e-3 + 0 * count, phase, 5)[0] == 0.001  # logged as 0.001, not 0.0010000000474974513
+    assert train_state.epoch_lrs(lambda count: 1e-3 + 0 * count, phase, 5)[0] == 0.001  # logged as 0.001, not 0.0010000000474974513
 
 
 @pytest.mark.slow
@@ -226,10 +226,10 @@ def test_head_only_batchnorm_modes_match_pytorch(batchnorm, highest_precision):
     graphdef_train = nnx.graphdef(model)
     model.eval()
     graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    phase = trainer.phases(config)[0]
-    cfg, _ = trainer.step_config(config, phase, (graphdef_train, graphdef_eval), preprocess=pipeline.Preprocess(image_size=32),
+    phase = train_state.phases(config)[0]
+    cfg, _ = train_state.step_config(config, phase, train_state.GraphDefs(graphdef_train, graphdef_eval, "fc"), preprocess=pipeline.Preprocess(image_size=32),
                                  num_classes=5, steps_per_epoch=1, sharding=None)
-    state = {"params": params, "batch_stats": batch_stats, "opt_state": cfg.tx.init(steps.partition(params, True)[0])}
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": cfg.tx.init(steps.partition(params, "fc")[0])}
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(8, 32, 32, 3)).astype(np.float32), rng.integers(0, 5, 8)
     new_state, _ = jax.jit(functools.partial(steps.update_step, cfg))(state, steps.zero_metrics(), jnp.asarray(x), jnp.asarray(y))
@@ -271,7 +271,7 @@ def test_the_weight_average_is_the_numpy_recurrence_over_the_steps(x64):
     nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64), nnx.state(model)))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = optim.make_optimizer(tiny_config().optimizer, 1e-3)
-    cfg = steps.StepConfig(graphdef, tx, False, pipeline.Preprocess(image_size=32), 8, 10, 0.0, seed=0, ema_decay=decay)
+    cfg = steps.StepConfig(graphdef, tx, None, pipeline.Preprocess(image_size=32), 8, 10, 0.0, seed=0, ema_decay=decay)
     digits = data.load("digits")
     images, labels = jnp.asarray(digits.x_train[:32]), jnp.asarray(digits.y_train[:32])
     order = pipeline.epoch_order(0, 0, 32)

@@ -60,7 +60,7 @@ def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
     tx = optim.make_optimizer(opt_cfg, 1e-3)
     # No augmentation: identical batches on both sides. ResNet-18 sees 16x16 (resized on device) to keep it quick.
     preprocess = pipeline.Preprocess(image_size=32 if arch == "simple_cnn" else 16)
-    cfg = steps.StepConfig(graphdef, tx, False, preprocess, BATCH, CLASSES, smoothing, seed=0)
+    cfg = steps.StepConfig(graphdef, tx, None, preprocess, BATCH, CLASSES, smoothing, seed=0)
     step = jax.jit(functools.partial(steps.train_step, cfg))
     images, labels = jnp.asarray(x_train), jnp.asarray(y_train)
     order = pipeline.epoch_order(0, 0, len(images))

@@ -43,7 +43,7 @@ def losses(spec):
     opt_cfg.update(dict(name=optimizer, lr=1e-3, weight_decay=5e-4))
     tx = optim.make_optimizer(opt_cfg, opt_cfg.lr)
     pre = pipeline.Preprocess(crop_padding=4, flip=True, image_size=size)
-    cfg = steps.StepConfig(graphdef, tx, False, pre, BATCH, 10, 0.1, seed=0, sharding=pipeline.batch_sharding(mesh))
+    cfg = steps.StepConfig(graphdef, tx, None, pre, BATCH, 10, 0.1, seed=0, sharding=pipeline.batch_sharding(mesh))
     params, stats = to_mesh(params), to_mesh(stats)
     state = {"params": params, "batch_stats": stats, "opt_state": jax.jit(tx.init, out_shardings=replicated)(params)}
     metrics = jax.device_put(steps.zero_metrics(), replicated)

@@ -1,7 +1,9 @@
-"""Model registry: `create(name, num_classes=100, **options)`.
+"""Model registry: `create(name, num_classes=100, **options)` and `from_config(config.model)`.
 
 Options: `dtype` (compute dtype, e.g. 'bfloat16'; parameters stay float32), `seed` or `rngs`
 (initialisation), and for ResNets `stem` ('imagenet' or 'cifar'). Input is NHWC, normalised.
+Each model class names its classifier head (`head`: the top-level attribute that phase 1 of a
+fine-tune trains alone).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ MODELS = {
     "resnet34": resnet34,
     "resnet50": resnet50,
 }
+OPTIONS = {"simple_cnn": (), "resnet18": ("stem",), "resnet34": ("stem",), "resnet50": ("stem",)}  # from config.model
 
 
 def check_name(name: str) -> None:
@@ -30,9 +33,16 @@ def check_name(name: str) -> None:
 def create(name: str, num_classes: int = 100, *, dtype="float32", seed: int = 0, rngs: nnx.Rngs | None = None, **options):
     """Build model `name` with freshly initialised parameters (PyTorch's init distributions)."""
     check_name(name)
-    if name == "simple_cnn" and options:
-        raise ValueError(f"simple_cnn takes no options {sorted(options)}; only ResNets take e.g. stem=")
+    unknown = sorted(set(options) - set(OPTIONS[name]))
+    if unknown:
+        raise ValueError(f"{name} takes no options {unknown}; it takes {list(OPTIONS[name]) or 'none'}")
     return MODELS[name](num_classes, dtype=jnp.dtype(dtype), rngs=rngs or nnx.Rngs(seed), **options)
+
+
+def from_config(model_config, *, dtype="float32", seed: int = 0):
+    """`create` with the options of `config.model` that the architecture takes (a SimpleCNN has no stem)."""
+    options = {key: model_config[key] for key in OPTIONS[model_config.name]}
+    return create(model_config.name, model_config.num_classes, dtype=dtype, seed=seed, **options)
 
 
 def count_params(model: nnx.Module) -> int:
@@ -40,4 +50,4 @@ def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-__all__ = ["MODELS", "ResNet", "SimpleCNN", "check_name", "count_params", "create"]
+__all__ = ["MODELS", "ResNet", "SimpleCNN", "check_name", "count_params", "create", "from_config"]

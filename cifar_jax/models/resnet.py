@@ -78,6 +78,8 @@ class ResNet(nnx.Module):
     """torchvision's ResNet. `stem='imagenet'`: 7x7/2 conv + 3x3/2 max-pool (for pretrained
     weights and large images); `stem='cifar'`: 3x3/1 conv and no max-pool (for 32x32 from scratch)."""
 
+    head = "fc"  # the classifier, replaced when fine-tuning to other classes
+
     def __init__(self, block, layers, num_classes=1000, *, stem="imagenet", dtype=jnp.float32, rngs: nnx.Rngs):
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")

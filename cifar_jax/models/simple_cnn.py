@@ -14,6 +14,8 @@ CHANNELS = (32, 64, 128, 256)
 class SimpleCNN(nnx.Module):
     """965,476 parameters with 100 classes, like the PyTorch model. Input (N, 32, 32, 3), NHWC."""
 
+    head = "fc2"  # the classifier
+
     def __init__(self, num_classes: int = 100, *, dtype=jnp.float32, rngs: nnx.Rngs):
         chans = (3, *CHANNELS)
         self.convs = nnx.List(
