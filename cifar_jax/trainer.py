@@ -60,9 +60,9 @@ def train_and_evaluate(config, workdir, *, progress: bool = True, cluster: dict 
     preflight.check_before_start(config, workdir)
     is_main = jax.process_index() == 0
     if not is_main:  # one lock per run: process 0 holds it for all
-        return _train(config, workdir, is_main, progress, t_start)
+        return Run(config, workdir, is_main, progress, t_start).train()
     with WorkdirLock(workdir):
-        return _train(config, workdir, is_main, progress, t_start)
+        return Run(config, workdir, is_main, progress, t_start).train()
 
 
 @dataclasses.dataclass
@@ -117,43 +117,6 @@ class Clock:
         return self.at[end] - self.at[start]
 
 
-class ChunksInFlight:
-    """An epoch's training chunks on their way through the device. The host dispatches a chunk,
-    then reads the ones before it while it runs (`read(keep=1)`), so the device never waits for
-    the host. Reading a chunk checks its metrics (`on_read`: NaN, progress bar) and learns the stop
-    signal that all processes voted on when it was dispatched (`stop_signum`)."""
-
-    def __init__(self, run_chunk, size: int, first_step: int, steps_per_epoch: int, stop: StopSignals, votes_sharding, on_read):
-        self.run_chunk, self.size, self.steps_per_epoch = run_chunk, size, steps_per_epoch
-        self.next_step = first_step
-        self.dispatched = 0
-        self.stop_signum: int | None = None  # the same in every process
-        self._stop, self._votes_sharding, self._on_read = stop, votes_sharding, on_read
-        self._pending = collections.deque()  # (metrics, stop vote, first step) of unread chunks
-
-    @property
-    def done(self) -> bool:
-        return self.next_step >= self.steps_per_epoch
-
-    def dispatch(self, state, sums, args):
-        votes = steps.stop_votes(self._stop.signum, self._votes_sharding)
-        state, sums, vote = self.run_chunk(state, sums, *args, jnp.int32(self.next_step), votes)
-        self._pending.append((sums, vote, self.next_step))
-        self.next_step += self.size
-        self.dispatched += 1
-        return state, sums
-
-    def read(self, keep: int = 0) -> dict | None:
-        """Read every chunk but the newest `keep`; the host copy of the last one's sums."""
-        host = None
-        while len(self._pending) > keep:
-            sums, vote, first = self._pending.popleft()
-            host = _to_host(sums)
-            self.stop_signum = self.stop_signum or int(vote) or None
-            self._on_read(host, first)
-        return host
-
-
 @dataclasses.dataclass
 class EpochEnd:
     """An epoch whose last chunk has been read: what is left is reading its validation (queued on
@@ -171,224 +134,304 @@ class EpochEnd:
     copy_s: float = 0.0  # making the Snapshot, part of the checkpoint's cost
 
 
-def _train(config, workdir: Path, is_main: bool, progress: bool, t_start: float) -> list[dict]:
-    splits = data.load_splits(config.data)
-    if splits.num_classes != config.model.num_classes:
-        raise ValueError(preflight.class_count_mismatch(config, splits))
-    n_train = len(splits.train[0])
-    if n_train < config.batch_size:
-        raise ValueError(f"config: batch_size={config.batch_size} exceeds the {n_train} training examples")
+class ChunksInFlight:
+    """An epoch's training, chunk by chunk. The host dispatches a chunk, then reads the ones before
+    it while it runs (`read(keep=1)`), so the device never waits for the host. Reading a chunk
+    checks for a non-finite loss, moves the progress bar, and learns the stop signal that all
+    processes voted on when it was dispatched (`stop_signum`, the same in every process)."""
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    def __init__(self, run: "Run", epoch: int, phase: Phase, first_step: int, sums):
+        self.run, self.epoch, self.phase = run, epoch, phase
+        self.size = run.chunk if first_step % run.chunk == 0 else 1  # a resumed epoch may start mid-chunk
+        self.lr = run.lrs(phase)[epoch - phase.first_epoch]
+        self.args = (run.train_x, run.train_y, pipeline.epoch_order(run.config.seed, epoch, run.n_train), jnp.int32(epoch))
+        self.next_step, self.dispatched, self.stop_signum = first_step, 0, None
+        self.seen_before = int(_to_host(sums)["count"]) if first_step else 0  # trained before a resume
+        self.clock = Clock()
+        self.bar = _progress(run.progress and run.is_main, run.steps_per_epoch, f"epoch {epoch + 1}/{run.config.num_epochs}", first_step)
+        self._pending = collections.deque()  # (metrics, stop vote, first step) of unread chunks
 
-    mesh = pipeline.make_mesh()
-    sharding = pipeline.batch_sharding(mesh)
-    replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_x, train_y = (pipeline.replicate(a, mesh) for a in splits.train)
-    val_x, val_y = (pipeline.replicate(a, mesh) for a in splits.val) if len(splits.val[0]) else (None, None)
-    preprocess = pipeline.Preprocess.from_config(config.data)
-    steps_per_epoch = pipeline.steps_per_epoch(n_train, config.batch_size)
-    chunk = steps.steps_per_call(config, steps_per_epoch)
-    num_classes = splits.num_classes
+    @property
+    def done(self) -> bool:
+        return self.next_step >= self.run.steps_per_epoch
 
-    graphdefs, initial = create_train_state(config, num_classes, mesh)
-    eval_sums = steps.make_eval_sums(
-        graphdefs.eval, preprocess=preprocess, batch_size=config.eval_batch_size, num_classes=num_classes,
-        label_smoothing=config.label_smoothing, batches_per_call=steps.eval_batches_per_call(config), sharding=sharding,
-    )
-    phase_steps = {}  # phase name -> (StepConfig, each epoch's lr)
+    def dispatch(self, state, sums):
+        run_chunk = self.run.compiled_chunk(self.phase, self.size, state, sums, self.args)
+        if not self.dispatched:
+            self.clock.mark("train")
+        votes = steps.stop_votes(self.run.stop.signum, self.run.sharding)
+        state, sums, vote = run_chunk(state, sums, *self.args, jnp.int32(self.next_step), votes)
+        self._pending.append((sums, vote, self.next_step))
+        self.next_step += self.size
+        self.dispatched += 1
+        return state, sums
 
-    def setup(phase: Phase):
-        if phase.name not in phase_steps:
-            cfg, schedule = step_config(config, phase, graphdefs, preprocess=preprocess, num_classes=num_classes,
-                                        steps_per_epoch=steps_per_epoch, sharding=sharding)
-            phase_steps[phase.name] = cfg, epoch_lrs(schedule, phase, steps_per_epoch)
-        return phase_steps[phase.name]
+    def read(self, keep: int = 0) -> dict | None:
+        """Read every chunk but the newest `keep`; the host copy of the last one's sums."""
+        host = None
+        while len(self._pending) > keep:
+            sums, vote, first = self._pending.popleft()
+            host = _to_host(sums)
+            self.stop_signum = self.stop_signum or int(vote) or None
+            if host["nonfinite_steps"]:
+                raise TrainingError(
+                    f"loss became NaN/Inf in epoch {self.epoch + 1}, steps {first + 1}-{first + self.size} of "
+                    f"{self.run.steps_per_epoch} (lr {self.lr:g}); {self.run.kept_checkpoints(self.epoch)} Lower optimizer.lr?"
+                )
+            if self.bar is not None:
+                count = host["count"]
+                self.bar.update(self.size)
+                self.bar.set_postfix(loss=f"{host['loss_sum'] / count:.4f}", acc=f"{host['correct'] / count:.4f}",
+                                     img_s=f"{(count - self.seen_before) / (time.perf_counter() - self.clock.at['train']):.0f}")
+        return host
 
-    def fresh_state(phase: Phase) -> dict:
-        state = {"params": initial["params"], "batch_stats": initial["batch_stats"],
-                 "opt_state": init_opt_state(setup(phase)[0].tx, initial["params"], graphdefs, phase, mesh)}
-        return {**state, "ema": initial["ema"]} if "ema" in initial else state
+    def finish(self, state, val_sums) -> EpochEnd:
+        """Read the last chunk (validation is already queued behind it): the epoch's training is done."""
+        train_sums = self.read()
+        self.clock.mark("val")
+        if self.bar is not None:
+            self.bar.close()
+        images = int(train_sums["count"]) - self.seen_before
+        return EpochEnd(self.epoch, self.phase, train_sums, val_sums, self.lr, images, self.clock, state)
 
-    def zero_sums():
-        return jax.device_put(steps.zero_metrics(), replicated)
 
-    ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
-    start = resume(config, ckpts, fresh_state, zero_sums)
-    resumed_epoch = ckpts.latest_epoch()  # the newest checkpoint that restored (damaged ones were moved aside)
-    state, phase = start.state, start.phase
-    if start.epoch >= config.num_epochs:
-        log.info("workdir %s already holds all %d epochs; nothing to train", workdir, config.num_epochs)
+class Run:
+    """One training run: the data and the model on the devices, and what the epoch loop (`train`)
+    uses: compiled chunks, validation, checkpoints and logs."""
 
-    metrics_log = MetricsLog(workdir, resume_epoch=start.epoch, resume_row=start.row) if is_main else None
-    tracker = Wandb(config, workdir, resume=resumed_epoch is not None) if is_main else None
-    plotter = CurvesPlotter(workdir / "curves.png") if is_main else None
-    compiled = {}  # (phase name, steps per call) -> compiled chunk
-    start_times = {}  # compile_s and first_step_s, reported in the first epoch's row
-    previous_costs = {"host_s": None, "checkpoint_s": None}  # the host's work after the previous epoch
-    ahead = config.run_ahead_chunks
-    stop = StopSignals()
+    def __init__(self, config, workdir: Path, is_main: bool, progress: bool, t_start: float):
+        self.config, self.workdir, self.is_main, self.progress, self.t_start = config, workdir, is_main, progress, t_start
+        splits = data.load_splits(config.data)
+        if splits.num_classes != config.model.num_classes:
+            raise ValueError(preflight.class_count_mismatch(config, splits))
+        self.n_train = len(splits.train[0])
+        if self.n_train < config.batch_size:
+            raise ValueError(f"config: batch_size={config.batch_size} exceeds the {self.n_train} training examples")
+        workdir.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
-    def checkpoint_due(epoch) -> bool:
+        self.mesh = pipeline.make_mesh()
+        self.sharding = pipeline.batch_sharding(self.mesh)
+        self.train_x, self.train_y = (pipeline.replicate(a, self.mesh) for a in splits.train)
+        self.val = tuple(pipeline.replicate(a, self.mesh) for a in splits.val) if len(splits.val[0]) else None
+        self.preprocess = pipeline.Preprocess.from_config(config.data)
+        self.steps_per_epoch = pipeline.steps_per_epoch(self.n_train, config.batch_size)
+        self.chunk = steps.steps_per_call(config, self.steps_per_epoch)
+        self.num_classes = splits.num_classes
+        self.graphdefs, self.initial = create_train_state(config, self.num_classes, self.mesh)
+        self.eval_sums = steps.make_eval_sums(
+            self.graphdefs.eval, preprocess=self.preprocess, batch_size=config.eval_batch_size, num_classes=self.num_classes,
+            label_smoothing=config.label_smoothing, batches_per_call=steps.eval_batches_per_call(config), sharding=self.sharding,
+        )
+        self._phase_steps = {}  # phase name -> (StepConfig, each epoch's lr)
+        self._compiled = {}  # (phase name, steps per call) -> compiled chunk
+        self.start_times = {}  # compile_s and first_step_s, reported in the first epoch's row
+        self.previous_costs = {"host_s": None, "checkpoint_s": None}  # the host's work after the previous epoch
+        self.stop = StopSignals()
+
+        self.ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
+        self.start = resume(config, self.ckpts, self.fresh_state, self.zero_sums)
+        self.resumed_epoch = self.ckpts.latest_epoch()  # the newest that restored (damaged ones were moved aside)
+        self.metrics_log = MetricsLog(workdir, resume_epoch=self.start.epoch, resume_row=self.start.row) if is_main else None
+        self.tracker = Wandb(config, workdir, resume=self.resumed_epoch is not None) if is_main else None
+        self.plotter = CurvesPlotter(workdir / "curves.png") if is_main else None
+
+    # The train state and its phases.
+
+    def step_config(self, phase: Phase) -> steps.StepConfig:
+        if phase.name not in self._phase_steps:
+            cfg, schedule = step_config(self.config, phase, self.graphdefs, preprocess=self.preprocess, num_classes=self.num_classes,
+                                        steps_per_epoch=self.steps_per_epoch, sharding=self.sharding)
+            self._phase_steps[phase.name] = cfg, epoch_lrs(schedule, phase, self.steps_per_epoch)
+        return self._phase_steps[phase.name][0]
+
+    def lrs(self, phase: Phase) -> list[float]:
+        self.step_config(phase)
+        return self._phase_steps[phase.name][1]
+
+    def opt_state(self, phase: Phase, params):
+        return init_opt_state(self.step_config(phase).tx, params, self.graphdefs, phase, self.mesh)
+
+    def fresh_state(self, phase: Phase) -> dict:
+        state = {"params": self.initial["params"], "batch_stats": self.initial["batch_stats"],
+                 "opt_state": self.opt_state(phase, self.initial["params"])}
+        return {**state, "ema": self.initial["ema"]} if "ema" in self.initial else state
+
+    def zero_sums(self):
+        return jax.device_put(steps.zero_metrics(), jax.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+    # The device's work.
+
+    def compiled_chunk(self, phase: Phase, size: int, state, sums, args):
+        """The jitted chunk of `size` steps of `phase`, compiled on first use (its time is logged)."""
+        if (phase.name, size) not in self._compiled:
+            t0 = time.perf_counter()
+            fn = steps.make_train_chunk(self.step_config(phase), size)
+            self._compiled[phase.name, size] = fn.lower(state, sums, *args, jnp.int32(0), steps.stop_votes(None, self.sharding)).compile()
+            self.start_times["compile_s"] = round(time.perf_counter() - t0, 2)
+            log.info("compiled the %s train step (%d steps per call) in %.1f s", phase.name, size, self.start_times["compile_s"])
+        return self._compiled[phase.name, size]
+
+    def note_first_step(self, sums) -> None:
+        """One wait, once per run: how long until training really runs (data, model, compilation)."""
+        if "first_step_s" not in self.start_times:
+            jax.block_until_ready(sums)
+            self.start_times["first_step_s"] = round(time.perf_counter() - self.t_start, 2)
+            log.info("first training step done %.1f s after the start (data, model, compilation)", self.start_times["first_step_s"])
+
+    def validate(self, state) -> dict | None:
+        """Queue validation of `state` (and of its weight average): device sums, read at the epoch's end."""
+        if self.val is None:
+            return None
+        sums = {"val": self.eval_sums(state["params"], state["batch_stats"], *self.val)}
+        if "ema" in state:
+            sums["ema_val"] = self.eval_sums(state["ema"]["params"], state["ema"]["batch_stats"], *self.val)
+        return sums
+
+    def can_run_ahead(self, epoch: int, phase: Phase, chunks: ChunksInFlight) -> bool:
+        """Whether the next epoch's first chunks can be queued before `epoch` ends: same phase, its
+        chunk already compiled, and no stop agreed."""
+        config = self.config
+        return bool(config.run_ahead_chunks and epoch + 1 < config.num_epochs and not chunks.stop_signum
+                    and phase_of(config, epoch + 1) == phase and (phase.name, self.chunk) in self._compiled)
+
+    # An epoch's end, and stops.
+
+    def checkpoint_due(self, epoch: int) -> bool:
         """Whether `epoch` ends with a checkpoint on schedule: every `checkpoint.every_epochs`, the
         last epoch, and the epoch a mid-epoch checkpoint resumed (which that one makes obsolete)."""
-        return ((epoch + 1) % config.checkpoint.every_epochs == 0 or epoch + 1 == config.num_epochs
-                or (epoch == start.epoch and start.step > 0))
+        return ((epoch + 1) % self.config.checkpoint.every_epochs == 0 or epoch + 1 == self.config.num_epochs
+                or (epoch == self.start.epoch and self.start.step > 0))
 
-    def kept_checkpoints(epoch) -> str:
+    def kept_checkpoints(self, epoch: int) -> str:
         """What an error in `epoch` leaves: the checkpoints of the epochs before it that were due."""
-        last = max([e + 1 for e in range(start.epoch, epoch) if checkpoint_due(e)] + [resumed_epoch or 0])
-        return f"checkpoints up to epoch {last} are kept in {ckpts.directory}." if last else "no checkpoint was saved yet."
+        last = max([e + 1 for e in range(self.start.epoch, epoch) if self.checkpoint_due(e)] + [self.resumed_epoch or 0])
+        return f"checkpoints up to epoch {last} are kept in {self.ckpts.directory}." if last else "no checkpoint was saved yet."
 
-    def end_epoch(end: EpochEnd) -> dict:
+    def end_epoch(self, end: EpochEnd) -> dict:
         """The one policy for an epoch's end: read validation, log the row, checkpoint if due.
-        Returns the checkpoint's meta (the row), saved or not."""
+        Returns the checkpoint's meta, with `saved` saying whether it was written."""
         val = _to_host(end.val_sums) if end.val_sums is not None else None
         end.clock.mark("end")
         row = _epoch_row(end.epoch, end.phase, end.train_sums, val, end.lr, end.clock.span("epoch", "end"),
                          end.images / end.clock.span("train", "val"),
-                         val_s=end.clock.span("val", "end") if val is not None else None, **previous_costs)
-        if end.epoch == start.epoch:
-            row.update(start_times)
-        if is_main:
-            metrics_log.append(row)
-            plotter.update(metrics_log.rows)
-            tracker.log(row)
+                         val_s=end.clock.span("val", "end") if val is not None else None, **self.previous_costs)
+        if end.epoch == self.start.epoch:
+            row.update(self.start_times)
+        if self.is_main:
+            self.metrics_log.append(row)
+            self.plotter.update(self.metrics_log.rows)
+            self.tracker.log(row)
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
-                end.epoch + 1, config.num_epochs, row["train_loss"], row["train_acc"],
+                end.epoch + 1, self.config.num_epochs, row["train_loss"], row["train_acc"],
                 _fmt(row["val_loss"]), _fmt(row["val_acc"]), end.lr, row["epoch_time_s"], row["train_img_per_s"],
             )
         meta = {"epoch": end.epoch + 1, "phase": end.phase.name, "row": row}
-        save = end.state is not None and checkpoint_due(end.epoch)
+        end.clock.mark("save")
+        save = end.state is not None and self.checkpoint_due(end.epoch)
         if save:
-            _save_or_fail(lambda: ckpts.save(end.epoch + 1, end.state, meta), ckpts)
-            if end.epoch == start.epoch and start.step:
-                _save_or_fail(ckpts.wait, ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
-                ckpts.clear_interrupted()
+            _save_or_fail(lambda: self.ckpts.save(end.epoch + 1, end.state, meta), self.ckpts)
+            if end.epoch == self.start.epoch and self.start.step:
+                _save_or_fail(self.ckpts.wait, self.ckpts)  # the epoch checkpoint is complete: the mid-epoch one is obsolete
+                self.ckpts.clear_interrupted()
         end.clock.mark("done")
-        previous_costs.update(host_s=end.copy_s + end.clock.span("end", "done"),
-                              checkpoint_s=end.copy_s + end.clock.span("end", "done") if save else None)
-        meta["saved"] = save
-        return meta
+        self.previous_costs.update(host_s=end.copy_s + end.clock.span("end", "done"),
+                                   checkpoint_s=end.copy_s + end.clock.span("save", "done") if save else None)
+        return {**meta, "saved": save}
 
-    ending = None  # the previous epoch's EpochEnd while the next epoch's first chunks run ahead
-    epoch_started = None  # when the previous epoch ended: the next one starts
-    # Everything built so far lives until the end of the run: out of the collector's way, a
-    # checkpoint's save() blocks less (BENCHMARKS.md, "Things measured while building").
-    gc.freeze()
-    try:
-        with stop:
-            for epoch in range(start.epoch, config.num_epochs):
-                if phase_of(config, epoch) != phase:  # a new phase: a new optimizer and schedule
-                    phase = phase_of(config, epoch)
-                    state["opt_state"] = init_opt_state(setup(phase)[0].tx, state["params"], graphdefs, phase, mesh)
-                    log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
-                step_cfg, lrs = setup(phase)
-                lr = lrs[epoch - phase.first_epoch]
-                clock = Clock()
-                clock.mark("epoch", epoch_started)
-                first_step = start.step if epoch == start.epoch else 0
-                sums = start.sums if first_step else zero_sums()
-                seen_before = int(_to_host(sums)["count"]) if first_step else 0
-                size = chunk if first_step % chunk == 0 else 1
-                args = (train_x, train_y, pipeline.epoch_order(config.seed, epoch, n_train), jnp.int32(epoch))
-                if (phase.name, size) not in compiled:
-                    t0 = time.perf_counter()
-                    fn = steps.make_train_chunk(step_cfg, size)
-                    compiled[phase.name, size] = fn.lower(state, sums, *args, jnp.int32(0), steps.stop_votes(None, sharding)).compile()
-                    start_times["compile_s"] = round(time.perf_counter() - t0, 2)
-                    log.info("compiled the %s train step (%d steps per call) in %.1f s", phase.name, size, start_times["compile_s"])
-                bar = _progress(progress and is_main, steps_per_epoch, f"epoch {epoch + 1}/{config.num_epochs}", first_step)
+    def stop_mid_epoch(self, chunks: ChunksInFlight, state, sums):
+        """Save the state and sums after the last dispatched chunk, then raise Interrupted."""
+        chunks.read()
+        epoch, step = chunks.epoch, chunks.next_step
+        _save_or_fail(lambda: self.ckpts.save_interrupted(
+            epoch * self.steps_per_epoch + step, {"state": state, "sums": sums},
+            {"epoch": epoch, "next_step": step, "phase": chunks.phase.name}), self.ckpts)
+        raise Interrupted(chunks.stop_signum, f"epoch {epoch + 1}, step {step} of {self.steps_per_epoch}", self.workdir)
 
-                def on_read(host_sums, first):  # a chunk read: NaN check, progress bar
-                    if host_sums["nonfinite_steps"]:
-                        raise TrainingError(
-                            f"loss became NaN/Inf in epoch {epoch + 1}, steps {first + 1}-{first + size} of {steps_per_epoch} "
-                            f"(lr {lr:g}); {kept_checkpoints(epoch)} Lower optimizer.lr?"
-                        )
-                    if bar is not None:
-                        count = host_sums["count"]
-                        bar.update(size)
-                        bar.set_postfix(loss=f"{host_sums['loss_sum'] / count:.4f}", acc=f"{host_sums['correct'] / count:.4f}",
-                                        img_s=f"{(count - seen_before) / (time.perf_counter() - clock.at['train']):.0f}")
+    def stop_at_epoch_end(self, signum: int, epoch: int, state, meta: dict):
+        """Save the epoch's checkpoint (if the schedule did not), wait for it, then raise Interrupted."""
+        if not meta.pop("saved"):
+            _save_or_fail(lambda: self.ckpts.save(epoch + 1, state, meta), self.ckpts)
+        _save_or_fail(self.ckpts.wait, self.ckpts)
+        raise Interrupted(signum, f"the end of epoch {epoch + 1}", self.workdir)
 
-                chunks = ChunksInFlight(compiled[phase.name, size], size, first_step, steps_per_epoch, stop, sharding, on_read)
-                clock.mark("train")
-                while not chunks.done:
-                    state, sums = chunks.dispatch(state, sums, args)
-                    if "first_step_s" not in start_times:  # one wait, once per run: how long until training really runs
-                        jax.block_until_ready(sums)
-                        start_times["first_step_s"] = round(time.perf_counter() - t_start, 2)
-                        log.info("first training step done %.1f s after the start (data, model, compilation)", start_times["first_step_s"])
-                    if ending is not None and (chunks.dispatched == ahead or chunks.done):
-                        end_epoch(ending)  # the device went on from that validation to this epoch's chunks
-                        clock.mark("epoch", ending.clock.at["end"])
-                        clock.mark("train", ending.clock.at["end"])
-                        ending = None
-                    if ending is None:
-                        chunks.read(keep=1)
-                    if chunks.stop_signum and not chunks.done:
-                        chunks.read()
-                        _save_or_fail(lambda: ckpts.save_interrupted(
-                            epoch * steps_per_epoch + chunks.next_step, {"state": state, "sums": sums},
-                            {"epoch": epoch, "next_step": chunks.next_step, "phase": phase.name}), ckpts)
-                        raise Interrupted(chunks.stop_signum, f"epoch {epoch + 1}, step {chunks.next_step} of {steps_per_epoch}", workdir)
-                # Validation is queued behind the last chunk before the host waits for that chunk: the
-                # device goes on from one to the other without waiting for the host.
-                val_sums = None
-                if val_x is not None:
-                    val_sums = {"val": eval_sums(state["params"], state["batch_stats"], val_x, val_y)}
-                    if "ema" in state:
-                        val_sums["ema_val"] = eval_sums(state["ema"]["params"], state["ema"]["batch_stats"], val_x, val_y)
-                train_sums = chunks.read()
-                clock.mark("val")  # training is done: validation runs from here
-                if bar is not None:
-                    bar.close()
-                end = EpochEnd(epoch, phase, train_sums, val_sums, lr, int(train_sums["count"]) - seen_before, clock, state)
-                # Run ahead: queue the next epoch's first chunks before this epoch's end, which then
-                # checkpoints a device copy of the state (the next chunk takes `state` over), if one is due.
-                if (ahead and epoch + 1 < config.num_epochs and not chunks.stop_signum
-                        and phase_of(config, epoch + 1) == phase and (phase.name, chunk) in compiled):
-                    t_copy = time.perf_counter()
-                    end.state = Snapshot.of(state) if checkpoint_due(epoch) else None  # a stop next epoch saves mid-epoch
-                    end.copy_s = time.perf_counter() - t_copy  # on a CPU the copy is made during the call
-                    ending, epoch_started = end, None
-                    continue
-                meta = end_epoch(end)
-                epoch_started = clock.at["end"]
-                if chunks.stop_signum and epoch + 1 < config.num_epochs:
-                    if not meta.pop("saved"):  # not on the checkpoint schedule: saved for the rerun
-                        _save_or_fail(lambda: ckpts.save(epoch + 1, state, meta), ckpts)
-                    _save_or_fail(ckpts.wait, ckpts)
-                    raise Interrupted(chunks.stop_signum, f"the end of epoch {epoch + 1}", workdir)
-        _save_or_fail(ckpts.wait, ckpts)  # the last checkpoints are written in the background: a run ends when they are
-    except BaseException:
-        if ending is not None:  # keep the finished epoch: write its checkpoint before giving up
-            try:
-                end_epoch(ending)
-            except Exception:  # noqa: BLE001  (the first error is the one to report)
-                log.exception("could not log and checkpoint epoch %d after the error below", ending.epoch + 1)
-        raise
-    finally:
-        gc.unfreeze()
+    # The epoch loop.
+
+    def train(self) -> list[dict]:
+        config, start = self.config, self.start
+        state, phase = start.state, start.phase
+        if start.epoch >= config.num_epochs:
+            log.info("workdir %s already holds all %d epochs; nothing to train", self.workdir, config.num_epochs)
+        ending = None  # the previous epoch's end while the next epoch's first chunks run ahead of it
+        epoch_started = None  # when the previous epoch ended: the next one starts
+        gc.freeze()  # what exists now lives to the end: out of the collector's way, checkpoints block less
         try:
-            ckpts.wait()
+            with self.stop:
+                for epoch in range(start.epoch, config.num_epochs):
+                    if phase_of(config, epoch) != phase:  # a new phase: a new optimizer and schedule
+                        phase = phase_of(config, epoch)
+                        state["opt_state"] = self.opt_state(phase, state["params"])
+                        log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
+                    first_step = start.step if epoch == start.epoch else 0
+                    sums = start.sums if first_step else self.zero_sums()
+                    chunks = ChunksInFlight(self, epoch, phase, first_step, sums)
+                    chunks.clock.mark("epoch", epoch_started)
+                    while not chunks.done:
+                        state, sums = chunks.dispatch(state, sums)
+                        self.note_first_step(sums)
+                        if ending is not None and (chunks.dispatched == config.run_ahead_chunks or chunks.done):
+                            self.end_epoch(ending)  # the device went on from that validation to this epoch
+                            chunks.clock.mark("epoch", ending.clock.at["end"])
+                            chunks.clock.mark("train", ending.clock.at["end"])
+                            ending = None
+                        if ending is None:
+                            chunks.read(keep=1)
+                        if chunks.stop_signum and not chunks.done:
+                            self.stop_mid_epoch(chunks, state, sums)
+                    end = chunks.finish(state, self.validate(state))  # validation queued behind the last chunk
+                    if self.can_run_ahead(epoch, phase, chunks):  # end the epoch once the next one's first chunks run
+                        t_copy = time.perf_counter()
+                        end.state = Snapshot.of(state) if self.checkpoint_due(epoch) else None  # the next chunk takes `state`
+                        end.copy_s = time.perf_counter() - t_copy
+                        ending, epoch_started = end, None
+                        continue
+                    meta = self.end_epoch(end)
+                    epoch_started = end.clock.at["end"]
+                    if chunks.stop_signum and epoch + 1 < config.num_epochs:
+                        self.stop_at_epoch_end(chunks.stop_signum, epoch, state, meta)
+            _save_or_fail(self.ckpts.wait, self.ckpts)  # the last checkpoints are written in the background
+        except BaseException:
+            if ending is not None:  # keep the finished epoch: write its checkpoint before giving up
+                try:
+                    self.end_epoch(ending)
+                except Exception:  # noqa: BLE001  (the first error is the one to report)
+                    log.exception("could not log and checkpoint epoch %d after the error below", ending.epoch + 1)
+            raise
+        finally:
+            gc.unfreeze()
+            self.close()
+        return self.summary()
+
+    def close(self) -> None:
+        try:
+            self.ckpts.wait()
         except Exception:  # noqa: BLE001  (reported by _save_or_fail where it matters)
             pass
-        ckpts.close()
-        if plotter is not None:
-            plotter.close()
-        if tracker is not None:
-            tracker.finish()
-    rows = metrics_log.rows if metrics_log is not None else []
-    if is_main and rows:
-        best = max((r for r in rows if r["val_acc"] is not None), key=lambda r: r["val_acc"], default=rows[-1])
-        log.info("best epoch %d (val_acc %s); checkpoints in %s; curves %s; metrics %s",
-                 best["epoch"], _fmt(best["val_acc"]), ckpts.directory, workdir / "curves.png", workdir / "metrics.jsonl")
-    return rows
+        self.ckpts.close()
+        if self.plotter is not None:
+            self.plotter.close()
+        if self.tracker is not None:
+            self.tracker.finish()
+
+    def summary(self) -> list[dict]:
+        rows = self.metrics_log.rows if self.metrics_log is not None else []
+        if self.is_main and rows:
+            best = max((r for r in rows if r["val_acc"] is not None), key=lambda r: r["val_acc"], default=rows[-1])
+            log.info("best epoch %d (val_acc %s); checkpoints in %s; curves %s; metrics %s", best["epoch"], _fmt(best["val_acc"]),
+                     self.ckpts.directory, self.workdir / "curves.png", self.workdir / "metrics.jsonl")
+        return rows
 
 
 def _to_host(tree):
