@@ -17,7 +17,8 @@ import statistics
 
 import numpy as np
 
-from cifar_jax.bench import NUM_CLASSES, BenchError, Case, parse_cases, timed_windows
+from cifar_jax.bench.cases import NUM_CLASSES, BenchError, Case, parse_cases
+from cifar_jax.bench.timing import timed_windows
 
 
 def conv_layers(case: Case) -> list[dict]:

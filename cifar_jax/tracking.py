@@ -79,11 +79,10 @@ class CurvesPlotter:
     """Redraws `curves.png` as epochs end, at most once every `min_interval_s` seconds, and once
     more on `close()` if epochs ended since the last drawing.
 
-    Drawing takes about 0.25 s (matplotlib, 3 panels) and stops training meanwhile: every epoch,
-    that would be a sixth of a 1.4 s ResNet-50 epoch on an H100. Epochs longer than the interval
-    still get a drawing each. A failure to draw is logged once and never stops training.
-    (Drawing in a background thread instead made 1.1 s CPU epochs slower, 1.35 s: the thread
-    competes with XLA for the cores.)
+    Drawing stops training meanwhile, a large share of a short GPU epoch; a background thread
+    competed with XLA for the cores instead (BENCHMARKS.md, "Things measured while building").
+    Epochs longer than the interval still get a drawing each. A failure to draw is logged once and
+    never stops training.
     """
 
     def __init__(self, path, min_interval_s: float = 10.0):

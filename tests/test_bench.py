@@ -43,10 +43,10 @@ def test_bad_options_fail_in_one_line_before_measuring(argv, message, capsys):
 def test_table_compares_jax_with_the_faster_pytorch_variant():
     case, opts = bench.Case("resnet50", 32), bench.parse_args([])
     rows = [
-        bench._row(case, opts, "jax", "train", "float32, 1 steps/call", "cpu", 300.0, 2.0),
-        bench._row(case, opts, "torch", "train", "eager, channels_last", "cpu", 100.0, None),
-        bench._row(case, opts, "torch", "train", "compile, channels_last", "cpu", 200.0, 30.0),
-        bench._row(case, opts, "jax", "pipeline", "on device", "cpu", 6000.0, 0.5, in_step_ms=0.083, in_step_share=0.025,
+        bench.row(case, opts, "jax", "train", "float32, 1 steps/call", "cpu", 300.0, 2.0),
+        bench.row(case, opts, "torch", "train", "eager, channels_last", "cpu", 100.0, None),
+        bench.row(case, opts, "torch", "train", "compile, channels_last", "cpu", 200.0, 30.0),
+        bench.row(case, opts, "jax", "pipeline", "on device", "cpu", 6000.0, 0.5, in_step_ms=0.083, in_step_share=0.025,
                    step_ms_with_pipeline=3.32, step_ms_prepared_batches=3.237),
     ]
     lines = bench.table(rows).splitlines()
@@ -128,7 +128,7 @@ def test_the_in_step_baseline_trains_on_the_batches_the_step_draws():
     side.step_cfg = dataclasses.replace(side.step_cfg, tx=optax.sgd(0.01))
     side.state["opt_state"] = side.step_cfg.tx.init(side.state["params"])
     side.train_chunk = steps.make_train_chunk(side.step_cfg, side.steps_per_call)
-    x, y = (side.put(a) for a in bench._random_uint8(8))
+    x, y = (side.put(a) for a in bench.random_uint8(8))
     draw = functools.partial(pipeline.train_batch, seed=0, batch_size=4, preprocess=side.preprocess, sharding=side.sharding)
     chunk, batches = side.prepared_chunk(x, y, draw)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (both chunks donate their state)
@@ -167,7 +167,7 @@ def test_timed_windows_overlap_the_host_with_the_device_only_when_asked(monkeypa
     import statistics
 
     device = _SimulatedDevice(host_s=0.04, device_s=0.09)
-    monkeypatch.setattr(bench, "time", device)
+    monkeypatch.setattr(bench.timing, "time", device)
     first, times = bench.timed_windows(device.window, device.wait, warmup=1, windows=5)
     assert len(times) == 5 and first == pytest.approx(0.13)
     assert statistics.median(times) == pytest.approx(0.09)  # the device's 90 ms: the host's 40 ms overlap it

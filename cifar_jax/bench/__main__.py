@@ -1,0 +1,3 @@
+from cifar_jax.bench.cli import main
+
+main()
