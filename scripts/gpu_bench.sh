@@ -75,6 +75,10 @@ case_items() {  # case_items CASE ITEM...: ITEM is jax or a PyTorch mode
 }
 case_items simple_cnn@32 jax eager cudagraphs
 case_items resnet50@32 jax eager cudagraphs
+# issue 19: the ResNets' layers as XLA's stock operations (what GPUs run) against the CPU kernels
+# (custom gradients, matmul forms), in one process each, right after each other
+item layers_stock 40 150 "${table[@]}" --modes train,eval --cases resnet34@32,resnet50@32,resnet50@224 --frameworks jax --jax_layers stock --out "$json_dir/layers_stock.json"
+item layers_cpu_kernels 40 150 "${table[@]}" --modes train,eval --cases resnet34@32,resnet50@32,resnet50@224 --frameworks jax --jax_layers cpu_kernels --out "$json_dir/layers_cpu_kernels.json"
 # the real trainer on the part-3 config (random weights and CIFAR-sized random data: no download
 # there): compile, epoch times and img/s of both phases, checkpoints every epoch, and where each
 # epoch's time went (val_s, host_s, checkpoint_s) in metrics.jsonl; then the same run (compilation

@@ -28,6 +28,7 @@ def test_default_cases_and_filters():
         (["--cases", "resnet50@big"], "needs an image size of at least 32"),
         (["--modes", "train,speed"], "--modes: unknown value 'speed'"),
         (["--frameworks", "tensorflow"], "--frameworks: unknown value 'tensorflow'"),
+        (["--jax_layers", "custom"], "--jax_layers: unknown value 'custom'"),
         (["--torch_modes", "jit"], "--torch_modes: unknown value 'jit'"),
         (["--torch_modes", "eager,cudagraphs"], "--torch_modes cudagraphs needs a CUDA GPU"),
         (["--modes", "epoch", "--data", "/nonexistent/cifar100.npz"], "no such file"),
@@ -106,6 +107,21 @@ def test_pipeline_runs_as_many_batches_per_call_as_the_training_step():
     assert by["train"]["variant"].endswith("2 steps/call") and by["pipeline"]["variant"].endswith("2 batches/call")
     assert by["pipeline"]["img_per_s"] > by["train"]["img_per_s"] > 0  # the step contains the pipeline and more
     assert {"in_step_ms", "in_step_share"} <= set(by["pipeline"])
+
+
+@pytest.mark.parametrize("layers", ["auto", "stock"])
+def test_jax_layers_choose_the_cpu_kernels_or_xlas_stock_operations(monkeypatch, layers):
+    """`--jax_layers stock` traces no CPU kernel, even on the CPU (where `auto` takes them): how a
+    GPU run compares the two with `--jax_layers cpu_kernels`."""
+    from cifar_jax.models import cpu_kernels
+
+    traced = []
+    real = cpu_kernels.batch_norm_train
+    monkeypatch.setattr(cpu_kernels, "batch_norm_train", lambda *args: traced.append(1) or real(*args))
+    rows = bench.main(["--cases", "simple_cnn@32", "--modes", "train", "--frameworks", "jax", "--steps_per_call", "1",
+                       "--batch_size", "4", "--steps", "1", "--warmup", "1", "--jax_layers", layers])
+    assert bool(traced) == (layers == "auto")
+    assert rows[0]["variant"].endswith("1 steps/call" if layers == "auto" else "stock layers")
 
 
 def test_the_in_step_baseline_trains_on_the_batches_the_step_draws():

@@ -227,7 +227,7 @@ def test_batch_norm_gradient_equals_autodiff_of_its_definition(x64, ops, monkeyp
     from cifar_jax.models import layers
 
     if ops == "stock":
-        monkeypatch.setattr(layers, "_on_cpu", lambda cpu, stock, *args: stock(*args))
+        monkeypatch.setattr(layers, "_forced", "stock")
     batch_norm_train = layers.batch_norm_train
 
     def definition(x, scale, bias):
@@ -268,7 +268,7 @@ def test_every_basic_block_output_goes_through_materialize(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,options", [("simple_cnn", {}), ("resnet18", {"stem": "imagenet"})])
-def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, monkeypatch, name, options):
+def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, options):
     """What runs on GPUs (XLA's stock operations) and what runs on CPUs (`cpu_kernels`): the same
     outputs, loss gradients and BatchNorm statistics, in float64."""
     from cifar_jax.models import layers
@@ -289,9 +289,10 @@ def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, monkeypatch,
     # A batch of 8: ResNet's last stage normalises 1x1 maps, over 2 values with a batch of 2,
     # which amplifies the two paths' rounding differences to 5e-11.
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)))
-    cpu = step(model, x)
-    monkeypatch.setattr(layers, "_on_cpu", lambda cpu, stock, *args: stock(*args))
-    stock = step(model, x)
+    with layers.forced("cpu_kernels"):
+        cpu = step(model, x)
+    with layers.forced("stock"):
+        stock = step(model, x)
     assert len(cpu) == len(stock) > 10
     for a, b in zip(cpu, stock):
         # 1e-14 absolute for the gradients that are zero but for rounding (a conv bias before BatchNorm).

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import cifar_jax.bench as package
-from cifar_jax.bench.cases import DEFAULT_CASES, FRAMEWORKS, MODELS, MODES, TORCH_MODES, BenchError, choices, load_epoch_data, parse_cases
+from cifar_jax.bench.cases import DEFAULT_CASES, FRAMEWORKS, JAX_LAYERS, MODELS, MODES, TORCH_MODES, BenchError, choices, load_epoch_data, parse_cases
 from cifar_jax.bench.jax_side import run_jax
 from cifar_jax.bench.report import table, versions
 from cifar_jax.bench.torch_side import run_torch
@@ -32,6 +32,8 @@ def parse_args(argv):
     p.add_argument("--steps_per_call", type=int, default=0, help="JAX steps per jitted call (0: the trainer's choice)")
     p.add_argument("--eval_batches_per_call", type=int, default=0,
                    help="JAX eval batches per jitted call (0: the trainer's choice for a 10,000-image split)")
+    p.add_argument("--jax_layers", default="auto", help="JAX model layers: auto (the CPU kernels on CPU, XLA's stock "
+                   "operations elsewhere), stock or cpu_kernels on any device (default: %(default)s)")
     p.add_argument("--data", help="CIFAR-100 npz for --modes epoch (its 40,000-image training split)")
     p.add_argument("--epoch_images", type=int, default=10_000, help="random images per epoch without --data")
     p.add_argument("--workers", type=int, default=-1, help="PyTorch DataLoader workers (default: the number of cores)")
@@ -46,6 +48,7 @@ def check(opts):
     cases = parse_cases(opts.cases, opts.models, opts.sizes)
     modes = choices("--modes", opts.modes, MODES)
     frameworks = choices("--frameworks", opts.frameworks, FRAMEWORKS)
+    choices("--jax_layers", opts.jax_layers, JAX_LAYERS)
     for name in ("batch_size", "eval_batch_size", "steps"):
         if getattr(opts, name) < 1:
             raise BenchError(f"--{name}={getattr(opts, name)} must be at least 1")

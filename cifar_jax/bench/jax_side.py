@@ -274,17 +274,26 @@ class JaxSide:
 
 
 def run_jax(cases, modes, opts, epoch_data, log, record) -> None:
+    import contextlib
+
     import jax
+
+    from cifar_jax.models import layers
 
     cache_was_on = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # measure compilation, not a cache hit
+    forced = contextlib.nullcontext() if opts.jax_layers == "auto" else layers.forced(opts.jax_layers)
     try:
-        for case in cases:
-            side = JaxSide(case, opts, num_train(modes, epoch_data))
-            for mode in modes:
-                log(f"jax {mode} {case}")
-                record(side.epoch(opts, case, *epoch_data) if mode == "epoch" else getattr(side, mode)(opts, case))
-            del side
-            jax.clear_caches()
+        with forced:
+            for case in cases:
+                side = JaxSide(case, opts, num_train(modes, epoch_data))
+                for mode in modes:
+                    log(f"jax {mode} {case}")
+                    result = side.epoch(opts, case, *epoch_data) if mode == "epoch" else getattr(side, mode)(opts, case)
+                    if opts.jax_layers != "auto":
+                        result["variant"] += f", {opts.jax_layers} layers"
+                    record(result)
+                del side
+                jax.clear_caches()
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was_on)

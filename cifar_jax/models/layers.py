@@ -9,6 +9,8 @@ faster (`jax.lax.platform_dependent` chooses when the program is lowered).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,8 +33,27 @@ def torch_default_bias_init(fan_in: int):
     return init
 
 
+_forced = None  # 'stock' or 'cpu_kernels' on every backend, inside `forced`
+
+
+@contextlib.contextmanager
+def forced(which: str):
+    """Trace models with XLA's stock operations ('stock') or the CPU kernels ('cpu_kernels') on
+    every backend: how the benchmark compares the two on one device."""
+    global _forced
+    if which not in ("stock", "cpu_kernels"):
+        raise ValueError(f"unknown layers {which!r}; valid: stock, cpu_kernels")
+    previous, _forced = _forced, which
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
 def _on_cpu(cpu, stock, *args):
-    """`cpu(*args)` in programs compiled for the CPU, `stock(*args)` elsewhere."""
+    """`cpu(*args)` in programs compiled for the CPU, `stock(*args)` elsewhere (or as `forced`)."""
+    if _forced is not None:
+        return cpu(*args) if _forced == "cpu_kernels" else stock(*args)
     return jax.lax.platform_dependent(*args, cpu=cpu, default=stock)
 
 
