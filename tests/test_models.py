@@ -122,6 +122,21 @@ def test_max_pool_equals_reduce_window(window, stride, padding, size):
     np.testing.assert_array_equal(*grads)
 
 
+def _assert_convolution_and_gradients_equal_xla(conv, kernel, stride, padding, size, in_ch, out_ch):
+    """`conv(x, k, strides, pads)` against XLA's convolution and its autodiff gradients, float64."""
+    rng = np.random.default_rng(0)
+    x, k = jnp.asarray(rng.normal(size=(3, size, size, in_ch))), jnp.asarray(rng.normal(size=(kernel, kernel, in_ch, out_ch)))
+    strides, pads = (stride, stride), ((padding, padding), (padding, padding))
+    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, k: conv(x, k, strides, pads)
+    assert ours(x, k).shape == ref(x, k).shape
+    np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-12, atol=1e-12)
+    dy = jnp.asarray(rng.normal(size=ref(x, k).shape))
+    for got, want in zip(jax.vjp(ours, x, k)[1](dy), jax.vjp(ref, x, k)[1](dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    return ours, x, k
+
+
 @pytest.mark.parametrize(
     "kernel,stride,padding,size",
     [(3, 1, 1, 2), (3, 2, 1, 4), (3, 2, 1, 3), (3, 1, 1, 1), (7, 2, 3, 4), (1, 1, 0, 8), (1, 2, 0, 7), (1, 2, 0, 8)],
@@ -130,17 +145,9 @@ def test_conv_as_patch_matmul_equals_xla_convolution(x64, kernel, stride, paddin
     """On CPU, 1x1 convolutions and those with outputs of at most 2x2 pixels run as a patch matmul."""
     from cifar_jax.models.cpu_kernels import conv
 
-    rng = np.random.default_rng(0)
-    x, k = jnp.asarray(rng.normal(size=(3, size, size, 6))), jnp.asarray(rng.normal(size=(kernel, kernel, 6, 8)))
-    strides, pads = (stride, stride), ((padding, padding), (padding, padding))
-    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, k: conv(x, k, strides, pads)
+    ours, x, k = _assert_convolution_and_gradients_equal_xla(conv, kernel, stride, padding, size, 6, 8)
     assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, k))  # the patch matmul, not XLA's convolution
-    assert ours(x, k).shape == ref(x, k).shape and (kernel == 1 or max(ref(x, k).shape[1:3]) <= 2)
-    np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-12, atol=1e-12)
-    dy = jnp.asarray(rng.normal(size=ref(x, k).shape))
-    for got, want in zip(jax.vjp(ours, x, k)[1](dy), jax.vjp(ref, x, k)[1](dy)):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert kernel == 1 or max(ours(x, k).shape[1:3]) <= 2
 
 
 @pytest.mark.parametrize(
@@ -149,15 +156,10 @@ def test_conv_as_patch_matmul_equals_xla_convolution(x64, kernel, stride, paddin
 def test_conv_nhwc_gradients_equal_autodiff_of_xla_convolution(x64, kernel, stride, padding, size):
     from cifar_jax.models.cpu_kernels import conv_nhwc
 
-    rng = np.random.default_rng(0)
-    x, k = jnp.asarray(rng.normal(size=(3, size, size, 5))), jnp.asarray(rng.normal(size=(kernel, kernel, 5, 4)))
+    ours, x, k = _assert_convolution_and_gradients_equal_xla(conv_nhwc, kernel, stride, padding, size, 5, 4)
     strides, pads = (stride, stride), ((padding, padding), (padding, padding))
-    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, k: conv_nhwc(x, k, strides, pads)
-    dy = jnp.asarray(rng.normal(size=ref(x, k).shape))
-    np.testing.assert_array_equal(ours(x, k), ref(x, k))
-    for got, want in zip(jax.vjp(ours, x, k)[1](dy), jax.vjp(ref, x, k)[1](dy)):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    xla = jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_array_equal(ours(x, k), xla)  # the forward pass is XLA's convolution itself
 
 
 def _conv_layouts(fn, *args) -> list[str]:
