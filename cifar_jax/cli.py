@@ -10,10 +10,8 @@ from pathlib import Path
 DEFAULT_CACHE = "~/.cache/cifar_jax/xla"
 
 
-# XLA:CPU hands convolutions to YNNPACK by default; on our development CPU (2-core AMD EPYC with
-# AVX-512) its other convolution path was faster in every case measured (python -m cifar_jax.bench,
-# img/s): SimpleCNN train 678 -> 840, eval 2,406 -> 3,970; ResNet-34 (CIFAR stem) train 13.9 -> 17.3,
-# eval 52 -> 73; ResNet-50 @32 train 134 -> 154, eval 653 -> 910. Matmuls stay with YNNPACK. Only
+# XLA:CPU hands convolutions to YNNPACK by default; its other convolution path was faster in every
+# case measured (BENCHMARKS.md, "XLA flags tried on the SimpleCNN step"). Matmuls stay with YNNPACK. Only
 # for jaxlib 0.10 (where the flag was measured): XLA aborts on flags it does not know.
 CPU_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
@@ -107,7 +105,12 @@ def start(argv, compilation_cache: str | None) -> None:
 
 
 def fail(message: str) -> None:
-    """Exit with one line on stderr (status 2): what is wrong and how to fix it."""
+    """Exit with one line on stderr (status 2): what is wrong and how to fix it. After a Ctrl-C,
+    the error is likely its consequence (an import cut short): report the interrupt instead."""
+    from cifar_jax import runguard
+
+    if runguard.interrupted():
+        raise KeyboardInterrupt
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -136,6 +139,9 @@ def run(main, what: str) -> None:
     SIGINT handler saves a checkpoint) ends in one line and status 130, not a traceback."""
     from absl import app
 
+    from cifar_jax import runguard
+
+    runguard.catch_interrupts()
     try:
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:

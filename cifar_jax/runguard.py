@@ -45,6 +45,28 @@ class WorkdirLock:
             self._fd = None
 
 
+_interrupted = False  # a SIGINT arrived since `catch_interrupts`
+
+
+def _remember_interrupt(signum, frame):
+    global _interrupted
+    _interrupted = True
+    signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as Python's own handler raises
+
+
+def catch_interrupts() -> None:
+    """SIGINT raises KeyboardInterrupt as usual, and is also remembered: a library that swallows the
+    KeyboardInterrupt (an extension's import turns it into an ImportError, which an optional import
+    ignores) cannot lose it. An ignored SIGINT (a shell's background job) stays ignored."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _remember_interrupt)
+
+
+def interrupted() -> bool:
+    """Whether a SIGINT arrived since `catch_interrupts`, even if its KeyboardInterrupt was swallowed."""
+    return _interrupted
+
+
 class StopSignals:
     """Turns SIGTERM/SIGINT into a flag that the training loop checks at step boundaries (only in
     the main thread; elsewhere signals keep their default handling)."""
@@ -63,6 +85,8 @@ class StopSignals:
         return self.signum is not None
 
     def __enter__(self):
+        if interrupted():  # during start-up, and swallowed on the way: stop before training
+            raise KeyboardInterrupt
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -175,3 +175,32 @@ def test_ctrl_c_in_training_ends_in_one_line_without_a_traceback(tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "stopped by SIGINT" in err and "rerun the same command" in err.strip().splitlines()[-1]
+
+
+def test_an_interrupt_that_a_library_swallowed_still_stops_the_run_before_training(tmp_path, monkeypatch):
+    """Ctrl-C during start-up once left a run training on: an extension's import turns the
+    KeyboardInterrupt into an ImportError, which an optional import ignores. The interrupt is
+    remembered: training does not start, and an error it caused is reported as the interrupt."""
+    import signal
+    import time
+
+    from cifar_jax import cli, runguard, trainer
+    from tests.helpers import tiny_config
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever the worker had
+    monkeypatch.setattr(runguard, "_interrupted", False)
+    runguard.catch_interrupts()
+    try:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the KeyboardInterrupt comes at once
+        except KeyboardInterrupt:
+            pass  # swallowed, as by `except ImportError` around an optional import
+        assert runguard.interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
+        assert not (tmp_path / "metrics.jsonl").exists()
+        with pytest.raises(KeyboardInterrupt):
+            cli.fail("the --config file does not load (ImportError: Encountered an error while initializing the extension.)")
+    finally:
+        signal.signal(signal.SIGINT, previous)
