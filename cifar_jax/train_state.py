@@ -63,9 +63,7 @@ def build_model(config, num_classes: int | None = None, *, weights: bool = True)
     dtype = compute_dtype(config)
     if weights and config.model.pretrained:
         return pretrained.load(config.model.pretrained, num_classes, dtype=dtype, stem=config.model.stem, seed=config.seed)
-    model_config = config.model.copy_and_resolve_references()
-    model_config.num_classes = num_classes or config.model.num_classes
-    return models.from_config(model_config, dtype=dtype, seed=config.seed)
+    return models.from_config(config.model, num_classes, dtype=dtype, seed=config.seed)
 
 
 def make_tx(config, phase: Phase, steps_per_epoch: int):

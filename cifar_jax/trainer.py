@@ -143,7 +143,7 @@ class ChunksInFlight:
     def __init__(self, run: "Run", epoch: int, phase: Phase, first_step: int, sums):
         self.run, self.epoch, self.phase = run, epoch, phase
         self.size = run.chunk if first_step % run.chunk == 0 else 1  # a resumed epoch may start mid-chunk
-        self.lr = run.lrs(phase)[epoch - phase.first_epoch]
+        self.lr = run.phase_steps(phase)[1][epoch - phase.first_epoch]
         self.args = (run.train_x, run.train_y, pipeline.epoch_order(run.config.seed, epoch, run.n_train), jnp.int32(epoch))
         self.next_step, self.dispatched, self.stop_signum = first_step, 0, None
         self.seen_before = int(_to_host(sums)["count"]) if first_step else 0  # trained before a resume
@@ -155,12 +155,17 @@ class ChunksInFlight:
     def done(self) -> bool:
         return self.next_step >= self.run.steps_per_epoch
 
+    def starts_at(self, t: float) -> None:
+        """The epoch's time and its training time count from `t` (the previous epoch's end, read
+        after this epoch's first chunks were queued)."""
+        self.clock.mark("epoch", t)
+        self.clock.mark("train", t)
+
     def dispatch(self, state, sums):
         run_chunk = self.run.compiled_chunk(self.phase, self.size, state, sums, self.args)
         if not self.dispatched:
             self.clock.mark("train")
-        votes = steps.stop_votes(self.run.stop.signum, self.run.sharding)
-        state, sums, vote = run_chunk(state, sums, *self.args, jnp.int32(self.next_step), votes)
+        state, sums, vote = run_chunk(state, sums, *self.args, jnp.int32(self.next_step), self.run.votes(self.run.stop.signum))
         self._pending.append((sums, vote, self.next_step))
         self.next_step += self.size
         self.dispatched += 1
@@ -171,7 +176,7 @@ class ChunksInFlight:
         host = None
         while len(self._pending) > keep:
             sums, vote, first = self._pending.popleft()
-            host = _to_host(sums)
+            host, vote = _to_host((sums, vote))
             self.stop_signum = self.stop_signum or int(vote) or None
             if host["nonfinite_steps"]:
                 raise TrainingError(
@@ -226,6 +231,7 @@ class Run:
         )
         self._phase_steps = {}  # phase name -> (StepConfig, each epoch's lr)
         self._compiled = {}  # (phase name, steps per call) -> compiled chunk
+        self._votes = {}  # signal number or None -> this process's stop votes on the devices
         self.start_times = {}  # compile_s and first_step_s, reported in the first epoch's row
         self.previous_costs = {"host_s": None, "checkpoint_s": None}  # the host's work after the previous epoch
         self.stop = StopSignals()
@@ -239,19 +245,16 @@ class Run:
 
     # The train state and its phases.
 
-    def step_config(self, phase: Phase) -> steps.StepConfig:
+    def phase_steps(self, phase: Phase) -> tuple[steps.StepConfig, list[float]]:
+        """The step configuration of `phase` and the learning rate of each of its epochs, made once."""
         if phase.name not in self._phase_steps:
             cfg, schedule = step_config(self.config, phase, self.graphdefs, preprocess=self.preprocess, num_classes=self.num_classes,
                                         steps_per_epoch=self.steps_per_epoch, sharding=self.sharding)
             self._phase_steps[phase.name] = cfg, epoch_lrs(schedule, phase, self.steps_per_epoch)
-        return self._phase_steps[phase.name][0]
-
-    def lrs(self, phase: Phase) -> list[float]:
-        self.step_config(phase)
-        return self._phase_steps[phase.name][1]
+        return self._phase_steps[phase.name]
 
     def opt_state(self, phase: Phase, params):
-        return init_opt_state(self.step_config(phase).tx, params, self.graphdefs, phase, self.mesh)
+        return init_opt_state(self.phase_steps(phase)[0].tx, params, self.graphdefs, phase, self.mesh)
 
     def fresh_state(self, phase: Phase) -> dict:
         state = {"params": self.initial["params"], "batch_stats": self.initial["batch_stats"],
@@ -263,12 +266,18 @@ class Run:
 
     # The device's work.
 
+    def votes(self, signum: int | None):
+        """This process's stop vote for the chunks, put on the devices once per value."""
+        if signum not in self._votes:
+            self._votes[signum] = steps.stop_votes(signum, self.sharding)
+        return self._votes[signum]
+
     def compiled_chunk(self, phase: Phase, size: int, state, sums, args):
         """The jitted chunk of `size` steps of `phase`, compiled on first use (its time is logged)."""
         if (phase.name, size) not in self._compiled:
             t0 = time.perf_counter()
-            fn = steps.make_train_chunk(self.step_config(phase), size)
-            self._compiled[phase.name, size] = fn.lower(state, sums, *args, jnp.int32(0), steps.stop_votes(None, self.sharding)).compile()
+            fn = steps.make_train_chunk(self.phase_steps(phase)[0], size)
+            self._compiled[phase.name, size] = fn.lower(state, sums, *args, jnp.int32(0), self.votes(None)).compile()
             self.start_times["compile_s"] = round(time.perf_counter() - t0, 2)
             log.info("compiled the %s train step (%d steps per call) in %.1f s", phase.name, size, self.start_times["compile_s"])
         return self._compiled[phase.name, size]
@@ -382,9 +391,8 @@ class Run:
                         state, sums = chunks.dispatch(state, sums)
                         self.note_first_step(sums)
                         if ending is not None and (chunks.dispatched == config.run_ahead_chunks or chunks.done):
-                            self.end_epoch(ending)  # the device went on from that validation to this epoch
-                            chunks.clock.mark("epoch", ending.clock.at["end"])
-                            chunks.clock.mark("train", ending.clock.at["end"])
+                            self.end_epoch(ending)
+                            chunks.starts_at(ending.clock.at["end"])  # the device went on from that validation
                             ending = None
                         if ending is None:
                             chunks.read(keep=1)

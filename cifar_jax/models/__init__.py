@@ -39,10 +39,11 @@ def create(name: str, num_classes: int = 100, *, dtype="float32", seed: int = 0,
     return MODELS[name](num_classes, dtype=jnp.dtype(dtype), rngs=rngs or nnx.Rngs(seed), **options)
 
 
-def from_config(model_config, *, dtype="float32", seed: int = 0):
-    """`create` with the options of `config.model` that the architecture takes (a SimpleCNN has no stem)."""
+def from_config(model_config, num_classes: int | None = None, *, dtype="float32", seed: int = 0):
+    """`create` with the options of `config.model` that the architecture takes (a SimpleCNN has no
+    stem), for `num_classes` (default: the config's)."""
     options = {key: model_config[key] for key in OPTIONS[model_config.name]}
-    return create(model_config.name, model_config.num_classes, dtype=dtype, seed=seed, **options)
+    return create(model_config.name, num_classes or model_config.num_classes, dtype=dtype, seed=seed, **options)
 
 
 def count_params(model: nnx.Module) -> int:

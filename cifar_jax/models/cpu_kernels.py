@@ -36,15 +36,16 @@ def conv_nhwc(x, kernel, strides, padding):
     gives them other layouts, which XLA:CPU rewrites into that one only outside loops; inside a
     fori_loop of training steps they ran XLA's naive convolution. Outside loops the gradients are
     bit-identical to autodiff's."""
-    return _conv(x, kernel, strides, padding)
+    return xla_conv(x, kernel, strides, padding)
 
 
-def _conv(x, kernel, strides, padding, **dilation):
+def xla_conv(x, kernel, strides, padding, **dilation):
+    """XLA's convolution of NHWC `x` by an HWIO kernel (what runs off the CPU, and in `conv_nhwc`)."""
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **dilation)
 
 
 def _conv_nhwc_fwd(x, kernel, strides, padding):
-    return _conv(x, kernel, strides, padding), (x, kernel)
+    return xla_conv(x, kernel, strides, padding), (x, kernel)
 
 
 def _conv_nhwc_bwd(strides, padding, residuals, dy):
@@ -54,11 +55,11 @@ def _conv_nhwc_bwd(strides, padding, residuals, dy):
     reach = [k + s * (o - 1) - size - low
              for k, s, o, size, (low, _) in zip(kernel.shape[:2], strides, dy.shape[1:3], x.shape[1:3], padding)]
     # dX: dy, dilated by the stride, convolved with the kernel flipped in space and transposed (O, I).
-    dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), (1, 1),
+    dx = xla_conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), (1, 1),
                [(k - 1 - low, k - 1 - r) for k, (low, _), r in zip(kernel.shape[:2], padding, reach)], lhs_dilation=strides)
     # dK[i, j, c, o] = sum over n, h, w of x_padded[n, s*h + i, s*w + j, c] * dy[n, h, w, o]: a
     # convolution of x as (C, H, W, N) by dy as an (Ho, Wo, N, O) kernel dilated by the stride.
-    dk = _conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
+    dk = xla_conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
                [(low, r) for (low, _), r in zip(padding, reach)], rhs_dilation=strides)
     return dx, jnp.transpose(dk, (1, 2, 0, 3))
 

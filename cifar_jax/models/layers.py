@@ -64,10 +64,8 @@ class Conv(nnx.Conv):
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), self.kernel[...].astype(dtype)
 
-        def stock(x, kernel):
-            return jax.lax.conv_general_dilated(x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-        y = _on_cpu(lambda x, k: cpu_kernels.conv(x, k, self.strides, self.padding), stock, x, kernel)
+        y = _on_cpu(lambda x, k: cpu_kernels.conv(x, k, self.strides, self.padding),
+                    lambda x, k: cpu_kernels.xla_conv(x, k, self.strides, self.padding), x, kernel)
         return y + self.bias[...].astype(dtype) if self.use_bias else y
 
 
