@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     src.add_argument("--state-dict", help="path to a torchvision state_dict (.pth, .pt or .safetensors)")
     parser.add_argument("--num_classes", type=int, default=None, help="replace the head (default: keep the source's)")
     parser.add_argument("--out", required=True, help="output directory (new, or replaced with --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the converted weights already in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the converted weights already in --out (never other files)")
     args = parser.parse_args(argv)
 
     source = args.weights or args.state_dict
@@ -34,8 +34,13 @@ def main(argv=None) -> int:
             raise pretrained.ConversionError(f"--num_classes={args.num_classes} must be a positive integer")
         if out.exists() and not out.is_dir():
             raise pretrained.ConversionError(f"--out {out} is a file; pass a directory")
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-            raise pretrained.ConversionError(f"--out {out} is not empty; pass --overwrite to replace it, or another --out")
+        if out.is_dir() and any(out.iterdir()):
+            if not pretrained.holds_converted_weights(out):
+                raise pretrained.ConversionError(f"--out {out} holds other files than converted weights; it is never replaced: "
+                                                 f"pass another --out")
+            if not args.overwrite:
+                raise pretrained.ConversionError(f"--out {out} holds converted weights; pass --overwrite to replace them, "
+                                                 f"or another --out")
         model = pretrained.from_torchvision(args.arch, source, args.num_classes)
         num_classes = model.fc.kernel.shape[-1]
         meta = {"arch": args.arch, "num_classes": num_classes, "stem": "imagenet", "source": str(source)}

@@ -138,6 +138,11 @@ def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, skip=(
                 f"pass weights of a torchvision {arch}, or the matching --arch"
             )
         src = np.asarray(state_dict[key])
+        if not np.issubdtype(src.dtype, np.floating):
+            raise ConversionError(
+                f"source tensor {key!r} is {src.dtype}, not floating point: the file holds no trained {arch} weights "
+                f"(was it written with .long() or .bool()?); pass a state_dict of float tensors"
+            )
         expected = var[...].shape
         if _to_flax_layout(src).shape != expected:
             raise ConversionError(
@@ -174,12 +179,63 @@ def from_torchvision(arch: str, source, num_classes: int | None = None, **option
     return model
 
 
+def read_meta(weights_dir) -> dict:
+    """The checked `meta.json` of a converted-weights directory: FileNotFoundError when there is
+    none, ConversionError (one line naming the file) when it is not what `convert` writes."""
+    path = Path(weights_dir).absolute() / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path.parent} holds no converted weights (no meta.json); "
+            f"write them with `python -m cifar_jax.convert --arch ARCH --weights NAME --out {path.parent}`"
+        )
+    redo = "convert the weights again with `python -m cifar_jax.convert`"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({one_line(e, 80)}); {redo}") from None
+    if not isinstance(meta, dict):
+        raise ConversionError(f"{path} holds a JSON {type(meta).__name__}, not an object; {redo}")
+    missing = [key for key in ("arch", "num_classes", "stem") if key not in meta]
+    if missing:
+        raise ConversionError(f"{path} lacks {', '.join(missing)}; {redo}")
+    if meta["arch"] not in ARCHS or meta["stem"] not in ("imagenet", "cifar"):
+        raise ConversionError(f"{path}: arch={meta['arch']!r}, stem={meta['stem']!r} is no converted torchvision model; {redo}")
+    if not isinstance(meta["num_classes"], int) or meta["num_classes"] <= 0:
+        raise ConversionError(f"{path}: num_classes={meta['num_classes']!r} is not a positive integer; {redo}")
+    return meta
+
+
+def holds_converted_weights(path) -> bool:
+    """Whether `path` is a directory that `save` wrote: its meta.json and state, nothing else."""
+    path = Path(path)
+    return path.is_dir() and {p.name for p in path.iterdir()} == {"meta.json", "state"} and (path / "meta.json").is_file()
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging directories of `save`s into `out` whose process is gone (killed mid-write)."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = stale.name.rpartition("-")
+        if not (kind.endswith((".partial", ".old")) and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def save(model: nnx.Module, out_dir, meta: dict) -> Path:
-    """Write `model`'s variables (Orbax) and `meta.json` (arch, num_classes, stem, ...) to `out_dir`."""
+    """Write `model`'s variables (Orbax) and `meta.json` (arch, num_classes, stem, ...) to `out_dir`,
+    whole or not at all. An existing `out_dir` is replaced only if it holds converted weights."""
     import orbax.checkpoint as ocp
 
     out = Path(out_dir).absolute()
+    if out.exists() and not (holds_converted_weights(out) or (out.is_dir() and not any(out.iterdir()))):
+        raise ConversionError(f"{out} holds other files than converted weights (a meta.json and state); "
+                              f"it is never replaced: pass another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(out)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # written whole, then renamed into place
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -205,15 +261,9 @@ def load(weights_dir, num_classes: int | None = None, **options) -> nnx.Module:
     import orbax.checkpoint as ocp
 
     weights_dir = Path(weights_dir).absolute()
-    meta_path = weights_dir / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{weights_dir} holds no converted weights (no meta.json); "
-            f"write them with `python -m cifar_jax.convert --arch ARCH --weights NAME --out {weights_dir}`"
-        )
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(weights_dir)
     arch, saved_classes = meta["arch"], meta["num_classes"]
-    options.setdefault("stem", meta.get("stem", "imagenet"))
+    options.setdefault("stem", meta["stem"])
     saved = nnx.eval_shape(lambda: models.create(arch, saved_classes, stem=options["stem"]))
     restored = ocp.StandardCheckpointer().restore(weights_dir / "state", nnx.to_pure_dict(nnx.state(saved)))
     num_classes = num_classes or saved_classes

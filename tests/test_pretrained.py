@@ -1,5 +1,8 @@
 """torchvision -> Flax conversion against real torchvision models (random weights, no download)."""
 
+import os
+import subprocess
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +10,8 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
+
+import safetensors.numpy  # noqa: E402
 
 from cifar_jax import convert, pretrained  # noqa: E402
 
@@ -156,12 +161,21 @@ def test_load_without_converted_weights_says_how_to_make_them(tmp_path):
         pretrained.load(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["random_pth", "random_safetensors", "out_is_a_file", "negative_classes", "out_not_empty"])
+@pytest.mark.parametrize("case", ["random_pth", "random_safetensors", "out_is_a_file", "negative_classes", "out_not_empty",
+                                  "out_is_a_workdir", "int64_tensors", "bool_tensors"])
 def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(tmp_path, capsys, case):
     torch.save(_randomised_torchvision("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
     (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "noise.safetensors").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "a_file").write_text("keep")
+    workdir = tmp_path / "workdir"  # a training run: never replaced, --overwrite or not
+    (workdir / "checkpoints" / "1").mkdir(parents=True)
+    (workdir / "config.json").write_text("{}")
+    (workdir / "meta.json").write_text("{}")
+    safetensors.numpy.save_file({k: v.numpy().astype(np.int64) for k, v in _randomised_torchvision("resnet18").state_dict().items()},
+                                str(tmp_path / "int64.safetensors"))
+    safetensors.numpy.save_file({k: np.asarray(v.numpy() > 0) for k, v in _randomised_torchvision("resnet18").state_dict().items()},
+                                str(tmp_path / "bool.safetensors"))
     existing = tmp_path / "converted"
     assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing)]) == 0
     args, message = {
@@ -169,7 +183,13 @@ def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(tmp_pat
         "random_safetensors": (["--state-dict", str(tmp_path / "noise.safetensors"), "--out", str(tmp_path / "o")], "is not a readable .safetensors file"),
         "out_is_a_file": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "a_file")], "a_file is a file; pass a directory"),
         "negative_classes": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "o"), "--num_classes=-3"], "--num_classes=-3 must be a positive integer"),
-        "out_not_empty": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing), "--num_classes=7"], "is not empty; pass --overwrite"),
+        "out_not_empty": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing), "--num_classes=7"], "holds converted weights; pass --overwrite to replace them"),
+        "out_is_a_workdir": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(workdir), "--overwrite"],
+                             "holds other files than converted weights; it is never replaced"),
+        "int64_tensors": (["--state-dict", str(tmp_path / "int64.safetensors"), "--out", str(tmp_path / "o")],
+                          "source tensor 'bn1.bias' is int64, not floating point"),
+        "bool_tensors": (["--state-dict", str(tmp_path / "bool.safetensors"), "--out", str(tmp_path / "o")],
+                         "source tensor 'bn1.bias' is bool, not floating point"),
     }[case]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     capsys.readouterr()
@@ -186,6 +206,16 @@ def test_convert_overwrite_replaces_the_directory_whole(tmp_path):
     assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(out), "--num_classes=7", "--overwrite"]) == 0
     assert pretrained.load(out).fc.kernel.shape == (512, 7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "r18.pth"]
+
+
+def test_convert_removes_the_staging_directories_of_dead_processes_only(tmp_path):
+    torch.save(_randomised_torchvision("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for pid in (dead.pid, os.getppid()):  # a convert killed mid-write, and one still writing
+        (tmp_path / f".converted.partial-{pid}" / "state").mkdir(parents=True)
+    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "converted")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".converted.partial-{os.getppid()}", "converted", "r18.pth"])
 
 
 def test_converted_weights_do_not_share_memory_with_the_torch_model():
