@@ -35,6 +35,7 @@ def main(argv):
     cli.start(argv, _CACHE.value)
     import numpy as np
 
+    from cifar_jax import config as config_lib
     from cifar_jax import corruptions, data, evaluate
 
     # Everything that can fail on bad input, before any prediction or file is written.
@@ -42,6 +43,7 @@ def main(argv):
     try:
         run = evaluate.restore(_WORKDIR.value, _STEP.value if _STEP.value is not None else ("best" if _BEST.value else "latest"),
                                ema=_EMA.value)
+        history = config_lib.read_history(_WORKDIR.value)  # what resumes changed (num_epochs, ...)
         splits = data.load_splits(run.config.data)
         if not len(getattr(splits, _SPLIT.value)[0]):
             raise evaluate.EvalError(f"the run has no {_SPLIT.value} split (data.val_fraction={run.config.data.val_fraction}); use --split test")
@@ -63,13 +65,15 @@ def main(argv):
     images, labels = getattr(splits, _SPLIT.value)
     logits = logits_of(images)
     report = {"split": _SPLIT.value, "step": run.epoch, "weights": "ema" if _EMA.value else "trained", "tta": _TTA.value,
-              **evaluate.metrics(logits, labels, run.config.label_smoothing)}
+              **evaluate.metrics(logits, labels, run.config.label_smoothing), "config_changes": history}
     evaluate.per_class_csv(logits, labels, splits.label_names, staging / "per_class.csv")
     evaluate.plot_confusion(logits, labels, splits.label_names, staging / "confusion.png")
     evaluate.plot_reliability(logits, labels, staging / "reliability.png")
 
     print(f"{run.config.model.name} epoch {run.epoch}{' (weight average)' if _EMA.value else ''}, {_SPLIT.value} split "
           f"({report['n_examples']} images){' with TTA' if _TTA.value else ''}")
+    for change in history:
+        print(f"  resumed from epoch {change['from_epoch']} with changed settings: {change['effect']}")
     for key in ("top1_acc", "top5_acc", "loss", "ece"):
         print(f"  {key:<9} {report[key]:.4f}")
 

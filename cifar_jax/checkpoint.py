@@ -297,8 +297,27 @@ class Checkpoints:
     def clear_interrupted(self) -> None:
         shutil.rmtree(self.workdir / "interrupted", ignore_errors=True)
 
+    def on_disk(self) -> list[int]:
+        """The epochs whose checkpoint is complete on disk now (Orbax renames a write into place when done)."""
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) if self.directory.is_dir() else []
+
+    def check(self) -> None:
+        """Raise the error of a background write that failed, without waiting for one in progress."""
+        if not self.manager.is_saving_in_progress():
+            self._finish_writes()
+
     def wait(self):
-        self.manager.wait_until_finished()
+        """Wait for the background write; if it failed, remove its temporary directory (the space a
+        rerun needs) and raise its error."""
+        self._finish_writes()
+
+    def _finish_writes(self):
+        try:
+            self.manager.wait_until_finished()
+        except BaseException:
+            for partial in self.directory.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
 
     def close(self):
         self.manager.close()

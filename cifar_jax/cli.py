@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 DEFAULT_CACHE = "~/.cache/cifar_jax/xla"
@@ -34,8 +35,20 @@ def tune_xla_cpu() -> bool:
 
 def _not_from_orbax(record: logging.LogRecord) -> bool:
     """Orbax logs the traceback of a failed write or read itself (330 lines for a full disk) and then
-    raises it to us, and our entry points report every such error in one line."""
-    return f"{os.sep}orbax{os.sep}" not in record.pathname
+    raises it to us, and our entry points report every such error in one line. asyncio logs the
+    same error once more for each of Orbax's write tasks ("Task exception was never retrieved")."""
+    if f"{os.sep}orbax{os.sep}" in record.pathname:
+        return False
+    tb = record.exc_info[2] if record.exc_info else None
+    return not (tb and any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in traceback.extract_tb(tb)))
+
+
+def _unraisable_unless_orbax_shutdown(unraisable) -> None:
+    """After a failed write Orbax closes its event loop while TensorStore's other writes still call
+    back into it: each callback's "Event loop is closed" is noise beside the one error we report."""
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def setup_logging() -> None:
@@ -43,9 +56,10 @@ def setup_logging() -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)
-    absl_logger = logging.getLogger("absl")
-    if _not_from_orbax not in absl_logger.filters:
-        absl_logger.addFilter(_not_from_orbax)
+    for name in ("absl", "asyncio"):
+        if _not_from_orbax not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_not_from_orbax)
+    sys.unraisablehook = _unraisable_unless_orbax_shutdown
     logger = logging.getLogger("cifar_jax")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -7,6 +7,9 @@ before any data is loaded or anything compiled, and says in one line what is wro
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import ml_collections
 
 from cifar_jax import models
@@ -143,3 +146,98 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.image_size", c.data.image_size, "is too small for a ResNet (at least 32)")
     if c.head_only_epochs and c.model.name == "simple_cnn":
         _fail("head_only_epochs", c.head_only_epochs, "needs a pretrained ResNet backbone (model.pretrained)")
+
+
+# What a run's saved config.json must name: without them it describes no model and no data.
+REQUIRED_SAVED = ("model.name", "model.num_classes", "data.source", "num_epochs")
+# Keys a resumed run may change: how a run is executed, kept and reported, not what it computes.
+FREE_ON_RESUME = ("checkpoint.keep", "checkpoint.every_epochs", "run_ahead_chunks", "steps_per_call", "eval_batches_per_call",
+                  "eval_batch_size", "distributed", "wandb.mode", "wandb.project", "wandb.entity", "wandb.name")
+
+
+def flat(config) -> dict:
+    """{dotted key: value} of a ConfigDict (or dict), values as JSON has them (tuples as lists)."""
+    tree = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else config
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def from_json(path) -> ml_collections.ConfigDict:
+    """A run's saved config.json, over `base()` (a key it lacks takes base's value), validated.
+    A ValueError of one line naming the file for anything that is not such a config."""
+    path = Path(path)
+    redo = "restore it from a copy, or train in another --workdir"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); {redo}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); {redo}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a config object; {redo}")
+    values = flat(saved)
+    missing = [key for key in REQUIRED_SAVED if key not in values]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a config.json that train.py wrote; {redo}")
+    config = base()
+    known = flat(config)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{path} has keys this version does not know ({', '.join(unknown[:3])}); {redo}")
+    for key, value in values.items():
+        *sections, leaf = key.split(".")
+        target = config
+        for part in sections:
+            target = target[part]
+        try:
+            target[leaf] = tuple(value) if isinstance(known[key], list) else value
+        except TypeError:
+            raise ValueError(f"{path}: {key}={value!r} is not a {type(known[key]).__name__}; {redo}") from None
+    try:
+        validate(config)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
+
+
+def changes(saved, config) -> dict[str, tuple]:
+    """{dotted key: (saved value, new value)} of every key whose value differs."""
+    old, new = flat(saved), flat(config)
+    return {key: (old.get(key), new[key]) for key in new if old.get(key) != new[key]}
+
+
+CONFIG_HISTORY = "config_history.jsonl"  # in a run's workdir: the settings that resumes changed
+
+
+def record_change(workdir, from_epoch: int, from_step: int, changed: dict, effect: str) -> dict:
+    """Append to `<workdir>/config_history.jsonl` that the run goes on from `from_epoch` (1-based;
+    `from_step` within it) with `changed` ({key: (old, new)}); returns the record."""
+    import time
+
+    record = {"from_epoch": from_epoch, "from_step": from_step, "changed": {k: list(v) for k, v in changed.items()},
+              "effect": effect, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(Path(workdir) / CONFIG_HISTORY, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def read_history(workdir) -> list[dict]:
+    """The records of `record_change` in `workdir` (none: []); a ValueError naming the file if one does not read."""
+    path = Path(workdir) / CONFIG_HISTORY
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_bytes().splitlines()):
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not {"from_epoch", "changed", "effect"} <= set(record):
+                raise ValueError("lacks from_epoch, changed or effect")
+        except (UnicodeDecodeError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} line {i + 1} is not a record of a config change ({str(e)[:60]}); move the file aside") from None
+        records.append(record)
+    return records

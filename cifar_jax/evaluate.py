@@ -8,7 +8,6 @@ Every file is written atomically (a temporary name, then a rename): nothing is l
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cifar_jax import config as config_lib
 from cifar_jax import steps
 from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
@@ -48,7 +48,10 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise EvalError(f"{workdir} is not a training run directory (no config.json); pass the --workdir that train.py wrote")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    try:
+        return config_lib.from_json(path)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) -> Restored:
@@ -56,7 +59,7 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
     trained weights, or with `ema` the weight average that training kept (`ema_decay` > 0)."""
     workdir = Path(workdir)
     config = load_config(workdir)
-    if ema and not config.get("ema_decay", 0.0):
+    if ema and not config.ema_decay:
         raise EvalError(f"{workdir} was trained without a weight average (ema_decay=0); evaluate it without --ema")
     ckpts = Checkpoints(workdir, read_only=True)
     available = ckpts.epochs()

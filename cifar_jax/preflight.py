@@ -3,7 +3,6 @@ raising a ValueError of one line that says what is wrong and what to do."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import jax
 from cifar_jax import config as config_lib
 
 
-def check_before_start(config, workdir) -> None:
-    """Everything that can be checked without data or compilation; raises ValueError with one line."""
+def check_before_start(config, workdir) -> dict[str, tuple]:
+    """Everything that can be checked without data or compilation; raises ValueError with one line.
+    Returns the config keys that a resume in `workdir` changes (`check_resume`)."""
     config_lib.validate(config)
     n_dev = jax.device_count()
     if config.batch_size % n_dev or config.eval_batch_size % n_dev:
@@ -22,25 +22,52 @@ def check_before_start(config, workdir) -> None:
             f"by the {n_dev} devices; use a multiple of {n_dev}"
         )
     if config.model.pretrained:
-        meta_path = Path(config.model.pretrained) / "meta.json"
-        if not meta_path.is_file():
-            raise ValueError(f"config: model.pretrained={config.model.pretrained!r} holds no converted weights (no meta.json); make them with `python -m cifar_jax.convert`")
-        meta = json.loads(meta_path.read_text())
+        from cifar_jax import pretrained  # imports the models: only when weights are asked for
+
+        try:
+            meta = pretrained.read_meta(config.model.pretrained)
+        except FileNotFoundError:
+            raise ValueError(f"config: model.pretrained={config.model.pretrained!r} holds no converted weights (no meta.json); "
+                             f"make them with `python -m cifar_jax.convert`") from None
+        except pretrained.ConversionError as e:
+            raise ValueError(f"config: model.pretrained: {e}") from None
         if meta["arch"] != config.model.name:
             raise ValueError(f"config: model.pretrained holds {meta['arch']} weights but model.name={config.model.name!r}; set --config.model.name={meta['arch']}")
-        if meta.get("stem", "imagenet") != config.model.stem:
-            raise ValueError(f"config: model.pretrained was converted with stem={meta.get('stem')!r} but model.stem={config.model.stem!r}; pretrained weights need --config.model.stem={meta.get('stem')}")
+        if meta["stem"] != config.model.stem:
+            raise ValueError(f"config: model.pretrained was converted with stem={meta['stem']!r} but model.stem={config.model.stem!r}; pretrained weights need --config.model.stem={meta['stem']}")
     check_workdir(workdir)
-    saved = Path(workdir) / "config.json"
-    if saved.exists() and has_checkpoints(workdir):  # a run that saved nothing binds nothing
-        old = json.loads(saved.read_text())
-        for key in ("name", "num_classes", "stem"):
-            if old["model"][key] != config.model[key]:
-                raise ValueError(
-                    f"workdir {workdir} holds a run with model.{key}={old['model'][key]!r}, not {config.model[key]!r}; "
-                    f"use another --workdir to start a new run"
-                )
+    return check_resume(config, workdir)
 
+
+def check_resume(config, workdir) -> dict[str, tuple]:
+    """The keys a resume in `workdir` changes ({key: (saved, new)}), when it may change them: those
+    of `config_lib.FREE_ON_RESUME`, and `num_epochs` down to the epochs already trained (the
+    schedule then follows the new length from the next epoch on). Any other change is a ValueError,
+    before anything in the workdir is touched. A workdir without checkpoints binds nothing."""
+    saved_path = Path(workdir) / "config.json"
+    if not (saved_path.exists() and has_checkpoints(workdir)):
+        return {}
+    saved = config_lib.from_json(saved_path)
+    changed = config_lib.changes(saved, config)
+    refused = {k: v for k, v in changed.items() if k not in config_lib.FREE_ON_RESUME and k != "num_epochs"}
+    if refused:
+        listed = "; ".join(f"{k}={old!r} there, {new!r} now" for k, (old, new) in list(refused.items())[:3])
+        raise ValueError(
+            f"workdir {workdir} holds a run trained with other settings ({listed}); a resume may change only num_epochs "
+            f"and how the run is kept ({', '.join(config_lib.FREE_ON_RESUME[:3])}, ...): rerun with the settings in "
+            f"{saved_path}, or use another --workdir for the new settings"
+        )
+    trained = epochs_trained(workdir)
+    if config.num_epochs < trained:
+        raise ValueError(f"config: num_epochs={config.num_epochs} but workdir {workdir} already holds {trained} trained epochs; "
+                         f"use num_epochs >= {trained} (its config.json has {saved.num_epochs})")
+    return changed
+
+
+def epochs_trained(workdir) -> int:
+    """The newest epoch with a complete checkpoint in `workdir` (an interrupted epoch counts as begun, not trained)."""
+    directory = Path(workdir) / "checkpoints"
+    return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=0) if directory.is_dir() else 0
 
 
 def has_checkpoints(workdir) -> bool:

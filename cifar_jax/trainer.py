@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifar_jax import config as config_lib
 from cifar_jax import data, preflight, steps
 from cifar_jax.checkpoint import Checkpoints, Snapshot
 from cifar_jax.data import pipeline
@@ -57,12 +58,12 @@ def train_and_evaluate(config, workdir, *, progress: bool = True, cluster: dict 
     if cluster or config.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes' collectives
         jax.distributed.initialize(**(cluster or {}))  # without `cluster`: auto-detection
-    preflight.check_before_start(config, workdir)
+    changed = preflight.check_before_start(config, workdir)
     is_main = jax.process_index() == 0
     if not is_main:  # one lock per run: process 0 holds it for all
-        return Run(config, workdir, is_main, progress, t_start).train()
+        return Run(config, workdir, is_main, progress, t_start, changed).train()
     with WorkdirLock(workdir):
-        return Run(config, workdir, is_main, progress, t_start).train()
+        return Run(config, workdir, is_main, progress, t_start, changed).train()
 
 
 @dataclasses.dataclass
@@ -177,6 +178,7 @@ class ChunksInFlight:
         while len(self._pending) > keep:
             sums, vote, first = self._pending.popleft()
             host, vote = _to_host((sums, vote))
+            _save_or_fail(self.run.ckpts.check, self.run.ckpts)  # a failed background write stops the run at once
             self.stop_signum = self.stop_signum or int(vote) or None
             if host["nonfinite_steps"]:
                 raise TrainingError(
@@ -204,7 +206,7 @@ class Run:
     """One training run: the data and the model on the devices, and what the epoch loop (`train`)
     uses: compiled chunks, validation, checkpoints and logs."""
 
-    def __init__(self, config, workdir: Path, is_main: bool, progress: bool, t_start: float):
+    def __init__(self, config, workdir: Path, is_main: bool, progress: bool, t_start: float, changed: dict):
         self.config, self.workdir, self.is_main, self.progress, self.t_start = config, workdir, is_main, progress, t_start
         splits = data.load_splits(config.data)
         if splits.num_classes != config.model.num_classes:
@@ -213,8 +215,6 @@ class Run:
         if self.n_train < config.batch_size:
             raise ValueError(f"config: batch_size={config.batch_size} exceeds the {self.n_train} training examples")
         workdir.mkdir(parents=True, exist_ok=True)
-        if is_main:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
         self.mesh = pipeline.make_mesh()
         self.sharding = pipeline.batch_sharding(self.mesh)
@@ -239,9 +239,31 @@ class Run:
         self.ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
         self.start = resume(config, self.ckpts, self.fresh_state, self.zero_sums)
         self.resumed_epoch = self.ckpts.latest_epoch()  # the newest that restored (damaged ones were moved aside)
+        if is_main:  # the state matches the config: now it describes the run
+            self.save_config(changed)
         self.metrics_log = MetricsLog(workdir, resume_epoch=self.start.epoch, resume_row=self.start.row) if is_main else None
         self.tracker = Wandb(config, workdir, resume=self.resumed_epoch is not None) if is_main else None
         self.plotter = CurvesPlotter(workdir / "curves.png") if is_main else None
+
+    def save_config(self, changed: dict) -> None:
+        """Write config.json, and record what a resume changed in it (`config.record_change`)."""
+        _atomic_write(self.workdir / "config.json", self.config.to_json_best_effort(indent=2) + "\n")
+        if changed:
+            effect = "; ".join(self.change_effect(key, old, new) for key, (old, new) in changed.items())
+            record = config_lib.record_change(self.workdir, self.start.epoch + 1, self.start.step, changed, effect)
+            log.info("resumed with changed settings from epoch %d: %s", record["from_epoch"], effect)
+
+    def change_effect(self, key: str, old, new) -> str:
+        """What changing `key` on resume does, in a few words."""
+        if key != "num_epochs":
+            return f"{key} {old!r} -> {new!r}: what is computed stays the same"
+        start, schedule = self.start, self.config.schedule.name
+        if start.epoch >= self.config.num_epochs:
+            return f"num_epochs {old} -> {new}: nothing left to train"
+        lr = self.phase_steps(start.phase)[1][start.epoch - start.phase.first_epoch]
+        before = f" (epoch {start.row['epoch']} trained at lr {start.row['lr']:.3g})" if start.row else ""
+        return (f"num_epochs {old} -> {new}: the {schedule} schedule now spans {new} epochs; epoch {start.epoch + 1} "
+                f"trains at lr {lr:.3g}{before}")
 
     # The train state and its phases.
 
@@ -377,49 +399,56 @@ class Run:
         epoch_started = None  # when the previous epoch ended: the next one starts
         gc.freeze()  # what exists now lives to the end: out of the collector's way, checkpoints block less
         try:
-            with self.stop:
-                for epoch in range(start.epoch, config.num_epochs):
-                    if phase_of(config, epoch) != phase:  # a new phase: a new optimizer and schedule
-                        phase = phase_of(config, epoch)
-                        state["opt_state"] = self.opt_state(phase, state["params"])
-                        log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
-                    first_step = start.step if epoch == start.epoch else 0
-                    sums = start.sums if first_step else self.zero_sums()
-                    chunks = ChunksInFlight(self, epoch, phase, first_step, sums)
-                    chunks.clock.mark("epoch", epoch_started)
-                    while not chunks.done:
-                        state, sums = chunks.dispatch(state, sums)
-                        self.note_first_step(sums)
-                        if ending is not None and (chunks.dispatched == config.run_ahead_chunks or chunks.done):
-                            self.end_epoch(ending)
-                            chunks.starts_at(ending.clock.at["end"])  # the device went on from that validation
-                            ending = None
-                        if ending is None:
-                            chunks.read(keep=1)
-                        if chunks.stop_signum and not chunks.done:
-                            self.stop_mid_epoch(chunks, state, sums)
-                    end = chunks.finish(state, self.validate(state))  # validation queued behind the last chunk
-                    if self.can_run_ahead(epoch, phase, chunks):  # end the epoch once the next one's first chunks run
-                        t_copy = time.perf_counter()
-                        end.state = Snapshot.of(state) if self.checkpoint_due(epoch) else None  # the next chunk takes `state`
-                        end.copy_s = time.perf_counter() - t_copy
-                        ending, epoch_started = end, None
-                        continue
-                    meta = self.end_epoch(end)
-                    epoch_started = end.clock.at["end"]
-                    if chunks.stop_signum and epoch + 1 < config.num_epochs:
-                        self.stop_at_epoch_end(chunks.stop_signum, epoch, state, meta)
-            _save_or_fail(self.ckpts.wait, self.ckpts)  # the last checkpoints are written in the background
-        except BaseException:
-            if ending is not None:  # keep the finished epoch: write its checkpoint before giving up
+            with self.stop:  # the handlers stay until the last checkpoint is written: a stop then waits for it
                 try:
-                    self.end_epoch(ending)
-                except Exception:  # noqa: BLE001  (the first error is the one to report)
-                    log.exception("could not log and checkpoint epoch %d after the error below", ending.epoch + 1)
-            raise
+                    for epoch in range(start.epoch, config.num_epochs):
+                        if phase_of(config, epoch) != phase:  # a new phase: a new optimizer and schedule
+                            phase = phase_of(config, epoch)
+                            state["opt_state"] = self.opt_state(phase, state["params"])
+                            log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
+                        first_step = start.step if epoch == start.epoch else 0
+                        sums = start.sums if first_step else self.zero_sums()
+                        chunks = ChunksInFlight(self, epoch, phase, first_step, sums)
+                        chunks.clock.mark("epoch", epoch_started)
+                        while not chunks.done:
+                            state, sums = chunks.dispatch(state, sums)
+                            self.note_first_step(sums)
+                            if ending is not None and (chunks.dispatched == config.run_ahead_chunks or chunks.done):
+                                finished, ending = ending, None  # ended once, whatever happens in end_epoch
+                                self.end_epoch(finished)
+                                chunks.starts_at(finished.clock.at["end"])  # the device went on from that validation
+                            if ending is None:
+                                chunks.read(keep=1)
+                            if chunks.stop_signum and not chunks.done:
+                                self.stop_mid_epoch(chunks, state, sums)
+                        end = chunks.finish(state, self.validate(state))  # validation queued behind the last chunk
+                        if self.can_run_ahead(epoch, phase, chunks):  # end the epoch once the next one's first chunks run
+                            t_copy = time.perf_counter()
+                            end.state = Snapshot.of(state) if self.checkpoint_due(epoch) else None  # the next chunk takes `state`
+                            end.copy_s = time.perf_counter() - t_copy
+                            ending, epoch_started = end, None
+                            continue
+                        meta = self.end_epoch(end)
+                        epoch_started = end.clock.at["end"]
+                        if chunks.stop_signum and epoch + 1 < config.num_epochs:
+                            self.stop_at_epoch_end(chunks.stop_signum, epoch, state, meta)
+                    _save_or_fail(self.ckpts.wait, self.ckpts)  # the last checkpoints are written in the background
+                    if self.stop.requested:
+                        log.info("%s arrived after the last epoch: its checkpoint was written first; the run is complete",
+                                 signal.Signals(self.stop.signum).name)
+                except BaseException:
+                    if ending is not None:  # keep the finished epoch: write its checkpoint before giving up
+                        finished, ending = ending, None
+                        try:
+                            self.end_epoch(finished)
+                            self.ckpts.wait()
+                        except Exception:  # noqa: BLE001  (the first error is the one to report)
+                            log.exception("could not log and checkpoint epoch %d after the error below", finished.epoch + 1)
+                    raise
+                finally:
+                    self.close()
         finally:
             gc.unfreeze()
-            self.close()
         return self.summary()
 
     def close(self) -> None:
@@ -484,7 +513,7 @@ class Interrupted(Exception):
 _WRITE_ADVICE = {
     errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
     errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "use a writable --workdir",
-    errno.ENAMETOOLONG: "use a shorter --workdir",
+    errno.ENAMETOOLONG: "use a shorter --workdir", errno.EFBIG: "raise the file size limit (ulimit -f)",
 }
 
 
@@ -504,18 +533,27 @@ def write_errno(e: BaseException) -> int | None:
 
 
 def _save_or_fail(save, ckpts: Checkpoints) -> None:
-    """Run a checkpoint write (or wait for the background ones); turn an OS failure (a full disk, a
-    read-only directory, ...) into one clear TrainingError."""
+    """Run a checkpoint write (or wait for, or check on, the background ones); turn an OS failure (a
+    full disk, a read-only directory, ...) into one TrainingError that says which checkpoints remain."""
     try:
         save()
     except Exception as e:  # noqa: BLE001  (Orbax raises ValueError around TensorStore's OS errors)
         code = write_errno(e)
         if code is None:
             raise
+        kept = ckpts.on_disk()
+        remain = ("no checkpoint remains there" if not kept else f"the checkpoint of epoch {kept[0]} remains there" if len(kept) == 1
+                  else f"the checkpoints of epochs {', '.join(map(str, kept))} remain there")
         raise TrainingError(
-            f"could not write a checkpoint in {ckpts.directory} ({os.strerror(code)}); earlier checkpoints there are intact. "
+            f"could not write a checkpoint in {ckpts.directory} ({os.strerror(code)}); {remain}. "
             f"{_WRITE_ADVICE.get(code, 'fix that').capitalize()} and rerun to resume"
         ) from None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _fmt(x):

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.helpers import tiny_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -77,7 +79,7 @@ def test_missing_dataset_file_is_explained(tmp_path):
 
 
 def test_eval_without_checkpoint_says_so(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(tiny_config().to_json())
     out = subprocess.run([sys.executable, "eval.py", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "holds no complete checkpoint" in out.stderr
 
@@ -86,7 +88,6 @@ def test_batch_not_divisible_by_the_devices(monkeypatch, tmp_path):
     import jax
 
     from cifar_jax import preflight
-    from tests.helpers import tiny_config
 
     monkeypatch.setattr(jax, "device_count", lambda: 8)
     with pytest.raises(ValueError, match="batch_size=12 and eval_batch_size=16 must be divisible by the 8 devices; use a multiple of 8"):
@@ -185,7 +186,6 @@ def test_an_interrupt_that_a_library_swallowed_still_stops_the_run_before_traini
     import time
 
     from cifar_jax import cli, runguard, trainer
-    from tests.helpers import tiny_config
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever the worker had
     monkeypatch.setattr(runguard, "_interrupted", False)

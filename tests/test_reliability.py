@@ -113,9 +113,10 @@ def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(strai
 
 
 def test_nan_loss_stops_within_the_epoch_and_keeps_good_checkpoints(tmp_path):
-    trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
-    bad = tiny_config(num_epochs=2, **{"optimizer.lr": 1e30, "schedule.name": "constant"})
-    with pytest.raises(trainer.TrainingError, match=r"loss became NaN/Inf in epoch 2, steps \d-\d of 4 \(lr 1e\+30\)"):
+    # A warmup per epoch from lr 1e-3 (epoch 1) towards 1e30: epoch 2 trains at 5e29 and diverges.
+    bad = tiny_config(num_epochs=3, **{"optimizer.lr": 1e30, "schedule.name": "constant", "schedule.warmup_epochs": 2,
+                                       "schedule.warmup_start_factor": 1e-33})
+    with pytest.raises(trainer.TrainingError, match=r"loss became NaN/Inf in epoch 2, steps \d-\d of 4 \(lr 5e\+29\)"):
         trainer.train_and_evaluate(bad, tmp_path, progress=False)
     assert Checkpoints(tmp_path, read_only=True).epochs() == [1]
     assert evaluate.restore(tmp_path, "latest").epoch == 1
@@ -180,6 +181,7 @@ def test_sigterm_at_an_epoch_without_a_scheduled_checkpoint_saves_it(tmp_path, m
 
 def test_a_changed_optimizer_is_not_mistaken_for_damage(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
+    (tmp_path / "config.json").unlink()  # with it, the change is refused before any restore (test_nothing_lost)
     with pytest.raises(ValueError, match="no checkpoint .* restores into the configured model and optimizer.*was the config changed"):
         trainer.train_and_evaluate(tiny_config(num_epochs=2, **{"optimizer.name": "sgd"}), tmp_path, progress=False)
     assert Checkpoints(tmp_path, read_only=True).epochs() == [1]  # nothing moved aside
@@ -202,7 +204,7 @@ def test_a_full_disk_is_a_clear_error_and_earlier_checkpoints_stay(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Checkpoints, "save", no_space)
-    with pytest.raises(trainer.TrainingError, match="could not write a checkpoint .*No space left on device.*earlier checkpoints .* are intact"):
+    with pytest.raises(trainer.TrainingError, match=r"could not write a checkpoint .*\(No space left on device\); the checkpoint of epoch 1 remains there"):
         trainer.train_and_evaluate(tiny_config(num_epochs=2), tmp_path, progress=False)
     monkeypatch.undo()
     assert evaluate.restore(tmp_path, "latest").epoch == 1
@@ -307,7 +309,7 @@ def test_a_failed_write_of_the_last_checkpoint_is_an_error(tmp_path, monkeypatch
             raise ValueError("RESOURCE_EXHAUSTED: Error writing \"float32/0\": No space left on device [os_error_code='28']")
 
     monkeypatch.setattr(Checkpoints, "wait", wait_then_fail)
-    with pytest.raises(trainer.TrainingError, match=r"could not write a checkpoint in .*\(No space left on device\); earlier checkpoints there are intact. Free some space"):
+    with pytest.raises(trainer.TrainingError, match=r"could not write a checkpoint in .*\(No space left on device\); the checkpoints of epochs 1, 2 remain there. Free some space"):
         trainer.train_and_evaluate(tiny_config(num_epochs=2), tmp_path, progress=False)
 
 

@@ -1,0 +1,133 @@
+"""Stops and failures at the worst moments: every checkpoint whose metrics row was written stays,
+the workdir and its config.json are never destroyed, and the run says what really remains."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cifar_jax import config as config_lib
+from cifar_jax import evaluate, trainer
+from cifar_jax.checkpoint import Checkpoints
+from tests.helpers import ROOT, tiny_config
+
+
+def _train(workdir, *flags, env=None, file_size_kb=None, script="train.py"):
+    """train.py (or a probe that runs it) on tests/tiny_config.py; with `file_size_kb`, under that
+    limit of the size of any file it writes (a write past it fails with EFBIG, as on a full disk)."""
+    cmd = [sys.executable, os.path.join(ROOT, "tests", script) if script != "train.py" else "train.py",
+           "--config", "tests/tiny_config.py", f"--workdir={workdir}", "--progress=false", *flags]
+    if file_size_kb is not None:  # SIGXFSZ ignored: the write fails instead of killing the process
+        cmd = ["bash", "-c", f"trap '' XFSZ; ulimit -f {file_size_kb}; exec \"$@\"", "bash", *cmd]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["row:2", "final_wait"])
+def test_a_sigterm_after_the_last_row_waits_for_the_last_checkpoint(tmp_path, moment):
+    """The signal lands as the last epoch's row is written, or while the trainer waits for that
+    epoch's background checkpoint: the run completes it and ends as a finished run."""
+    out = _train(tmp_path, "--config.num_epochs=2", script="stop_probe.py", env={"PROBE_SIGNAL_AT": moment})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SIGTERM arrived after the last epoch: its checkpoint was written first" in out.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]  # no temporary directory left
+    assert evaluate.restore(tmp_path, "latest").epoch == 2
+    assert [r["epoch"] for r in _rows(tmp_path)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_background_checkpoint_write_that_fails_stops_the_run_at_once(tmp_path):
+    """The OS refuses the arrays of epoch 1's checkpoint (files over 2 MB, as on a full disk), in
+    Orbax's background write: the run stops in epoch 2 with one line, logs no epoch twice, says
+    that no checkpoint remains, and leaves no temporary directory taking the space."""
+    out = _train(tmp_path, "--config.num_epochs=3", file_size_kb=2000)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (f"error: could not write a checkpoint in {tmp_path / 'checkpoints'} (File too large); no checkpoint "
+                    f"remains there. Raise the file size limit (ulimit -f) and rerun to resume"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "epoch 2/3" not in out.stderr
+    assert [r["epoch"] for r in _rows(tmp_path)] == [1]
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    # With the space back, the same command trains from the start.
+    assert _train(tmp_path, "--config.num_epochs=1").returncode == 0
+    assert Checkpoints(tmp_path, read_only=True).epochs() == [1]
+
+
+# ------------------------------------------------------------------ config.json and changed keys
+
+
+def _train_in_process(workdir, **overrides):
+    return trainer.train_and_evaluate(tiny_config(**overrides), workdir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two")
+    _train_in_process(workdir, num_epochs=2)
+    return workdir
+
+
+@pytest.mark.parametrize("key,value", [("optimizer.name", "sgd"), ("ema_decay", 0.9), ("optimizer.lr", 0.1)])
+def test_a_refused_change_on_resume_touches_nothing_in_the_workdir(two_epochs, tmp_path, key, value):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_epochs, workdir)
+    before = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=rf"holds a run trained with other settings \({re.escape(key)}=.* there, "
+                                         rf"{re.escape(repr(value))} now\).*rerun with the settings in .*config.json"):
+        _train_in_process(workdir, num_epochs=3, **{key: value})
+    after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_extending_num_epochs_is_said_recorded_and_follows_the_new_schedule(two_epochs, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_epochs, workdir)
+    with caplog.at_level("INFO", logger="cifar_jax"):
+        rows = _train_in_process(workdir, num_epochs=4)
+    straight = _train_in_process(tmp_path / "straight", num_epochs=4)
+    # Epochs 1-2 ran under the 2-epoch cosine; 3-4 follow the 4-epoch one, as a straight 4-epoch run does.
+    assert [r["lr"] for r in rows] == [r["lr"] for r in _rows(two_epochs)] + [r["lr"] for r in straight[2:]]
+    effect = (f"num_epochs 2 -> 4: the cosine schedule now spans 4 epochs; epoch 3 trains at lr {straight[2]['lr']:.3g} "
+              f"(epoch 2 trained at lr {rows[1]['lr']:.3g})")
+    assert f"resumed with changed settings from epoch 3: {effect}" in caplog.text
+    assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 4
+    (record,) = config_lib.read_history(workdir)
+    assert (record["from_epoch"], record["from_step"], record["changed"], record["effect"]) == (3, 0, {"num_epochs": [2, 4]}, effect)
+
+
+def test_fewer_epochs_than_trained_are_refused(two_epochs):
+    with pytest.raises(ValueError, match=r"num_epochs=1 but workdir .* already holds 2 trained epochs; use num_epochs >= 2"):
+        trainer.train_and_evaluate(tiny_config(num_epochs=1), two_epochs, progress=False)
+
+
+def test_how_a_run_is_kept_may_change_on_resume_and_is_recorded(two_epochs, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_epochs, workdir)
+    _train_in_process(workdir, num_epochs=2, **{"checkpoint.keep": 1})
+    (record,) = config_lib.read_history(workdir)
+    assert record["changed"] == {"checkpoint.keep": [3, 1]} and "what is computed stays the same" in record["effect"]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"{}", "lacks model.name, model.num_classes, data.source, num_epochs: it is not a config.json that train.py wrote"),
+    (b'{"model": {"name": "simple_cnn",\n', "is not valid JSON (Expecting property name enclosed in double quotes, line 2"),
+    (b'{"model": "\xff"}', "is not UTF-8 text (byte 11)"),
+    (b"[1, 2]", "holds a JSON list, not a config object"),
+])
+def test_a_damaged_config_json_is_one_line_that_names_it(two_epochs, tmp_path, content, message):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_epochs, workdir)
+    (workdir / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{workdir / 'config.json'} {message}")):
+        trainer.train_and_evaluate(tiny_config(num_epochs=2), workdir, progress=False)
+    with pytest.raises(evaluate.EvalError, match=re.escape(f"{workdir / 'config.json'} {message}")):
+        evaluate.restore(workdir)
