@@ -45,8 +45,11 @@ def main(argv):
                                ema=_EMA.value)
         history = config_lib.read_history(_WORKDIR.value)  # what resumes changed (num_epochs, ...)
         splits = data.load_splits(run.config.data)
-        if not len(getattr(splits, _SPLIT.value)[0]):
-            raise evaluate.EvalError(f"the run has no {_SPLIT.value} split (data.val_fraction={run.config.data.val_fraction}); use --split test")
+        if not len(getattr(splits, _SPLIT.value)[0]) and _SPLIT.value == "val":
+            raise evaluate.EvalError(f"the run has no val split (data.val_fraction={run.config.data.val_fraction}); use --split test")
+        if not len(splits.test[0]) and (_SPLIT.value == "test" or _OOD.value or _CORRUPTIONS.value):
+            raise evaluate.EvalError(f"the run's data (data.source={run.config.data.source!r} {run.config.data.path}) has no test "
+                                     f"images; evaluate --split val, or add x_test/y_test to the data")
         distortions = evaluate.load_distortions(_OOD.value, splits.test[0].shape[1:]) if _OOD.value else []
         if _CORRUPTION_LIMIT.value < 0:
             raise evaluate.EvalError(f"--corruption_limit={_CORRUPTION_LIMIT.value} must be >= 0 (0: the whole test split)")

@@ -4,8 +4,8 @@ one mid-epoch checkpoint written when a run is stopped by a signal.
 Layout: `<workdir>/checkpoints/<epoch>/` holds one Orbax item per part of the train state,
 `params`, `batch_stats`, `opt_state` (and `ema` with a weight average), each a tree of named
 arrays that Orbax alone restores (README, "Restoring with Orbax alone"), plus `layout` (each
-array's path, dtype and shape) and `meta` (JSON: epoch, phase, that epoch's metrics row, and a
-checksum of every array). `<workdir>/interrupted/<global step>/` holds the mid-epoch state the
+array's path, dtype and shape) and `meta` (JSON: epoch, phase, that epoch's metrics row, a
+checksum of every array, and one of the meta itself, whose val_acc picks the best). `<workdir>/interrupted/<global step>/` holds the mid-epoch state the
 same way. Orbax writes each checkpoint to a temporary directory and renames it when complete, so
 a killed run never leaves a half-written checkpoint that restores. A restore checks the layout
 (naming the first difference), restores only the items asked for (evaluation needs no
@@ -16,9 +16,11 @@ optimizer state), and verifies the checksums: a checkpoint whose files changed o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -134,10 +136,35 @@ def _handlers() -> dict:
 
 def _save_args(state, meta: dict) -> ocp.args.Composite:
     """One item per top-level part of `state` (a dict, or a `Snapshot` of one), its layout, and
-    `meta` with the checksum of every array."""
+    `meta` sealed with the checksum of every array and its own."""
     tree, sums = (state.tree, state.checksums()) if isinstance(state, Snapshot) else (state, checksums(state))
     return ocp.args.Composite(**{k: ocp.args.PyTreeSave(v) for k, v in tree.items()},
-                              layout=ocp.args.JsonSave(layout(tree)), meta=ocp.args.JsonSave({**meta, "checksums": sums}))
+                              layout=ocp.args.JsonSave(layout(tree)), meta=ocp.args.JsonSave(_sealed(meta, sums)))
+
+
+def _json_checksum(meta: dict) -> int:
+    return zlib.crc32(json.dumps(meta, sort_keys=True).encode())
+
+
+def _sealed(meta: dict, sums: dict) -> dict:
+    """`meta` with the arrays' checksums, and a checksum of all that (its val_acc picks "best")."""
+    meta = {**meta, "checksums": sums}
+    return {**meta, "meta_checksum": _json_checksum(meta)}
+
+
+def _opened(meta: dict, where) -> dict:
+    """A meta that `_sealed` wrote, checked: DamagedCheckpoint if anything in it changed."""
+    body = {k: v for k, v in meta.items() if k != "meta_checksum"}
+    if "checksums" not in body or meta.get("meta_checksum") != _json_checksum(body):
+        raise DamagedCheckpoint(f"{where}: its meta (epoch, metrics row, array checksums) does not match the checksum saved "
+                                f"with it (its files changed on disk)")
+    return body
+
+
+def _read_meta(manager, step: int) -> dict:
+    """Checkpoint `step`'s meta, checked, with the arrays' checksums."""
+    return _opened(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"],
+                   Path(manager.directory) / str(step))
 
 
 def _without_checksums(meta: dict) -> dict:
@@ -151,14 +178,13 @@ def _restore_tree(manager, step: int, template):
     if (where / "arrays").is_dir():
         raise ValueError(f"{where} is in the packed format of earlier versions, which this one does not read; "
                          f"retrain, or evaluate it with the version that wrote it")
+    meta = _read_meta(manager, step)
     check_layout(manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"], template)
     args = {k: ocp.args.PyTreeRestore(abstract(v), restore_args=ocp.checkpoint_utils.construct_restore_args(abstract(v)))
             for k, v in template.items()}
-    restored = manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+    restored = manager.restore(step, args=ocp.args.Composite(**args))
     tree = {k: restored[k] for k in template}
-    meta = restored["meta"]
-    if "checksums" in meta:
-        verify(tree, meta["checksums"], where)
+    verify(tree, meta["checksums"], where)
     return tree, _without_checksums(meta)
 
 
@@ -187,7 +213,8 @@ class Checkpoints:
         self.manager.save(epoch, args=_save_args(state, meta), metrics={"val_acc": val_acc} if val_acc is not None else None)
 
     def meta(self, epoch: int) -> dict:
-        return _without_checksums(self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        """Checkpoint `epoch`'s meta (epoch, phase, metrics row), checked against its checksum."""
+        return _without_checksums(_read_meta(self.manager, epoch))
 
     def restore(self, epoch: int, template):
         """(state, meta) of `epoch`, restored with the structure and shardings of `template` (a dict
@@ -201,7 +228,7 @@ class Checkpoints:
             try:
                 acc = self.meta(epoch)["row"].get("val_acc")
             except Exception as e:  # noqa: BLE001  (a damaged checkpoint raises many types)
-                log.warning("checkpoint of epoch %d has no readable meta (%s: %s)", epoch, type(e).__name__, str(e)[:160])
+                log.warning("checkpoint of epoch %d has no readable meta (%s)", epoch, one_line(e, 400))
                 return (0, 0.0, 0)
             if which == "latest" or acc is None:
                 return (1, 0.0, epoch)
@@ -272,7 +299,7 @@ class Checkpoints:
             if step is None:
                 return None
             try:
-                meta = _without_checksums(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+                meta = _without_checksums(_read_meta(manager, step))
                 if not {"epoch", "next_step", "phase"} <= set(meta):
                     raise ValueError(f"its meta lacks {sorted({'epoch', 'next_step', 'phase'} - set(meta))}")
                 return meta

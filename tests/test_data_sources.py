@@ -206,6 +206,17 @@ def test_float_labels_are_refused_not_truncated(tmp_path):
         data.load("npz", tmp_path / "d.npz")
 
 
+@pytest.mark.parametrize("label,dtype", [(2**32 + 3, np.int64), (-1, np.int64), (2**63 + 3, np.uint64)])
+def test_a_label_that_int32_would_wrap_is_refused_before_the_cast(tmp_path, label, dtype):
+    """2**32+3 as int32 is 3, a valid class: the range is checked on the labels as stored."""
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    names = np.array(["a", "b", "c", "d"])
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1, label, 2], dtype), x_test=x, y_test=np.arange(4),
+             label_names=names)
+    with pytest.raises(data.DataError, match=rf"y_train has label {label} at index 2 \(1 such label\(s\)\)"):
+        data.load("npz", tmp_path / "d.npz")
+
+
 def test_cifar_meta_without_fine_label_names_is_named(tmp_path):
     x = np.zeros((4, 32, 32, 3), np.uint8)
     d = _write_cifar_python(tmp_path, x, np.arange(4), x, np.arange(4))

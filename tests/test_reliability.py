@@ -259,6 +259,23 @@ def test_eval_of_the_best_checkpoint_skips_a_damaged_or_empty_one(three_epochs, 
     assert f"checkpoint of epoch {second} has no readable meta" in caplog.text
 
 
+def test_an_edited_val_acc_in_a_checkpoint_meta_does_not_pick_the_best(three_epochs, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_epochs, workdir)
+    ckpts = Checkpoints(workdir, read_only=True)
+    best, *_, worst = ckpts.by_preference("best")
+    ckpts.close()
+    meta_file = workdir / "checkpoints" / str(worst) / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["row"]["val_acc"] = 0.99
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="cifar_jax"):
+        assert evaluate.restore(workdir, "best").epoch == best
+    assert f"checkpoints/{worst}: its meta (epoch, metrics row, array checksums) does not match the checksum" in caplog.text
+    with pytest.raises(evaluate.EvalError, match="its meta .* does not match the checksum saved with it"):
+        evaluate.restore(workdir, worst)
+
+
 def test_a_torn_last_metrics_line_is_dropped_and_the_rerun_goes_on(three_epochs, tmp_path, caplog):
     workdir = tmp_path / "run"
     shutil.copytree(three_epochs, workdir)

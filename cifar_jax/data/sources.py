@@ -67,6 +67,11 @@ def _labels(y, where: str) -> np.ndarray:
     y = np.asarray(y)
     if y.size and not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{where} holds {y.dtype} values; class labels must be integers (e.g. y.astype(np.int32))")
+    out_of_range = np.flatnonzero((y < 0) | (y > np.iinfo(np.int32).max)) if y.size else ()
+    if len(out_of_range):  # checked before the cast, which would wrap such a label onto a valid class
+        i = int(out_of_range[0])
+        raise DataError(f"{where} has label {y.flat[i]} at index {i} ({len(out_of_range)} such label(s)); class labels are "
+                        f"0..num_classes-1")
     return y.astype(np.int32)
 
 
