@@ -37,6 +37,7 @@ def main(argv):
 
     from cifar_jax import config as config_lib
     from cifar_jax import corruptions, data, evaluate
+    from cifar_jax import staging as stage
 
     # Everything that can fail on bad input, before any prediction or file is written.
     out = Path(_OUT.value or Path(_WORKDIR.value) / "eval").absolute()
@@ -104,7 +105,7 @@ def main(argv):
         print(f"  mean accuracy under corruption {report['corruptions']['mean']:.4f}")
 
     evaluate.atomic_write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
-    evaluate.publish(staging, out)  # all of this run's outputs replace all of the last one's
+    stage.publish(staging, out)  # all of this run's outputs replace all of the last one's
     print(f"report: {out / 'report.json'}")
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import logging
 import os
 import re
-import shutil
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from cifar_jax import config as config_lib
-from cifar_jax import steps
+from cifar_jax import staging, steps
 from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
 from cifar_jax.errors import one_line
@@ -56,42 +55,61 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) -> Restored:
     """The model of checkpoint `epoch` (an int, 'best' by validation accuracy, or 'latest'): its
-    trained weights, or with `ema` the weight average that training kept (`ema_decay` > 0)."""
+    trained weights, or with `ema` the weight average that training kept (`ema_decay` > 0).
+    A checkpoint that a train.py still running in `workdir` deletes while it is read (it keeps only
+    the last `checkpoint.keep`) is reported, and 'best' or 'latest' chosen again among those left."""
     workdir = Path(workdir)
     config = load_config(workdir)
     if ema and not config.ema_decay:
         raise EvalError(f"{workdir} was trained without a weight average (ema_decay=0); evaluate it without --ema")
-    ckpts = Checkpoints(workdir, read_only=True)
+    # Only the weights and statistics (or their average): evaluation builds no optimizer.
+    graphdefs, fresh = create_train_state(config, config.model.num_classes, mesh or pipeline.make_mesh(), weights=False)
+    template = {"ema": fresh["ema"]} if ema else {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
+    while True:
+        ckpts = Checkpoints(workdir, read_only=True)
+        try:
+            found, state, meta = _restore_one_of(ckpts, _candidates(ckpts, epoch, workdir), template, config)
+        finally:
+            ckpts.close()
+        if state is not None:
+            break
+        if epoch not in ("best", "latest"):
+            raise EvalError(f"checkpoint of epoch {found} in {workdir} was deleted while eval.py read it (a train.py running "
+                            f"there keeps only the last checkpoint.keep={config.checkpoint.keep}); pass another --step")
+        log.warning("checkpoint of epoch %d was deleted while eval.py read it (a train.py running in %s keeps only the last "
+                    "checkpoint.keep=%d); choosing the %s checkpoint again", found, workdir, config.checkpoint.keep, epoch)
+    weights = state["ema"] if ema else state
+    return Restored(config, graphdefs.eval, weights["params"], weights["batch_stats"], found, meta)
+
+
+def _candidates(ckpts: Checkpoints, epoch: int | str, workdir) -> list[int]:
+    """The checkpoints to try, in order: the one asked for, or all kept ones best (or newest) first."""
     available = ckpts.epochs()
     if not available:
         raise EvalError(f"{workdir} holds no complete checkpoint; train first (python train.py --config ... --workdir {workdir})")
     if epoch in ("best", "latest"):
-        candidates = ckpts.by_preference(epoch)  # a damaged one is skipped (reported) for the next
-    elif epoch in available:
-        candidates = [epoch]
-    else:
-        raise EvalError(f"no checkpoint of epoch {epoch} in {workdir}; available: {', '.join(map(str, available))}")
-    # Only the weights and statistics (or their average): evaluation builds no optimizer.
-    graphdefs, fresh = create_train_state(config, config.model.num_classes, mesh or pipeline.make_mesh(), weights=False)
-    template = {"ema": fresh["ema"]} if ema else {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
+        return ckpts.by_preference(epoch)  # a damaged one is skipped (reported) for the next
+    if epoch in available:
+        return [epoch]
+    raise EvalError(f"no checkpoint of epoch {epoch} in {workdir}; available: {', '.join(map(str, available))}")
+
+
+def _restore_one_of(ckpts: Checkpoints, candidates: list[int], template, config):
+    """(epoch, state, meta) of the first candidate that restores; (epoch, None, None) when one was
+    deleted while it was read (the caller chooses again). An EvalError when none restores."""
     failures = []
-    try:
-        for epoch in candidates:
-            try:
-                state, meta = ckpts.restore(epoch, template)
-                break
-            except Exception as e:  # noqa: BLE001  (Orbax raises many types for damaged or mismatched files)
-                failures.append(f"checkpoint {e}" if isinstance(e, DamagedCheckpoint) else
-                                f"checkpoint {ckpts.directory / str(epoch)} does not restore into {config.model.name} as configured "
-                                f"in config.json ({one_line(e, 200)})")
-            if len(candidates) > 1:
-                log.warning("%s; trying the next one", failures[-1])
-        else:
-            raise EvalError(failures[0] if len(failures) == 1 else f"none of the {len(failures)} checkpoints restores; {failures[0]}")
-    finally:
-        ckpts.close()
-    weights = state["ema"] if ema else state
-    return Restored(config, graphdefs.eval, weights["params"], weights["batch_stats"], epoch, meta)
+    for epoch in candidates:
+        try:
+            return epoch, *ckpts.restore(epoch, template)
+        except Exception as e:  # noqa: BLE001  (Orbax raises many types for damaged or mismatched files)
+            if not (ckpts.directory / str(epoch)).exists():
+                return epoch, None, None
+            failures.append(f"checkpoint {e}" if isinstance(e, DamagedCheckpoint) else
+                            f"checkpoint {ckpts.directory / str(epoch)} does not restore into {config.model.name} as configured "
+                            f"in config.json ({one_line(e, 200)})")
+        if len(candidates) > 1:
+            log.warning("%s; trying the next one", failures[-1])
+    raise EvalError(failures[0] if len(failures) == 1 else f"none of the {len(failures)} checkpoints restores; {failures[0]}")
 
 
 def predict(restored: Restored, images: np.ndarray, batch_size: int | None = None, mesh=None) -> np.ndarray:
@@ -156,21 +174,7 @@ def staging_dir(out: Path) -> Path:
         if foreign:
             raise EvalError(f"--out {out} holds files that eval.py did not write ({', '.join(foreign[:3])}); "
                             f"pass a new or empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    staging.mkdir()
-    return staging
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Replace `out` by `staging`: two renames (a kill between them leaves the old outputs whole, beside `out`)."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    return staging.new(out)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from cifar_jax import models
+from cifar_jax import staging as stage
 from cifar_jax.errors import one_line
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -211,20 +212,6 @@ def holds_converted_weights(path) -> bool:
     return path.is_dir() and {p.name for p in path.iterdir()} == {"meta.json", "state"} and (path / "meta.json").is_file()
 
 
-def _remove_stale_staging(out: Path) -> None:
-    """Remove the staging directories of `save`s into `out` whose process is gone (killed mid-write)."""
-    for stale in out.parent.glob(f".{out.name}.*-*"):
-        kind, _, pid = stale.name.rpartition("-")
-        if not (kind.endswith((".partial", ".old")) and pid.isdigit()) or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
 def save(model: nnx.Module, out_dir, meta: dict) -> Path:
     """Write `model`'s variables (Orbax) and `meta.json` (arch, num_classes, stem, ...) to `out_dir`,
     whole or not at all. An existing `out_dir` is replaced only if it holds converted weights."""
@@ -234,11 +221,7 @@ def save(model: nnx.Module, out_dir, meta: dict) -> Path:
     if out.exists() and not (holds_converted_weights(out) or (out.is_dir() and not any(out.iterdir()))):
         raise ConversionError(f"{out} holds other files than converted weights (a meta.json and state); "
                               f"it is never replaced: pass another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"  # written whole, then renamed into place
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = stage.new(out)
     try:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(staging / "state", nnx.to_pure_dict(nnx.state(model)))
@@ -247,11 +230,7 @@ def save(model: nnx.Module, out_dir, meta: dict) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    stage.publish(staging, out)
     return out
 
 

@@ -8,10 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from cifar_jax import config as config_lib
-from cifar_jax import evaluate, trainer
+from cifar_jax import evaluate, staging, trainer
 from cifar_jax.checkpoint import Checkpoints
 from tests.helpers import ROOT, tiny_config
 
@@ -131,3 +132,82 @@ def test_a_damaged_config_json_is_one_line_that_names_it(two_epochs, tmp_path, c
         trainer.train_and_evaluate(tiny_config(num_epochs=2), workdir, progress=False)
     with pytest.raises(evaluate.EvalError, match=re.escape(f"{workdir / 'config.json'} {message}")):
         evaluate.restore(workdir)
+
+
+# ------------------------------------------------------------------ eval.py beside other processes
+
+
+@pytest.fixture(scope="module")
+def three_kept(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("three")
+    _train_in_process(workdir, num_epochs=3, **{"checkpoint.keep": 3})
+    return workdir
+
+
+def _deleted_on_first_read(monkeypatch):
+    """Checkpoints.restore as a train.py with a small checkpoint.keep meets it: the first checkpoint
+    read is deleted under it."""
+    real, deleted = Checkpoints.restore, []
+
+    def restore(self, epoch, template):
+        if not deleted:
+            shutil.rmtree(self.directory / str(epoch))
+            deleted.append(epoch)
+        return real(self, epoch, template)
+
+    monkeypatch.setattr(Checkpoints, "restore", restore)
+    return deleted
+
+
+@pytest.mark.parametrize("which", ["best", "latest"])
+def test_eval_chooses_again_when_a_running_train_deletes_its_checkpoint(three_kept, tmp_path, monkeypatch, caplog, which):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_kept, workdir)
+    ckpts = Checkpoints(workdir, read_only=True)
+    first, second, _ = ckpts.by_preference(which)
+    ckpts.close()
+    deleted = _deleted_on_first_read(monkeypatch)
+    with caplog.at_level("WARNING", logger="cifar_jax"):
+        assert evaluate.restore(workdir, which).epoch == second
+    assert deleted == [first]
+    assert f"checkpoint of epoch {first} was deleted while eval.py read it" in caplog.text
+    assert "config.json" not in caplog.text
+
+
+def test_eval_of_a_named_checkpoint_deleted_while_read_says_so(three_kept, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_kept, workdir)
+    _deleted_on_first_read(monkeypatch)
+    with pytest.raises(evaluate.EvalError, match=r"checkpoint of epoch 2 .* was deleted while eval.py read it .*pass another --step"):
+        evaluate.restore(workdir, 2)
+
+
+def test_concurrent_writers_of_one_out_keep_each_others_staging(tmp_path):
+    """A second eval.py (or convert) with the same --out leaves a live writer's staging directory
+    alone, removes a dead one's, and each publish replaces the target whole."""
+    out = tmp_path / "eval"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = tmp_path / f".eval.partial-{os.getppid()}"
+    live.mkdir()
+    (live / "report.json").write_text("theirs")
+    (tmp_path / f".eval.partial-{dead.pid}").mkdir()
+    mine = staging.new(out)
+    (mine / "report.json").write_text("mine")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
+    staging.publish(mine, out)
+    staging.publish(live, out)  # the other writer finishes last: its outputs replace these whole
+    assert (out / "report.json").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["eval"]
+
+
+def test_eval_of_data_without_test_images_says_so(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y_train=np.arange(40) % 5,
+             x_test=np.zeros((0, 32, 32, 3), np.uint8), y_test=np.zeros((0,), np.int64))
+    _train_in_process(tmp_path / "run", num_epochs=1, **{"data.source": "npz", "data.path": str(tmp_path / "d.npz")})
+    out = subprocess.run([sys.executable, "eval.py", f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (f"error: the run's data (data.source='npz' {tmp_path / 'd.npz'}) has no test "
+                                                   f"images; evaluate --split val, or add x_test/y_test to the data")

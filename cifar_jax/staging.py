@@ -1,0 +1,57 @@
+"""Directories written whole or not at all: a staging directory beside the target, renamed into
+its place when complete (`convert`'s weights, `eval.py`'s outputs).
+
+A staging directory is named `.<target>.partial-<pid>`; one whose process is gone (killed
+mid-write) is removed by the next writer, one whose process is alive is left to it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_dead(target: Path) -> None:
+    """Remove the staging (and replaced) directories of writers of `target` whose process is gone."""
+    for stale in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, pid = stale.name.rpartition("-")
+        if kind.endswith((".partial", ".old")) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def new(target: Path) -> Path:
+    """A new, empty staging directory for `target` (of this process), after removing dead writers' ones."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead(target)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Replace `target` by `staging`: two renames under a lock, so that concurrent writers of one
+    target replace each other's results whole (the last one stays) and never lose their own; a
+    kill between the renames leaves the old contents whole, beside `target`."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    lock = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+    finally:
+        os.close(lock)
+    shutil.rmtree(old, ignore_errors=True)
