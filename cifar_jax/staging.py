@@ -46,7 +46,7 @@ def publish(staging: Path, target: Path) -> None:
     target replace each other's results whole (the last one stays) and never lose their own; a
     kill between the renames leaves the old contents whole, beside `target`."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
-    lock = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = os.open(target.parent, os.O_RDONLY)  # flock on the parent directory: no lock file left beside `target`
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
