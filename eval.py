@@ -13,7 +13,10 @@ import json
 import logging
 from pathlib import Path
 
-from absl import flags
+from cifar_jax import runguard
+
+runguard.defer_interrupts()  # a Ctrl-C during the imports is acted on once they are done (cli.run)
+from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by train.py")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint epoch to evaluate (default: the best)")

@@ -6,8 +6,11 @@ Orbax checkpoints; running the same command again resumes from the latest checkp
 
 from pathlib import Path
 
-from absl import flags
-from ml_collections import config_flags
+from cifar_jax import runguard
+
+runguard.defer_interrupts()  # a Ctrl-C during the imports is acted on once they are done (cli.run)
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py: the experiment", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (default: checkpoints/<config name>)")

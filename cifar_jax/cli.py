@@ -43,9 +43,13 @@ def _not_from_orbax(record: logging.LogRecord) -> bool:
     return not (tb and any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in traceback.extract_tb(tb)))
 
 
-def _unraisable_unless_orbax_shutdown(unraisable) -> None:
-    """After a failed write Orbax closes its event loop while TensorStore's other writes still call
-    back into it: each callback's "Event loop is closed" is noise beside the one error we report."""
+def _unraisable(unraisable) -> None:
+    """Exceptions Python cannot raise (printed as "Exception ignored in ..."), less two kinds of
+    noise: a KeyboardInterrupt that a garbage-collector callback dropped (`runguard` remembers it,
+    and it is reported in one line), and, after a failed write, each TensorStore callback into the
+    event loop that Orbax already closed ("Event loop is closed") beside the one error we report."""
+    if unraisable.exc_type is KeyboardInterrupt:
+        return
     if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
         return
     sys.__unraisablehook__(unraisable)
@@ -59,7 +63,6 @@ def setup_logging() -> None:
     for name in ("absl", "asyncio"):
         if _not_from_orbax not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_not_from_orbax)
-    sys.unraisablehook = _unraisable_unless_orbax_shutdown
     logger = logging.getLogger("cifar_jax")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -155,8 +158,9 @@ def run(main, what: str) -> None:
 
     from cifar_jax import runguard
 
-    runguard.catch_interrupts()
+    sys.unraisablehook = _unraisable
     try:
+        runguard.catch_interrupts()
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:
         print(f"interrupted (Ctrl-C) {what}; what was already saved is kept: rerun the same command", file=sys.stderr)

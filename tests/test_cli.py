@@ -204,3 +204,45 @@ def test_an_interrupt_that_a_library_swallowed_still_stops_the_run_before_traini
             cli.fail("the --config file does not load (ImportError: Encountered an error while initializing the extension.)")
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_during_the_first_imports_is_one_line_and_writes_nothing(tmp_path):
+    """A KeyboardInterrupt raised inside an extension module's import crashed the interpreter
+    (status -11) or printed a traceback: a SIGINT during an entry point's imports is only
+    remembered, then reported in one line once they are done, before anything is written."""
+    probe = (
+        "import os, runpy, signal, sys\n"
+        "from cifar_jax import runguard\n"
+        "runguard.defer_interrupts()  # as train.py's first lines do\n"
+        "os.kill(os.getpid(), signal.SIGINT)  # lands during the imports\n"
+        "import jax, numpy, optax  # heavy extension imports after it\n"
+        f"sys.argv = ['train.py', '--config', 'tests/tiny_config.py', '--workdir={tmp_path / 'run'}']\n"
+        "runpy.run_path('train.py', run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 130, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "interrupted (Ctrl-C) outside the training loop; what was already saved is kept: rerun the same command"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_that_a_garbage_collector_callback_drops_prints_no_traceback(capsys, monkeypatch):
+    """JAX's gc callback turns a KeyboardInterrupt into "Exception ignored in ..." and a traceback:
+    the interrupt is remembered (runguard) and reported in one line, so that print is noise.
+    Other exceptions that Python cannot raise are still printed."""
+    from cifar_jax import cli
+
+    class RaisesWhenCollected:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", cli._unraisable)
+    for exc in (KeyboardInterrupt(), RuntimeError("Event loop is closed")):
+        RaisesWhenCollected(exc)  # collected at once: Python hands the exception to sys.unraisablehook
+    assert capsys.readouterr().err == ""
+    RaisesWhenCollected(ValueError("a real problem"))
+    assert "ValueError: a real problem" in capsys.readouterr().err
