@@ -11,6 +11,7 @@ corruptions.png and the accuracy per corruption and severity in report.json.
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from cifar_jax import runguard
@@ -39,7 +40,7 @@ def main(argv):
     import numpy as np
 
     from cifar_jax import config as config_lib
-    from cifar_jax import corruptions, data, evaluate
+    from cifar_jax import corruptions, data, errors, evaluate
     from cifar_jax import staging as stage
 
     # Everything that can fail on bad input, before any prediction or file is written.
@@ -61,7 +62,7 @@ def main(argv):
     except (evaluate.EvalError, data.DataError, ValueError) as e:
         cli.fail(str(e))
     except OSError as e:
-        cli.fail(f"cannot write to --out {out} ({e.strerror or e}); pass a writable directory")
+        cli.fail(errors.write_failure(f"to --out {out}", e, "--out"))
     if _TTA.value and not run.config.data.augment.flip:
         logging.getLogger("cifar_jax").warning("--tta averages over horizontal mirrors, but this model was trained without flips "
                                                "(data.augment.flip=False): mirrored images are new to it")
@@ -69,46 +70,50 @@ def main(argv):
     def logits_of(images):
         return evaluate.tta_logits(run, images) if _TTA.value else evaluate.predict(run, images)
 
-    images, labels = getattr(splits, _SPLIT.value)
-    logits = logits_of(images)
-    report = {"split": _SPLIT.value, "step": run.epoch, "weights": "ema" if _EMA.value else "trained", "tta": _TTA.value,
-              **evaluate.metrics(logits, labels, run.config.label_smoothing), "config_changes": history}
-    evaluate.per_class_csv(logits, labels, splits.label_names, staging / "per_class.csv")
-    evaluate.plot_confusion(logits, labels, splits.label_names, staging / "confusion.png")
-    evaluate.plot_reliability(logits, labels, staging / "reliability.png")
+    try:  # a full disk or a file size limit while writing: one line, and the staging directory removed
+        images, labels = getattr(splits, _SPLIT.value)
+        logits = logits_of(images)
+        report = {"split": _SPLIT.value, "step": run.epoch, "weights": "ema" if _EMA.value else "trained", "tta": _TTA.value,
+                  **evaluate.metrics(logits, labels, run.config.label_smoothing), "config_changes": history}
+        evaluate.per_class_csv(logits, labels, splits.label_names, staging / "per_class.csv")
+        evaluate.plot_confusion(logits, labels, splits.label_names, staging / "confusion.png")
+        evaluate.plot_reliability(logits, labels, staging / "reliability.png")
 
-    print(f"{run.config.model.name} epoch {run.epoch}{' (weight average)' if _EMA.value else ''}, {_SPLIT.value} split "
-          f"({report['n_examples']} images){' with TTA' if _TTA.value else ''}")
-    for change in history:
-        print(f"  resumed from epoch {change['from_epoch']} with changed settings: {change['effect']}")
-    for key in ("top1_acc", "top5_acc", "loss", "ece"):
-        print(f"  {key:<9} {report[key]:.4f}")
+        print(f"{run.config.model.name} epoch {run.epoch}{' (weight average)' if _EMA.value else ''}, {_SPLIT.value} split "
+              f"({report['n_examples']} images){' with TTA' if _TTA.value else ''}")
+        for change in history:
+            print(f"  resumed from epoch {change['from_epoch']} with changed settings: {change['effect']}")
+        for key in ("top1_acc", "top5_acc", "loss", "ece"):
+            print(f"  {key:<9} {report[key]:.4f}")
 
-    if distortions:
-        predictions = logits_of(np.concatenate([x for _, x in distortions])).argmax(-1)  # one pass over all files
-        rows, start = [], 0
-        for name, x in distortions:
-            rows += evaluate.submission_rows(name, predictions[start:start + len(x)])
-            start += len(x)
-        evaluate.write_submission(rows, staging / "submission_ood.csv")
-        report["ood_rows"] = len(rows)
-        print(f"submission: {out / 'submission_ood.csv'} ({len(rows)} rows from {len(distortions)} files)")
+        if distortions:
+            predictions = logits_of(np.concatenate([x for _, x in distortions])).argmax(-1)  # one pass over all files
+            rows, start = [], 0
+            for name, x in distortions:
+                rows += evaluate.submission_rows(name, predictions[start:start + len(x)])
+                start += len(x)
+            evaluate.write_submission(rows, staging / "submission_ood.csv")
+            report["ood_rows"] = len(rows)
+            print(f"submission: {out / 'submission_ood.csv'} ({len(rows)} rows from {len(distortions)} files)")
 
-    if _CORRUPTIONS.value:
-        x_clean, y_clean = evaluate.subset(splits.test, _CORRUPTION_LIMIT.value)
-        accuracy = {}
-        for name in corruptions.NAMES:
-            accuracy[name] = [
-                float((logits_of(corruptions.corrupt(x_clean, name, s)).argmax(-1) == y_clean).mean()) for s in corruptions.SEVERITIES
-            ]
-            print(f"  {name:<15} " + " ".join(f"{a:.3f}" for a in accuracy[name]))
-        report["corruptions"] = {"n_examples": int(len(y_clean)), "accuracy": accuracy,
-                                 "mean": float(np.mean(list(accuracy.values())))}
-        evaluate.plot_corruption_heatmap(accuracy, staging / "corruptions.png")
-        print(f"  mean accuracy under corruption {report['corruptions']['mean']:.4f}")
+        if _CORRUPTIONS.value:
+            x_clean, y_clean = evaluate.subset(splits.test, _CORRUPTION_LIMIT.value)
+            accuracy = {}
+            for name in corruptions.NAMES:
+                accuracy[name] = [
+                    float((logits_of(corruptions.corrupt(x_clean, name, s)).argmax(-1) == y_clean).mean()) for s in corruptions.SEVERITIES
+                ]
+                print(f"  {name:<15} " + " ".join(f"{a:.3f}" for a in accuracy[name]))
+            report["corruptions"] = {"n_examples": int(len(y_clean)), "accuracy": accuracy,
+                                     "mean": float(np.mean(list(accuracy.values())))}
+            evaluate.plot_corruption_heatmap(accuracy, staging / "corruptions.png")
+            print(f"  mean accuracy under corruption {report['corruptions']['mean']:.4f}")
 
-    evaluate.atomic_write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
-    stage.publish(staging, out)  # all of this run's outputs replace all of the last one's
+        evaluate.atomic_write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
+        stage.publish(staging, out)  # all of this run's outputs replace all of the last one's
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        cli.fail(errors.write_failure(f"the outputs to --out {out}", e, "--out"))
     print(f"report: {out / 'report.json'}")
 
 

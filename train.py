@@ -33,11 +33,12 @@ def main(argv):
     from cifar_jax.runguard import WorkdirBusy
     from cifar_jax.trainer import Interrupted, TrainingError, train_and_evaluate
 
+    config = cli.loaded_config(_CONFIG)
     config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = _WORKDIR.value or str(Path("checkpoints") / config_name)
     try:
         cluster = {"coordinator_address": _COORDINATOR.value, "num_processes": _NUM_PROCESSES.value, "process_id": _PROCESS_ID.value}
-        train_and_evaluate(_CONFIG.value, workdir, progress=_PROGRESS.value,
+        train_and_evaluate(config, workdir, progress=_PROGRESS.value,
                            cluster=cluster if any(v is not None for v in cluster.values()) else None)
         logging.getLogger("cifar_jax").info(cli.compilation_summary())
     except Interrupted as e:

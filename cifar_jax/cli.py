@@ -151,6 +151,19 @@ def parse_flags(argv):
         fail(f"the --config file does not load ({one_line(e, 300)})")
 
 
+def loaded_config(holder):
+    """The --config flag's ConfigDict. ml_collections reports a config file that does not load (a
+    missing file, an import error in it) only when the config is first used: one line here."""
+    from cifar_jax.errors import one_line
+
+    try:
+        return holder.value.copy_and_resolve_references()  # an attribute of the value is where it raises
+    except OSError as e:
+        reasons = [line.strip() for line in str(e).splitlines() if line.strip().startswith("[Errno")]
+        fail(f"the --config file does not load ({reasons[-1] if reasons else one_line(e, 200)}); "
+             f"pass a config file such as configs/quickstart.py")
+
+
 def run(main, what: str) -> None:
     """absl's app.run(main) with our flag parsing, where Ctrl-C outside the training loop (whose own
     SIGINT handler saves a checkpoint) ends in one line and status 130, not a traceback."""

@@ -18,6 +18,7 @@ from cifar_jax.data import SOURCES, augment
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 DTYPES = ("auto", "float32", "bfloat16")
+MAX_EPOCHS = 100_000
 
 
 def base() -> ml_collections.ConfigDict:
@@ -115,6 +116,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
         value = c[key] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
         if not isinstance(value, int) or value <= 0:
             _fail(key, value, "must be a positive integer")
+    if c.num_epochs > MAX_EPOCHS:
+        _fail("num_epochs", c.num_epochs, f"is past any schedule; use at most {MAX_EPOCHS:,}")
+    if not isinstance(c.data.augment.crop_padding, int) or not 0 <= c.data.augment.crop_padding < c.data.image_size:
+        _fail("data.augment.crop_padding", c.data.augment.crop_padding, f"must be an integer in [0, data.image_size={c.data.image_size}) (0 = no crop)")
+    jitter = c.data.augment.color_jitter
+    if not (isinstance(jitter, (tuple, list)) and len(jitter) == 3 and all(isinstance(v, (int, float)) and v >= 0 for v in jitter)):
+        _fail("data.augment.color_jitter", jitter, "must be 3 numbers >= 0: (brightness, contrast, saturation), e.g. (0.4,0.4,0.4)")
     if not c.optimizer.lr > 0:
         _fail("optimizer.lr", c.optimizer.lr, "must be positive")
     if c.optimizer.weight_decay < 0:

@@ -115,7 +115,7 @@ def _restore_one_of(ckpts: Checkpoints, candidates: list[int], template, config)
 def predict(restored: Restored, images: np.ndarray, batch_size: int | None = None, mesh=None) -> np.ndarray:
     """float32 logits of every image (uint8 NHWC), preprocessed as in training (without augmentation)."""
     mesh = mesh or pipeline.make_mesh()
-    batch_size = batch_size or restored.config.eval_batch_size
+    batch_size = batch_size or pipeline.eval_batch_size(restored.config.eval_batch_size, len(images), mesh.size)
     run = steps.make_predict(
         restored.graphdef, preprocess=pipeline.Preprocess.from_config(restored.config.data),
         batch_size=batch_size, batches_per_call=steps.eval_batches_per_call(restored.config),

@@ -192,8 +192,10 @@ def read_meta(weights_dir) -> dict:
     redo = "convert the weights again with `python -m cifar_jax.convert`"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path} is not valid JSON ({one_line(e, 80)}); {redo}") from None
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path} is not UTF-8 text (byte {e.start}); {redo}") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); {redo}") from None
     if not isinstance(meta, dict):
         raise ConversionError(f"{path} holds a JSON {type(meta).__name__}, not an object; {redo}")
     missing = [key for key in ("arch", "num_classes", "stem") if key not in meta]

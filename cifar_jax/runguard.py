@@ -8,6 +8,8 @@ import signal
 import threading
 from pathlib import Path
 
+from cifar_jax.errors import write_failure
+
 
 class WorkdirBusy(RuntimeError):
     """Another process is training in this workdir."""
@@ -22,8 +24,11 @@ class WorkdirLock:
         self._fd = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(write_failure(f"the workdir's lock {self.path}", e)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -33,8 +38,12 @@ class WorkdirLock:
                 f"workdir {self.path.parent} is in use by another train.py (pid {holder}); "
                 f"wait for it to finish or pass another --workdir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            os.close(fd)
+            raise ValueError(write_failure(f"the workdir's lock {self.path}", e)) from None
         self._fd = fd
         return self
 

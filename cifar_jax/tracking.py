@@ -29,16 +29,22 @@ class MetricsLog:
 
     def read(self, path) -> list[dict]:
         """The rows of `path`; a torn last line is reported and left out, any other bad line is an error."""
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        lines = [line for line in Path(path).read_bytes().splitlines() if line.strip()]
         rows, self._torn = [], False
         for i, line in enumerate(lines):
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 if i + 1 < len(lines):
-                    raise ValueError(f"{path} line {i + 1} is not JSON ({line[:40]!r}); move the file aside to start its log anew") from None
+                    what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "not JSON"
+                    raise ValueError(f"{path} line {i + 1} is {what} ({line[:40].decode('utf-8', 'replace')!r}); move the file aside to start its log anew") from None
                 self._torn = True
                 log.warning("%s: its last line was cut short (a run was killed while writing it); dropped it", path)
+                continue
+            if not (isinstance(row, dict) and isinstance(row.get("epoch"), int)):
+                raise ValueError(f"{path} line {i + 1} is no metrics row (no epoch number: {line[:40].decode('utf-8', 'replace')!r}); move the file aside "
+                                 f"to start its log anew")
+            rows.append(row)
         return rows
 
     def _rewrite(self):

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import errno
 import gc
 import logging
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import config as config_lib
-from cifar_jax import data, preflight, steps
+from cifar_jax import data, errors, preflight, steps
 from cifar_jax.checkpoint import Checkpoints, Snapshot
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import StopSignals, WorkdirLock
@@ -222,11 +220,15 @@ class Run:
         self.val = tuple(pipeline.replicate(a, self.mesh) for a in splits.val) if len(splits.val[0]) else None
         self.preprocess = pipeline.Preprocess.from_config(config.data)
         self.steps_per_epoch = pipeline.steps_per_epoch(self.n_train, config.batch_size)
+        if config.num_epochs * self.steps_per_epoch >= 2**31:  # the optimizer's step count is int32
+            raise ValueError(f"config: num_epochs={config.num_epochs} makes {config.num_epochs * self.steps_per_epoch:,} steps of "
+                             f"batch {config.batch_size}, past the 2**31 a schedule counts; use fewer epochs")
         self.chunk = steps.steps_per_call(config, self.steps_per_epoch)
         self.num_classes = splits.num_classes
         self.graphdefs, self.initial = create_train_state(config, self.num_classes, self.mesh)
         self.eval_sums = steps.make_eval_sums(
-            self.graphdefs.eval, preprocess=self.preprocess, batch_size=config.eval_batch_size, num_classes=self.num_classes,
+            self.graphdefs.eval, preprocess=self.preprocess, num_classes=self.num_classes,
+            batch_size=pipeline.eval_batch_size(config.eval_batch_size, len(splits.val[0]), jax.device_count()),
             label_smoothing=config.label_smoothing, batches_per_call=steps.eval_batches_per_call(config), sharding=self.sharding,
         )
         self._phase_steps = {}  # phase name -> (StepConfig, each epoch's lr)
@@ -510,35 +512,13 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {name} at {where}; checkpoint saved in {workdir}; rerun the same command to resume")
 
 
-_WRITE_ADVICE = {
-    errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
-    errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "use a writable --workdir",
-    errno.ENAMETOOLONG: "use a shorter --workdir", errno.EFBIG: "raise the file size limit (ulimit -f)",
-}
-
-
-def write_errno(e: BaseException) -> int | None:
-    """The OS error number behind a failed write: an OSError anywhere in the chain, or the
-    `[os_error_code='N']` of TensorStore's messages (how Orbax reports a full disk)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno:
-            return e.errno
-        found = re.search(r"os_error_code='?(\d+)", str(e))
-        if found:
-            return int(found.group(1))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def _save_or_fail(save, ckpts: Checkpoints) -> None:
     """Run a checkpoint write (or wait for, or check on, the background ones); turn an OS failure (a
     full disk, a read-only directory, ...) into one TrainingError that says which checkpoints remain."""
     try:
         save()
     except Exception as e:  # noqa: BLE001  (Orbax raises ValueError around TensorStore's OS errors)
-        code = write_errno(e)
+        code = errors.write_errno(e)
         if code is None:
             raise
         kept = ckpts.on_disk()
@@ -546,7 +526,7 @@ def _save_or_fail(save, ckpts: Checkpoints) -> None:
                   else f"the checkpoints of epochs {', '.join(map(str, kept))} remain there")
         raise TrainingError(
             f"could not write a checkpoint in {ckpts.directory} ({os.strerror(code)}); {remain}. "
-            f"{_WRITE_ADVICE.get(code, 'fix that').capitalize()} and rerun to resume"
+            f"{errors.write_advice(code).capitalize()} and rerun to resume"
         ) from None
 
 

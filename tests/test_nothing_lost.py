@@ -14,6 +14,7 @@ import pytest
 from cifar_jax import config as config_lib
 from cifar_jax import evaluate, staging, trainer
 from cifar_jax.checkpoint import Checkpoints
+from cifar_jax.data import pipeline
 from tests.helpers import ROOT, tiny_config
 
 
@@ -211,3 +212,64 @@ def test_eval_of_data_without_test_images_says_so(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == (f"error: the run's data (data.source='npz' {tmp_path / 'd.npz'}) has no test "
                                                    f"images; evaluate --split val, or add x_test/y_test to the data")
+
+
+# ------------------------------------------------------------------ one line, naming the file
+
+
+def _limited(cmd, file_size_kb):
+    """`cmd` under a limit of the size of any file it writes (SIGXFSZ ignored: the write fails with EFBIG)."""
+    return subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f {file_size_kb}; exec \"$@\"", "bash", *cmd], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_a_workdir_that_cannot_be_written_at_start_up_is_one_line(tmp_path):
+    out = _limited([sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={tmp_path}"], 0)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        f"error: cannot write the workdir's lock {tmp_path / '.lock'} (File too large); raise the file size limit (ulimit -f)"]
+
+
+def test_eval_outputs_that_cannot_be_written_are_one_line_and_leave_nothing(two_epochs, tmp_path):
+    out = _limited([sys.executable, "eval.py", f"--workdir={two_epochs}", f"--out={tmp_path / 'eval'}"], 0)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (f"error: cannot write the outputs to --out {tmp_path / 'eval'} (File too large); "
+                                                   f"raise the file size limit (ulimit -f)")
+    assert "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.data.augment.crop_padding=-2", "config: data.augment.crop_padding=-2 must be an integer in [0, data.image_size=32)"),
+    ("--config.data.augment.color_jitter=(0.4,0.4)", "config: data.augment.color_jitter=(0.4, 0.4) must be 3 numbers >= 0"),
+    ("--config.num_epochs=1000000000000", "config: num_epochs=1000000000000 is past any schedule; use at most 100,000"),
+    ("--config=configs/nope.py", "the --config file does not load ([Errno 2] No such file or directory: 'configs/nope.py')"),
+])
+def test_a_bad_value_is_one_line_naming_the_key_or_file(tmp_path, override, message):
+    out = subprocess.run([sys.executable, "train.py", "--config", "tests/tiny_config.py", override, f"--workdir={tmp_path / 'run'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message}"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_eval_batch_larger_than_the_split_is_one_batch_of_the_split():
+    """eval_batch_size=2,000,000 ran out of memory after a whole epoch: a batch is never larger than
+    the split it evaluates (padded to the devices), which is all of it in one batch."""
+    assert pipeline.eval_batch_size(2_000_000, 10_000, 8) == 10_000
+    assert pipeline.eval_batch_size(2_000_000, 13, 8) == 16
+    assert pipeline.eval_batch_size(500, 10_000, 8) == 500
+    assert pipeline.eval_batch_size(500, 0, 8) == 8
+
+
+def test_a_pretrained_meta_json_that_lacks_arch_is_one_line(tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "meta.json").write_text('{"num_classes": 1000, "stem": "imagenet"}')
+    config = tiny_config(**{"model.name": "resnet18", "model.pretrained": str(weights)})
+    with pytest.raises(ValueError, match=re.escape(f"config: model.pretrained: {weights / 'meta.json'} lacks arch; convert")):
+        trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    (weights / "meta.json").write_text('{"arch": "resnet18",\n')
+    with pytest.raises(ValueError, match=re.escape(f"{weights / 'meta.json'} is not valid JSON (Expecting property name")):
+        trainer.train_and_evaluate(config, tmp_path / "run", progress=False)

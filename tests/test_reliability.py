@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -290,12 +291,14 @@ def test_a_torn_last_metrics_line_is_dropped_and_the_rerun_goes_on(three_epochs,
     _assert_same_run(workdir, three_epochs)
 
 
-def test_a_bad_metrics_line_before_the_last_is_one_clear_error(three_epochs, tmp_path):
+@pytest.mark.parametrize("bad,message", [(b"{oops", "is not JSON"), (b"{}", "is no metrics row (no epoch number"),
+                                         (b'{"epoch": 2, "x": "\xff"}', "is not UTF-8 text")])
+def test_a_bad_metrics_line_before_the_last_is_one_clear_error(three_epochs, tmp_path, bad, message):
     workdir = tmp_path / "run"
     shutil.copytree(three_epochs, workdir)
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    (workdir / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
-    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON .*move the file aside"):
+    lines = (workdir / "metrics.jsonl").read_bytes().splitlines()
+    (workdir / "metrics.jsonl").write_bytes(b"\n".join([lines[0], bad, *lines[1:]]) + b"\n")
+    with pytest.raises(ValueError, match=rf"metrics.jsonl line 2 {re.escape(message)}.*move the file aside"):
         trainer.train_and_evaluate(tiny_config(num_epochs=3), workdir, progress=False)
     assert Checkpoints(workdir, read_only=True).epochs() == [1, 2, 3]
 

@@ -85,6 +85,12 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
+def eval_batch_size(wanted: int, num_examples: int, num_devices: int) -> int:
+    """`wanted` (config.eval_batch_size), or less for a split that it exceeds: the split padded to a
+    multiple of the devices, one batch (a larger one is only padding, and may not fit in memory)."""
+    return max(min(wanted, -(-num_examples // num_devices) * num_devices), num_devices)
+
+
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
     """Evaluation pads the last batch and masks it: every example is counted exactly once."""
     return -(-num_examples // batch_size)
