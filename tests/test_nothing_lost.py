@@ -104,6 +104,11 @@ def test_extending_num_epochs_is_said_recorded_and_follows_the_new_schedule(two_
     assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 4
     (record,) = config_lib.read_history(workdir)
     assert (record["from_epoch"], record["from_step"], record["changed"], record["effect"]) == (3, 0, {"num_epochs": [2, 4]}, effect)
+    out = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--out={tmp_path / 'eval'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"resumed from epoch 3 with changed settings: {effect}" in out.stdout
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["config_changes"] == [record]
 
 
 def test_fewer_epochs_than_trained_are_refused(two_epochs):
