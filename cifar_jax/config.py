@@ -71,6 +71,7 @@ def base() -> ml_collections.ConfigDict:
     c.optimizer.momentum = 0.9  # sgd only
     c.optimizer.nesterov = False  # sgd only
     c.optimizer.decay_norm_and_bias = True  # False: no weight decay on BatchNorm scales/biases and biases
+    c.optimizer.clip_norm = 0.0  # > 0: clip the gradients' global norm first (torch.nn.utils.clip_grad_norm_)
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"
@@ -125,6 +126,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.augment.color_jitter", jitter, "must be 3 numbers >= 0: (brightness, contrast, saturation), e.g. (0.4,0.4,0.4)")
     if not c.optimizer.lr > 0:
         _fail("optimizer.lr", c.optimizer.lr, "must be positive")
+    if not c.optimizer.clip_norm >= 0:
+        _fail("optimizer.clip_norm", c.optimizer.clip_norm, "must be >= 0 (0 = no clipping)")
     if c.optimizer.weight_decay < 0:
         _fail("optimizer.weight_decay", c.optimizer.weight_decay, "must be >= 0")
     for key in ("mixup_alpha", "cutmix_alpha"):

@@ -8,6 +8,9 @@
              decay to min_lr, which suits short runs (with warmup: a one-cycle-like triangle)
     warmup = LinearLR(start_factor, total_iters=warmup) followed by the schedule (SequentialLR)
 
+`clip_norm` > 0 first scales the gradients as torch.nn.utils.clip_grad_norm_(max_norm=clip_norm)
+does before `optimizer.step()` (before the coupled L2 is added).
+
 `decay_norm_and_bias=False` exempts BatchNorm scales and biases and all biases (every parameter
 of one dimension) from weight decay, as PyTorch parameter groups with weight_decay=0 do.
 
@@ -56,14 +59,26 @@ def decayed(params):
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 
+def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: the gradients times min(1, max_norm / (global norm + 1e-6))."""
+
+    def update(updates, state, params=None):
+        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg, schedule) -> optax.GradientTransformation:
     wd = cfg.weight_decay
-    mask = None if cfg.get("decay_norm_and_bias", True) else decayed
+    mask = None if cfg.decay_norm_and_bias else decayed
     if cfg.name == "adamw":
-        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=mask)
-    if cfg.name == "adam":
-        core = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    else:  # sgd
-        core = optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity()
-    decay = optax.add_decayed_weights(wd, mask=mask) if wd else optax.identity()
-    return optax.chain(decay, core, optax.scale_by_learning_rate(schedule))
+        tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=mask)
+    else:
+        if cfg.name == "adam":
+            core = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        else:  # sgd
+            core = optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity()
+        decay = optax.add_decayed_weights(wd, mask=mask) if wd else optax.identity()
+        tx = optax.chain(decay, core, optax.scale_by_learning_rate(schedule))
+    return optax.chain(clip_grad_norm(cfg.clip_norm), tx) if cfg.clip_norm else tx

@@ -198,7 +198,7 @@ def test_concurrent_writers_of_one_out_keep_each_others_staging(tmp_path):
     live.mkdir()
     (live / "report.json").write_text("theirs")
     (tmp_path / f".eval.partial-{dead.pid}").mkdir()
-    mine = staging.new(out)
+    mine = evaluate.staging_dir(out)  # what eval.py makes before it writes
     (mine / "report.json").write_text("mine")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
     staging.publish(mine, out)

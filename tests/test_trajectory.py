@@ -46,9 +46,10 @@ def _models(arch):
     return _from_torch(arch, ref), ref.double().train()
 
 
-@pytest.mark.parametrize("arch", ["simple_cnn", "resnet18"])
-@pytest.mark.parametrize("optimizer,smoothing", [("adam", 0.0), ("adamw", 0.1)])
-def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
+def _train_both(arch, opt_overrides, torch_optimizer, smoothing=0.0, clip_norm=0.0):
+    """STEPS steps of our train step and of a PyTorch loop (with clip_grad_norm_ when `clip_norm`)
+    from the same weights on the same batches: (our losses, theirs, our state, our initial params,
+    the PyTorch model, the gradient norms PyTorch measured)."""
     digits = data.load("digits")  # real, learnable data: the loss must fall, so updates are really compared
     x_train, y_train = digits.x_train[: STEPS * BATCH], digits.y_train[: STEPS * BATCH]
     model, ref = _models(arch)
@@ -56,8 +57,8 @@ def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
     assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype("float64")}
 
     opt_cfg = config_lib.base().optimizer
-    opt_cfg.update(dict(name=optimizer, lr=1e-3, weight_decay=5e-4))
-    tx = optim.make_optimizer(opt_cfg, 1e-3)
+    opt_cfg.update(dict(opt_overrides, clip_norm=clip_norm))
+    tx = optim.make_optimizer(opt_cfg, opt_cfg.lr)
     # No augmentation: identical batches on both sides. ResNet-18 sees 16x16 (resized on device) to keep it quick.
     preprocess = pipeline.Preprocess(image_size=32 if arch == "simple_cnn" else 16)
     cfg = steps.StepConfig(graphdef, tx, None, preprocess, BATCH, CLASSES, smoothing, seed=0)
@@ -67,9 +68,9 @@ def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
     state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params)}
     metrics = steps.zero_metrics()
 
-    torch_opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW)(ref.parameters(), lr=1e-3, weight_decay=5e-4)
+    torch_opt = torch_optimizer(ref.parameters())
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
-    ours, theirs = [], []
+    ours, theirs, norms = [], [], []
     for s in range(STEPS):
         before = float(metrics["loss_sum"])
         state, metrics = step(state, metrics, images, labels, order, 0, s)
@@ -80,13 +81,16 @@ def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
         torch_opt.zero_grad()
         loss = criterion(ref(torch.from_numpy(x.copy()).double()), torch.from_numpy(y_train[idx]).long())
         loss.backward()
+        if clip_norm:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip_norm)))
         torch_opt.step()
         theirs.append(loss.item())
+    return ours, theirs, state, params, ref, norms
 
-    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
-    # The final weights and BatchNorm statistics agree too, and every kernel moved: Adam's steps of
-    # about lr (1e-3) each add up over 20 steps, far beyond the tolerance of the comparison. (A
-    # convolution's bias just before BatchNorm has no gradient: BatchNorm subtracts it again.)
+
+def _assert_same_weights_and_moved(arch, state, params, ref):
+    """The final weights and BatchNorm statistics agree, and every kernel moved far beyond the
+    tolerance (a convolution's bias just before BatchNorm has no gradient: BatchNorm subtracts it)."""
     _, want_params, want_stats = nnx.split(_from_torch(arch, ref), nnx.Param, nnx.BatchStat)
     final = jax.tree.leaves((state["params"], state["batch_stats"]))
     for got, want in zip(final, jax.tree.leaves((want_params, want_stats)), strict=True):
@@ -94,3 +98,26 @@ def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
     moved = [float(jnp.max(jnp.abs(b - a))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"]), strict=True)
              if a.ndim > 1]
     assert min(moved) > 1e-3, moved  # 1,000x the tolerance above
+
+
+@pytest.mark.parametrize("arch", ["simple_cnn", "resnet18"])
+@pytest.mark.parametrize("optimizer,smoothing", [("adam", 0.0), ("adamw", 0.1)])
+def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
+    torch_class = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+    ours, theirs, state, params, ref, _ = _train_both(arch, dict(name=optimizer, lr=1e-3, weight_decay=5e-4),
+                                                      lambda p: torch_class(p, lr=1e-3, weight_decay=5e-4), smoothing)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4)
+    # Adam's steps of about lr (1e-3) each add up over 20 steps, far beyond the comparison's tolerance.
+    _assert_same_weights_and_moved(arch, state, params, ref)
+
+
+def test_gradient_clipping_matches_clip_grad_norm_in_float64(x64):
+    """SGD with momentum and coupled L2, gradients clipped to a global norm of 0.5 before the update
+    (torch.nn.utils.clip_grad_norm_ before optimizer.step()): SGD follows the gradients' scale, so
+    every step whose norm was above 0.5 would differ without the same clipping."""
+    ours, theirs, state, params, ref, norms = _train_both(
+        "simple_cnn", dict(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4), clip_norm=0.5)
+    assert sum(n > 0.5 for n in norms) >= STEPS // 2, norms  # clipping was active in most steps
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    _assert_same_weights_and_moved("simple_cnn", state, params, ref)
