@@ -13,6 +13,7 @@ from pathlib import Path
 import ml_collections
 
 from cifar_jax import models
+from cifar_jax.errors import read_json_object
 from cifar_jax.data import SOURCES, augment
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -183,15 +184,7 @@ def from_json(path) -> ml_collections.ConfigDict:
     A ValueError of one line naming the file for anything that is not such a config."""
     path = Path(path)
     redo = "restore it from a copy, or train in another --workdir"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); {redo}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); {redo}") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a config object; {redo}")
-    values = flat(saved)
+    values = flat(read_json_object(path, redo))
     missing = [key for key in REQUIRED_SAVED if key not in values]
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a config.json that train.py wrote; {redo}")

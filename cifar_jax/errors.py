@@ -2,8 +2,10 @@
 and what to do about a write that the OS refused."""
 
 import errno
+import json
 import os
 import re
+from pathlib import Path
 
 
 def one_line(e: BaseException, limit: int = 160) -> str:
@@ -43,3 +45,17 @@ def write_failure(what: str, e: OSError, flag: str = "--workdir") -> str:
     """One line for a write the OS refused: 'cannot write WHAT (No space left on device); free some space'."""
     code = write_errno(e)
     return f"cannot write {what} ({os.strerror(code) if code else one_line(e)}); {write_advice(code, flag)}"
+
+
+def read_json_object(path: Path, redo: str, error: type[ValueError] = ValueError) -> dict:
+    """The JSON object in `path` (UTF-8); `error` in one line naming the file and where it breaks,
+    then `redo` (what to do about it), for anything else."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not UTF-8 text (byte {e.start}); {redo}") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); {redo}") from None
+    if not isinstance(value, dict):
+        raise error(f"{path} holds a JSON {type(value).__name__}, not an object; {redo}")
+    return value

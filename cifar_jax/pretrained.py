@@ -20,7 +20,7 @@ from flax import nnx
 
 from cifar_jax import models
 from cifar_jax import staging as stage
-from cifar_jax.errors import one_line
+from cifar_jax.errors import one_line, read_json_object
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -190,14 +190,7 @@ def read_meta(weights_dir) -> dict:
             f"write them with `python -m cifar_jax.convert --arch ARCH --weights NAME --out {path.parent}`"
         )
     redo = "convert the weights again with `python -m cifar_jax.convert`"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConversionError(f"{path} is not UTF-8 text (byte {e.start}); {redo}") from None
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); {redo}") from None
-    if not isinstance(meta, dict):
-        raise ConversionError(f"{path} holds a JSON {type(meta).__name__}, not an object; {redo}")
+    meta = read_json_object(path, redo, ConversionError)
     missing = [key for key in ("arch", "num_classes", "stem") if key not in meta]
     if missing:
         raise ConversionError(f"{path} lacks {', '.join(missing)}; {redo}")

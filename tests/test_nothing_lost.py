@@ -128,7 +128,7 @@ def test_how_a_run_is_kept_may_change_on_resume_and_is_recorded(two_epochs, tmp_
     (b"{}", "lacks model.name, model.num_classes, data.source, num_epochs: it is not a config.json that train.py wrote"),
     (b'{"model": {"name": "simple_cnn",\n', "is not valid JSON (Expecting property name enclosed in double quotes, line 2"),
     (b'{"model": "\xff"}', "is not UTF-8 text (byte 11)"),
-    (b"[1, 2]", "holds a JSON list, not a config object"),
+    (b"[1, 2]", "holds a JSON list, not an object"),
 ])
 def test_a_damaged_config_json_is_one_line_that_names_it(two_epochs, tmp_path, content, message):
     workdir = tmp_path / "run"
