@@ -23,7 +23,7 @@ from cifar_jax import staging as stage
 from cifar_jax.errors import one_line, read_json_object
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
-_TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 _HEAD = ("fc.weight", "fc.bias")
 
 
@@ -31,7 +31,7 @@ class ConversionError(ValueError):
     """The source weights do not fit the requested architecture."""
 
 
-def _require(module: str, extra: str):
+def require(module: str, extra: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as e:
@@ -67,7 +67,7 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {source}")
         try:
-            return _clean(_require("safetensors.numpy", "torch").load_file(source))
+            return _clean(require("safetensors.numpy", "torch").load_file(source))
         except ImportError:
             raise
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a damaged file)
@@ -75,7 +75,7 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
     if path.suffix in (".pth", ".pt", ".bin"):
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {source}")
-        torch = _require("torch", "torch")
+        torch = require("torch", "torch")
         try:
             loaded = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (pickle, zip and torch errors for a file that is no state_dict)
@@ -87,7 +87,7 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
         raise ConversionError(f"cannot read weights from {source!r}: use a .pth/.pt or .safetensors file")
     if arch is None:
         raise ConversionError(f"the torchvision weights name {source!r} needs an architecture (arch=...)")
-    torchvision = _require("torchvision", "torch")
+    torchvision = require("torchvision", "torch")
     try:
         weights = torchvision.models.get_model_weights(arch)[source]
     except KeyError:
@@ -106,7 +106,7 @@ def torch_key(path: tuple) -> str:
     """The torchvision state_dict key of a Flax variable path, e.g.
     ('layer1', 0, 'downsample', 'layers', 1, 'mean') -> 'layer1.0.downsample.1.running_mean'."""
     parts = [str(p) for p in path[:-1] if p != "layers"]  # nnx.Sequential keeps its modules in .layers
-    return ".".join([*parts, _TORCH_LEAF[path[-1]]])
+    return ".".join([*parts, TORCH_LEAF[path[-1]]])
 
 
 def _to_flax_layout(arr: np.ndarray) -> np.ndarray:

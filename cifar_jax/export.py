@@ -1,0 +1,116 @@
+"""A trained run as the PyTorch model it mirrors, loadable without cifar_jax:
+
+    python -m cifar_jax.export --workdir DIR [--step best|latest|N] [--ema] --out model.pth
+    python -m cifar_jax.export --workdir DIR --out model.safetensors
+
+The state_dict is that of `cifar_jax.torch_models.create(name, num_classes, stem=stem)`:
+torchvision's ResNet (with the CIFAR stem: `conv1` a 3x3/1 convolution, `maxpool` an Identity)
+or the study's `nn.Sequential` SimpleCNN. Layouts go back as `convert` brought them in (HWIO ->
+OIHW, Linear (in, out) -> (out, in)); BatchNorm's `num_batches_tracked`, which PyTorch uses only
+when its momentum is None, is 0. The file is written to a temporary name and renamed: whole or
+not at all. `.pth` needs torch; `.safetensors` needs only safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from cifar_jax import evaluate
+from cifar_jax.data import augment
+from cifar_jax.pretrained import TORCH_LEAF, ConversionError, require, torch_key
+
+SUFFIXES = (".pth", ".pt", ".safetensors")
+_SIMPLE_CNN_LAYER = {"convs": (0, 4, 8, 12), "bns": (1, 5, 9, 13), "fc1": (17,), "fc2": (19,)}  # nn.Sequential indices
+
+
+def _simple_cnn_key(path: tuple) -> str:
+    """('convs', 1, 'kernel') -> '4.weight': the study's nn.Sequential numbers its layers."""
+    module, *index, leaf = path
+    return f"{_SIMPLE_CNN_LAYER[module][index[0] if index else 0]}.{TORCH_LEAF[leaf]}"
+
+
+def _to_torch_layout(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 4:  # conv: HWIO -> OIHW
+        return arr.transpose(3, 2, 0, 1)
+    if arr.ndim == 2:  # linear: (in, out) -> (out, in)
+        return arr.T
+    return arr
+
+
+def state_dict(model: nnx.Module, name: str) -> dict[str, np.ndarray]:
+    """The PyTorch state_dict (float32 arrays, torch layout) of our `model` of architecture `name`."""
+    key = _simple_cnn_key if name == "simple_cnn" else torch_key
+    out = {key(path): np.ascontiguousarray(_to_torch_layout(np.array(var[...], np.float32)))
+           for path, var in nnx.to_flat_state(nnx.state(model))}
+    for running_mean in [k for k in out if k.endswith("running_mean")]:
+        out[running_mean.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
+    return out
+
+
+def write(tensors: dict[str, np.ndarray], out: Path) -> None:
+    """`tensors` as a .pth (torch.save of a dict of tensors) or .safetensors file, renamed into place."""
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        if out.suffix == ".safetensors":
+            require("safetensors.numpy", "torch").save_file(tensors, str(tmp))
+        else:
+            torch = require("torch", "torch")
+            torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _step(value: str):
+    if value in ("best", "latest"):
+        return value
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r} is not best, latest or an epoch number")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cifar_jax.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="run directory written by train.py")
+    parser.add_argument("--step", type=_step, default="best", help="best (by validation accuracy, default), latest, or an epoch")
+    parser.add_argument("--ema", action="store_true", help="the weight average kept in training (ema_decay > 0)")
+    parser.add_argument("--out", required=True, help="the file to write: .pth/.pt (needs torch) or .safetensors")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).absolute()
+    try:
+        if out.suffix not in SUFFIXES:
+            raise ConversionError(f"--out {out} must end in {', '.join(SUFFIXES)}")
+        if out.is_dir() or (out.exists() and not args.overwrite):
+            raise ConversionError(f"--out {out} exists; pass --overwrite to replace that file, or another --out")
+        if not out.parent.is_dir():
+            raise ConversionError(f"--out {out}: {out.parent} is not a directory")
+        restored = evaluate.restore(args.workdir, args.step, ema=args.ema)
+        model = nnx.merge(restored.graphdef, restored.params, restored.batch_stats)
+        config = restored.config
+        write(state_dict(model, config.model.name), out)
+    except (ConversionError, evaluate.EvalError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write --out {out} ({e.strerror or e}); pass a writable path", file=sys.stderr)
+        return 2
+    stem = "" if config.model.name == "simple_cnn" else f", stem={config.model.stem!r}"
+    mean, std = augment.NORMALIZATIONS[config.data.normalization]
+    print(f"exported {config.model.name}{stem} ({config.model.num_classes} classes), epoch {restored.epoch}"
+          f"{', weight average' if args.ema else ''} -> {out}")
+    print(f"  PyTorch: cifar_jax.torch_models.create({config.model.name!r}, {config.model.num_classes}{stem}) or the README's "
+          f"lines, then load_state_dict; inputs: ToTensor(), Normalize({mean}, {std}), "
+          f"{config.data.image_size}x{config.data.image_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
