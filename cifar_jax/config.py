@@ -73,6 +73,7 @@ def base() -> ml_collections.ConfigDict:
     c.optimizer.nesterov = False  # sgd only
     c.optimizer.decay_norm_and_bias = True  # False: no weight decay on BatchNorm scales/biases and biases
     c.optimizer.clip_norm = 0.0  # > 0: clip the gradients' global norm first (torch.nn.utils.clip_grad_norm_)
+    c.optimizer.accumulate_steps = 1  # > 1: batch_size in this many micro-batches, one update (less memory)
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"
@@ -127,6 +128,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("data.augment.color_jitter", jitter, "must be 3 numbers >= 0: (brightness, contrast, saturation), e.g. (0.4,0.4,0.4)")
     if not c.optimizer.lr > 0:
         _fail("optimizer.lr", c.optimizer.lr, "must be positive")
+    k = c.optimizer.accumulate_steps
+    if not isinstance(k, int) or k < 1 or c.batch_size % k:
+        _fail("optimizer.accumulate_steps", k, f"must be a positive integer that divides batch_size={c.batch_size}")
     if not c.optimizer.clip_norm >= 0:
         _fail("optimizer.clip_norm", c.optimizer.clip_norm, "must be >= 0 (0 = no clipping)")
     if c.optimizer.weight_decay < 0:

@@ -16,6 +16,11 @@ def check_before_start(config, workdir) -> dict[str, tuple]:
     Returns the config keys that a resume in `workdir` changes (`check_resume`)."""
     config_lib.validate(config)
     n_dev = jax.device_count()
+    micro = config.batch_size // config.optimizer.accumulate_steps
+    if config.optimizer.accumulate_steps > 1 and micro % n_dev:
+        raise ValueError(f"config: batch_size={config.batch_size} in optimizer.accumulate_steps={config.optimizer.accumulate_steps} "
+                         f"micro-batches of {micro} does not divide over the {n_dev} devices; use micro-batches of a "
+                         f"multiple of {n_dev}")
     if config.batch_size % n_dev or config.eval_batch_size % n_dev:
         raise ValueError(
             f"config: batch_size={config.batch_size} and eval_batch_size={config.eval_batch_size} must be divisible "

@@ -67,6 +67,7 @@ class StepConfig:
     ema_decay: float = 0.0  # > 0: state['ema'] = decay * ema + (1 - decay) * (params, batch_stats) after each step
     mixup_alpha: float = 0.0  # > 0: MixUp (data/mix.py) with lam ~ Beta(alpha, alpha)
     cutmix_alpha: float = 0.0  # > 0: CutMix; with both, one of the two per batch
+    accumulate_steps: int = 1  # > 1: the batch in this many micro-batches, their gradients averaged into one update
 
 
 def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, step):
@@ -84,31 +85,66 @@ def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, st
 
 def update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
     """One optimizer step on a prepared batch (normalised images `x`, labels `y`, and the soft
-    `targets` of a mixed batch; accuracy is counted against `y`, each image's own label)."""
+    `targets` of a mixed batch; accuracy is counted against `y`, each image's own label). With
+    `accumulate_steps` k > 1 the batch is k micro-batches, as in PyTorch's accumulation loop: each
+    a forward in train mode (BatchNorm's statistics of that micro-batch, the running ones updated
+    in turn) and the gradient of its mean loss / k, summed into one update."""
     trainable, frozen = partition(state["params"], cfg.train_only)
 
-    def loss_fn(trainable):
-        # Only `trainable` is differentiated: with a frozen backbone nothing flows back through it.
-        model = nnx.merge(cfg.graphdef, nnx.merge_state(trainable, frozen), state["batch_stats"], copy=True)
-        logits = model(x)
-        loss = cross_entropy(logits, y, cfg.num_classes, cfg.label_smoothing, targets).mean()
-        return loss, (logits, nnx.state(model, nnx.BatchStat))
+    def gradients(batch_stats, x, y, targets):
+        def loss_fn(trainable):
+            # Only `trainable` is differentiated: with a frozen backbone nothing flows back through it.
+            model = nnx.merge(cfg.graphdef, nnx.merge_state(trainable, frozen), batch_stats, copy=True)
+            logits = model(x)
+            loss = cross_entropy(logits, y, cfg.num_classes, cfg.label_smoothing, targets).mean()
+            return loss, (logits, nnx.state(model, nnx.BatchStat))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        return grads, batch_stats, (loss, logits, y)
+
+    if cfg.accumulate_steps == 1:
+        grads, batch_stats, seen = gradients(state["batch_stats"], x, y, targets)
+        metrics = _add_metrics(metrics, *seen)
+    else:
+        grads, batch_stats, metrics = _accumulate(cfg, gradients, trainable, state["batch_stats"], metrics, x, y, targets)
     updates, opt_state = cfg.tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     new = {"params": nnx.merge_state(trainable, frozen), "batch_stats": batch_stats, "opt_state": opt_state}
     if cfg.ema_decay:
         new["ema"] = update_ema(state["ema"], {"params": new["params"], "batch_stats": batch_stats}, cfg.ema_decay)
-    state = new
+    return new, metrics
+
+
+def _add_metrics(metrics, loss, logits, y):
     n = y.shape[0]
-    metrics = {
+    return {
         "loss_sum": metrics["loss_sum"] + loss * n,
         "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32),
         "count": metrics["count"] + n,
         "nonfinite_steps": metrics["nonfinite_steps"] + (~jnp.isfinite(loss)).astype(jnp.int32),
     }
-    return state, metrics
+
+
+def _accumulate(cfg: StepConfig, gradients, trainable, batch_stats, metrics, x, y, targets):
+    """(gradients averaged over the micro-batches, BatchNorm statistics after the last, metrics)."""
+    k = cfg.accumulate_steps
+
+    def micro_batches(a):  # (B, ...) -> (k, B / k, ...), each micro-batch sharded like a batch
+        a = a.reshape(k, a.shape[0] // k, *a.shape[1:])
+        if cfg.sharding is None:
+            return a
+        return jax.lax.with_sharding_constraint(a, jax.NamedSharding(cfg.sharding.mesh, jax.sharding.PartitionSpec(None, "data")))
+
+    def add_micro_batch(carry, batch):
+        total, batch_stats, metrics = carry
+        grads, batch_stats, seen = gradients(batch_stats, *batch)
+        total = jax.tree.map(lambda t, g: t + g / k, total, grads)
+        return (total, batch_stats, _add_metrics(metrics, *seen)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    batches = (micro_batches(x), micro_batches(y), None if targets is None else micro_batches(targets))
+    (grads, batch_stats, metrics), _ = jax.lax.scan(add_micro_batch, (zeros, batch_stats, metrics), batches)
+    return grads, batch_stats, metrics
 
 
 def update_ema(ema, current, decay: float):

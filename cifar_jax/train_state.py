@@ -126,5 +126,6 @@ def step_config(config, phase: Phase, graphdefs: GraphDefs, *, preprocess, num_c
         preprocess=preprocess, batch_size=config.batch_size, num_classes=num_classes,
         label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding, ema_decay=config.get("ema_decay", 0.0),
         mixup_alpha=config.data.augment.get("mixup_alpha", 0.0), cutmix_alpha=config.data.augment.get("cutmix_alpha", 0.0),
+        accumulate_steps=config.optimizer.accumulate_steps,
     )
     return cfg, schedule

@@ -94,6 +94,19 @@ def test_batch_not_divisible_by_the_devices(monkeypatch, tmp_path):
         preflight.check_before_start(tiny_config(batch_size=12, eval_batch_size=16), tmp_path)
 
 
+def test_micro_batches_not_divisible_by_the_devices(monkeypatch, tmp_path):
+    import jax
+
+    from cifar_jax import preflight
+
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    with pytest.raises(ValueError, match=r"batch_size=16 in optimizer.accumulate_steps=4 micro-batches of 4 does not divide over "
+                                         r"the 8 devices; use micro-batches of a multiple of 8"):
+        preflight.check_before_start(tiny_config(batch_size=16, eval_batch_size=16, **{"optimizer.accumulate_steps": 4}), tmp_path)
+    with pytest.raises(ValueError, match=r"optimizer.accumulate_steps=3 must be a positive integer that divides batch_size=16"):
+        preflight.check_before_start(tiny_config(batch_size=16, eval_batch_size=16, **{"optimizer.accumulate_steps": 3}), tmp_path)
+
+
 def test_pretrained_weights_of_another_architecture(tmp_path):
     import json
 

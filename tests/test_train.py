@@ -312,3 +312,12 @@ def test_mixup_and_cutmix_run_inside_the_jitted_step(tmp_path):
                                        tmp_path / "mixed", progress=False)
     plain = trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "plain", progress=False)
     assert np.isfinite(mixed[0]["train_loss"]) and mixed[0]["train_loss"] != plain[0]["train_loss"]
+
+
+def test_accumulated_micro_batches_run_inside_the_jitted_step(tmp_path):
+    """The maths is tested against PyTorch (test_trajectory); here the trainer's chunks with it."""
+    accumulated = trainer.train_and_evaluate(tiny_config(num_epochs=1, **{"optimizer.accumulate_steps": 4}), tmp_path / "acc",
+                                             progress=False)
+    plain = trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "plain", progress=False)
+    assert np.isfinite(accumulated[0]["train_loss"]) and accumulated[0]["train_loss"] != plain[0]["train_loss"]
+    assert accumulated[0]["lr"] == plain[0]["lr"]  # one schedule step per update, as without accumulation

@@ -121,3 +121,44 @@ def test_gradient_clipping_matches_clip_grad_norm_in_float64(x64):
     assert sum(n > 0.5 for n in norms) >= STEPS // 2, norms  # clipping was active in most steps
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     _assert_same_weights_and_moved("simple_cnn", state, params, ref)
+
+
+def test_accumulated_micro_batches_match_pytorchs_accumulation_loop_in_float64(x64):
+    """optimizer.accumulate_steps=4 on batches of 32: 4 micro-batches of 8 per update, each a
+    train-mode forward (BatchNorm statistics of that micro-batch, running statistics updated in
+    turn) and the gradient of its mean loss / 4, as PyTorch's accumulation loop computes them;
+    3 updates, AdamW with weight decay."""
+    k, micro, updates = 4, 8, 3
+    digits = data.load("digits")
+    x_train, y_train = digits.x_train[: updates * k * micro], digits.y_train[: updates * k * micro]
+    model, ref = _models("simple_cnn")
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    opt_cfg = config_lib.base().optimizer
+    opt_cfg.update(dict(name="adamw", lr=1e-3, weight_decay=5e-4, accumulate_steps=k))
+    tx = optim.make_optimizer(opt_cfg, 1e-3)
+    preprocess = pipeline.Preprocess()
+    cfg = steps.StepConfig(graphdef, tx, None, preprocess, k * micro, CLASSES, 0.1, seed=0, accumulate_steps=k)
+    step = jax.jit(functools.partial(steps.train_step, cfg))
+    images, labels = jnp.asarray(x_train), jnp.asarray(y_train)
+    order = pipeline.epoch_order(0, 0, len(images))
+    state = {"params": params, "batch_stats": batch_stats, "opt_state": tx.init(params)}
+    metrics = steps.zero_metrics()
+
+    torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=5e-4)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    loss_sum = 0.0
+    for s in range(updates):
+        state, metrics = step(state, metrics, images, labels, order, 0, s)
+        torch_opt.zero_grad()
+        for m in range(k):
+            idx = np.asarray(order)[(s * k + m) * micro:(s * k + m + 1) * micro]
+            x = np.asarray(preprocess.eval(images[idx])).transpose(0, 3, 1, 2)
+            loss = criterion(ref(torch.from_numpy(x.copy()).double()), torch.from_numpy(y_train[idx]).long())
+            (loss / k).backward()
+            loss_sum += loss.item() * micro
+        torch_opt.step()
+
+    # The logged loss is each image's loss once, as without accumulation.
+    assert int(metrics["count"]) == updates * k * micro
+    np.testing.assert_allclose(float(metrics["loss_sum"]), loss_sum, rtol=1e-9)
+    _assert_same_weights_and_moved("simple_cnn", state, params, ref)
