@@ -88,6 +88,9 @@ def base() -> ml_collections.ConfigDict:
     # plus the best by validation accuracy among those saved); a stop by signal saves where it is.
     c.checkpoint = ml_collections.ConfigDict(dict(keep=3, every_epochs=1))
 
+    # Early stopping: end the run after `patience` epochs without val_acc rising above its best by more than `min_delta`.
+    c.early_stop = ml_collections.ConfigDict(dict(patience=0, min_delta=0.0))  # patience 0: off
+
     c.wandb = ml_collections.ConfigDict(dict(mode="disabled", project="cifar_jax", entity="", name=""))
     return c
 
@@ -131,6 +134,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     k = c.optimizer.accumulate_steps
     if not isinstance(k, int) or k < 1 or c.batch_size % k:
         _fail("optimizer.accumulate_steps", k, f"must be a positive integer that divides batch_size={c.batch_size}")
+    if not isinstance(c.early_stop.patience, int) or c.early_stop.patience < 0:
+        _fail("early_stop.patience", c.early_stop.patience, "must be an integer >= 0 (0 = off)")
+    if not c.early_stop.min_delta >= 0:
+        _fail("early_stop.min_delta", c.early_stop.min_delta, "must be >= 0")
+    if c.early_stop.patience and not c.data.val_fraction:
+        _fail("early_stop.patience", c.early_stop.patience, "needs a validation split (data.val_fraction > 0)")
     if not c.optimizer.clip_norm >= 0:
         _fail("optimizer.clip_norm", c.optimizer.clip_norm, "must be >= 0 (0 = no clipping)")
     if c.optimizer.weight_decay < 0:
@@ -166,9 +175,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 # What a run's saved config.json must name: without them it describes no model and no data.
 REQUIRED_SAVED = ("model.name", "model.num_classes", "data.source", "num_epochs")
-# Keys a resumed run may change: how a run is executed, kept and reported, not what it computes.
+# Keys a resumed run may change: how a run is executed, kept and reported, and when it ends early;
+# not what an epoch computes.
 FREE_ON_RESUME = ("checkpoint.keep", "checkpoint.every_epochs", "run_ahead_chunks", "steps_per_call", "eval_batches_per_call",
-                  "eval_batch_size", "distributed", "wandb.mode", "wandb.project", "wandb.entity", "wandb.name")
+                  "eval_batch_size", "distributed", "wandb.mode", "wandb.project", "wandb.entity", "wandb.name",
+                  "early_stop.patience", "early_stop.min_delta")
 
 
 def flat(config) -> dict:

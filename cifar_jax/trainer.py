@@ -30,6 +30,7 @@ import numpy as np
 from cifar_jax import config as config_lib
 from cifar_jax import data, errors, preflight, steps
 from cifar_jax.checkpoint import Checkpoints, Snapshot
+from cifar_jax.early_stop import EarlyStop
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import StopSignals, WorkdirLock
 from cifar_jax.tracking import CurvesPlotter, MetricsLog, Wandb
@@ -75,6 +76,7 @@ class Start:
     state: dict
     sums: dict | None
     row: dict | None
+    early_stop: dict | None = None  # the restored checkpoint's early-stopping record
 
 
 def phase_after(config, epochs_done: int) -> Phase:
@@ -87,10 +89,10 @@ def resume(config, ckpts: Checkpoints, fresh_state, zero_sums) -> Start:
     stop signal wrote), else the beginning. `fresh_state(phase)` is a new state of `phase`'s
     structure, the restore's template."""
     latest = ckpts.latest_epoch()
-    epoch, state, row = 0, fresh_state(phase_after(config, latest or 0)), None
+    epoch, state, row, early = 0, fresh_state(phase_after(config, latest or 0)), None, None
     if latest is not None:
         epoch, state, meta = ckpts.restore_latest_good(state)
-        row = meta["row"]
+        row, early = meta["row"], meta.get("early_stop")  # absent when saved without early stopping
         log.info("resumed from %s (epoch %d, val_acc %s)", ckpts.directory / str(epoch), epoch, _fmt(row.get("val_acc")))
     interrupted = ckpts.interrupted_meta()
     if interrupted is not None and interrupted["epoch"] >= epoch:
@@ -98,8 +100,8 @@ def resume(config, ckpts: Checkpoints, fresh_state, zero_sums) -> Start:
         restored = ckpts.restore_interrupted({"state": fresh_state(phase), "sums": zero_sums()})
         if restored is not None:
             log.info("resumed the interrupted epoch %d at step %d", interrupted["epoch"] + 1, interrupted["next_step"])
-            return Start(interrupted["epoch"], interrupted["next_step"], phase, restored["state"], restored["sums"], row)
-    return Start(epoch, 0, phase_after(config, epoch), state, None, row)
+            return Start(interrupted["epoch"], interrupted["next_step"], phase, restored["state"], restored["sums"], row, early)
+    return Start(epoch, 0, phase_after(config, epoch), state, None, row, early)
 
 
 class Clock:
@@ -237,10 +239,12 @@ class Run:
         self.start_times = {}  # compile_s and first_step_s, reported in the first epoch's row
         self.previous_costs = {"host_s": None, "checkpoint_s": None}  # the host's work after the previous epoch
         self.stop = StopSignals()
+        self.early = EarlyStop(config.early_stop.patience, config.early_stop.min_delta)
 
         self.ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
         self.start = resume(config, self.ckpts, self.fresh_state, self.zero_sums)
         self.resumed_epoch = self.ckpts.latest_epoch()  # the newest that restored (damaged ones were moved aside)
+        self.early.restore(self.start.early_stop)
         if is_main:  # the state matches the config: now it describes the run
             self.save_config(changed)
         self.metrics_log = MetricsLog(workdir, resume_epoch=self.start.epoch, resume_row=self.start.row) if is_main else None
@@ -257,6 +261,8 @@ class Run:
 
     def change_effect(self, key: str, old, new) -> str:
         """What changing `key` on resume does, in a few words."""
+        if key.startswith("early_stop."):
+            return f"{key} {old!r} -> {new!r}: the run may end at another epoch; the epochs trained stay as they are"
         if key != "num_epochs":
             return f"{key} {old!r} -> {new!r}: what is computed stays the same"
         start, schedule = self.start, self.config.schedule.name
@@ -324,9 +330,10 @@ class Run:
 
     def can_run_ahead(self, epoch: int, phase: Phase, chunks: ChunksInFlight) -> bool:
         """Whether the next epoch's first chunks can be queued before `epoch` ends: same phase, its
-        chunk already compiled, and no stop agreed."""
+        chunk already compiled, no stop agreed, and no early stop possible at `epoch`'s validation."""
         config = self.config
         return bool(config.run_ahead_chunks and epoch + 1 < config.num_epochs and not chunks.stop_signum
+                    and not self.early.may_end_at_next_validation()
                     and phase_of(config, epoch + 1) == phase and (phase.name, self.chunk) in self._compiled)
 
     # An epoch's end, and stops.
@@ -352,6 +359,9 @@ class Run:
                          val_s=end.clock.span("val", "end") if val is not None else None, **self.previous_costs)
         if end.epoch == self.start.epoch:
             row.update(self.start_times)
+        ended = self.early.update(end.epoch, row["val_acc"])
+        if ended:
+            row["ended"] = ended
         if self.is_main:
             self.metrics_log.append(row)
             self.plotter.update(self.metrics_log.rows)
@@ -361,9 +371,11 @@ class Run:
                 end.epoch + 1, self.config.num_epochs, row["train_loss"], row["train_acc"],
                 _fmt(row["val_loss"]), _fmt(row["val_acc"]), end.lr, row["epoch_time_s"], row["train_img_per_s"],
             )
-        meta = {"epoch": end.epoch + 1, "phase": end.phase.name, "row": row}
+        meta = {"epoch": end.epoch + 1, "phase": end.phase.name, "row": row, "early_stop": self.early.record()}
+        if ended and self.is_main:
+            log.info("epoch %d ends the run: %s", end.epoch + 1, ended)
         end.clock.mark("save")
-        save = end.state is not None and self.checkpoint_due(end.epoch)
+        save = end.state is not None and (self.checkpoint_due(end.epoch) or bool(ended))
         if save:
             _save_or_fail(lambda: self.ckpts.save(end.epoch + 1, end.state, meta), self.ckpts)
             if end.epoch == self.start.epoch and self.start.step:
@@ -395,7 +407,10 @@ class Run:
     def train(self) -> list[dict]:
         config, start = self.config, self.start
         state, phase = start.state, start.phase
-        if start.epoch >= config.num_epochs:
+        last_epoch = start.epoch if self.early.ended else config.num_epochs
+        if self.early.ended:
+            log.info("the run in %s ended at epoch %d (%s); nothing to train", self.workdir, start.epoch, self.early.ended)
+        elif start.epoch >= config.num_epochs:
             log.info("workdir %s already holds all %d epochs; nothing to train", self.workdir, config.num_epochs)
         ending = None  # the previous epoch's end while the next epoch's first chunks run ahead of it
         epoch_started = None  # when the previous epoch ended: the next one starts
@@ -403,7 +418,7 @@ class Run:
         try:
             with self.stop:  # the handlers stay until the last checkpoint is written: a stop then waits for it
                 try:
-                    for epoch in range(start.epoch, config.num_epochs):
+                    for epoch in range(start.epoch, last_epoch):
                         if phase_of(config, epoch) != phase:  # a new phase: a new optimizer and schedule
                             phase = phase_of(config, epoch)
                             state["opt_state"] = self.opt_state(phase, state["params"])
@@ -432,6 +447,8 @@ class Run:
                             continue
                         meta = self.end_epoch(end)
                         epoch_started = end.clock.at["end"]
+                        if self.early.ended:
+                            break
                         if chunks.stop_signum and epoch + 1 < config.num_epochs:
                             self.stop_at_epoch_end(chunks.stop_signum, epoch, state, meta)
                     _save_or_fail(self.ckpts.wait, self.ckpts)  # the last checkpoints are written in the background

@@ -249,6 +249,8 @@ def test_eval_outputs_that_cannot_be_written_are_one_line_and_leave_nothing(two_
     ("--config.data.augment.color_jitter=(0.4,0.4)", "config: data.augment.color_jitter=(0.4, 0.4) must be 3 numbers >= 0"),
     ("--config.num_epochs=1000000000000", "config: num_epochs=1000000000000 is past any schedule; use at most 100,000"),
     ("--config=configs/nope.py", "the --config file does not load ([Errno 2] No such file or directory: 'configs/nope.py')"),
+    ("--config.early_stop.patience=-1", "config: early_stop.patience=-1 must be an integer >= 0 (0 = off)"),
+    ("--config.optimizer.clip_norm=-1.0", "config: optimizer.clip_norm=-1.0 must be >= 0 (0 = no clipping)"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key_or_file(tmp_path, override, message):
     out = subprocess.run([sys.executable, "train.py", "--config", "tests/tiny_config.py", override, f"--workdir={tmp_path / 'run'}"],

@@ -321,3 +321,26 @@ def test_accumulated_micro_batches_run_inside_the_jitted_step(tmp_path):
     plain = trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "plain", progress=False)
     assert np.isfinite(accumulated[0]["train_loss"]) and accumulated[0]["train_loss"] != plain[0]["train_loss"]
     assert accumulated[0]["lr"] == plain[0]["lr"]  # one schedule step per update, as without accumulation
+
+
+@pytest.mark.parametrize("run_ahead", [0, 4])
+def test_early_stopping_ends_the_run_checkpoints_that_epoch_and_says_why(tmp_path, run_ahead):
+    # min_delta 1.0: no accuracy can rise by that much, so epochs 2 and 3 count as no gain and the
+    # run ends at epoch 3 of 6, whatever the trajectory.
+    config = tiny_config(num_epochs=6, run_ahead_chunks=run_ahead, **{"early_stop.patience": 2, "early_stop.min_delta": 1.0,
+                                                                       "checkpoint.every_epochs": 5})
+    rows = trainer.train_and_evaluate(config, tmp_path, progress=False)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["ended"] == (f"early stop: val_acc has not risen above {rows[0]['val_acc']:.4f} (epoch 1) by more than 1 "
+                                 f"for 2 epochs (early_stop.patience=2)")
+    assert all("ended" not in r for r in rows[:-1])
+    assert 3 in Checkpoints(tmp_path, read_only=True).epochs()  # the epoch it ended at, though not due on schedule
+    assert trainer.train_and_evaluate(config, tmp_path, progress=False) == rows  # rerun: nothing more to train
+
+
+def test_a_resumed_run_goes_on_counting_epochs_without_gain(tmp_path):
+    early = {"early_stop.patience": 3, "early_stop.min_delta": 1.0}
+    trainer.train_and_evaluate(tiny_config(num_epochs=2, **early), tmp_path, progress=False)  # epoch 2: one without gain
+    rows = trainer.train_and_evaluate(tiny_config(num_epochs=6, **early), tmp_path, progress=False)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # counting afresh would have ended at epoch 6
+    assert "for 3 epochs" in rows[-1]["ended"]
