@@ -1,7 +1,6 @@
 """Export to PyTorch against real torch/torchvision models: the exported state_dict loads strictly,
 gives our logits, and converts back to our arrays exactly."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
