@@ -164,6 +164,7 @@ def load_tfds(path=None) -> Arrays:
         raise DataError("the tfds source needs tensorflow-datasets: pip install 'cifar_jax[tfds]' (or use data.source=npz / cifar_python)") from None
     builder = tfds.builder("cifar100", data_dir=str(data_dir), file_format="array_record")
     if not builder.is_prepared():
+        _require_download_host(getattr(getattr(builder, "_cifar_info", None), "url", None), data_dir)
         try:
             builder.download_and_prepare()
         except ImportError as e:
@@ -178,10 +179,42 @@ def load_tfds(path=None) -> Arrays:
         splits[split] = (x, _labels([r["label"] for r in records], f"tfds cifar100 {split}"))
     names = tuple(builder.info.features["label"].names)
     arrays = _checked(Arrays(*splits["train"], *splits["test"], names), f"tfds cifar100 in {data_dir}")
-    tmp = cache.with_name(cache.stem + ".tmp.npz")
-    np.savez(tmp, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test, label_names=np.array(names))
-    os.replace(tmp, cache)  # atomic: a killed run never leaves a half-written cache
+    save_npz(arrays, cache)
     return arrays
+
+
+def save_npz(arrays: Arrays, path) -> Path:
+    """`arrays` as the npz that `load_npz` (and the tfds source's cache) reads, written atomically:
+    a killed write never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + f".partial-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, x_train=arrays.x_train, y_train=arrays.y_train, x_test=arrays.x_test, y_test=arrays.y_test,
+                 label_names=np.array(arrays.label_names))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _require_download_host(url: str | None, data_dir: Path) -> None:
+    """A DataError in seconds when the host TFDS downloads CIFAR-100 from cannot be reached (a
+    compute node without internet), instead of TFDS's minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if not url:
+        return
+    host = urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise DataError(
+            f"tfds cifar100 is not prepared in {data_dir} and its download host {host} cannot be reached "
+            f"({e.strerror or e}); on a machine with internet run `python -m cifar_jax.prepare --out cifar100.npz`, "
+            f"copy the file here and pass --config.data.source=npz --config.data.path=cifar100.npz "
+            f"(or put it at {data_dir / 'cifar100_uint8.npz'})"
+        ) from None
 
 
 SOURCES = {
