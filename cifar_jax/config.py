@@ -91,6 +91,10 @@ def base() -> ml_collections.ConfigDict:
     # Early stopping: end the run after `patience` epochs without val_acc rising above its best by more than `min_delta`.
     c.early_stop = ml_collections.ConfigDict(dict(patience=0, min_delta=0.0))  # patience 0: off
 
+    # A jax.profiler trace of a real run: the first `steps` steps of epoch `epoch` (1-based; 0: off) and its
+    # validation, in <workdir>/profile/, each with a summary of how busy the device was in the log.
+    c.profile = ml_collections.ConfigDict(dict(epoch=0, steps=10))
+
     c.wandb = ml_collections.ConfigDict(dict(mode="disabled", project="cifar_jax", entity="", name=""))
     return c
 
@@ -140,6 +144,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("early_stop.min_delta", c.early_stop.min_delta, "must be >= 0")
     if c.early_stop.patience and not c.data.val_fraction:
         _fail("early_stop.patience", c.early_stop.patience, "needs a validation split (data.val_fraction > 0)")
+    if not (isinstance(c.profile.epoch, int) and 0 <= c.profile.epoch <= c.num_epochs):
+        _fail("profile.epoch", c.profile.epoch, f"must be an epoch in [1, num_epochs={c.num_epochs}], or 0 (off)")
+    if not (isinstance(c.profile.steps, int) and c.profile.steps > 0):
+        _fail("profile.steps", c.profile.steps, "must be a positive integer (training steps traced)")
     if not c.optimizer.clip_norm >= 0:
         _fail("optimizer.clip_norm", c.optimizer.clip_norm, "must be >= 0 (0 = no clipping)")
     if c.optimizer.weight_decay < 0:
@@ -179,7 +187,7 @@ REQUIRED_SAVED = ("model.name", "model.num_classes", "data.source", "num_epochs"
 # not what an epoch computes.
 FREE_ON_RESUME = ("checkpoint.keep", "checkpoint.every_epochs", "run_ahead_chunks", "steps_per_call", "eval_batches_per_call",
                   "eval_batch_size", "distributed", "wandb.mode", "wandb.project", "wandb.entity", "wandb.name",
-                  "early_stop.patience", "early_stop.min_delta")
+                  "early_stop.patience", "early_stop.min_delta", "profile.epoch", "profile.steps")
 
 
 def flat(config) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -70,3 +71,40 @@ def format_summary(summary: dict) -> str:
     for k in summary["kernels"]:
         lines.append(f"  {k['ms']:9.2f} ms {k['share']:6.1%} x{k['count']:<5d} {k['name'][:100]}")
     return "\n".join(lines)
+
+
+class EpochProfile:
+    """A trace of a real training run (config `profile.epoch`, 1-based, and `profile.steps`): the
+    first `steps` steps of that epoch in `<workdir>/profile/train`, its validation in
+    `<workdir>/profile/val`, each followed by the device summary above in the log. The window ends
+    with a wait for the device, so the trace holds the device's work, not only its dispatch."""
+
+    def __init__(self, profile_config, workdir: Path, is_main: bool):
+        self.epoch, self.steps = profile_config.epoch - 1, profile_config.steps  # epoch -1: off
+        self.directory, self.is_main = Path(workdir) / "profile", is_main
+        self._tracing = None
+
+    def covers(self, epoch: int) -> bool:
+        return epoch == self.epoch
+
+    def start(self, name: str) -> None:
+        import jax
+
+        jax.profiler.start_trace(str(self.directory / name), create_perfetto_trace=True)
+        self._tracing = name
+
+    def stop(self, wait_for) -> None:
+        """Wait for `wait_for` (the window's last device values), end the trace, log its summary."""
+        import jax
+
+        jax.block_until_ready(wait_for)
+        jax.profiler.stop_trace()
+        if self.is_main:
+            summary = format_summary(trace_summary(latest_trace(self.directory / self._tracing)))
+            logging.getLogger("cifar_jax").info("profile of epoch %d's %s (trace in %s):\n%s", self.epoch + 1, self._tracing,
+                                                self.directory / self._tracing, summary)
+        self._tracing = None
+
+    @property
+    def tracing(self) -> bool:
+        return self._tracing is not None

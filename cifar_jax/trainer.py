@@ -31,6 +31,7 @@ from cifar_jax import config as config_lib
 from cifar_jax import data, errors, preflight, steps
 from cifar_jax.checkpoint import Checkpoints, Snapshot
 from cifar_jax.early_stop import EarlyStop
+from cifar_jax.profiling import EpochProfile
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import StopSignals, WorkdirLock
 from cifar_jax.tracking import CurvesPlotter, MetricsLog, Wandb
@@ -240,6 +241,7 @@ class Run:
         self.previous_costs = {"host_s": None, "checkpoint_s": None}  # the host's work after the previous epoch
         self.stop = StopSignals()
         self.early = EarlyStop(config.early_stop.patience, config.early_stop.min_delta)
+        self.profile = EpochProfile(config.profile, workdir, is_main)
 
         self.ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
         self.start = resume(config, self.ckpts, self.fresh_state, self.zero_sums)
@@ -333,7 +335,7 @@ class Run:
         chunk already compiled, no stop agreed, and no early stop possible at `epoch`'s validation."""
         config = self.config
         return bool(config.run_ahead_chunks and epoch + 1 < config.num_epochs and not chunks.stop_signum
-                    and not self.early.may_end_at_next_validation()
+                    and not self.early.may_end_at_next_validation() and not self.profile.covers(epoch)
                     and phase_of(config, epoch + 1) == phase and (phase.name, self.chunk) in self._compiled)
 
     # An epoch's end, and stops.
@@ -427,8 +429,12 @@ class Run:
                         sums = start.sums if first_step else self.zero_sums()
                         chunks = ChunksInFlight(self, epoch, phase, first_step, sums)
                         chunks.clock.mark("epoch", epoch_started)
+                        if self.profile.covers(epoch):
+                            self.profile.start("train")
                         while not chunks.done:
                             state, sums = chunks.dispatch(state, sums)
+                            if self.profile.tracing and (chunks.next_step - first_step >= config.profile.steps or chunks.done):
+                                self.profile.stop(sums)
                             self.note_first_step(sums)
                             if ending is not None and (chunks.dispatched == config.run_ahead_chunks or chunks.done):
                                 finished, ending = ending, None  # ended once, whatever happens in end_epoch
@@ -438,7 +444,14 @@ class Run:
                                 chunks.read(keep=1)
                             if chunks.stop_signum and not chunks.done:
                                 self.stop_mid_epoch(chunks, state, sums)
-                        end = chunks.finish(state, self.validate(state))  # validation queued behind the last chunk
+                        if self.profile.covers(epoch):
+                            self.profile.start("val")
+                            jax.block_until_ready(state)  # the trace holds the validation alone
+                            val_sums = self.validate(state)
+                            self.profile.stop(val_sums)
+                        else:
+                            val_sums = self.validate(state)
+                        end = chunks.finish(state, val_sums)  # validation queued behind the last chunk
                         if self.can_run_ahead(epoch, phase, chunks):  # end the epoch once the next one's first chunks run
                             t_copy = time.perf_counter()
                             end.state = Snapshot.of(state) if self.checkpoint_due(epoch) else None  # the next chunk takes `state`
@@ -471,6 +484,8 @@ class Run:
         return self.summary()
 
     def close(self) -> None:
+        if self.profile.tracing:  # an error inside the traced window
+            jax.profiler.stop_trace()
         try:
             self.ckpts.wait()
         except Exception:  # noqa: BLE001  (reported by _save_or_fail where it matters)

@@ -53,3 +53,25 @@ def test_bench_profile_traces_real_training_and_evaluation_windows(tmp_path, cap
         assert trace.stat().st_size > 0
         assert row["profile"]["device"] is None  # JAX on CPU records no device process
     assert capsys.readouterr().err.count("profile: no device activity") == 2
+
+
+def test_a_training_run_traces_a_window_of_an_epoch_and_its_validation(tmp_path, caplog):
+    import collections
+
+    from cifar_jax import trainer
+    from tests.helpers import tiny_config, without_timing
+
+    def events(trace):
+        with gzip.open(trace, "rt") as f:
+            return collections.Counter(e.get("name") for e in json.load(f)["traceEvents"] if e.get("ph") == "X")
+
+    with caplog.at_level("INFO", logger="cifar_jax"):
+        rows = trainer.train_and_evaluate(tiny_config(num_epochs=2, **{"profile.epoch": 2, "profile.steps": 2}), tmp_path / "run",
+                                          progress=False)
+    train, val = (profiling.latest_trace(tmp_path / "run" / "profile" / name) for name in ("train", "val"))
+    assert events(train)["PjitFunction(jit(chunk))"] >= 1  # the training chunk ran inside the window
+    assert events(val)["PjitFunction(add_batches)"] >= 1 and not events(val)["PjitFunction(jit(chunk))"]
+    for name in ("train", "val"):
+        assert f"profile of epoch 2's {name} (trace in {tmp_path / 'run' / 'profile' / name}):\nprofile: no device activity" in caplog.text
+    plain = trainer.train_and_evaluate(tiny_config(num_epochs=2), tmp_path / "plain", progress=False)
+    assert without_timing(rows) == without_timing(plain)  # tracing changes nothing that is computed
