@@ -3,6 +3,7 @@ raising a ValueError of one line that says what is wrong and what to do."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +16,9 @@ def check_before_start(config, workdir) -> dict[str, tuple]:
     """Everything that can be checked without data or compilation; raises ValueError with one line.
     Returns the config keys that a resume in `workdir` changes (`check_resume`)."""
     config_lib.validate(config)
+    if config.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"config: wandb.mode={config.wandb.mode!r} needs wandb, which is not installed: "
+                         f"pip install 'cifar_jax[wandb]', or --config.wandb.mode=disabled")
     n_dev = jax.device_count()
     micro = config.batch_size // config.optimizer.accumulate_steps
     if config.optimizer.accumulate_steps > 1 and micro % n_dev:

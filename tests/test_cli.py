@@ -259,3 +259,16 @@ def test_a_ctrl_c_that_a_garbage_collector_callback_drops_prints_no_traceback(ca
     assert capsys.readouterr().err == ""
     RaisesWhenCollected(ValueError("a real problem"))
     assert "ValueError: a real problem" in capsys.readouterr().err
+
+
+def test_wandb_asked_for_but_not_installed_is_one_line_before_any_data_loads(tmp_path, monkeypatch):
+    import importlib.util
+
+    from cifar_jax import preflight
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"config: wandb.mode='offline' needs wandb, which is not installed: pip install "
+                                         r"'cifar_jax\[wandb\]', or --config.wandb.mode=disabled"):
+        preflight.check_before_start(tiny_config(**{"wandb.mode": "offline"}), tmp_path)
+    assert list(tmp_path.iterdir()) == []
