@@ -149,7 +149,10 @@ def test_tfds_prepares_from_the_binary_archive_and_caches(tmp_path):
     x_tr, y_tr, x_te, y_te = _random_dataset(n_train=9, n_test=4)
     _write_cifar100_binary(tmp_path / "download", x_tr, y_tr, x_te, y_te)
     downloaded = str(tmp_path / "download")
-    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", lambda self, url: downloaded):
+    # The network as TFDS sees it: its download host answers (the source looks before it downloads), and the
+    # download is the archive written above.
+    with mock.patch("socket.create_connection", return_value=mock.MagicMock()), \
+            mock.patch.object(tfds.download.DownloadManager, "download_and_extract", lambda self, url: downloaded):
         a = data.load("tfds", tmp_path / "tfds")
     # TFDS keeps its own record order: match examples by content, byte for byte.
     for x_src, y_src, x_got, y_got in ((x_tr, y_tr, a.x_train, a.y_train), (x_te, y_te, a.x_test, a.y_test)):
