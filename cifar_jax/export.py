@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from cifar_jax import evaluate
+from cifar_jax import evaluate, staging
 from cifar_jax.data import augment
-from cifar_jax.pretrained import TORCH_LEAF, ConversionError, require, torch_key
+from cifar_jax.errors import write_failure
+from cifar_jax.pretrained import TORCH_LEAF, require, torch_key
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
 _SIMPLE_CNN_LAYER = {"convs": (0, 4, 8, 12), "bns": (1, 5, 9, 13), "fc1": (17,), "fc2": (19,)}  # nn.Sequential indices
@@ -86,22 +87,15 @@ def main(argv=None) -> int:
 
     out = Path(args.out).absolute()
     try:
-        if out.suffix not in SUFFIXES:
-            raise ConversionError(f"--out {out} must end in {', '.join(SUFFIXES)}")
-        if out.is_dir() or (out.exists() and not args.overwrite):
-            raise ConversionError(f"--out {out} exists; pass --overwrite to replace that file, or another --out")
-        if not out.parent.is_dir():
-            raise ConversionError(f"--out {out}: {out.parent} is not a directory")
+        staging.check_out_file(out, SUFFIXES, args.overwrite)
         restored = evaluate.restore(args.workdir, args.step, ema=args.ema)
         model = nnx.merge(restored.graphdef, restored.params, restored.batch_stats)
         config = restored.config
         write(state_dict(model, config.model.name), out)
-    except (ConversionError, evaluate.EvalError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, ImportError) as e:  # ConversionError and EvalError are ValueErrors
+        return staging.fail(str(e))
     except OSError as e:
-        print(f"error: cannot write --out {out} ({e.strerror or e}); pass a writable path", file=sys.stderr)
-        return 2
+        return staging.fail(write_failure(f"--out {out}", e, "--out"))
     stem = "" if config.model.name == "simple_cnn" else f", stem={config.model.stem!r}"
     mean, std = augment.NORMALIZATIONS[config.data.normalization]
     print(f"exported {config.model.name}{stem} ({config.model.num_classes} classes), epoch {restored.epoch}"

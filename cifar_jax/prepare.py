@@ -14,7 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from cifar_jax import staging
 from cifar_jax.data import sources
+from cifar_jax.errors import write_failure
 
 
 def main(argv=None) -> int:
@@ -29,20 +31,13 @@ def main(argv=None) -> int:
 
     out = Path(args.out).expanduser().absolute()
     try:
-        if out.suffix != ".npz":
-            raise sources.DataError(f"--out {out} must end in .npz")
-        if out.is_dir() or (out.exists() and not args.overwrite):
-            raise sources.DataError(f"--out {out} exists; pass --overwrite to replace that file, or another --out")
-        if not out.parent.is_dir():
-            raise sources.DataError(f"--out {out}: {out.parent} is not a directory")
+        staging.check_out_file(out, (".npz",), args.overwrite)
         arrays = sources.load(args.source, args.path)
         sources.save_npz(arrays, out)
-    except sources.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # DataError is one
+        return staging.fail(str(e))
     except OSError as e:
-        print(f"error: cannot write --out {out} ({e.strerror or e}); pass a writable path", file=sys.stderr)
-        return 2
+        return staging.fail(write_failure(f"--out {out}", e, "--out"))
     print(f"wrote {out}: {len(arrays.y_train):,} train and {len(arrays.y_test):,} test images, {arrays.num_classes} classes\n"
           f"  train with --config.data.source=npz --config.data.path={out}, or copy it to "
           f"<TFDS data dir>/cifar100_uint8.npz for data.source=tfds")

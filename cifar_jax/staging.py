@@ -1,5 +1,6 @@
-"""Directories written whole or not at all: a staging directory beside the target, renamed into
-its place when complete (`convert`'s weights, `eval.py`'s outputs).
+"""Outputs written whole or not at all: a staging directory beside the target, renamed into its
+place when complete (`convert`'s weights, `eval.py`'s outputs), and the checks of an output file
+(`export`, `prepare`).
 
 A staging directory is named `.<target>.partial-<pid>`; one whose process is gone (killed
 mid-write) is removed by the next writer, one whose process is alive is left to it.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -55,3 +57,20 @@ def publish(staging: Path, target: Path) -> None:
     finally:
         os.close(lock)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out_file(out: Path, suffixes: tuple[str, ...], overwrite: bool) -> None:
+    """A ValueError in one line unless `out` can be written: one of `suffixes`, in an existing
+    directory, and new or (with `overwrite`) an existing file."""
+    if out.suffix not in suffixes:
+        raise ValueError(f"--out {out} must end in {', '.join(suffixes)}")
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace that file, or another --out")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is not a directory")
+
+
+def fail(message: str) -> int:
+    """Say `message` as one line on stderr; the exit status of a command that refused its input."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
