@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from cifar_jax import evaluate, staging
+from cifar_jax import cli, evaluate, staging
 from cifar_jax.data import augment
 from cifar_jax.errors import write_failure
 from cifar_jax.pretrained import TORCH_LEAF, require, torch_key
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the file to write: .pth/.pt (needs torch) or .safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    cli.setup_logging()  # Orbax's chatter (a read-only checkpoint directory is expected here) stays out
 
     out = Path(args.out).absolute()
     try:
