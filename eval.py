@@ -109,7 +109,7 @@ def main(argv):
             evaluate.plot_corruption_heatmap(accuracy, staging / "corruptions.png")
             print(f"  mean accuracy under corruption {report['corruptions']['mean']:.4f}")
 
-        evaluate.atomic_write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
+        stage.write_text(staging / "report.json", json.dumps(report, indent=2) + "\n")
         stage.publish(staging, out)  # all of this run's outputs replace all of the last one's
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)

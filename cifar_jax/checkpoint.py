@@ -200,6 +200,7 @@ class Checkpoints:
             save_interval_steps=0 if read_only else 1,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+        self._unchecked = False
 
     def epochs(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -211,6 +212,7 @@ class Checkpoints:
         """Save `state` (a dict of the state's parts, or a `Snapshot` of one) and `meta` as checkpoint `epoch`, in the background."""
         val_acc = meta["row"].get("val_acc")
         self.manager.save(epoch, args=_save_args(state, meta), metrics={"val_acc": val_acc} if val_acc is not None else None)
+        self._unchecked = True  # a background write whose outcome `check` has not seen yet
 
     def meta(self, epoch: int) -> dict:
         """Checkpoint `epoch`'s meta (epoch, phase, metrics row), checked against its checksum."""
@@ -330,8 +332,9 @@ class Checkpoints:
 
     def check(self) -> None:
         """Raise the error of a background write that failed, without waiting for one in progress."""
-        if not self.manager.is_saving_in_progress():
+        if self._unchecked and not self.manager.is_saving_in_progress():  # per chunk: nothing to do most of the time
             self._finish_writes()
+            self._unchecked = False
 
     def wait(self):
         """Wait for the background write; if it failed, remove its temporary directory (the space a

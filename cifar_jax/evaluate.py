@@ -177,12 +177,6 @@ def staging_dir(out: Path) -> Path:
     return staging.new(out)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _atomic_savefig(fig, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=100)
@@ -206,7 +200,7 @@ def per_class_csv(logits: np.ndarray, labels: np.ndarray, names, path: Path) -> 
         mask = labels == c
         acc = float((pred[mask] == c).mean()) if mask.any() else float("nan")
         lines.append(f"{c},{name},{int(mask.sum())},{acc:.6f}")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    staging.write_text(path, "\n".join(lines) + "\n")
 
 
 def plot_confusion(logits: np.ndarray, labels: np.ndarray, names, path: Path) -> None:
@@ -300,7 +294,7 @@ def submission_rows(name: str, predictions: np.ndarray) -> list[str]:
 
 
 def write_submission(rows: list[str], path: Path) -> None:
-    atomic_write_text(path, "id,label\n" + "\n".join(rows) + "\n")
+    staging.write_text(path, "id,label\n" + "\n".join(rows) + "\n")
 
 
 def plot_corruption_heatmap(accuracy: dict, path: Path) -> None:

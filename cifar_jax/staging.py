@@ -74,3 +74,10 @@ def fail(message: str) -> int:
     """Say `message` as one line on stderr; the exit status of a command that refused its input."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary name and a rename: never a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

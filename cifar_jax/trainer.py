@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import config as config_lib
-from cifar_jax import data, errors, preflight, steps
+from cifar_jax import data, errors, preflight, staging, steps
 from cifar_jax.checkpoint import Checkpoints, Snapshot
 from cifar_jax.early_stop import EarlyStop
 from cifar_jax.profiling import EpochProfile
@@ -255,7 +255,7 @@ class Run:
 
     def save_config(self, changed: dict) -> None:
         """Write config.json, and record what a resume changed in it (`config.record_change`)."""
-        _atomic_write(self.workdir / "config.json", self.config.to_json_best_effort(indent=2) + "\n")
+        staging.write_text(self.workdir / "config.json", self.config.to_json_best_effort(indent=2) + "\n")
         if changed:
             effect = "; ".join(self.change_effect(key, old, new) for key, (old, new) in changed.items())
             record = config_lib.record_change(self.workdir, self.start.epoch + 1, self.start.step, changed, effect)
@@ -560,12 +560,6 @@ def _save_or_fail(save, ckpts: Checkpoints) -> None:
             f"could not write a checkpoint in {ckpts.directory} ({os.strerror(code)}); {remain}. "
             f"{errors.write_advice(code).capitalize()} and rerun to resume"
         ) from None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt(x):
