@@ -7,7 +7,7 @@ TEST := $(VENV)/.installed-test
 PYTEST_ARGS ?= -n 2
 QUICKSTART_DIR := checkpoints/quickstart
 
-.PHONY: quickstart test test-fast venv clean
+.PHONY: quickstart lint test test-fast venv clean
 
 venv: $(CORE)
 
@@ -30,11 +30,16 @@ quickstart: $(CORE)
 	@echo "checkpoints: $(QUICKSTART_DIR)/checkpoints"
 	@echo "report:      $(QUICKSTART_DIR)/eval/report.json"
 
-test: $(TEST)
+# The format and the lint first (seconds): CI keeps them.
+lint: $(TEST)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The daily loop: everything but the tests marked slow.
-test-fast: $(TEST)
+test-fast: lint
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 clean:

@@ -33,9 +33,14 @@ def conv_layers(case: Case) -> list[dict]:
     def hook(module, args):
         x = args[0]
         spec = dict(
-            in_ch=module.in_channels, out_ch=module.out_channels, kernel=module.kernel_size[0],
-            stride=module.stride[0], padding=module.padding[0], bias=module.bias is not None,
-            size=x.shape[-1], reads_image=not seen and x.shape[1] == 3,
+            in_ch=module.in_channels,
+            out_ch=module.out_channels,
+            kernel=module.kernel_size[0],
+            stride=module.stride[0],
+            padding=module.padding[0],
+            bias=module.bias is not None,
+            size=x.shape[-1],
+            reads_image=not seen and x.shape[1] == 3,
         )
         key = tuple(spec.values())
         seen.setdefault(key, {**spec, "count": 0})["count"] += 1
@@ -62,8 +67,16 @@ def time_jax(layer: dict, batch: int, reps: int) -> tuple[float, float]:
     from cifar_jax.models.layers import conv
 
     rng = np.random.default_rng(0)
-    m = conv(layer["in_ch"], layer["out_ch"], layer["kernel"], stride=layer["stride"], padding=layer["padding"],
-             bias=layer["bias"], dtype=jnp.float32, rngs=nnx.Rngs(0))
+    m = conv(
+        layer["in_ch"],
+        layer["out_ch"],
+        layer["kernel"],
+        stride=layer["stride"],
+        padding=layer["padding"],
+        bias=layer["bias"],
+        dtype=jnp.float32,
+        rngs=nnx.Rngs(0),
+    )
     graphdef, params = nnx.split(m)
     x = jnp.asarray(rng.standard_normal((batch, layer["size"], layer["size"], layer["in_ch"]), np.float32))
     forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
@@ -83,8 +96,14 @@ def time_torch(layer: dict, batch: int, reps: int) -> tuple[float, float]:
     import torch
 
     cl = torch.channels_last
-    m = torch.nn.Conv2d(layer["in_ch"], layer["out_ch"], layer["kernel"], layer["stride"], layer["padding"],
-                        bias=layer["bias"]).to(memory_format=cl)
+    m = torch.nn.Conv2d(
+        layer["in_ch"],
+        layer["out_ch"],
+        layer["kernel"],
+        layer["stride"],
+        layer["padding"],
+        bias=layer["bias"],
+    ).to(memory_format=cl)
     x = torch.randn(batch, layer["in_ch"], layer["size"], layer["size"]).contiguous(memory_format=cl)
     x.requires_grad_(not layer["reads_image"])
     with torch.no_grad():
@@ -112,9 +131,13 @@ def run(case: Case, batch: int, reps: int, log=print) -> list[dict]:
     for layer in conv_layers(case):
         jf, jt = time_jax(layer, batch, reps)
         tf, tt = time_torch(layer, batch, reps)
-        rows.append({**layer, "jax_forward_ms": jf, "torch_forward_ms": tf, "jax_train_ms": jt, "torch_train_ms": tt})
-        log(f"{describe(layer):24s} x{layer['count']:<2d} forward {jf:8.1f} vs {tf:8.1f} ms ({tf / jf:4.2f}x)"
-            f"   forward+gradients {jt:8.1f} vs {tt:8.1f} ms ({tt / jt:4.2f}x)")
+        rows.append(
+            {**layer, "jax_forward_ms": jf, "torch_forward_ms": tf, "jax_train_ms": jt, "torch_train_ms": tt}
+        )
+        log(
+            f"{describe(layer):24s} x{layer['count']:<2d} forward {jf:8.1f} vs {tf:8.1f} ms ({tf / jf:4.2f}x)"
+            f"   forward+gradients {jt:8.1f} vs {tt:8.1f} ms ({tt / jt:4.2f}x)"
+        )
     return rows
 
 
@@ -128,11 +151,21 @@ def main(argv=None) -> list[dict]:
     from cifar_jax import cli
 
     cli.tune_xla_cpu()  # the settings train.py runs with, before JAX starts
-    p = argparse.ArgumentParser(prog="python -m cifar_jax.bench_convs", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", default="resnet50@224", help="one model@size, as in cifar_jax.bench (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        prog="python -m cifar_jax.bench_convs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--case", default="resnet50@224", help="one model@size, as in cifar_jax.bench (default: %(default)s)"
+    )
     p.add_argument("--batch_size", type=int, default=32, help="default: %(default)s")
-    p.add_argument("--reps", type=int, default=5, help="timed calls per measurement, after one untimed (default: %(default)s)")
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=5,
+        help="timed calls per measurement, after one untimed (default: %(default)s)",
+    )
     opts = p.parse_args(argv)
     try:
         cases = parse_cases(opts.case, None, None)
@@ -147,16 +180,23 @@ def main(argv=None) -> list[dict]:
         import jax
 
         if jax.default_backend() != "cpu":  # the PyTorch side runs on the CPU: compare like with like
-            raise BenchError(f"this compares CPU kernels, and JAX runs on {jax.default_backend()}: set JAX_PLATFORMS=cpu")
+            raise BenchError(
+                f"this compares CPU kernels, and JAX runs on {jax.default_backend()}: set JAX_PLATFORMS=cpu"
+            )
     except BenchError as e:
         cli.fail(str(e))
 
-    print(f"{cases[0]}, batch {opts.batch_size}, median of {opts.reps}; ours vs PyTorch on the CPU", flush=True)
+    print(
+        f"{cases[0]}, batch {opts.batch_size}, median of {opts.reps}; ours vs PyTorch on the CPU", flush=True
+    )
     rows = run(cases[0], opts.batch_size, opts.reps, log=lambda line: print(line, flush=True))
     t = totals(rows)
-    print(f"all convolutions, weighted by count: forward {t['jax_forward_ms']:.0f} vs {t['torch_forward_ms']:.0f} ms "
-          f"({t['torch_forward_ms'] / t['jax_forward_ms']:.2f}x); forward+gradients {t['jax_train_ms']:.0f} vs "
-          f"{t['torch_train_ms']:.0f} ms ({t['torch_train_ms'] / t['jax_train_ms']:.2f}x)")
+    print(
+        f"all convolutions, weighted by count: forward {t['jax_forward_ms']:.0f} vs "
+        f"{t['torch_forward_ms']:.0f} ms "
+        f"({t['torch_forward_ms'] / t['jax_forward_ms']:.2f}x); forward+gradients {t['jax_train_ms']:.0f} vs "
+        f"{t['torch_train_ms']:.0f} ms ({t['torch_train_ms'] / t['jax_train_ms']:.2f}x)"
+    )
     return rows
 
 

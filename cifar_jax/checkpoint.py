@@ -5,7 +5,8 @@ Layout: `<workdir>/checkpoints/<epoch>/` holds one Orbax item per part of the tr
 `params`, `batch_stats`, `opt_state` (and `ema` with a weight average), each a tree of named
 arrays that Orbax alone restores (README, "Restoring with Orbax alone"), plus `layout` (each
 array's path, dtype and shape) and `meta` (JSON: epoch, phase, that epoch's metrics row, a
-checksum of every array, and one of the meta itself, whose val_acc picks the best). `<workdir>/interrupted/<global step>/` holds the mid-epoch state the
+checksum of every array, and one of the meta itself, whose val_acc picks the best).
+`<workdir>/interrupted/<global step>/` holds the mid-epoch state the
 same way. Orbax writes each checkpoint to a temporary directory and renames it when complete, so
 a killed run never leaves a half-written checkpoint that restores. A restore checks the layout
 (naming the first difference), restores only the items asked for (evaluation needs no
@@ -31,7 +32,6 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from cifar_jax.errors import one_line
 
-
 log = logging.getLogger("cifar_jax")
 
 
@@ -46,8 +46,10 @@ def abstract(tree):
 
 def layout(tree) -> list[list]:
     """[path, dtype, shape] of every leaf of `tree`, in flattening order."""
-    return [[jax.tree_util.keystr(path), jnp.dtype(x.dtype).name, list(x.shape)]
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [
+        [jax.tree_util.keystr(path), jnp.dtype(x.dtype).name, list(x.shape)]
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
 
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -66,7 +68,9 @@ def _leaf_checksums(tree) -> jax.Array:
     sums = []
     for x in jax.tree.leaves(tree):
         words = _as_uint32(x)
-        weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2 * 2654435761 % 2**32) + jnp.uint32(1)
+        weights = jnp.arange(words.size, dtype=jnp.uint32) * jnp.uint32(2 * 2654435761 % 2**32) + jnp.uint32(
+            1
+        )
         sums.append(jnp.sum(words * weights, dtype=jnp.uint32))
     return jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
 
@@ -81,7 +85,9 @@ def verify(tree, saved: dict[str, int], where) -> None:
     """Raise DamagedCheckpoint naming the first leaf of `tree` whose checksum is not `saved`'s."""
     for path, value in checksums(tree).items():
         if saved.get(path) != value:
-            raise DamagedCheckpoint(f"{where}: {path} does not match the checksum saved with it (its files changed on disk)")
+            raise DamagedCheckpoint(
+                f"{where}: {path} does not match the checksum saved with it (its files changed on disk)"
+            )
 
 
 @jax.jit
@@ -114,9 +120,13 @@ def check_layout(saved_layout: list, template) -> None:
     if saved_layout == expected:
         return
     if len(saved_layout) != len(expected):
-        raise ValueError(f"the checkpoint holds {len(saved_layout)} arrays, the configured state {len(expected)}")
+        raise ValueError(
+            f"the checkpoint holds {len(saved_layout)} arrays, the configured state {len(expected)}"
+        )
     saved, wanted = next((a, b) for a, b in zip(saved_layout, expected) if a != b)
-    raise ValueError(f"the checkpoint holds {_describe(saved)} where the configured state has {_describe(wanted)}")
+    raise ValueError(
+        f"the checkpoint holds {_describe(saved)} where the configured state has {_describe(wanted)}"
+    )
 
 
 def _describe(entry) -> str:
@@ -129,17 +139,24 @@ ITEMS = ("params", "batch_stats", "opt_state", "ema", "state", "sums")
 
 
 def _handlers() -> dict:
-    """The arrays without zstd: compressed, a ResNet-50 state's background write took longer (BENCHMARKS.md)."""
-    return {**{item: ocp.PyTreeCheckpointHandler(use_compression=False) for item in ITEMS},
-            "layout": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    """The arrays without zstd: compressed, a ResNet-50 state's background write took longer
+    (BENCHMARKS.md)."""
+    return {
+        **{item: ocp.PyTreeCheckpointHandler(use_compression=False) for item in ITEMS},
+        "layout": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
 
 
 def _save_args(state, meta: dict) -> ocp.args.Composite:
     """One item per top-level part of `state` (a dict, or a `Snapshot` of one), its layout, and
     `meta` sealed with the checksum of every array and its own."""
     tree, sums = (state.tree, state.checksums()) if isinstance(state, Snapshot) else (state, checksums(state))
-    return ocp.args.Composite(**{k: ocp.args.PyTreeSave(v) for k, v in tree.items()},
-                              layout=ocp.args.JsonSave(layout(tree)), meta=ocp.args.JsonSave(_sealed(meta, sums)))
+    return ocp.args.Composite(
+        **{k: ocp.args.PyTreeSave(v) for k, v in tree.items()},
+        layout=ocp.args.JsonSave(layout(tree)),
+        meta=ocp.args.JsonSave(_sealed(meta, sums)),
+    )
 
 
 def _json_checksum(meta: dict) -> int:
@@ -156,15 +173,19 @@ def _opened(meta: dict, where) -> dict:
     """A meta that `_sealed` wrote, checked: DamagedCheckpoint if anything in it changed."""
     body = {k: v for k, v in meta.items() if k != "meta_checksum"}
     if "checksums" not in body or meta.get("meta_checksum") != _json_checksum(body):
-        raise DamagedCheckpoint(f"{where}: its meta (epoch, metrics row, array checksums) does not match the checksum saved "
-                                f"with it (its files changed on disk)")
+        raise DamagedCheckpoint(
+            f"{where}: its meta (epoch, metrics row, array checksums) does not match the checksum saved "
+            f"with it (its files changed on disk)"
+        )
     return body
 
 
 def _read_meta(manager, step: int) -> dict:
     """Checkpoint `step`'s meta, checked, with the arrays' checksums."""
-    return _opened(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"],
-                   Path(manager.directory) / str(step))
+    return _opened(
+        manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"],
+        Path(manager.directory) / str(step),
+    )
 
 
 def _without_checksums(meta: dict) -> dict:
@@ -176,12 +197,20 @@ def _restore_tree(manager, step: int, template):
     `template` (e.g. params and batch_stats without the optimizer state), checksums verified."""
     where = Path(manager.directory) / str(step)
     if (where / "arrays").is_dir():
-        raise ValueError(f"{where} is in the packed format of earlier versions, which this one does not read; "
-                         f"retrain, or evaluate it with the version that wrote it")
+        raise ValueError(
+            f"{where} is in the packed format of earlier versions, which this one does not read; "
+            f"retrain, or evaluate it with the version that wrote it"
+        )
     meta = _read_meta(manager, step)
-    check_layout(manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"], template)
-    args = {k: ocp.args.PyTreeRestore(abstract(v), restore_args=ocp.checkpoint_utils.construct_restore_args(abstract(v)))
-            for k, v in template.items()}
+    check_layout(
+        manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"], template
+    )
+    args = {
+        k: ocp.args.PyTreeRestore(
+            abstract(v), restore_args=ocp.checkpoint_utils.construct_restore_args(abstract(v))
+        )
+        for k, v in template.items()
+    }
     restored = manager.restore(step, args=ocp.args.Composite(**args))
     tree = {k: restored[k] for k in template}
     verify(tree, meta["checksums"], where)
@@ -193,10 +222,17 @@ class Checkpoints:
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         preservation = policies.AnyPreservationPolicy(
-            [policies.LatestN(keep), policies.BestN(get_metric_fn=lambda m: m["val_acc"], n=1, keep_checkpoints_without_metrics=False)]
+            [
+                policies.LatestN(keep),
+                policies.BestN(
+                    get_metric_fn=lambda m: m["val_acc"], n=1, keep_checkpoints_without_metrics=False
+                ),
+            ]
         )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation, read_only=read_only, create=not read_only,
+            preservation_policy=preservation,
+            read_only=read_only,
+            create=not read_only,
             save_interval_steps=0 if read_only else 1,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
@@ -209,9 +245,12 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, epoch: int, state, meta: dict) -> None:
-        """Save `state` (a dict of the state's parts, or a `Snapshot` of one) and `meta` as checkpoint `epoch`, in the background."""
+        """Save `state` (a dict of the state's parts, or a `Snapshot` of one) and `meta` as checkpoint
+        `epoch`, in the background."""
         val_acc = meta["row"].get("val_acc")
-        self.manager.save(epoch, args=_save_args(state, meta), metrics={"val_acc": val_acc} if val_acc is not None else None)
+        self.manager.save(
+            epoch, args=_save_args(state, meta), metrics={"val_acc": val_acc} if val_acc is not None else None
+        )
         self._unchecked = True  # a background write whose outcome `check` has not seen yet
 
     def meta(self, epoch: int) -> dict:
@@ -226,6 +265,7 @@ class Checkpoints:
     def by_preference(self, which: str) -> list[int]:
         """The kept epochs, best first: by validation accuracy (then earliest) for 'best', newest
         first for 'latest'. An epoch whose meta does not read (damaged, empty) comes last."""
+
         def score(epoch):
             try:
                 acc = self.meta(epoch)["row"].get("val_acc")
@@ -264,14 +304,25 @@ class Checkpoints:
                 continue
             for bad, why in failed:
                 moved = self.quarantine(self.directory / str(bad))
-                log.warning("checkpoint of epoch %d does not restore (%s); moved it to %s and resumed from epoch %d", bad, why, moved, epoch)
+                log.warning(
+                    "checkpoint of epoch %d does not restore (%s); moved it to %s and resumed from epoch %d",
+                    bad,
+                    why,
+                    moved,
+                    epoch,
+                )
             return epoch, state, meta
         if not failed:  # every checkpoint was damaged and moved aside
-            raise ValueError(f"no checkpoint in {self.directory} is intact (the damaged ones are in {self.workdir / 'corrupt_checkpoints'}); "
-                             f"use another --workdir to train from the start")
+            raise ValueError(
+                f"no checkpoint in {self.directory} is intact (the damaged ones are in "
+                f"{self.workdir / 'corrupt_checkpoints'}); "
+                f"use another --workdir to train from the start"
+            )
         raise ValueError(
-            f"no checkpoint in {self.directory} restores into the configured model and optimizer ({failed[0][1]}); "
-            f"was the config changed (model, optimizer.name)? Rerun with the run's config.json settings or another --workdir"
+            f"no checkpoint in {self.directory} restores into the configured model and optimizer "
+            f"({failed[0][1]}); "
+            "was the config changed (model, optimizer.name)? Rerun with the run's config.json settings or "
+            "another --workdir"
         )
 
     def quarantine(self, path: Path) -> Path:
@@ -293,7 +344,8 @@ class Checkpoints:
             manager.wait_until_finished()
 
     def interrupted_meta(self) -> dict | None:
-        """The mid-epoch checkpoint's meta, or None: none, or one whose meta is damaged (reported, moved aside)."""
+        """The mid-epoch checkpoint's meta, or None: none, or one whose meta is damaged (reported, moved
+        aside)."""
         if not (self.workdir / "interrupted").is_dir():
             return None
         with self._interrupted_manager() as manager:
@@ -308,7 +360,12 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001  (a damaged JSON file raises many types)
                 why = one_line(e)
         moved = self.quarantine(self.workdir / "interrupted" / str(step))
-        log.warning("the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch checkpoint", why, moved)
+        log.warning(
+            "the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch "
+            "checkpoint",
+            why,
+            moved,
+        )
         return None
 
     def restore_interrupted(self, template):
@@ -320,19 +377,31 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001
                 why = one_line(e)
         moved = self.quarantine(self.workdir / "interrupted" / str(step))
-        log.warning("the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch checkpoint", why, moved)
+        log.warning(
+            "the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch "
+            "checkpoint",
+            why,
+            moved,
+        )
         return None
 
     def clear_interrupted(self) -> None:
         shutil.rmtree(self.workdir / "interrupted", ignore_errors=True)
 
     def on_disk(self) -> list[int]:
-        """The epochs whose checkpoint is complete on disk now (Orbax renames a write into place when done)."""
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit()) if self.directory.is_dir() else []
+        """The epochs whose checkpoint is complete on disk now (Orbax renames a write into place when
+        done)."""
+        return (
+            sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            if self.directory.is_dir()
+            else []
+        )
 
     def check(self) -> None:
         """Raise the error of a background write that failed, without waiting for one in progress."""
-        if self._unchecked and not self.manager.is_saving_in_progress():  # per chunk: nothing to do most of the time
+        if (
+            self._unchecked and not self.manager.is_saving_in_progress()
+        ):  # per chunk: nothing to do most of the time
             self._finish_writes()
             self._unchecked = False
 

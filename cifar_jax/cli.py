@@ -72,7 +72,10 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
-COMPILATIONS = {"cache_hits": 0, "cache_misses": 0}  # this process's XLA compilations, by persistent-cache outcome
+COMPILATIONS = {
+    "cache_hits": 0,
+    "cache_misses": 0,
+}  # this process's XLA compilations, by persistent-cache outcome
 _LISTENING = []  # non-empty once the counter listens to JAX's compilation-cache events
 
 
@@ -86,7 +89,8 @@ def compilation_summary() -> str:
     """One line: how many XLA programs this process loaded from the persistent cache and compiled anew."""
     if not _LISTENING:
         return "XLA programs: the persistent compilation cache is off"
-    return f"XLA programs: {COMPILATIONS['cache_hits']} loaded from the compilation cache, {COMPILATIONS['cache_misses']} compiled"
+    hits, misses = COMPILATIONS["cache_hits"], COMPILATIONS["cache_misses"]
+    return f"XLA programs: {hits} loaded from the compilation cache, {misses} compiled"
 
 
 def enable_compilation_cache(directory: str | None) -> str | None:
@@ -143,10 +147,16 @@ def parse_flags(argv):
         return app.parse_flags_with_usage(argv)
     except AttributeError as e:
         if "get_config" in str(e):
-            fail("the --config file defines no get_config(); a config file returns its ConfigDict from get_config() (see configs/)")
+            fail(
+                "the --config file defines no get_config(); a config file returns its ConfigDict from "
+                "get_config() (see configs/)"
+            )
         key = str(e).strip("'\"")
-        fail(f"a --config override names {key!r}, which the config does not have: check its spelling against the config file "
-             f"and cifar_jax/config.py")
+        fail(
+            f"a --config override names {key!r}, which the config does not have: check its spelling against "
+            "the config file "
+            f"and cifar_jax/config.py"
+        )
     except (KeyError, ImportError, SyntaxError, OSError) as e:
         fail(f"the --config file does not load ({one_line(e, 300)})")
 
@@ -160,8 +170,10 @@ def loaded_config(holder):
         return holder.value.copy_and_resolve_references()  # an attribute of the value is where it raises
     except OSError as e:
         reasons = [line.strip() for line in str(e).splitlines() if line.strip().startswith("[Errno")]
-        fail(f"the --config file does not load ({reasons[-1] if reasons else one_line(e, 200)}); "
-             f"pass a config file such as configs/quickstart.py")
+        fail(
+            f"the --config file does not load ({reasons[-1] if reasons else one_line(e, 200)}); "
+            f"pass a config file such as configs/quickstart.py"
+        )
 
 
 def run(main, what: str) -> None:
@@ -176,5 +188,8 @@ def run(main, what: str) -> None:
         runguard.catch_interrupts()
         app.run(main, flags_parser=parse_flags)
     except KeyboardInterrupt:
-        print(f"interrupted (Ctrl-C) {what}; what was already saved is kept: rerun the same command", file=sys.stderr)
+        print(
+            f"interrupted (Ctrl-C) {what}; what was already saved is kept: rerun the same command",
+            file=sys.stderr,
+        )
         sys.exit(130)

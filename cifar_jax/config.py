@@ -13,8 +13,8 @@ from pathlib import Path
 import ml_collections
 
 from cifar_jax import models
-from cifar_jax.errors import read_json_object
 from cifar_jax.data import SOURCES, augment
+from cifar_jax.errors import read_json_object
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step", "cosine", "linear")
@@ -29,10 +29,16 @@ def base() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices
     c.eval_batch_size = 500
     c.label_smoothing = 0.0
-    c.ema_decay = 0.0  # > 0: keep an exponential moving average of the weights and BatchNorm statistics (e.g. 0.999)
-    c.steps_per_call = 0  # training steps per jitted call (lax.fori_loop); 0 = automatic (up to 4 on CPU, 16 on GPU)
+    c.ema_decay = (
+        0.0  # > 0: keep an exponential moving average of the weights and BatchNorm statistics (e.g. 0.999)
+    )
+    c.steps_per_call = (
+        0  # training steps per jitted call (lax.fori_loop); 0 = automatic (up to 4 on CPU, 16 on GPU)
+    )
     c.eval_batches_per_call = 0  # evaluation batches per jitted call; 0 = automatic (a whole split)
-    c.run_ahead_chunks = 4  # chunks of the next epoch queued before the host logs and checkpoints an epoch; 0 = off
+    c.run_ahead_chunks = (
+        4  # chunks of the next epoch queued before the host logs and checkpoints an epoch; 0 = off
+    )
     c.distributed = False  # jax.distributed.initialize() for multi-process runs
 
     c.model = ml_collections.ConfigDict()
@@ -57,9 +63,11 @@ def base() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.2
     c.data.split_seed = 0
     c.data.normalization = "cifar"
-    # mixup_alpha / cutmix_alpha > 0: torchvision.transforms.v2 MixUp / CutMix on each batch (both: one of them per batch).
-    c.data.augment = ml_collections.ConfigDict(dict(crop_padding=4, flip=True, color_jitter=(0.0, 0.0, 0.0),
-                                                    mixup_alpha=0.0, cutmix_alpha=0.0))
+    # mixup_alpha / cutmix_alpha > 0: torchvision.transforms.v2 MixUp / CutMix on each batch (both: one of
+    # them per batch).
+    c.data.augment = ml_collections.ConfigDict(
+        dict(crop_padding=4, flip=True, color_jitter=(0.0, 0.0, 0.0), mixup_alpha=0.0, cutmix_alpha=0.0)
+    )
     c.data.fake = ml_collections.ConfigDict(dict(num_train=512, num_test=128, num_classes=100, image_size=32))
 
     c.optimizer = ml_collections.ConfigDict()
@@ -88,7 +96,8 @@ def base() -> ml_collections.ConfigDict:
     # plus the best by validation accuracy among those saved); a stop by signal saves where it is.
     c.checkpoint = ml_collections.ConfigDict(dict(keep=3, every_epochs=1))
 
-    # Early stopping: end the run after `patience` epochs without val_acc rising above its best by more than `min_delta`.
+    # Early stopping: end the run after `patience` epochs without val_acc rising above its best by more than
+    # `min_delta`.
     c.early_stop = ml_collections.ConfigDict(dict(patience=0, min_delta=0.0))  # patience 0: off
 
     # A jax.profiler trace of a real run: the first `steps` steps of epoch `epoch` (1-based; 0: off) and its
@@ -121,31 +130,63 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _choice("schedule.per", c.schedule.per, ("epoch", "step"))
     _choice("wandb.mode", c.wandb.mode, ("online", "offline", "disabled"))
     _choice("head_only_batchnorm", c.head_only_batchnorm, ("frozen", "train"))
-    for key in ("num_epochs", "batch_size", "eval_batch_size", "model.num_classes", "data.image_size", "checkpoint.keep",
-                "checkpoint.every_epochs"):
+    for key in (
+        "num_epochs",
+        "batch_size",
+        "eval_batch_size",
+        "model.num_classes",
+        "data.image_size",
+        "checkpoint.keep",
+        "checkpoint.every_epochs",
+    ):
         value = c[key] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
         if not isinstance(value, int) or value <= 0:
             _fail(key, value, "must be a positive integer")
     if c.num_epochs > MAX_EPOCHS:
         _fail("num_epochs", c.num_epochs, f"is past any schedule; use at most {MAX_EPOCHS:,}")
-    if not isinstance(c.data.augment.crop_padding, int) or not 0 <= c.data.augment.crop_padding < c.data.image_size:
-        _fail("data.augment.crop_padding", c.data.augment.crop_padding, f"must be an integer in [0, data.image_size={c.data.image_size}) (0 = no crop)")
+    if (
+        not isinstance(c.data.augment.crop_padding, int)
+        or not 0 <= c.data.augment.crop_padding < c.data.image_size
+    ):
+        _fail(
+            "data.augment.crop_padding",
+            c.data.augment.crop_padding,
+            f"must be an integer in [0, data.image_size={c.data.image_size}) (0 = no crop)",
+        )
     jitter = c.data.augment.color_jitter
-    if not (isinstance(jitter, (tuple, list)) and len(jitter) == 3 and all(isinstance(v, (int, float)) and v >= 0 for v in jitter)):
-        _fail("data.augment.color_jitter", jitter, "must be 3 numbers >= 0: (brightness, contrast, saturation), e.g. (0.4,0.4,0.4)")
+    if not (
+        isinstance(jitter, (tuple, list))
+        and len(jitter) == 3
+        and all(isinstance(v, (int, float)) and v >= 0 for v in jitter)
+    ):
+        _fail(
+            "data.augment.color_jitter",
+            jitter,
+            "must be 3 numbers >= 0: (brightness, contrast, saturation), e.g. (0.4,0.4,0.4)",
+        )
     if not c.optimizer.lr > 0:
         _fail("optimizer.lr", c.optimizer.lr, "must be positive")
     k = c.optimizer.accumulate_steps
     if not isinstance(k, int) or k < 1 or c.batch_size % k:
-        _fail("optimizer.accumulate_steps", k, f"must be a positive integer that divides batch_size={c.batch_size}")
+        _fail(
+            "optimizer.accumulate_steps",
+            k,
+            f"must be a positive integer that divides batch_size={c.batch_size}",
+        )
     if not isinstance(c.early_stop.patience, int) or c.early_stop.patience < 0:
         _fail("early_stop.patience", c.early_stop.patience, "must be an integer >= 0 (0 = off)")
     if not c.early_stop.min_delta >= 0:
         _fail("early_stop.min_delta", c.early_stop.min_delta, "must be >= 0")
     if c.early_stop.patience and not c.data.val_fraction:
-        _fail("early_stop.patience", c.early_stop.patience, "needs a validation split (data.val_fraction > 0)")
+        _fail(
+            "early_stop.patience", c.early_stop.patience, "needs a validation split (data.val_fraction > 0)"
+        )
     if not (isinstance(c.profile.epoch, int) and 0 <= c.profile.epoch <= c.num_epochs):
-        _fail("profile.epoch", c.profile.epoch, f"must be an epoch in [1, num_epochs={c.num_epochs}], or 0 (off)")
+        _fail(
+            "profile.epoch",
+            c.profile.epoch,
+            f"must be an epoch in [1, num_epochs={c.num_epochs}], or 0 (off)",
+        )
     if not (isinstance(c.profile.steps, int) and c.profile.steps > 0):
         _fail("profile.steps", c.profile.steps, "must be a positive integer (training steps traced)")
     if not c.optimizer.clip_norm >= 0:
@@ -164,9 +205,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.head_only_epochs and not c.head_only_lr > 0:
         _fail("head_only_lr", c.head_only_lr, "must be positive")
     if c.schedule.name == "step" and (c.schedule.step_size <= 0 or not 0 < c.schedule.gamma <= 1):
-        _fail("schedule.step_size/gamma", (c.schedule.step_size, c.schedule.gamma), "need step_size > 0 and 0 < gamma <= 1")
+        _fail(
+            "schedule.step_size/gamma",
+            (c.schedule.step_size, c.schedule.gamma),
+            "need step_size > 0 and 0 < gamma <= 1",
+        )
     if c.schedule.warmup_epochs < 0 or c.schedule.warmup_epochs >= c.num_epochs - c.head_only_epochs:
-        _fail("schedule.warmup_epochs", c.schedule.warmup_epochs, "must be >= 0 and shorter than the (last) phase")
+        _fail(
+            "schedule.warmup_epochs",
+            c.schedule.warmup_epochs,
+            "must be >= 0 and shorter than the (last) phase",
+        )
     if c.steps_per_call < 0:
         _fail("steps_per_call", c.steps_per_call, "must be >= 0 (0 = automatic)")
     if c.eval_batches_per_call < 0:
@@ -174,7 +223,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.run_ahead_chunks < 0:
         _fail("run_ahead_chunks", c.run_ahead_chunks, "must be >= 0 (0 = off)")
     if c.model.name == "simple_cnn" and c.data.image_size != 32:
-        _fail("data.image_size", c.data.image_size, "cannot feed simple_cnn, whose FC layer takes 32x32 inputs; use 32 or a ResNet")
+        _fail(
+            "data.image_size",
+            c.data.image_size,
+            "cannot feed simple_cnn, whose FC layer takes 32x32 inputs; use 32 or a ResNet",
+        )
     if c.model.name != "simple_cnn" and c.data.image_size < 32:
         _fail("data.image_size", c.data.image_size, "is too small for a ResNet (at least 32)")
     if c.head_only_epochs and c.model.name == "simple_cnn":
@@ -185,9 +238,23 @@ def validate(c: ml_collections.ConfigDict) -> None:
 REQUIRED_SAVED = ("model.name", "model.num_classes", "data.source", "num_epochs")
 # Keys a resumed run may change: how a run is executed, kept and reported, and when it ends early;
 # not what an epoch computes.
-FREE_ON_RESUME = ("checkpoint.keep", "checkpoint.every_epochs", "run_ahead_chunks", "steps_per_call", "eval_batches_per_call",
-                  "eval_batch_size", "distributed", "wandb.mode", "wandb.project", "wandb.entity", "wandb.name",
-                  "early_stop.patience", "early_stop.min_delta", "profile.epoch", "profile.steps")
+FREE_ON_RESUME = (
+    "checkpoint.keep",
+    "checkpoint.every_epochs",
+    "run_ahead_chunks",
+    "steps_per_call",
+    "eval_batches_per_call",
+    "eval_batch_size",
+    "distributed",
+    "wandb.mode",
+    "wandb.project",
+    "wandb.entity",
+    "wandb.name",
+    "early_stop.patience",
+    "early_stop.min_delta",
+    "profile.epoch",
+    "profile.steps",
+)
 
 
 def flat(config) -> dict:
@@ -210,7 +277,9 @@ def from_json(path) -> ml_collections.ConfigDict:
     values = flat(read_json_object(path, redo))
     missing = [key for key in REQUIRED_SAVED if key not in values]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: it is not a config.json that train.py wrote; {redo}")
+        raise ValueError(
+            f"{path} lacks {', '.join(missing)}: it is not a config.json that train.py wrote; {redo}"
+        )
     config = base()
     known = flat(config)
     unknown = sorted(set(values) - set(known))
@@ -224,7 +293,9 @@ def from_json(path) -> ml_collections.ConfigDict:
         try:
             target[leaf] = tuple(value) if isinstance(known[key], list) else value
         except TypeError:
-            raise ValueError(f"{path}: {key}={value!r} is not a {type(known[key]).__name__}; {redo}") from None
+            raise ValueError(
+                f"{path}: {key}={value!r} is not a {type(known[key]).__name__}; {redo}"
+            ) from None
     try:
         validate(config)
     except ValueError as e:
@@ -246,15 +317,21 @@ def record_change(workdir, from_epoch: int, from_step: int, changed: dict, effec
     `from_step` within it) with `changed` ({key: (old, new)}); returns the record."""
     import time
 
-    record = {"from_epoch": from_epoch, "from_step": from_step, "changed": {k: list(v) for k, v in changed.items()},
-              "effect": effect, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {
+        "from_epoch": from_epoch,
+        "from_step": from_step,
+        "changed": {k: list(v) for k, v in changed.items()},
+        "effect": effect,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     with open(Path(workdir) / CONFIG_HISTORY, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
     return record
 
 
 def read_history(workdir) -> list[dict]:
-    """The records of `record_change` in `workdir` (none: []); a ValueError naming the file if one does not read."""
+    """The records of `record_change` in `workdir` (none: []); a ValueError naming the file if one does not
+    read."""
     path = Path(workdir) / CONFIG_HISTORY
     if not path.exists():
         return []
@@ -265,6 +342,8 @@ def read_history(workdir) -> list[dict]:
             if not {"from_epoch", "changed", "effect"} <= set(record):
                 raise ValueError("lacks from_epoch, changed or effect")
         except (UnicodeDecodeError, ValueError, TypeError) as e:
-            raise ValueError(f"{path} line {i + 1} is not a record of a config change ({str(e)[:60]}); move the file aside") from None
+            raise ValueError(
+                f"{path} line {i + 1} is not a record of a config change ({str(e)[:60]}); move the file aside"
+            ) from None
         records.append(record)
     return records

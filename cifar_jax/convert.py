@@ -22,9 +22,15 @@ def main(argv=None) -> int:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="torchvision weights name, e.g. IMAGENET1K_V2")
     src.add_argument("--state-dict", help="path to a torchvision state_dict (.pth, .pt or .safetensors)")
-    parser.add_argument("--num_classes", type=int, default=None, help="replace the head (default: keep the source's)")
+    parser.add_argument(
+        "--num_classes", type=int, default=None, help="replace the head (default: keep the source's)"
+    )
     parser.add_argument("--out", required=True, help="output directory (new, or replaced with --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the converted weights already in --out (never other files)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the converted weights already in --out (never other files)",
+    )
     args = parser.parse_args(argv)
 
     source = args.weights or args.state_dict
@@ -36,11 +42,14 @@ def main(argv=None) -> int:
             raise pretrained.ConversionError(f"--out {out} is a file; pass a directory")
         if out.is_dir() and any(out.iterdir()):
             if not pretrained.holds_converted_weights(out):
-                raise pretrained.ConversionError(f"--out {out} holds other files than converted weights; it is never replaced: "
-                                                 f"pass another --out")
+                raise pretrained.ConversionError(
+                    f"--out {out} holds other files than converted weights; it is never replaced: "
+                    f"pass another --out"
+                )
             if not args.overwrite:
-                raise pretrained.ConversionError(f"--out {out} holds converted weights; pass --overwrite to replace them, "
-                                                 f"or another --out")
+                raise pretrained.ConversionError(
+                    f"--out {out} holds converted weights; pass --overwrite to replace them, or another --out"
+                )
         model = pretrained.from_torchvision(args.arch, source, args.num_classes)
         num_classes = model.fc.kernel.shape[-1]
         meta = {"arch": args.arch, "num_classes": num_classes, "stem": "imagenet", "source": str(source)}
@@ -48,7 +57,10 @@ def main(argv=None) -> int:
     except (pretrained.ConversionError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"converted {args.arch} ({models.count_params(model):,} parameters, {num_classes} classes) from {source} -> {out}")
+    print(
+        f"converted {args.arch} ({models.count_params(model):,} parameters, {num_classes} classes) from "
+        f"{source} -> {out}"
+    )
     return 0
 
 

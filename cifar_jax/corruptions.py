@@ -2,7 +2,8 @@
 
 Severity 0 returns the input unchanged; 1..5 use parameters in the spirit of Hendrycks &
 Dietterich's CIFAR-10-C (noise levels, blur sigmas, contrast factors, pixelation scales and JPEG
-qualities from its CIFAR code; pixelation scales spread wider; brightness and saturation simplified to RGB operations so they are
+qualities from its CIFAR code; pixelation scales spread wider; brightness and saturation simplified to RGB
+operations so they are
 monotone and run on device). Every corruption maps uint8 (N, H, W, 3) images to uint8 images and is
 deterministic given `seed`. All but JPEG run in JAX; JPEG uses Pillow on the host.
 """
@@ -25,7 +26,13 @@ _PARAMS = {
     "brightness": (0.05, 0.1, 0.15, 0.2, 0.3),  # added to every channel
     "contrast": (0.75, 0.5, 0.4, 0.3, 0.15),  # factor towards the image mean
     "saturation": (0.8, 0.6, 0.4, 0.2, 0.0),  # factor towards the gray image
-    "pixelate": (0.9, 0.8, 0.7, 0.6, 0.5),  # scale of the downsampled image (wider than CIFAR-C: 0.95 vs 0.9 aliased alike)
+    "pixelate": (
+        0.9,
+        0.8,
+        0.7,
+        0.6,
+        0.5,
+    ),  # scale of the downsampled image (wider than CIFAR-C: 0.95 vs 0.9 aliased alike)
     "jpeg": (80, 65, 58, 50, 40),  # JPEG quality
 }
 NAMES = tuple(_PARAMS)
@@ -56,8 +63,12 @@ def _gaussian_blur(_key, x, sigma):
     kh = jnp.tile(k.reshape(-1, 1, 1, 1), (1, 1, 1, channels))  # (K, 1, 1, C) depthwise
     kw = jnp.tile(k.reshape(1, -1, 1, 1), (1, 1, 1, channels))
     dn = ("NHWC", "HWIO", "NHWC")
-    y = jax.lax.conv_general_dilated(padded, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=channels)
-    return jax.lax.conv_general_dilated(y, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=channels)
+    y = jax.lax.conv_general_dilated(
+        padded, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=channels
+    )
+    return jax.lax.conv_general_dilated(
+        y, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=channels
+    )
 
 
 def _brightness(_key, x, delta):

@@ -40,5 +40,7 @@ class EarlyStop:
         return self.ended
 
     def _why(self) -> str:
-        return (f"early stop: val_acc has not risen above {self.best:.4f} (epoch {self.best_epoch}) by more than "
-                f"{self.min_delta:g} for {self.bad} epochs (early_stop.patience={self.patience})")
+        return (
+            f"early stop: val_acc has not risen above {self.best:.4f} (epoch {self.best_epoch}) by more than "
+            f"{self.min_delta:g} for {self.bad} epochs (early_stop.patience={self.patience})"
+        )

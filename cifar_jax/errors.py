@@ -15,9 +15,13 @@ def one_line(e: BaseException, limit: int = 160) -> str:
 
 
 _WRITE_ADVICE = {
-    errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
-    errno.EACCES: "make it writable", errno.EPERM: "make it writable", errno.EROFS: "use a writable {flag}",
-    errno.ENAMETOOLONG: "use a shorter {flag}", errno.EFBIG: "raise the file size limit (ulimit -f)",
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space (disk quota)",
+    errno.EACCES: "make it writable",
+    errno.EPERM: "make it writable",
+    errno.EROFS: "use a writable {flag}",
+    errno.ENAMETOOLONG: "use a shorter {flag}",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
 }
 
 

@@ -46,7 +46,10 @@ class Restored:
 def load_config(workdir) -> ml_collections.ConfigDict:
     path = Path(workdir) / "config.json"
     if not path.is_file():
-        raise EvalError(f"{workdir} is not a training run directory (no config.json); pass the --workdir that train.py wrote")
+        raise EvalError(
+            f"{workdir} is not a training run directory (no config.json); pass the --workdir that train.py "
+            "wrote"
+        )
     try:
         return config_lib.from_json(path)
     except ValueError as e:
@@ -61,10 +64,16 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
     workdir = Path(workdir)
     config = load_config(workdir)
     if ema and not config.ema_decay:
-        raise EvalError(f"{workdir} was trained without a weight average (ema_decay=0); evaluate it without --ema")
+        raise EvalError(
+            f"{workdir} was trained without a weight average (ema_decay=0); evaluate it without --ema"
+        )
     # Only the weights and statistics (or their average): evaluation builds no optimizer.
-    graphdefs, fresh = create_train_state(config, config.model.num_classes, mesh or pipeline.make_mesh(), weights=False)
-    template = {"ema": fresh["ema"]} if ema else {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
+    graphdefs, fresh = create_train_state(
+        config, config.model.num_classes, mesh or pipeline.make_mesh(), weights=False
+    )
+    template = (
+        {"ema": fresh["ema"]} if ema else {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
+    )
     while True:
         ckpts = Checkpoints(workdir, read_only=True)
         try:
@@ -74,10 +83,20 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
         if state is not None:
             break
         if epoch not in ("best", "latest"):
-            raise EvalError(f"checkpoint of epoch {found} in {workdir} was deleted while eval.py read it (a train.py running "
-                            f"there keeps only the last checkpoint.keep={config.checkpoint.keep}); pass another --step")
-        log.warning("checkpoint of epoch %d was deleted while eval.py read it (a train.py running in %s keeps only the last "
-                    "checkpoint.keep=%d); choosing the %s checkpoint again", found, workdir, config.checkpoint.keep, epoch)
+            raise EvalError(
+                f"checkpoint of epoch {found} in {workdir} was deleted while eval.py read it (a train.py "
+                "running "
+                f"there keeps only the last checkpoint.keep={config.checkpoint.keep}); pass another --step"
+            )
+        log.warning(
+            "checkpoint of epoch %d was deleted while eval.py read it (a train.py running in %s keeps only "
+            "the last "
+            "checkpoint.keep=%d); choosing the %s checkpoint again",
+            found,
+            workdir,
+            config.checkpoint.keep,
+            epoch,
+        )
     weights = state["ema"] if ema else state
     return Restored(config, graphdefs.eval, weights["params"], weights["batch_stats"], found, meta)
 
@@ -86,12 +105,17 @@ def _candidates(ckpts: Checkpoints, epoch: int | str, workdir) -> list[int]:
     """The checkpoints to try, in order: the one asked for, or all kept ones best (or newest) first."""
     available = ckpts.epochs()
     if not available:
-        raise EvalError(f"{workdir} holds no complete checkpoint; train first (python train.py --config ... --workdir {workdir})")
+        raise EvalError(
+            f"{workdir} holds no complete checkpoint; train first (python train.py --config ... --workdir "
+            f"{workdir})"
+        )
     if epoch in ("best", "latest"):
         return ckpts.by_preference(epoch)  # a damaged one is skipped (reported) for the next
     if epoch in available:
         return [epoch]
-    raise EvalError(f"no checkpoint of epoch {epoch} in {workdir}; available: {', '.join(map(str, available))}")
+    raise EvalError(
+        f"no checkpoint of epoch {epoch} in {workdir}; available: {', '.join(map(str, available))}"
+    )
 
 
 def _restore_one_of(ckpts: Checkpoints, candidates: list[int], template, config):
@@ -104,21 +128,33 @@ def _restore_one_of(ckpts: Checkpoints, candidates: list[int], template, config)
         except Exception as e:  # noqa: BLE001  (Orbax raises many types for damaged or mismatched files)
             if not (ckpts.directory / str(epoch)).exists():
                 return epoch, None, None
-            failures.append(f"checkpoint {e}" if isinstance(e, DamagedCheckpoint) else
-                            f"checkpoint {ckpts.directory / str(epoch)} does not restore into {config.model.name} as configured "
-                            f"in config.json ({one_line(e, 200)})")
+            failures.append(
+                f"checkpoint {e}"
+                if isinstance(e, DamagedCheckpoint)
+                else f"checkpoint {ckpts.directory / str(epoch)} does not restore into {config.model.name} "
+                "as configured "
+                f"in config.json ({one_line(e, 200)})"
+            )
         if len(candidates) > 1:
             log.warning("%s; trying the next one", failures[-1])
-    raise EvalError(failures[0] if len(failures) == 1 else f"none of the {len(failures)} checkpoints restores; {failures[0]}")
+    raise EvalError(
+        failures[0]
+        if len(failures) == 1
+        else f"none of the {len(failures)} checkpoints restores; {failures[0]}"
+    )
 
 
 def predict(restored: Restored, images: np.ndarray, batch_size: int | None = None, mesh=None) -> np.ndarray:
     """float32 logits of every image (uint8 NHWC), preprocessed as in training (without augmentation)."""
     mesh = mesh or pipeline.make_mesh()
-    batch_size = batch_size or pipeline.eval_batch_size(restored.config.eval_batch_size, len(images), mesh.size)
+    batch_size = batch_size or pipeline.eval_batch_size(
+        restored.config.eval_batch_size, len(images), mesh.size
+    )
     run = steps.make_predict(
-        restored.graphdef, preprocess=pipeline.Preprocess.from_config(restored.config.data),
-        batch_size=batch_size, batches_per_call=steps.eval_batches_per_call(restored.config),
+        restored.graphdef,
+        preprocess=pipeline.Preprocess.from_config(restored.config.data),
+        batch_size=batch_size,
+        batches_per_call=steps.eval_batches_per_call(restored.config),
         sharding=pipeline.batch_sharding(mesh),
     )
     return np.asarray(run(restored.params, restored.batch_stats, pipeline.replicate(images, mesh)))
@@ -160,7 +196,14 @@ def tta_logits(restored: Restored, images: np.ndarray, mesh=None) -> np.ndarray:
     return np.asarray(jnp.log((probs[0] + probs[1]) / 2))
 
 
-OUTPUT_FILES = ("report.json", "per_class.csv", "confusion.png", "reliability.png", "submission_ood.csv", "corruptions.png")
+OUTPUT_FILES = (
+    "report.json",
+    "per_class.csv",
+    "confusion.png",
+    "reliability.png",
+    "submission_ood.csv",
+    "corruptions.png",
+)
 
 
 def staging_dir(out: Path) -> Path:
@@ -172,8 +215,10 @@ def staging_dir(out: Path) -> Path:
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES)
         if foreign:
-            raise EvalError(f"--out {out} holds files that eval.py did not write ({', '.join(foreign[:3])}); "
-                            f"pass a new or empty directory")
+            raise EvalError(
+                f"--out {out} holds files that eval.py did not write ({', '.join(foreign[:3])}); "
+                f"pass a new or empty directory"
+            )
     return staging.new(out)
 
 
@@ -213,7 +258,11 @@ def plot_confusion(logits: np.ndarray, labels: np.ndarray, names, path: Path) ->
     ax = fig.subplots()
     im = ax.imshow(cm, cmap="viridis", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_xlabel("predicted class"), ax.set_ylabel("true class"), ax.set_title("confusion matrix (rows sum to 1)")
+    (
+        ax.set_xlabel("predicted class"),
+        ax.set_ylabel("true class"),
+        ax.set_title("confusion matrix (rows sum to 1)"),
+    )
     if k <= 20:
         ax.set_xticks(range(k), names, rotation=90), ax.set_yticks(range(k), names)
     fig.tight_layout()
@@ -249,16 +298,20 @@ def load_distortions(ood_dir, image_shape=(32, 32, 3)) -> list[tuple[str, np.nda
     arrays = sorted(p for p in ood_dir.iterdir() if p.suffix == ".npy")
     misnamed = [p.name for p in arrays if not _DISTORTION_FILE.match(p.name)]
     if misnamed:
-        raise EvalError(f"--ood_dir {ood_dir} holds {', '.join(misnamed)}, not named distortionNN.npy (two digits); "
-                        f"rename or remove it: the submission must cover every file")
-    files = sorted(arrays, key=lambda p: int(p.stem[len("distortion"):]))
+        raise EvalError(
+            f"--ood_dir {ood_dir} holds {', '.join(misnamed)}, not named distortionNN.npy (two digits); "
+            f"rename or remove it: the submission must cover every file"
+        )
+    files = sorted(arrays, key=lambda p: int(p.stem[len("distortion") :]))
     if not files:
         raise EvalError(f"--ood_dir {ood_dir} holds no distortionNN.npy files")
-    numbers = [int(p.stem[len("distortion"):]) for p in files]
+    numbers = [int(p.stem[len("distortion") :]) for p in files]
     if numbers != list(range(len(numbers))):
         missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-        raise EvalError(f"--ood_dir {ood_dir} lacks distortion{missing[0]:02d}.npy (the files must be distortion00 ... "
-                        f"distortion{max(numbers):02d} without gaps)")
+        raise EvalError(
+            f"--ood_dir {ood_dir} lacks distortion{missing[0]:02d}.npy (the files must be distortion00 ... "
+            f"distortion{max(numbers):02d} without gaps)"
+        )
     out = []
     for path in files:
         try:
@@ -266,10 +319,13 @@ def load_distortions(ood_dir, image_shape=(32, 32, 3)) -> list[tuple[str, np.nda
         except (OSError, ValueError, EOFError) as e:
             raise EvalError(f"{path} is not a readable .npy array ({e or type(e).__name__})") from None
         if len(x) == 0:
-            raise EvalError(f"{path} holds no images; expected uint8 (5*n, {', '.join(map(str, image_shape))}) with n > 0")
+            raise EvalError(
+                f"{path} holds no images; expected uint8 (5*n, {', '.join(map(str, image_shape))}) with n > 0"
+            )
         if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != tuple(image_shape) or len(x) % 5:
             raise EvalError(
-                f"{path} has {x.dtype} {tuple(x.shape)}; expected uint8 (5*n, {', '.join(map(str, image_shape))}) "
+                f"{path} has {x.dtype} {tuple(x.shape)}; expected uint8 (5*n, "
+                f"{', '.join(map(str, image_shape))}) "
                 f"with severities 1..5 in equal consecutive blocks"
             )
         out.append((path.stem, np.asarray(x)))
@@ -305,8 +361,19 @@ def plot_corruption_heatmap(accuracy: dict, path: Path) -> None:
     ax = fig.subplots()
     im = ax.imshow(grid, cmap="magma", vmin=0, vmax=max(1e-6, float(grid.max())), aspect="auto")
     for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < grid.max() / 2 else "black", fontsize=8)
-    ax.set_xticks(range(grid.shape[1]), [str(s) for s in range(1, grid.shape[1] + 1)]), ax.set_yticks(range(len(names)), names)
+        ax.text(
+            j,
+            i,
+            f"{v:.2f}",
+            ha="center",
+            va="center",
+            color="white" if v < grid.max() / 2 else "black",
+            fontsize=8,
+        )
+    (
+        ax.set_xticks(range(grid.shape[1]), [str(s) for s in range(1, grid.shape[1] + 1)]),
+        ax.set_yticks(range(len(names)), names),
+    )
     ax.set_xlabel("severity"), ax.set_title(f"accuracy under corruption (mean {grid.mean():.3f})")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()

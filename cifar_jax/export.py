@@ -27,7 +27,12 @@ from cifar_jax.errors import write_failure
 from cifar_jax.pretrained import TORCH_LEAF, require, torch_key
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
-_SIMPLE_CNN_LAYER = {"convs": (0, 4, 8, 12), "bns": (1, 5, 9, 13), "fc1": (17,), "fc2": (19,)}  # nn.Sequential indices
+_SIMPLE_CNN_LAYER = {
+    "convs": (0, 4, 8, 12),
+    "bns": (1, 5, 9, 13),
+    "fc1": (17,),
+    "fc2": (19,),
+}  # nn.Sequential indices
 
 
 def _simple_cnn_key(path: tuple) -> str:
@@ -47,8 +52,10 @@ def _to_torch_layout(arr: np.ndarray) -> np.ndarray:
 def state_dict(model: nnx.Module, name: str) -> dict[str, np.ndarray]:
     """The PyTorch state_dict (float32 arrays, torch layout) of our `model` of architecture `name`."""
     key = _simple_cnn_key if name == "simple_cnn" else torch_key
-    out = {key(path): np.ascontiguousarray(_to_torch_layout(np.array(var[...], np.float32)))
-           for path, var in nnx.to_flat_state(nnx.state(model))}
+    out = {
+        key(path): np.ascontiguousarray(_to_torch_layout(np.array(var[...], np.float32)))
+        for path, var in nnx.to_flat_state(nnx.state(model))
+    }
     for running_mean in [k for k in out if k.endswith("running_mean")]:
         out[running_mean.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
     return out
@@ -79,9 +86,18 @@ def _step(value: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="run directory written by train.py")
-    parser.add_argument("--step", type=_step, default="best", help="best (by validation accuracy, default), latest, or an epoch")
-    parser.add_argument("--ema", action="store_true", help="the weight average kept in training (ema_decay > 0)")
-    parser.add_argument("--out", required=True, help="the file to write: .pth/.pt (needs torch) or .safetensors")
+    parser.add_argument(
+        "--step",
+        type=_step,
+        default="best",
+        help="best (by validation accuracy, default), latest, or an epoch",
+    )
+    parser.add_argument(
+        "--ema", action="store_true", help="the weight average kept in training (ema_decay > 0)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="the file to write: .pth/.pt (needs torch) or .safetensors"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     cli.setup_logging()  # Orbax's chatter (a read-only checkpoint directory is expected here) stays out
@@ -99,11 +115,16 @@ def main(argv=None) -> int:
         return staging.fail(write_failure(f"--out {out}", e, "--out"))
     stem = "" if config.model.name == "simple_cnn" else f", stem={config.model.stem!r}"
     mean, std = augment.NORMALIZATIONS[config.data.normalization]
-    print(f"exported {config.model.name}{stem} ({config.model.num_classes} classes), epoch {restored.epoch}"
-          f"{', weight average' if args.ema else ''} -> {out}")
-    print(f"  PyTorch: cifar_jax.torch_models.create({config.model.name!r}, {config.model.num_classes}{stem}) or the README's "
-          f"lines, then load_state_dict; inputs: ToTensor(), Normalize({mean}, {std}), "
-          f"{config.data.image_size}x{config.data.image_size}")
+    print(
+        f"exported {config.model.name}{stem} ({config.model.num_classes} classes), epoch {restored.epoch}"
+        f"{', weight average' if args.ema else ''} -> {out}"
+    )
+    print(
+        f"  PyTorch: cifar_jax.torch_models.create({config.model.name!r}, {config.model.num_classes}{stem}) "
+        "or the README's "
+        f"lines, then load_state_dict; inputs: ToTensor(), Normalize({mean}, {std}), "
+        f"{config.data.image_size}x{config.data.image_size}"
+    )
     return 0
 
 

@@ -30,7 +30,7 @@ def _epoch_schedule(cfg, base_lr: float, length: int):
     if cfg.name == "constant":
         main = optax.constant_schedule(base_lr)
     elif cfg.name == "step":
-        main = lambda t: base_lr * cfg.gamma ** (t // cfg.step_size)  # noqa: E731
+        main = lambda t: base_lr * cfg.gamma ** (t // cfg.step_size)
     elif cfg.name == "linear":
         main = optax.linear_schedule(base_lr, cfg.min_lr, max(length - warmup, 1))
     else:  # cosine
@@ -78,7 +78,9 @@ def make_optimizer(cfg, schedule) -> optax.GradientTransformation:
         if cfg.name == "adam":
             core = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
         else:  # sgd
-            core = optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity()
+            core = (
+                optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity()
+            )
         decay = optax.add_decayed_weights(wd, mask=mask) if wd else optax.identity()
         tx = optax.chain(decay, core, optax.scale_by_learning_rate(schedule))
     return optax.chain(clip_grad_norm(cfg.clip_norm), tx) if cfg.clip_norm else tx

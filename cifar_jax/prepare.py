@@ -21,10 +21,19 @@ from cifar_jax.errors import write_failure
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar_jax.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--from", dest="source", choices=("tfds", "cifar_python"), default="tfds",
-                        help="tfds: download and prepare through tensorflow-datasets (needs the internet and the tfds "
-                             "extra); cifar_python: a cifar-100-python directory (default: %(default)s)")
-    parser.add_argument("--path", default=None, help="tfds: its data dir (default ~/tensorflow_datasets); cifar_python: the directory")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=("tfds", "cifar_python"),
+        default="tfds",
+        help="tfds: download and prepare through tensorflow-datasets (needs the internet and the tfds "
+        "extra); cifar_python: a cifar-100-python directory (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--path",
+        default=None,
+        help="tfds: its data dir (default ~/tensorflow_datasets); cifar_python: the directory",
+    )
     parser.add_argument("--out", required=True, help="the .npz file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
@@ -38,9 +47,12 @@ def main(argv=None) -> int:
         return staging.fail(str(e))
     except OSError as e:
         return staging.fail(write_failure(f"--out {out}", e, "--out"))
-    print(f"wrote {out}: {len(arrays.y_train):,} train and {len(arrays.y_test):,} test images, {arrays.num_classes} classes\n"
-          f"  train with --config.data.source=npz --config.data.path={out}, or copy it to "
-          f"<TFDS data dir>/cifar100_uint8.npz for data.source=tfds")
+    print(
+        f"wrote {out}: {len(arrays.y_train):,} train and {len(arrays.y_test):,} test images, "
+        f"{arrays.num_classes} classes\n"
+        f"  train with --config.data.source=npz --config.data.path={out}, or copy it to "
+        f"<TFDS data dir>/cifar100_uint8.npz for data.source=tfds"
+    )
     return 0
 
 

@@ -23,7 +23,13 @@ from cifar_jax import staging as stage
 from cifar_jax.errors import one_line, read_json_object
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
-TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+TORCH_LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 _HEAD = ("fc.weight", "fc.bias")
 
 
@@ -35,7 +41,9 @@ def require(module: str, extra: str):
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as e:
-        raise ImportError(f"{module} is needed for this; install it with `pip install 'cifar_jax[{extra}]'`") from e
+        raise ImportError(
+            f"{module} is needed for this; install it with `pip install 'cifar_jax[{extra}]'`"
+        ) from e
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -71,17 +79,24 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
         except ImportError:
             raise
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a damaged file)
-            raise ConversionError(f"{source} is not a readable .safetensors file ({one_line(e, 120)})") from None
+            raise ConversionError(
+                f"{source} is not a readable .safetensors file ({one_line(e, 120)})"
+            ) from None
     if path.suffix in (".pth", ".pt", ".bin"):
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {source}")
         torch = require("torch", "torch")
         try:
             loaded = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  (pickle, zip and torch errors for a file that is no state_dict)
-            raise ConversionError(f"{source} is not a readable PyTorch state_dict ({one_line(e, 120)})") from None
+        # noqa: BLE001  (pickle, zip and torch errors for a file that is no state_dict)
+        except Exception as e:
+            raise ConversionError(
+                f"{source} is not a readable PyTorch state_dict ({one_line(e, 120)})"
+            ) from None
         if not isinstance(loaded, Mapping):
-            raise ConversionError(f"{source} holds a {type(loaded).__name__}, not a state_dict (a mapping of names to tensors)")
+            raise ConversionError(
+                f"{source} holds a {type(loaded).__name__}, not a state_dict (a mapping of names to tensors)"
+            )
         return _clean(loaded)
     if path.exists() or os.sep in source:
         raise ConversionError(f"cannot read weights from {source!r}: use a .pth/.pt or .safetensors file")
@@ -92,7 +107,9 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
         weights = torchvision.models.get_model_weights(arch)[source]
     except KeyError:
         names = [w.name for w in torchvision.models.get_model_weights(arch)]
-        raise ConversionError(f"unknown torchvision weights {source!r} for {arch}; valid names: {', '.join(names)}") from None
+        raise ConversionError(
+            f"unknown torchvision weights {source!r} for {arch}; valid names: {', '.join(names)}"
+        ) from None
     try:
         return _clean(weights.get_state_dict(progress=True))
     except OSError as e:  # URLError included: no network
@@ -124,7 +141,9 @@ def _torch_shape(flax_shape: tuple) -> tuple:
     return tuple(reversed(flax_shape)) if len(flax_shape) == 2 else tuple(flax_shape)
 
 
-def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, skip=(), arch: str = "model") -> None:
+def load_into(
+    model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, skip=(), arch: str = "model"
+) -> None:
     """Copy a torchvision state_dict into `model` in place, strictly (see module docstring).
     Keys in `skip` are neither required nor copied (used to replace the classifier head)."""
     unused = {k for k in state_dict if not k.endswith("num_batches_tracked")} - set(skip)
@@ -141,14 +160,17 @@ def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, skip=(
         src = np.asarray(state_dict[key])
         if not np.issubdtype(src.dtype, np.floating):
             raise ConversionError(
-                f"source tensor {key!r} is {src.dtype}, not floating point: the file holds no trained {arch} weights "
+                f"source tensor {key!r} is {src.dtype}, not floating point: the file holds no trained {arch} "
+                "weights "
                 f"(was it written with .long() or .bool()?); pass a state_dict of float tensors"
             )
         expected = var[...].shape
         if _to_flax_layout(src).shape != expected:
             raise ConversionError(
-                f"shape mismatch for {key!r}: source {tuple(src.shape)}, {arch} expects {_torch_shape(expected)} "
-                f"(torch layout); check --arch, num_classes and stem (pretrained weights need stem='imagenet')"
+                f"shape mismatch for {key!r}: source {tuple(src.shape)}, {arch} expects "
+                f"{_torch_shape(expected)} "
+                "(torch layout); check --arch, num_classes and stem (pretrained weights need "
+                "stem='imagenet')"
             )
         updates.append((var, _to_flax_layout(src)))
         unused.discard(key)
@@ -169,10 +191,14 @@ def from_torchvision(arch: str, source, num_classes: int | None = None, **option
     everything else. `options` go to `models.create` (e.g. `dtype='bfloat16'`, `seed=`).
     """
     if arch not in ARCHS:
-        raise ConversionError(f"no torchvision weights for {arch!r}; convertible architectures: {', '.join(ARCHS)}")
+        raise ConversionError(
+            f"no torchvision weights for {arch!r}; convertible architectures: {', '.join(ARCHS)}"
+        )
     state_dict = load_state_dict(source, arch)
     if "fc.weight" not in state_dict:
-        raise ConversionError(f"key 'fc.weight' missing from the source weights; pass weights of a torchvision {arch}")
+        raise ConversionError(
+            f"key 'fc.weight' missing from the source weights; pass weights of a torchvision {arch}"
+        )
     source_classes = state_dict["fc.weight"].shape[0]
     num_classes = num_classes or source_classes
     model = models.create(arch, num_classes, **options)
@@ -195,16 +221,24 @@ def read_meta(weights_dir) -> dict:
     if missing:
         raise ConversionError(f"{path} lacks {', '.join(missing)}; {redo}")
     if meta["arch"] not in ARCHS or meta["stem"] not in ("imagenet", "cifar"):
-        raise ConversionError(f"{path}: arch={meta['arch']!r}, stem={meta['stem']!r} is no converted torchvision model; {redo}")
+        raise ConversionError(
+            f"{path}: arch={meta['arch']!r}, stem={meta['stem']!r} is no converted torchvision model; {redo}"
+        )
     if not isinstance(meta["num_classes"], int) or meta["num_classes"] <= 0:
-        raise ConversionError(f"{path}: num_classes={meta['num_classes']!r} is not a positive integer; {redo}")
+        raise ConversionError(
+            f"{path}: num_classes={meta['num_classes']!r} is not a positive integer; {redo}"
+        )
     return meta
 
 
 def holds_converted_weights(path) -> bool:
     """Whether `path` is a directory that `save` wrote: its meta.json and state, nothing else."""
     path = Path(path)
-    return path.is_dir() and {p.name for p in path.iterdir()} == {"meta.json", "state"} and (path / "meta.json").is_file()
+    return (
+        path.is_dir()
+        and {p.name for p in path.iterdir()} == {"meta.json", "state"}
+        and (path / "meta.json").is_file()
+    )
 
 
 def save(model: nnx.Module, out_dir, meta: dict) -> Path:
@@ -214,8 +248,10 @@ def save(model: nnx.Module, out_dir, meta: dict) -> Path:
 
     out = Path(out_dir).absolute()
     if out.exists() and not (holds_converted_weights(out) or (out.is_dir() and not any(out.iterdir()))):
-        raise ConversionError(f"{out} holds other files than converted weights (a meta.json and state); "
-                              f"it is never replaced: pass another --out")
+        raise ConversionError(
+            f"{out} holds other files than converted weights (a meta.json and state); "
+            f"it is never replaced: pass another --out"
+        )
     staging = stage.new(out)
     try:
         ckpt = ocp.StandardCheckpointer()

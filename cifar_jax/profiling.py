@@ -25,7 +25,9 @@ def latest_trace(directory) -> Path:
     """The newest perfetto_trace.json.gz under `directory` (jax.profiler.trace's layout)."""
     found = sorted(Path(directory).glob("**/perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz under {directory}: trace with create_perfetto_trace=True")
+        raise FileNotFoundError(
+            f"no perfetto_trace.json.gz under {directory}: trace with create_perfetto_trace=True"
+        )
     return found[-1]
 
 
@@ -44,7 +46,9 @@ def trace_summary(path, top: int = 15) -> dict:
     with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
-    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    processes = {
+        e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
     ops = [e for e in events if e.get("ph") == "X" and e.get("pid") in devices and "dur" in e]
     if not ops:
@@ -57,17 +61,30 @@ def trace_summary(path, top: int = 15) -> dict:
         by_name[e["name"]] += float(e["dur"])
         counts[e["name"]] += 1
     total = sum(by_name.values())
-    kernels = [{"name": n, "ms": us / 1e3, "share": us / total, "count": counts[n]}
-               for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]
-    return {"device": ", ".join(sorted(processes[p] for p in devices)), "span_ms": span / 1e3, "busy_ms": busy / 1e3,
-            "busy_share": busy / span if span else 0.0, "events": len(ops), "kernels": kernels}
+    kernels = [
+        {"name": n, "ms": us / 1e3, "share": us / total, "count": counts[n]}
+        for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    ]
+    return {
+        "device": ", ".join(sorted(processes[p] for p in devices)),
+        "span_ms": span / 1e3,
+        "busy_ms": busy / 1e3,
+        "busy_share": busy / span if span else 0.0,
+        "events": len(ops),
+        "kernels": kernels,
+    }
 
 
 def format_summary(summary: dict) -> str:
     if summary["device"] is None:
-        return f"profile: no device activity in the trace (processes: {', '.join(summary['processes'])}); a CPU backend records none"
-    lines = [f"profile of {summary['device']}: busy {summary['busy_ms']:.1f} of {summary['span_ms']:.1f} ms "
-             f"({summary['busy_share']:.1%}), {summary['events']} device events; by total time:"]
+        processes = ", ".join(summary["processes"])
+        return (
+            f"profile: no device activity in the trace (processes: {processes}); a CPU backend records none"
+        )
+    lines = [
+        f"profile of {summary['device']}: busy {summary['busy_ms']:.1f} of {summary['span_ms']:.1f} ms "
+        f"({summary['busy_share']:.1%}), {summary['events']} device events; by total time:"
+    ]
     for k in summary["kernels"]:
         lines.append(f"  {k['ms']:9.2f} ms {k['share']:6.1%} x{k['count']:<5d} {k['name'][:100]}")
     return "\n".join(lines)
@@ -101,8 +118,13 @@ class EpochProfile:
         jax.profiler.stop_trace()
         if self.is_main:
             summary = format_summary(trace_summary(latest_trace(self.directory / self._tracing)))
-            logging.getLogger("cifar_jax").info("profile of epoch %d's %s (trace in %s):\n%s", self.epoch + 1, self._tracing,
-                                                self.directory / self._tracing, summary)
+            logging.getLogger("cifar_jax").info(
+                "profile of epoch %d's %s (trace in %s):\n%s",
+                self.epoch + 1,
+                self._tracing,
+                self.directory / self._tracing,
+                summary,
+            )
         self._tracing = None
 
     @property

@@ -69,8 +69,11 @@ def _remember_and_raise(signum, frame):
 
 def _sigint_is_ours_or_default() -> bool:
     """Whether SIGINT may be handled here: in the main thread, not ignored (a shell's background job)."""
-    return (threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _remember, _remember_and_raise))
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) in (
+        signal.default_int_handler,
+        _remember,
+        _remember_and_raise,
+    )
 
 
 def defer_interrupts() -> None:

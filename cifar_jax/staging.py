@@ -29,7 +29,12 @@ def remove_dead(target: Path) -> None:
     """Remove the staging (and replaced) directories of writers of `target` whose process is gone."""
     for stale in target.parent.glob(f".{target.name}.*-*"):
         kind, _, pid = stale.name.rpartition("-")
-        if kind.endswith((".partial", ".old")) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if (
+            kind.endswith((".partial", ".old"))
+            and pid.isdigit()
+            and int(pid) != os.getpid()
+            and not _alive(int(pid))
+        ):
             shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -48,7 +53,9 @@ def publish(staging: Path, target: Path) -> None:
     target replace each other's results whole (the last one stays) and never lose their own; a
     kill between the renames leaves the old contents whole, beside `target`."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
-    lock = os.open(target.parent, os.O_RDONLY)  # flock on the parent directory: no lock file left beside `target`
+    lock = os.open(
+        target.parent, os.O_RDONLY
+    )  # flock on the parent directory: no lock file left beside `target`
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():

@@ -64,17 +64,28 @@ class StepConfig:
     label_smoothing: float
     seed: int
     sharding: Any = None  # NamedSharding of a batch over the mesh, or None
-    ema_decay: float = 0.0  # > 0: state['ema'] = decay * ema + (1 - decay) * (params, batch_stats) after each step
+    ema_decay: float = (
+        0.0  # > 0: state['ema'] = decay * ema + (1 - decay) * (params, batch_stats) after each step
+    )
     mixup_alpha: float = 0.0  # > 0: MixUp (data/mix.py) with lam ~ Beta(alpha, alpha)
     cutmix_alpha: float = 0.0  # > 0: CutMix; with both, one of the two per batch
-    accumulate_steps: int = 1  # > 1: the batch in this many micro-batches, their gradients averaged into one update
+    accumulate_steps: int = (
+        1  # > 1: the batch in this many micro-batches, their gradients averaged into one update
+    )
 
 
 def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, step):
     """One optimizer step on batch `step` of `epoch`: the input pipeline, then `update_step`."""
     x, y = pipeline.train_batch(
-        images, labels, order, cfg.seed, epoch, step,
-        batch_size=cfg.batch_size, preprocess=cfg.preprocess, sharding=cfg.sharding,
+        images,
+        labels,
+        order,
+        cfg.seed,
+        epoch,
+        step,
+        batch_size=cfg.batch_size,
+        preprocess=cfg.preprocess,
+        sharding=cfg.sharding,
     )
     targets = None
     if cfg.mixup_alpha or cfg.cutmix_alpha:
@@ -106,12 +117,16 @@ def update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
         grads, batch_stats, seen = gradients(state["batch_stats"], x, y, targets)
         metrics = _add_metrics(metrics, *seen)
     else:
-        grads, batch_stats, metrics = _accumulate(cfg, gradients, trainable, state["batch_stats"], metrics, x, y, targets)
+        grads, batch_stats, metrics = _accumulate(
+            cfg, gradients, trainable, state["batch_stats"], metrics, x, y, targets
+        )
     updates, opt_state = cfg.tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     new = {"params": nnx.merge_state(trainable, frozen), "batch_stats": batch_stats, "opt_state": opt_state}
     if cfg.ema_decay:
-        new["ema"] = update_ema(state["ema"], {"params": new["params"], "batch_stats": batch_stats}, cfg.ema_decay)
+        new["ema"] = update_ema(
+            state["ema"], {"params": new["params"], "batch_stats": batch_stats}, cfg.ema_decay
+        )
     return new, metrics
 
 
@@ -133,7 +148,9 @@ def _accumulate(cfg: StepConfig, gradients, trainable, batch_stats, metrics, x, 
         a = a.reshape(k, a.shape[0] // k, *a.shape[1:])
         if cfg.sharding is None:
             return a
-        return jax.lax.with_sharding_constraint(a, jax.NamedSharding(cfg.sharding.mesh, jax.sharding.PartitionSpec(None, "data")))
+        return jax.lax.with_sharding_constraint(
+            a, jax.NamedSharding(cfg.sharding.mesh, jax.sharding.PartitionSpec(None, "data"))
+        )
 
     def add_micro_batch(carry, batch):
         total, batch_stats, metrics = carry
@@ -189,7 +206,8 @@ def stop_votes(signum: int | None, sharding) -> jax.Array:
 def steps_per_call(config, steps_per_epoch: int, backend: str | None = None) -> int:
     """Training steps fused into one jitted call, as configured or automatically: the largest
     divisor of an epoch (every call the same program) up to 16 on accelerators, to hide dispatch
-    latency, and up to 4 on CPU, where more ran no faster (BENCHMARKS.md, "Things measured while building"). The cap
+    latency, and up to 4 on CPU, where more ran no faster (BENCHMARKS.md, "Things measured while building").
+    The cap
     keeps a call short enough for a stop signal to be honoured soon."""
     wanted = config.steps_per_call or (4 if (backend or jax.default_backend()) == "cpu" else 16)
     return max(d for d in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
@@ -198,7 +216,7 @@ def steps_per_call(config, steps_per_epoch: int, backend: str | None = None) -> 
 def eval_batches_per_call(config) -> int:
     """Evaluation batches fused into one jitted call, as configured or automatically: a whole split
     (`eval_calls` makes the calls equal), which ran faster than one batch a call even on CPU."""
-    return config.get("eval_batches_per_call", 0) or 2**31 - 1  # the key is absent from configs saved before it
+    return config.eval_batches_per_call or 2**31 - 1
 
 
 def eval_calls(num_batches: int, batches_per_call: int) -> tuple[int, int]:
@@ -208,8 +226,16 @@ def eval_calls(num_batches: int, batches_per_call: int) -> tuple[int, int]:
     return -(-num_batches // calls), calls
 
 
-def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: int, label_smoothing: float,
-                   batches_per_call: int = 1, sharding=None):
+def make_eval_sums(
+    graphdef_eval,
+    *,
+    preprocess,
+    batch_size: int,
+    num_classes: int,
+    label_smoothing: float,
+    batches_per_call: int = 1,
+    sharding=None,
+):
     """(params, batch_stats, images, labels) -> {loss_sum, correct, count} over a whole split, in
     padded, masked batches (every example counted once), up to `batches_per_call` batches per
     jitted call (a fori_loop), summed on device: no host sync until the caller reads the result."""
@@ -219,7 +245,9 @@ def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: i
         model = nnx.merge(graphdef_eval, params, batch_stats, copy=True)
 
         def add_batch(b, sums):
-            x, y, mask = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
+            x, y, mask = pipeline.eval_batch(
+                images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding
+            )
             logits = model(x)
             loss = cross_entropy(logits, y, num_classes, label_smoothing)
             return {
@@ -234,7 +262,9 @@ def make_eval_sums(graphdef_eval, *, preprocess, batch_size: int, num_classes: i
         per_call, calls = eval_calls(pipeline.num_eval_batches(images.shape[0], batch_size), batches_per_call)
         sums = {k: v for k, v in zero_metrics().items() if k != "nonfinite_steps"}
         for c in range(calls):
-            sums = add_batches(params, batch_stats, images, labels, jnp.int32(c * per_call), sums, per_call=per_call)
+            sums = add_batches(
+                params, batch_stats, images, labels, jnp.int32(c * per_call), sums, per_call=per_call
+            )
         return sums
 
     return run
@@ -250,7 +280,9 @@ def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=No
         labels = jnp.zeros((images.shape[0],), jnp.int32)
 
         def logits_of(b):
-            x, _, _ = pipeline.eval_batch(images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding)
+            x, _, _ = pipeline.eval_batch(
+                images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding
+            )
             return model(x)
 
         return jax.lax.map(logits_of, first + jnp.arange(per_call))
@@ -261,12 +293,17 @@ def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=No
 def make_predict(graphdef_eval, *, preprocess, batch_size: int, batches_per_call: int = 1, sharding=None):
     """(params, batch_stats, images) -> logits of every example (padding removed), up to
     `batches_per_call` batches per jitted call."""
-    batch_logits = make_batch_logits(graphdef_eval, preprocess=preprocess, batch_size=batch_size, sharding=sharding)
+    batch_logits = make_batch_logits(
+        graphdef_eval, preprocess=preprocess, batch_size=batch_size, sharding=sharding
+    )
 
     def run(params, batch_stats, images):
         n = images.shape[0]
         per_call, calls = eval_calls(pipeline.num_eval_batches(n, batch_size), batches_per_call)
-        logits = [batch_logits(params, batch_stats, images, jnp.int32(c * per_call), per_call=per_call) for c in range(calls)]
+        logits = [
+            batch_logits(params, batch_stats, images, jnp.int32(c * per_call), per_call=per_call)
+            for c in range(calls)
+        ]
         return jnp.concatenate(logits).reshape(-1, logits[0].shape[-1])[:n]
 
     return run

@@ -15,8 +15,14 @@ def simple_cnn(num_classes: int = 100):
         return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]
 
     return nn.Sequential(
-        *block(3, 32), *block(32, 64), *block(64, 128), *block(128, 256),
-        nn.Flatten(), nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, num_classes),
+        *block(3, 32),
+        *block(32, 64),
+        *block(64, 128),
+        *block(128, 256),
+        nn.Flatten(),
+        nn.Linear(1024, 512),
+        nn.ReLU(),
+        nn.Linear(512, num_classes),
     )
 
 

@@ -22,7 +22,11 @@ class MetricsLog:
         self._torn = False
         rows = self.read(self.path) if self.path.exists() else []
         self.rows = [r for r in rows if r["epoch"] <= resume_epoch]
-        if resume_row is not None and resume_row["epoch"] == resume_epoch and (not self.rows or self.rows[-1]["epoch"] < resume_epoch):
+        if (
+            resume_row is not None
+            and resume_row["epoch"] == resume_epoch
+            and (not self.rows or self.rows[-1]["epoch"] < resume_epoch)
+        ):
             self.rows.append(resume_row)
         if self.rows != rows or self._torn:
             self._rewrite()
@@ -37,13 +41,21 @@ class MetricsLog:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 if i + 1 < len(lines):
                     what = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "not JSON"
-                    raise ValueError(f"{path} line {i + 1} is {what} ({line[:40].decode('utf-8', 'replace')!r}); move the file aside to start its log anew") from None
+                    raise ValueError(
+                        f"{path} line {i + 1} is {what} ({line[:40].decode('utf-8', 'replace')!r}); move the "
+                        "file aside to start its log anew"
+                    ) from None
                 self._torn = True
-                log.warning("%s: its last line was cut short (a run was killed while writing it); dropped it", path)
+                log.warning(
+                    "%s: its last line was cut short (a run was killed while writing it); dropped it", path
+                )
                 continue
             if not (isinstance(row, dict) and isinstance(row.get("epoch"), int)):
-                raise ValueError(f"{path} line {i + 1} is no metrics row (no epoch number: {line[:40].decode('utf-8', 'replace')!r}); move the file aside "
-                                 f"to start its log anew")
+                raise ValueError(
+                    f"{path} line {i + 1} is no metrics row (no epoch number: "
+                    f"{line[:40].decode('utf-8', 'replace')!r}); move the file aside "
+                    f"to start its log anew"
+                )
             rows.append(row)
         return rows
 
@@ -74,7 +86,12 @@ def plot_curves(rows: list[dict], path) -> None:
                 ax.plot(epochs, values, marker="o", label=split)
         ax.set_title(title), ax.set_xlabel("epoch"), ax.legend(), ax.grid(alpha=0.3)
     axes[2].plot(epochs, [r["lr"] for r in rows], marker="o")
-    axes[2].set_title("learning rate"), axes[2].set_xlabel("epoch"), axes[2].set_yscale("log"), axes[2].grid(alpha=0.3)
+    (
+        axes[2].set_title("learning rate"),
+        axes[2].set_xlabel("epoch"),
+        axes[2].set_yscale("log"),
+        axes[2].grid(alpha=0.3),
+    )
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=80)
@@ -128,7 +145,10 @@ class Wandb:
         try:
             import wandb
         except ImportError:
-            raise ImportError("wandb.mode is not 'disabled' but wandb is not installed: pip install 'cifar_jax[wandb]' or set --config.wandb.mode=disabled") from None
+            raise ImportError(
+                "wandb.mode is not 'disabled' but wandb is not installed: pip install 'cifar_jax[wandb]' or "
+                "set --config.wandb.mode=disabled"
+            ) from None
         self.run = wandb.init(
             project=config.wandb.project,
             entity=config.wandb.entity or None,

@@ -62,7 +62,9 @@ def build_model(config, num_classes: int | None = None, *, weights: bool = True)
     and it must not need the directory that training started from."""
     dtype = compute_dtype(config)
     if weights and config.model.pretrained:
-        return pretrained.load(config.model.pretrained, num_classes, dtype=dtype, stem=config.model.stem, seed=config.seed)
+        return pretrained.load(
+            config.model.pretrained, num_classes, dtype=dtype, stem=config.model.stem, seed=config.seed
+        )
     return models.from_config(config.model, num_classes, dtype=dtype, seed=config.seed)
 
 
@@ -89,7 +91,9 @@ class GraphDefs:
     head: str  # the classifier's top-level attribute
 
 
-def create_train_state(config, num_classes: int, mesh, phase: Phase | None = None, tx=None, *, weights: bool = True):
+def create_train_state(
+    config, num_classes: int, mesh, phase: Phase | None = None, tx=None, *, weights: bool = True
+):
     """(GraphDefs, train state) of the configured model, replicated on every device of `mesh`.
     With `phase` and its `tx` the state holds the optimizer state of what the phase trains; without,
     only the model's. A weight average (`ema_decay`) starts from the initial model. `weights`: as
@@ -99,11 +103,13 @@ def create_train_state(config, num_classes: int, mesh, phase: Phase | None = Non
     model.eval()
     graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     graphdefs = GraphDefs(graphdef_train, graphdef_eval, type(model).head)
-    params, batch_stats = (jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t) for t in (params, batch_stats))
+    params, batch_stats = (
+        jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t) for t in (params, batch_stats)
+    )
     state = {"params": params, "batch_stats": batch_stats}
     if phase is not None:
         state["opt_state"] = init_opt_state(tx, params, graphdefs, phase, mesh)
-    if config.get("ema_decay", 0.0):  # its own buffers: the state is donated
+    if config.ema_decay:  # its own buffers: the state is donated
         state["ema"] = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
     return graphdefs, state
 
@@ -114,18 +120,34 @@ def init_opt_state(tx, params, graphdefs: GraphDefs, phase: Phase, mesh):
     return jax.jit(tx.init, out_shardings=jax.NamedSharding(mesh, jax.sharding.PartitionSpec()))(trainable)
 
 
-def step_config(config, phase: Phase, graphdefs: GraphDefs, *, preprocess, num_classes: int, steps_per_epoch: int, sharding):
+def step_config(
+    config,
+    phase: Phase,
+    graphdefs: GraphDefs,
+    *,
+    preprocess,
+    num_classes: int,
+    steps_per_epoch: int,
+    sharding,
+):
     """(StepConfig, schedule) of `phase`. A frozen backbone (phase 1) runs in eval mode, its
     BatchNorm using (and keeping) the pretrained running statistics, unless
     `head_only_batchnorm='train'`: then batch statistics, and the running ones updated."""
     schedule, tx = make_tx(config, phase, steps_per_epoch)
-    frozen_bn = phase.head_only and config.get("head_only_batchnorm", "frozen") == "frozen"
+    frozen_bn = phase.head_only and config.head_only_batchnorm == "frozen"
     cfg = steps.StepConfig(
-        graphdef=graphdefs.eval if frozen_bn else graphdefs.train, tx=tx,
+        graphdef=graphdefs.eval if frozen_bn else graphdefs.train,
+        tx=tx,
         train_only=graphdefs.head if phase.head_only else None,
-        preprocess=preprocess, batch_size=config.batch_size, num_classes=num_classes,
-        label_smoothing=config.label_smoothing, seed=config.seed, sharding=sharding, ema_decay=config.get("ema_decay", 0.0),
-        mixup_alpha=config.data.augment.get("mixup_alpha", 0.0), cutmix_alpha=config.data.augment.get("cutmix_alpha", 0.0),
+        preprocess=preprocess,
+        batch_size=config.batch_size,
+        num_classes=num_classes,
+        label_smoothing=config.label_smoothing,
+        seed=config.seed,
+        sharding=sharding,
+        ema_decay=config.ema_decay,
+        mixup_alpha=config.data.augment.mixup_alpha,
+        cutmix_alpha=config.data.augment.cutmix_alpha,
         accumulate_steps=config.optimizer.accumulate_steps,
     )
     return cfg, schedule

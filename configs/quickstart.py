@@ -1,6 +1,6 @@
 """Quickstart: SimpleCNN on scikit-learn's bundled handwritten digits (real, offline), CPU, about 20 s.
 
-    python train.py --config configs/quickstart.py          # or: make quickstart
+python train.py --config configs/quickstart.py          # or: make quickstart
 """
 
 from cifar_jax.config import base

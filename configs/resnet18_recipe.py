@@ -9,7 +9,8 @@ training images (data.val_fraction=0: the last checkpoint is the model, the test
 used to choose). ResNet-34 with the CIFAR stem trained at 25,472 img/s on an H100 (BENCHMARKS.md):
 ResNet-18 takes about half its compute, so 200 epochs fit the 10 minutes.
 
-    python train.py --config configs/resnet18_recipe.py --config.data.source=npz --config.data.path=cifar100.npz
+    python train.py --config configs/resnet18_recipe.py --config.data.source=npz
+    --config.data.path=cifar100.npz
     python eval.py --workdir checkpoints/resnet18_recipe --ema
 """
 

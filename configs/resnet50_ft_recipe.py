@@ -7,7 +7,8 @@ GPU. The target is the issue's; published fine-tuning results for ImageNet ResNe
 at this resolution lie in that range (Kornblith, Shlens & Le 2019, "Do Better ImageNet Models
 Transfer Better?", fine-tuned setting). Epoch time with random weights: RESULTS.md.
 
-Changes from the study: torchvision's newer IMAGENET1K_V2 weights; 224x224; a short schedule (1 head-only epoch with frozen BatchNorm, then
+Changes from the study: torchvision's newer IMAGENET1K_V2 weights; 224x224; a short schedule (1 head-only
+epoch with frozen BatchNorm, then
 14 epochs of all layers) with SGD+Nesterov, a warmup and a per-step linear decay; no weight decay
 on BatchNorm and biases; label smoothing 0.1; CutMix; a weight average (ema_decay) evaluated with
 eval.py --ema; all 50,000 training images (data.val_fraction=0: nothing to select on, the last

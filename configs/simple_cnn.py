@@ -7,7 +7,8 @@ that never learned (0.98% validation accuracy); that reading is `simple_cnn_writ
 (`--config.optimizer.lr=0.1` here). A recipe that beats both in the same 5 epochs is
 `simple_cnn_tuned.py`. Results: RESULTS.md.
 
-    python train.py --config configs/simple_cnn.py --config.data.source=npz --config.data.path=../shared/data/cifar100/cifar100.npz
+    python train.py --config configs/simple_cnn.py --config.data.source=npz
+    --config.data.path=../shared/data/cifar100/cifar100.npz
 """
 
 from cifar_jax.config import base

@@ -6,7 +6,8 @@ network underfits: random crops and colour jitter cost more than they give), tra
 model). With the study's 80/20 split instead: --config.data.val_fraction=0.2. Test accuracy, wall
 time and the variants tried: RESULTS.md.
 
-    python train.py --config configs/simple_cnn_tuned.py --config.data.source=npz --config.data.path=../shared/data/cifar100/cifar100.npz
+    python train.py --config configs/simple_cnn_tuned.py --config.data.source=npz
+    --config.data.path=../shared/data/cifar100/cifar100.npz
     python eval.py --workdir checkpoints/simple_cnn_tuned            # add --tta for the mirrored average
 """
 

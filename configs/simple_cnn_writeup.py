@@ -3,7 +3,8 @@ learning rate that "begins at 0.1". Adam at 0.1 diverges into a network that pre
 the write-up's 0.94% train and 0.98% validation accuracy, with the loss at ln(100) = 4.61. This
 config reproduces what the study saw, not a way to train.
 
-    python train.py --config configs/simple_cnn_writeup.py --config.data.source=npz --config.data.path=../shared/data/cifar100/cifar100.npz
+    python train.py --config configs/simple_cnn_writeup.py --config.data.source=npz
+    --config.data.path=../shared/data/cifar100/cifar100.npz
 """
 
 from configs import simple_cnn

@@ -37,9 +37,17 @@ def main(workdir):
         held.append(t1 - t0)
         written.append(t2 - t1)
     ckpts.close()
-    print(json.dumps({"arrays": len(jax.tree.leaves(state)), "held_median_s": round(statistics.median(held[1:]), 3),
-                      "write_median_s": round(statistics.median(written[1:]), 3),
-                      "held_s": [round(x, 3) for x in held], "write_s": [round(x, 3) for x in written]}))
+    print(
+        json.dumps(
+            {
+                "arrays": len(jax.tree.leaves(state)),
+                "held_median_s": round(statistics.median(held[1:]), 3),
+                "write_median_s": round(statistics.median(written[1:]), 3),
+                "held_s": [round(x, 3) for x in held],
+                "write_s": [round(x, 3) for x in written],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

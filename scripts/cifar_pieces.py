@@ -1,6 +1,7 @@
 """Split the CIFAR-100 npz into pieces small enough for one device call each, and join them again.
 
-    python scripts/cifar_pieces.py split ../shared/data/cifar100/cifar100.npz .data/cifar100 --pieces 3   # p0/ p1/ p2/
+    python scripts/cifar_pieces.py split ../shared/data/cifar100/cifar100.npz .data/cifar100 --pieces 3   #
+    p0/ p1/ p2/
     python scripts/cifar_pieces.py join .data/cifar100 /tmp/cifar100.npz
 
 A device call carries at most 64 MiB (the repository included); the npz is 167 MB. Each piece is
@@ -39,10 +40,10 @@ def join(pieces_dir, out) -> Path:
     if not paths:
         raise SystemExit(f"error: no piece*of*.npz under {pieces_dir}")
     total = int(paths[0].stem.split("of")[1])
-    found = sorted(int(p.stem[len("piece"):].split("of")[0]) for p in paths)
+    found = sorted(int(p.stem[len("piece") :].split("of")[0]) for p in paths)
     if found != list(range(total)):
         raise SystemExit(f"error: pieces {found} of {total} under {pieces_dir}: carry the missing ones first")
-    parts = [np.load(p) for p in sorted(paths, key=lambda p: int(p.stem[len("piece"):].split("of")[0]))]
+    parts = [np.load(p) for p in sorted(paths, key=lambda p: int(p.stem[len("piece") :].split("of")[0]))]
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in SPLITS}
     if "label_names" in parts[0].files:
         arrays["label_names"] = parts[0]["label_names"]

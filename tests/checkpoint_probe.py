@@ -21,8 +21,13 @@ from cifar_jax.data import pipeline  # noqa: E402
 if __name__ == "__main__":
     mesh = pipeline.make_mesh()
     rng = np.random.default_rng(0)
-    host = {"params": {"w": rng.normal(size=(3, 5)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float32)},
-            "opt_state": {"count": np.asarray(9, np.int32)}}
+    host = {
+        "params": {
+            "w": rng.normal(size=(3, 5)).astype(np.float32),
+            "b": rng.normal(size=(5,)).astype(np.float32),
+        },
+        "opt_state": {"count": np.asarray(9, np.int32)},
+    }
     state = jax.tree.map(lambda v: pipeline.replicate(v, mesh), host)
     ckpts = Checkpoints(sys.argv[1])
     ckpts.save(1, state, {"epoch": 1, "phase": "all", "row": {"val_acc": 0.5}})
@@ -31,6 +36,18 @@ if __name__ == "__main__":
     restored, meta = ckpts.restore(1, template)
     ckpts.close()
     pairs = zip(jax.tree.leaves(host), jax.tree.leaves(restored), jax.tree.leaves(template))
-    equal = all(np.array_equal(np.asarray(shard.data), want) and got.sharding == like.sharding
-                for want, got, like in pairs for shard in got.addressable_shards)
-    print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(), "equal": bool(equal), "epoch": meta["epoch"]}))
+    equal = all(
+        np.array_equal(np.asarray(shard.data), want) and got.sharding == like.sharding
+        for want, got, like in pairs
+        for shard in got.addressable_shards
+    )
+    print(
+        json.dumps(
+            {
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+                "equal": bool(equal),
+                "epoch": meta["epoch"],
+            }
+        )
+    )

@@ -22,11 +22,25 @@ def main():
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params, batch_stats = (jax.device_put(t, replicated) for t in (params, batch_stats))
     x, y = (pipeline.replicate(a, mesh) for a in (images, labels))
-    options = dict(preprocess=pipeline.Preprocess(), batch_size=8, batches_per_call=2, sharding=pipeline.batch_sharding(mesh))
+    options = dict(
+        preprocess=pipeline.Preprocess(),
+        batch_size=8,
+        batches_per_call=2,
+        sharding=pipeline.batch_sharding(mesh),
+    )
     logits = steps.make_predict(graphdef, **options)(params, batch_stats, x)
-    sums = steps.make_eval_sums(graphdef, num_classes=10, label_smoothing=0.1, **options)(params, batch_stats, x, y)
-    print(json.dumps({"devices": jax.device_count(), "logits": np.asarray(logits).tolist(),
-                      "sums": {k: float(v) for k, v in jax.device_get(sums).items()}}))
+    sums = steps.make_eval_sums(graphdef, num_classes=10, label_smoothing=0.1, **options)(
+        params, batch_stats, x, y
+    )
+    print(
+        json.dumps(
+            {
+                "devices": jax.device_count(),
+                "logits": np.asarray(logits).tolist(),
+                "sums": {k: float(v) for k, v in jax.device_get(sums).items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,15 @@ import pytest
 from cifar_jax import config as config_lib
 from cifar_jax import evaluate
 
-TIMING_KEYS = {"epoch_time_s", "train_img_per_s", "compile_s", "first_step_s", "val_s", "host_s", "checkpoint_s"}  # differ between identical runs
+TIMING_KEYS = {
+    "epoch_time_s",
+    "train_img_per_s",
+    "compile_s",
+    "first_step_s",
+    "val_s",
+    "host_s",
+    "checkpoint_s",
+}  # differ between identical runs
 
 
 def tiny_config(**overrides):
@@ -81,11 +89,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def probe_env(devices: int, **extra) -> dict:
     """The environment of a probe subprocess: a CPU backend of `devices` devices, plus `extra`."""
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", **extra)
+    return dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        **extra,
+    )
 
 
 def run_probe(script: str, devices: int, *args) -> dict:
     """Run `tests/<script>` on `devices` CPU devices; the JSON object of its last output line."""
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", script), *args], env=probe_env(devices), cwd=ROOT,
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", script), *args],
+        env=probe_env(devices),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -19,7 +19,9 @@ def main(out_path):
     @jax.jit
     def draw(epoch, step):
         order = pipeline.epoch_order(0, epoch, images.shape[0])
-        return pipeline.train_batch(images, labels, order, 0, epoch, step, batch_size=8, preprocess=pre, sharding=sharding)
+        return pipeline.train_batch(
+            images, labels, order, 0, epoch, step, batch_size=8, preprocess=pre, sharding=sharding
+        )
 
     x, y = draw(1, 2)
     assert len(x.sharding.device_set) == jax.device_count()

@@ -63,7 +63,9 @@ def test_brightness_alone_scales_each_image_and_clips():
     factors = out[:, 0, 0, 0] / 100.0
     assert np.allclose(out, factors[:, None, None, None] * 100.0)
     assert factors.min() >= 0.5 and factors.max() <= 1.5 and factors.std() > 0.2
-    bright = np.asarray(augment.color_jitter(jax.random.key(5), jnp.full((300, 2, 2, 3), 250.0), brightness=0.5))
+    bright = np.asarray(
+        augment.color_jitter(jax.random.key(5), jnp.full((300, 2, 2, 3), 250.0), brightness=0.5)
+    )
     assert bright.max() == 255.0
 
 
@@ -83,7 +85,9 @@ def test_normalize_equals_torchvision():
     for mean, std in augment.NORMALIZATIONS.values():
         t = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
         expected = t(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-        np.testing.assert_allclose(augment.normalize(jnp.asarray(x), mean, std), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            augment.normalize(jnp.asarray(x), mean, std), expected, rtol=1e-5, atol=1e-5
+        )
 
 
 def test_resize_changes_size_and_keeps_constants():

@@ -14,10 +14,18 @@ REQUIRED = {"model", "image_size", "batch_size", "framework", "mode", "device", 
 
 def test_default_cases_and_filters():
     cases = bench.parse_cases(bench.DEFAULT_CASES, None, None)
-    assert [(c.model, c.image_size) for c in cases] == [("simple_cnn", 32), ("resnet34", 32), ("resnet50", 32), ("resnet50", 224)]
+    assert [(c.model, c.image_size) for c in cases] == [
+        ("simple_cnn", 32),
+        ("resnet34", 32),
+        ("resnet50", 32),
+        ("resnet50", 224),
+    ]
     assert [c.stem for c in cases] == [None, "cifar", "imagenet", "imagenet"]
     assert bench.parse_cases(bench.DEFAULT_CASES, "resnet50", "224") == [bench.Case("resnet50", 224)]
-    assert bench.parse_cases(bench.DEFAULT_CASES, "simple_cnn,resnet18", None) == [bench.Case("simple_cnn", 32), bench.Case("resnet18", 32)]
+    assert bench.parse_cases(bench.DEFAULT_CASES, "simple_cnn,resnet18", None) == [
+        bench.Case("simple_cnn", 32),
+        bench.Case("resnet18", 32),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -47,33 +55,80 @@ def test_table_compares_jax_with_the_faster_pytorch_variant():
         bench.row(case, opts, "jax", "train", "float32, 1 steps/call", "cpu", 300.0, 2.0),
         bench.row(case, opts, "torch", "train", "eager, channels_last", "cpu", 100.0, None),
         bench.row(case, opts, "torch", "train", "compile, channels_last", "cpu", 200.0, 30.0),
-        bench.row(case, opts, "jax", "pipeline", "on device", "cpu", 6000.0, 0.5, in_step_ms=0.083, in_step_share=0.025,
-                   step_ms_with_pipeline=3.32, step_ms_prepared_batches=3.237),
+        bench.row(
+            case,
+            opts,
+            "jax",
+            "pipeline",
+            "on device",
+            "cpu",
+            6000.0,
+            0.5,
+            in_step_ms=0.083,
+            in_step_share=0.025,
+            step_ms_with_pipeline=3.32,
+            step_ms_prepared_batches=3.237,
+        ),
     ]
     lines = bench.table(rows).splitlines()
     train = next(line for line in lines if line.startswith("| resnet50 (imagenet) | 32 | 128 | train"))
     assert "| 300.0 | 200.0 (compile) | 1.50x | 2.0 | compile 30.0 |" in train
     # alone: 1/6000 of 1/300 s
-    assert ("Input pipeline share of a JAX training step, resnet50 @32: 5.00% alone (an upper bound); "
-            "2.50% in the step (median 3.320 ms a step with it, 3.237 ms fed prepared batches)") in lines
+    assert (
+        "Input pipeline share of a JAX training step, resnet50 @32: 5.00% alone (an upper bound); "
+        "2.50% in the step (median 3.320 ms a step with it, 3.237 ms fed prepared batches)"
+    ) in lines
 
 
 @pytest.mark.slow
 def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):
     out = tmp_path / "bench.json"
-    rows = bench.main([
-        "--cases", "simple_cnn@32", "--modes", "train,eval,epoch,pipeline", "--batch_size", "8", "--eval_batch_size", "8",
-        "--steps", "2", "--warmup", "1", "--epoch_images", "24", "--workers", "0", "--out", str(out),
-    ])
+    rows = bench.main(
+        [
+            "--cases",
+            "simple_cnn@32",
+            "--modes",
+            "train,eval,epoch,pipeline",
+            "--batch_size",
+            "8",
+            "--eval_batch_size",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--epoch_images",
+            "24",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == rows
     assert sorted((r["framework"], r["mode"]) for r in rows) == sorted(
-        [("torch", "train"), ("torch", "eval"), ("torch", "epoch"), ("jax", "train"), ("jax", "eval"), ("jax", "epoch"), ("jax", "pipeline")]
+        [
+            ("torch", "train"),
+            ("torch", "eval"),
+            ("torch", "epoch"),
+            ("jax", "train"),
+            ("jax", "eval"),
+            ("jax", "epoch"),
+            ("jax", "pipeline"),
+        ]
     )
     for r in rows:
-        assert REQUIRED <= r.keys() and r["img_per_s"] > 0 and r["image_size"] == 32 and r["model"] == "simple_cnn"
+        assert (
+            REQUIRED <= r.keys()
+            and r["img_per_s"] > 0
+            and r["image_size"] == 32
+            and r["model"] == "simple_cnn"
+        )
     by = {(r["framework"], r["mode"]): r for r in rows}
     assert by["jax", "epoch"]["images"] == by["torch", "epoch"]["images"] == 24  # 3 full batches of 8
-    assert by["jax", "train"]["compile_s"] > 0  # compiled in this run: the bench bypasses the persistent cache
+    assert (
+        by["jax", "train"]["compile_s"] > 0
+    )  # compiled in this run: the bench bypasses the persistent cache
     assert by["torch", "train"]["compile_s"] is None  # eager PyTorch compiles nothing
     assert by["jax", "eval"]["batch_size"] == 8
     # Eval fuses batches per call like the trainer (a whole split), at most the --steps timed.
@@ -90,10 +145,30 @@ def test_out_keeps_the_measurements_made_before_a_run_is_cut_short(tmp_path, mon
 
     monkeypatch.setattr(bench.JaxSide, "eval", cut_short)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(["--cases", "simple_cnn@32", "--modes", "train,eval", "--batch_size", "8", "--eval_batch_size", "8",
-                    "--steps", "1", "--warmup", "1", "--out", str(out)])
+        bench.main(
+            [
+                "--cases",
+                "simple_cnn@32",
+                "--modes",
+                "train,eval",
+                "--batch_size",
+                "8",
+                "--eval_batch_size",
+                "8",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
     kept = json.loads(out.read_text())
-    assert [(r["framework"], r["mode"]) for r in kept] == [("torch", "train"), ("torch", "eval"), ("jax", "train")]
+    assert [(r["framework"], r["mode"]) for r in kept] == [
+        ("torch", "train"),
+        ("torch", "eval"),
+        ("jax", "train"),
+    ]
     assert all(r["img_per_s"] > 0 for r in kept)
 
 
@@ -101,11 +176,31 @@ def test_out_keeps_the_measurements_made_before_a_run_is_cut_short(tmp_path, mon
 def test_pipeline_runs_as_many_batches_per_call_as_the_training_step():
     """Timed one batch per call, the pipeline's share measures dispatch (on an H100 it read 169% of a
     SimpleCNN step); fused like the step, it compares like with like."""
-    rows = bench.main(["--cases", "simple_cnn@32", "--modes", "train,pipeline", "--frameworks", "jax", "--steps_per_call", "2",
-                       "--batch_size", "8", "--steps", "4", "--warmup", "1"])
+    rows = bench.main(
+        [
+            "--cases",
+            "simple_cnn@32",
+            "--modes",
+            "train,pipeline",
+            "--frameworks",
+            "jax",
+            "--steps_per_call",
+            "2",
+            "--batch_size",
+            "8",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+        ]
+    )
     by = {r["mode"]: r for r in rows}
-    assert by["train"]["variant"].endswith("2 steps/call") and by["pipeline"]["variant"].endswith("2 batches/call")
-    assert by["pipeline"]["img_per_s"] > by["train"]["img_per_s"] > 0  # the step contains the pipeline and more
+    assert by["train"]["variant"].endswith("2 steps/call") and by["pipeline"]["variant"].endswith(
+        "2 batches/call"
+    )
+    assert (
+        by["pipeline"]["img_per_s"] > by["train"]["img_per_s"] > 0
+    )  # the step contains the pipeline and more
     assert {"in_step_ms", "in_step_share"} <= set(by["pipeline"])
 
 
@@ -118,8 +213,26 @@ def test_jax_layers_choose_the_cpu_kernels_or_xlas_stock_operations(monkeypatch,
     traced = []
     real = cpu_kernels.batch_norm_train
     monkeypatch.setattr(cpu_kernels, "batch_norm_train", lambda *args: traced.append(1) or real(*args))
-    rows = bench.main(["--cases", "simple_cnn@32", "--modes", "train", "--frameworks", "jax", "--steps_per_call", "1",
-                       "--batch_size", "4", "--steps", "1", "--warmup", "1", "--jax_layers", layers])
+    rows = bench.main(
+        [
+            "--cases",
+            "simple_cnn@32",
+            "--modes",
+            "train",
+            "--frameworks",
+            "jax",
+            "--steps_per_call",
+            "1",
+            "--batch_size",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--jax_layers",
+            layers,
+        ]
+    )
     assert bool(traced) == (layers == "auto")
     assert rows[0]["variant"].endswith("1 steps/call" if layers == "auto" else "stock layers")
 
@@ -137,7 +250,9 @@ def test_the_in_step_baseline_trains_on_the_batches_the_step_draws():
 
     from cifar_jax import steps
 
-    opts = bench.parse_args(["--cases", "simple_cnn@32", "--frameworks", "jax", "--steps_per_call", "2", "--batch_size", "4"])
+    opts = bench.parse_args(
+        ["--cases", "simple_cnn@32", "--frameworks", "jax", "--steps_per_call", "2", "--batch_size", "4"]
+    )
     side = bench.JaxSide(bench.Case("simple_cnn", 32), opts, num_train=8)
     # Plain SGD: Adam's first steps are about sign(gradient), so rounding in a near-zero gradient
     # (the two programs fuse differently) would move a weight by up to 2 lr; SGD keeps it smooth.
@@ -145,11 +260,15 @@ def test_the_in_step_baseline_trains_on_the_batches_the_step_draws():
     side.state["opt_state"] = side.step_cfg.tx.init(side.state["params"])
     side.train_chunk = steps.make_train_chunk(side.step_cfg, side.steps_per_call)
     x, y = (side.put(a) for a in bench.random_uint8(8))
-    draw = functools.partial(pipeline.train_batch, seed=0, batch_size=4, preprocess=side.preprocess, sharding=side.sharding)
+    draw = functools.partial(
+        pipeline.train_batch, seed=0, batch_size=4, preprocess=side.preprocess, sharding=side.sharding
+    )
     chunk, batches = side.prepared_chunk(x, y, draw)
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (both chunks donate their state)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # both chunks donate their state
     order = jnp.arange(8)
-    drawn = side.train_chunk(copy(side.state), side.zero_metrics(), x, y, order, jnp.int32(0), jnp.int32(0), side.no_stop)[:2]
+    drawn = side.train_chunk(
+        copy(side.state), side.zero_metrics(), x, y, order, jnp.int32(0), jnp.int32(0), side.no_stop
+    )[:2]
     prepared = chunk(copy(side.state), side.zero_metrics(), batches)
     assert int(prepared[1]["count"]) == 8
     for a, b in zip(jax.tree.leaves(drawn), jax.tree.leaves(prepared), strict=True):

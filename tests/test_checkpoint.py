@@ -14,12 +14,17 @@ from cifar_jax.checkpoint import Checkpoints, Snapshot
 
 
 def _state(seed=0):
-    """A small train-state-like tree: float32 arrays of several shapes, a scalar, int32 and bfloat16 leaves."""
+    """A small train-state-like tree: float32 arrays of several shapes, a scalar, int32 and bfloat16
+    leaves."""
     rng = np.random.default_rng(seed)
     return {
-        "params": {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
-                            "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
-                   "fc": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)}},
+        "params": {
+            "conv": {
+                "kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32),
+                "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+            },
+            "fc": {"kernel": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)},
+        },
         "batch_stats": {"mean": jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16)},
         "opt_state": {"count": jnp.asarray(7, jnp.int32), "scale": jnp.asarray(rng.normal(), jnp.float32)},
     }
@@ -45,14 +50,18 @@ def test_a_state_round_trips_as_named_items(tmp_path):
     ckpts = Checkpoints(tmp_path)
     ckpts.save(1, state, _meta(1))
     ckpts.wait()
-    assert {"params", "batch_stats", "opt_state", "layout", "meta"} <= {p.name for p in (tmp_path / "checkpoints" / "1").iterdir()}
+    assert {"params", "batch_stats", "opt_state", "layout", "meta"} <= {
+        p.name for p in (tmp_path / "checkpoints" / "1").iterdir()
+    }
     restored, meta = ckpts.restore(1, _zeros_like(state))
     _assert_trees_equal(restored, state)
     assert meta == _meta(1)
     template_sharding = jax.tree.leaves(_zeros_like(state))[0].sharding
     assert all(x.sharding == template_sharding for x in jax.tree.leaves(restored))
     # Some of the parts alone, as evaluation restores them (no optimizer state to build).
-    weights, _ = ckpts.restore(1, {"params": _zeros_like(state["params"]), "batch_stats": _zeros_like(state["batch_stats"])})
+    weights, _ = ckpts.restore(
+        1, {"params": _zeros_like(state["params"]), "batch_stats": _zeros_like(state["batch_stats"])}
+    )
     _assert_trees_equal(weights, {"params": state["params"], "batch_stats": state["batch_stats"]})
     ckpts.close()
 
@@ -78,7 +87,13 @@ def test_a_layout_that_does_not_match_is_named(tmp_path):
     ckpts.wait()
     other = _zeros_like(_state())
     other["params"]["fc"]["kernel"] = jnp.zeros((4, 6))
-    with pytest.raises(ValueError, match=re.escape("holds ['params']['fc']['kernel'] float32[4, 5] where the configured state has ['params']['fc']['kernel'] float32[4, 6]")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "holds ['params']['fc']['kernel'] float32[4, 5] where the configured state has "
+            "['params']['fc']['kernel'] float32[4, 6]"
+        ),
+    ):
         ckpts.restore(1, other)
     fewer = _zeros_like(_state())
     del fewer["opt_state"]["scale"]
@@ -89,11 +104,17 @@ def test_a_layout_that_does_not_match_is_named(tmp_path):
 
 def test_a_checkpoint_in_the_earlier_packed_format_is_named_as_such(tmp_path):
     with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:  # the packed layout of earlier versions
-        manager.save(3, args=ocp.args.Composite(arrays=ocp.args.StandardSave({"float32": jnp.zeros(4)}),
-                                                meta=ocp.args.JsonSave(_meta(3))))
+        manager.save(
+            3,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave({"float32": jnp.zeros(4)}), meta=ocp.args.JsonSave(_meta(3))
+            ),
+        )
         manager.wait_until_finished()
     ckpts = Checkpoints(tmp_path, read_only=True)
-    with pytest.raises(ValueError, match="is in the packed format of earlier versions, which this one does not read"):
+    with pytest.raises(
+        ValueError, match="is in the packed format of earlier versions, which this one does not read"
+    ):
         ckpts.restore(3, _zeros_like(_state()))
     ckpts.close()
 
@@ -108,7 +129,8 @@ def test_the_interrupted_checkpoint_round_trips(tmp_path):
 
 
 def _numpy_checksum(x) -> int:
-    """The checksum's definition, computed with NumPy in Python integers: sum of words * (2 * 2654435761 * i + 1) mod 2**32."""
+    """The checksum's definition, computed with NumPy in Python integers: sum of words * (2 * 2654435761 * i
+    + 1) mod 2**32."""
     raw = np.asarray(x).tobytes()
     width = {1: np.uint8, 2: np.uint16}.get(np.asarray(x).dtype.itemsize, np.uint32)
     words = np.frombuffer(raw, dtype=width).astype(np.uint64)
@@ -119,18 +141,35 @@ def _numpy_checksum(x) -> int:
 def test_checksums_equal_a_numpy_computation_and_see_every_flipped_bit():
     state = _state()
     sums = checkpoint.checksums(state)
-    assert sums == {jax.tree_util.keystr(p): _numpy_checksum(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    assert sums == {
+        jax.tree_util.keystr(p): _numpy_checksum(x) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+    }
     assert Snapshot.of(state).checksums() == sums
     kernel = np.asarray(state["params"]["conv"]["kernel"])
     for index in (0, 17, kernel.size - 1):
         for bit in (0, 22, 31):  # mantissa, its top, the sign
             flipped = kernel.copy().reshape(-1).view(np.uint32)
             flipped[index] ^= np.uint32(1 << bit)
-            changed = {**state, "params": {**state["params"], "conv": {**state["params"]["conv"],
-                                                                       "kernel": jnp.asarray(flipped.view(np.float32).reshape(kernel.shape))}}}
-            assert checkpoint.checksums(changed)["['params']['conv']['kernel']"] != sums["['params']['conv']['kernel']"]
-    with pytest.raises(checkpoint.DamagedCheckpoint, match=r"where: \['opt_state'\]\['count'\] does not match"):
-        checkpoint.verify(state, {**sums, "['opt_state']['count']": sums["['opt_state']['count']"] + 1}, "where")
+            changed = {
+                **state,
+                "params": {
+                    **state["params"],
+                    "conv": {
+                        **state["params"]["conv"],
+                        "kernel": jnp.asarray(flipped.view(np.float32).reshape(kernel.shape)),
+                    },
+                },
+            }
+            assert (
+                checkpoint.checksums(changed)["['params']['conv']['kernel']"]
+                != sums["['params']['conv']['kernel']"]
+            )
+    with pytest.raises(
+        checkpoint.DamagedCheckpoint, match=r"where: \['opt_state'\]\['count'\] does not match"
+    ):
+        checkpoint.verify(
+            state, {**sums, "['opt_state']['count']": sums["['opt_state']['count']"] + 1}, "where"
+        )
 
 
 def test_the_readme_snippet_restores_a_trained_checkpoint_with_orbax_alone(tmp_path):
@@ -146,7 +185,11 @@ def test_the_readme_snippet_restores_a_trained_checkpoint_with_orbax_alone(tmp_p
     readme = open(os.path.join(root, "README.md")).read()
     snippet = readme.split("### Restoring with Orbax alone")[1].split("```python\n")[1].split("```")[0]
     assert "cifar_jax" not in snippet
-    trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path / "checkpoints" / "quickstart", progress=False)
-    out = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    trainer.train_and_evaluate(
+        tiny_config(num_epochs=1), tmp_path / "checkpoints" / "quickstart", progress=False
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "(3, 3, 3, 32)"

@@ -12,16 +12,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train(tmp_path, *args):
-    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.py", f"--workdir={tmp_path / 'run'}",
-           *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/quickstart.py",
+        f"--workdir={tmp_path / 'run'}",
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu")
+    )
 
 
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("--config.model.name=resnet99", "config: model.name='resnet99' is not one of: simple_cnn, resnet18, resnet34, resnet50"),
-        ("--config.data.source=imagenet", "config: data.source='imagenet' is not one of: tfds, cifar_python, npz, digits, fake"),
+        (
+            "--config.model.name=resnet99",
+            "config: model.name='resnet99' is not one of: simple_cnn, resnet18, resnet34, resnet50",
+        ),
+        (
+            "--config.data.source=imagenet",
+            "config: data.source='imagenet' is not one of: tfds, cifar_python, npz, digits, fake",
+        ),
         ("--config.optimizer.name=lamb", "config: optimizer.name='lamb' is not one of: adam, adamw, sgd"),
         ("--config.schedule.name=poly", "config: schedule.name='poly' is not one of: constant, step, cosine"),
         ("--config.num_epochs=0", "config: num_epochs=0 must be a positive integer"),
@@ -30,8 +44,14 @@ def _train(tmp_path, *args):
         ("--config.model.num_classes=100", "model.num_classes=100 but data.source='digits' has 10 classes"),
         ("--config.data.image_size=64", "cannot feed simple_cnn"),
         ("--config.run_ahead_chunks=-1", "config: run_ahead_chunks=-1 must be >= 0 (0 = off)"),
-        ("--config.checkpoint.every_epochs=0", "config: checkpoint.every_epochs=0 must be a positive integer"),
-        ("--config.eval_batches_per_call=-1", "config: eval_batches_per_call=-1 must be >= 0 (0 = automatic)"),
+        (
+            "--config.checkpoint.every_epochs=0",
+            "config: checkpoint.every_epochs=0 must be a positive integer",
+        ),
+        (
+            "--config.eval_batches_per_call=-1",
+            "config: eval_batches_per_call=-1 must be >= 0 (0 = automatic)",
+        ),
         ("--config.model.pretrained=/nonexistent", "holds no converted weights"),
     ],
 )
@@ -58,7 +78,9 @@ def test_typo_in_a_config_key_is_one_line(tmp_path):
 def test_a_config_file_without_get_config_is_one_line(tmp_path):
     (tmp_path / "cfg.py").write_text("x = 1\n")
     cmd = [sys.executable, "train.py", "--config", str(tmp_path / "cfg.py"), f"--workdir={tmp_path / 'run'}"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu")
+    )
     assert "defines no get_config()" in _one_error_line(out)
 
 
@@ -66,10 +88,20 @@ def test_labels_beyond_the_class_count_are_counted_not_taken_for_a_class(tmp_pat
     import numpy as np
 
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8), y_train=np.r_[np.arange(39) % 10, 10],
-             x_test=rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8), y_test=np.arange(10))
-    line = _one_error_line(_train(tmp_path, "--config.data.source=npz", f"--config.data.path={tmp_path / 'd.npz'}"))
-    assert "model.num_classes=10 but data.source='npz' has 11 classes (1 example(s) have labels 10..10); fix those labels" in line
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8),
+        y_train=np.r_[np.arange(39) % 10, 10],
+        x_test=rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8),
+        y_test=np.arange(10),
+    )
+    line = _one_error_line(
+        _train(tmp_path, "--config.data.source=npz", f"--config.data.path={tmp_path / 'd.npz'}")
+    )
+    assert (
+        "model.num_classes=10 but data.source='npz' has 11 classes (1 example(s) have labels 10..10); fix "
+        "those labels" in line
+    )
 
 
 def test_missing_dataset_file_is_explained(tmp_path):
@@ -80,7 +112,13 @@ def test_missing_dataset_file_is_explained(tmp_path):
 
 def test_eval_without_checkpoint_says_so(tmp_path):
     (tmp_path / "config.json").write_text(tiny_config().to_json())
-    out = subprocess.run([sys.executable, "eval.py", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "eval.py", f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "holds no complete checkpoint" in out.stderr
 
 
@@ -90,7 +128,10 @@ def test_batch_not_divisible_by_the_devices(monkeypatch, tmp_path):
     from cifar_jax import preflight
 
     monkeypatch.setattr(jax, "device_count", lambda: 8)
-    with pytest.raises(ValueError, match="batch_size=12 and eval_batch_size=16 must be divisible by the 8 devices; use a multiple of 8"):
+    with pytest.raises(
+        ValueError,
+        match="batch_size=12 and eval_batch_size=16 must be divisible by the 8 devices; use a multiple of 8",
+    ):
         preflight.check_before_start(tiny_config(batch_size=12, eval_batch_size=16), tmp_path)
 
 
@@ -100,11 +141,21 @@ def test_micro_batches_not_divisible_by_the_devices(monkeypatch, tmp_path):
     from cifar_jax import preflight
 
     monkeypatch.setattr(jax, "device_count", lambda: 8)
-    with pytest.raises(ValueError, match=r"batch_size=16 in optimizer.accumulate_steps=4 micro-batches of 4 does not divide over "
-                                         r"the 8 devices; use micro-batches of a multiple of 8"):
-        preflight.check_before_start(tiny_config(batch_size=16, eval_batch_size=16, **{"optimizer.accumulate_steps": 4}), tmp_path)
-    with pytest.raises(ValueError, match=r"optimizer.accumulate_steps=3 must be a positive integer that divides batch_size=16"):
-        preflight.check_before_start(tiny_config(batch_size=16, eval_batch_size=16, **{"optimizer.accumulate_steps": 3}), tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"batch_size=16 in optimizer.accumulate_steps=4 micro-batches of 4 does not divide over "
+        r"the 8 devices; use micro-batches of a multiple of 8",
+    ):
+        preflight.check_before_start(
+            tiny_config(batch_size=16, eval_batch_size=16, **{"optimizer.accumulate_steps": 4}), tmp_path
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"optimizer.accumulate_steps=3 must be a positive integer that divides batch_size=16",
+    ):
+        preflight.check_before_start(
+            tiny_config(batch_size=16, eval_batch_size=16, **{"optimizer.accumulate_steps": 3}), tmp_path
+        )
 
 
 def test_pretrained_weights_of_another_architecture(tmp_path):
@@ -112,10 +163,20 @@ def test_pretrained_weights_of_another_architecture(tmp_path):
 
     weights = tmp_path / "weights"
     weights.mkdir()
-    (weights / "meta.json").write_text(json.dumps({"arch": "resnet50", "num_classes": 1000, "stem": "imagenet"}))
-    out = _train(tmp_path, "--config.model.name=resnet18", "--config.model.stem=imagenet", f"--config.model.pretrained={weights}")
+    (weights / "meta.json").write_text(
+        json.dumps({"arch": "resnet50", "num_classes": 1000, "stem": "imagenet"})
+    )
+    out = _train(
+        tmp_path,
+        "--config.model.name=resnet18",
+        "--config.model.stem=imagenet",
+        f"--config.model.pretrained={weights}",
+    )
     assert out.returncode == 2
-    assert "model.pretrained holds resnet50 weights but model.name='resnet18'; set --config.model.name=resnet50" in out.stderr
+    assert (
+        "model.pretrained holds resnet50 weights but model.name='resnet18'; set --config.model.name=resnet50"
+        in out.stderr
+    )
 
 
 @pytest.mark.slow
@@ -125,11 +186,28 @@ def test_second_run_of_a_config_compiles_nothing(tmp_path):
     import re
 
     def run(name):
-        cmd = [sys.executable, "train.py", "--config", "tests/tiny_config.py", "--config.num_epochs=1", "--noprogress",
-               f"--workdir={tmp_path / name}", f"--compilation_cache={tmp_path / 'xla'}"]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        cmd = [
+            sys.executable,
+            "train.py",
+            "--config",
+            "tests/tiny_config.py",
+            "--config.num_epochs=1",
+            "--noprogress",
+            f"--workdir={tmp_path / name}",
+            f"--compilation_cache={tmp_path / 'xla'}",
+        ]
+        out = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        )
         assert out.returncode == 0, out.stderr[-3000:]
-        counts = re.search(r"XLA programs: (\d+) loaded from the compilation cache, (\d+) compiled", out.stderr)
+        counts = re.search(
+            r"XLA programs: (\d+) loaded from the compilation cache, (\d+) compiled", out.stderr
+        )
         assert counts, out.stderr[-3000:]
         row = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
         assert row["first_step_s"] >= row["compile_s"] > 0
@@ -165,7 +243,11 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_status_130(capsys, mon
     with pytest.raises(SystemExit) as exit_info:
         cli.run(interrupted, "outside the training loop")
     assert exit_info.value.code == 130
-    assert capsys.readouterr().err == "interrupted (Ctrl-C) outside the training loop; what was already saved is kept: rerun the same command\n"
+    assert (
+        capsys.readouterr().err
+        == "interrupted (Ctrl-C) outside the training loop; what was already saved is kept: rerun the same "
+        "command\n"
+    )
 
 
 @pytest.mark.slow
@@ -177,10 +259,25 @@ def test_ctrl_c_in_training_ends_in_one_line_without_a_traceback(tmp_path):
     import time
 
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--config", "tests/tiny_config.py", "--config.num_epochs=50", f"--workdir={workdir}", "--progress=false"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "tests/tiny_config.py",
+        "--config.num_epochs=50",
+        f"--workdir={workdir}",
+        "--progress=false",
+    ]
     # A shell's background job inherits SIGINT ignored, and Python then keeps it so: restore the default.
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 180
     while not (workdir / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -200,7 +297,9 @@ def test_an_interrupt_that_a_library_swallowed_still_stops_the_run_before_traini
 
     from cifar_jax import cli, runguard, trainer
 
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever the worker had
+    previous = signal.signal(
+        signal.SIGINT, signal.default_int_handler
+    )  # Python's own, whatever the worker had
     monkeypatch.setattr(runguard, "_interrupted", False)
     runguard.catch_interrupts()
     try:
@@ -214,7 +313,10 @@ def test_an_interrupt_that_a_library_swallowed_still_stops_the_run_before_traini
             trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
         assert not (tmp_path / "metrics.jsonl").exists()
         with pytest.raises(KeyboardInterrupt):
-            cli.fail("the --config file does not load (ImportError: Encountered an error while initializing the extension.)")
+            cli.fail(
+                "the --config file does not load (ImportError: Encountered an error while initializing the "
+                "extension.)"
+            )
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -232,11 +334,19 @@ def test_a_ctrl_c_during_the_first_imports_is_one_line_and_writes_nothing(tmp_pa
         f"sys.argv = ['train.py', '--config', 'tests/tiny_config.py', '--workdir={tmp_path / 'run'}']\n"
         "runpy.run_path('train.py', run_name='__main__')\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 130, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [
-        "interrupted (Ctrl-C) outside the training loop; what was already saved is kept: rerun the same command"]
+        "interrupted (Ctrl-C) outside the training loop; what was already saved is kept: rerun the same "
+        "command"
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -267,8 +377,13 @@ def test_wandb_asked_for_but_not_installed_is_one_line_before_any_data_loads(tmp
     from cifar_jax import preflight
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(ValueError, match=r"config: wandb.mode='offline' needs wandb, which is not installed: pip install "
-                                         r"'cifar_jax\[wandb\]', or --config.wandb.mode=disabled"):
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"config: wandb.mode='offline' needs wandb, which is not installed: pip install "
+        r"'cifar_jax\[wandb\]', or --config.wandb.mode=disabled",
+    ):
         preflight.check_before_start(tiny_config(**{"wandb.mode": "offline"}), tmp_path)
     assert list(tmp_path.iterdir()) == []

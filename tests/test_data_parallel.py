@@ -32,7 +32,11 @@ def _two_processes(script, *args) -> list[dict]:
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, f"tests/{script}", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, f"tests/{script}", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env=probe_env(2, PROBE_COORDINATOR=coordinator, PROBE_NUM_PROCESSES="2", PROBE_PROCESS_ID=str(i)),
         )
         for i in range(2)
@@ -58,7 +62,9 @@ def test_losses_do_not_depend_on_device_count():
     assert one["devices"] == 1 and eight["devices"] == 8
     for spec in ("simple_cnn:adamw", "simple_cnn:adamw:float32:acc2"):
         np.testing.assert_allclose(eight[spec], one[spec], rtol=1e-5)
-    assert not np.allclose(one["simple_cnn:adamw:float32:acc2"], one["simple_cnn:adamw"], rtol=1e-3)  # really accumulated
+    assert not np.allclose(
+        one["simple_cnn:adamw:float32:acc2"], one["simple_cnn:adamw"], rtol=1e-3
+    )  # really accumulated
     np.testing.assert_allclose(eight["resnet18:adamw:float64"], one["resnet18:adamw:float64"], rtol=1e-10)
     for spec in specs:
         assert len(set(np.round(one[spec], 6))) == 5  # five different batches, really trained
@@ -74,21 +80,45 @@ def test_two_processes_match_one_process_with_four_devices():
 def test_two_processes_save_and_restore_a_checkpoint(tmp_path):
     # Every process takes part in Orbax's save (one writes the replicated arrays) and restores the
     # whole arrays onto its own devices.
-    assert _two_processes("checkpoint_probe.py", str(tmp_path)) == [{"processes": 2, "devices": 4, "equal": True, "epoch": 1}] * 2
+    assert (
+        _two_processes("checkpoint_probe.py", str(tmp_path))
+        == [{"processes": 2, "devices": 4, "equal": True, "epoch": 1}] * 2
+    )
 
 
 def _train_py(workdir, *flags, num_epochs: int) -> list[str]:
-    return [sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--config.num_epochs={num_epochs}",
-            "--progress=false", f"--workdir={workdir}", *flags]
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        "tests/tiny_config.py",
+        f"--config.num_epochs={num_epochs}",
+        "--progress=false",
+        f"--workdir={workdir}",
+        *flags,
+    ]
 
 
 def _start_two_processes(workdir, num_epochs: int) -> list[subprocess.Popen]:
     """train.py as 2 processes x 1 device, joined through the explicit flags (no auto-detection)."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    return [subprocess.Popen(_train_py(workdir, f"--coordinator_address={coordinator}", "--num_processes=2", f"--process_id={i}",
-                                       num_epochs=num_epochs),
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=probe_env(1))
-            for i in range(2)]
+    return [
+        subprocess.Popen(
+            _train_py(
+                workdir,
+                f"--coordinator_address={coordinator}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                num_epochs=num_epochs,
+            ),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=probe_env(1),
+        )
+        for i in range(2)
+    ]
 
 
 def _rows(workdir) -> list[dict]:
@@ -98,8 +128,13 @@ def _rows(workdir) -> list[dict]:
 
 
 def _assert_rows_match_one_process_with_two_devices(tmp_path, multi_rows, num_epochs: int):
-    single = subprocess.run(_train_py(tmp_path / "single", num_epochs=num_epochs), cwd=ROOT, capture_output=True, text=True,
-                            env=probe_env(2))
+    single = subprocess.run(
+        _train_py(tmp_path / "single", num_epochs=num_epochs),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=probe_env(2),
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     single_rows = _rows(tmp_path / "single")
     assert len(multi_rows) == len(single_rows) == num_epochs
@@ -126,14 +161,18 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     deadline = time.time() + 240
     while not ((workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip()):
         ended = [p for p in procs if p.poll() is not None]
-        assert time.time() < deadline and not ended, f"training did not reach epoch 2: {ended and ended[0].stderr.read()[-2000:]}"
+        assert time.time() < deadline and not ended, (
+            f"training did not reach epoch 2: {ended and ended[0].stderr.read()[-2000:]}"
+        )
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)  # epoch 1's row appears early in epoch 2's 196 steps
     stops = []
     for p in procs:
         _, err = p.communicate(timeout=240)
         assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
-        stops += [line for line in err.splitlines() if line.startswith("stopped by SIGTERM at epoch 2, step ")]
+        stops += [
+            line for line in err.splitlines() if line.startswith("stopped by SIGTERM at epoch 2, step ")
+        ]
     assert len(stops) == 2 and stops[0] == stops[1], stops
     assert len(list((workdir / "interrupted").iterdir())) == 1
     for p in _start_two_processes(workdir, num_epochs=2):
@@ -144,8 +183,23 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 
 def test_incomplete_multi_process_flags_fail_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={tmp_path}",
-                          "--coordinator_address=127.0.0.1:1234", "--num_processes=2"], cwd=ROOT, capture_output=True,
-                         text=True, env=probe_env(1), timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "tests/tiny_config.py",
+            f"--workdir={tmp_path}",
+            "--coordinator_address=127.0.0.1:1234",
+            "--num_processes=2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=probe_env(1),
+        timeout=120,
+    )
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
-        "error: a multi-process run needs --coordinator_address, --num_processes and --process_id; missing: --process_id")
+        "error: a multi-process run needs --coordinator_address, --num_processes and --process_id; missing: "
+        "--process_id"
+    )

@@ -58,7 +58,10 @@ def _write_cifar_python(root, x_tr, y_tr, x_te, y_te):
             "data": x.transpose(0, 3, 1, 2).reshape(len(x), 3072),  # rows of R then G then B planes
         }
         (d / name).write_bytes(pickle.dumps(record, protocol=2))
-    meta = {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"fine{i}" for i in range(100)],
+        "coarse_label_names": [f"c{i}" for i in range(20)],
+    }
     (d / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     return d
 
@@ -98,7 +101,10 @@ def test_fake_any_size():
 
 
 def test_unknown_source_lists_valid_ones():
-    with pytest.raises(data.DataError, match="unknown data source 'imagenet'; valid sources: tfds, cifar_python, npz, digits, fake"):
+    with pytest.raises(
+        data.DataError,
+        match="unknown data source 'imagenet'; valid sources: tfds, cifar_python, npz, digits, fake",
+    ):
         data.load("imagenet")
 
 
@@ -151,8 +157,12 @@ def test_tfds_prepares_from_the_binary_archive_and_caches(tmp_path):
     downloaded = str(tmp_path / "download")
     # The network as TFDS sees it: its download host answers (the source looks before it downloads), and the
     # download is the archive written above.
-    with mock.patch("socket.create_connection", return_value=mock.MagicMock()), \
-            mock.patch.object(tfds.download.DownloadManager, "download_and_extract", lambda self, url: downloaded):
+    with (
+        mock.patch("socket.create_connection", return_value=mock.MagicMock()),
+        mock.patch.object(
+            tfds.download.DownloadManager, "download_and_extract", lambda self, url: downloaded
+        ),
+    ):
         a = data.load("tfds", tmp_path / "tfds")
     # TFDS keeps its own record order: match examples by content, byte for byte.
     for x_src, y_src, x_got, y_got in ((x_tr, y_tr, a.x_train, a.y_train), (x_te, y_te, a.x_test, a.y_test)):
@@ -168,7 +178,15 @@ def test_tfds_prepares_from_the_binary_archive_and_caches(tmp_path):
 
 
 def _data_config(**kw):
-    cfg = ml_collections.ConfigDict(dict(source="fake", path="", val_fraction=0.2, split_seed=0, fake=dict(num_train=50, num_test=7, num_classes=5)))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            source="fake",
+            path="",
+            val_fraction=0.2,
+            split_seed=0,
+            fake=dict(num_train=50, num_test=7, num_classes=5),
+        )
+    )
     cfg.update(kw)
     return cfg
 
@@ -188,15 +206,22 @@ def test_bad_val_fraction():
         data.load_splits(_data_config(val_fraction=1.5))
 
 
-
-@pytest.mark.parametrize("damage,message", [
-    (lambda good: b"", "No data left in file"),
-    (lambda good: good[: len(good) // 2], "File is not a zip file"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda good: b"", "No data left in file"),
+        (lambda good: good[: len(good) // 2], "File is not a zip file"),
+    ],
+)
 def test_a_zero_byte_or_truncated_npz_is_one_clear_error(tmp_path, damage, message):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "good.npz", x_train=rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), y_train=np.arange(8),
-             x_test=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), y_test=np.arange(4))
+    np.savez(
+        tmp_path / "good.npz",
+        x_train=rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8),
+        y_train=np.arange(8),
+        x_test=rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8),
+        y_test=np.arange(4),
+    )
     (tmp_path / "d.npz").write_bytes(damage((tmp_path / "good.npz").read_bytes()))
     with pytest.raises(data.DataError, match=f"d.npz is not a readable .npz archive .*{message}"):
         data.load("npz", tmp_path / "d.npz")
@@ -204,7 +229,9 @@ def test_a_zero_byte_or_truncated_npz_is_one_clear_error(tmp_path, damage, messa
 
 def test_float_labels_are_refused_not_truncated(tmp_path):
     x = np.zeros((4, 32, 32, 3), np.uint8)
-    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0.5, 1.0, 2.7, 3.0]), x_test=x, y_test=np.arange(4))
+    np.savez(
+        tmp_path / "d.npz", x_train=x, y_train=np.array([0.5, 1.0, 2.7, 3.0]), x_test=x, y_test=np.arange(4)
+    )
     with pytest.raises(data.DataError, match=r"y_train holds float64 values; class labels must be integers"):
         data.load("npz", tmp_path / "d.npz")
 
@@ -214,8 +241,14 @@ def test_a_label_that_int32_would_wrap_is_refused_before_the_cast(tmp_path, labe
     """2**32+3 as int32 is 3, a valid class: the range is checked on the labels as stored."""
     x = np.zeros((4, 32, 32, 3), np.uint8)
     names = np.array(["a", "b", "c", "d"])
-    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1, label, 2], dtype), x_test=x, y_test=np.arange(4),
-             label_names=names)
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=x,
+        y_train=np.array([0, 1, label, 2], dtype),
+        x_test=x,
+        y_test=np.arange(4),
+        label_names=names,
+    )
     with pytest.raises(data.DataError, match=rf"y_train has label {label} at index 2 \(1 such label\(s\)\)"):
         data.load("npz", tmp_path / "d.npz")
 

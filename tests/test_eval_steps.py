@@ -1,6 +1,5 @@
 """Evaluation several batches per jitted call (the default: a whole split) against one per call."""
 
-
 import jax
 import numpy as np
 import pytest
@@ -11,7 +10,9 @@ from cifar_jax.data import pipeline
 from tests.helpers import run_probe, tiny_config
 
 
-@pytest.mark.parametrize("num_batches,wanted", [(20, 16), (20, 2**31 - 1), (7, 3), (7, 1), (1, 5), (21, 16), (13, 4)])
+@pytest.mark.parametrize(
+    "num_batches,wanted", [(20, 16), (20, 2**31 - 1), (7, 3), (7, 1), (1, 5), (21, 16), (13, 4)]
+)
 def test_eval_calls_are_equal_cover_every_batch_and_waste_less_than_a_call(num_batches, wanted):
     per_call, calls = steps.eval_calls(num_batches, wanted)
     assert 1 <= per_call <= min(wanted, num_batches)
@@ -42,7 +43,10 @@ def eval_model():
 def test_fused_eval_predicts_and_sums_like_one_batch_per_call(eval_model, per_call):
     model, graphdef, params, batch_stats, images, labels = eval_model
     pre = pipeline.Preprocess()
-    predict = {k: steps.make_predict(graphdef, preprocess=pre, batch_size=4, batches_per_call=k) for k in (1, per_call)}
+    predict = {
+        k: steps.make_predict(graphdef, preprocess=pre, batch_size=4, batches_per_call=k)
+        for k in (1, per_call)
+    }
     logits = {k: np.asarray(f(params, batch_stats, images)) for k, f in predict.items()}
     assert logits[per_call].shape == (23, 10)
     np.testing.assert_allclose(logits[per_call], logits[1], rtol=1e-5, atol=1e-5)
@@ -50,8 +54,16 @@ def test_fused_eval_predicts_and_sums_like_one_batch_per_call(eval_model, per_ca
     np.testing.assert_allclose(logits[per_call], np.asarray(model(pre.eval(images))), rtol=1e-4, atol=1e-4)
 
     sums = {
-        k: jax.device_get(steps.make_eval_sums(graphdef, preprocess=pre, batch_size=4, num_classes=10, label_smoothing=0.1,
-                                               batches_per_call=k)(params, batch_stats, images, labels))
+        k: jax.device_get(
+            steps.make_eval_sums(
+                graphdef,
+                preprocess=pre,
+                batch_size=4,
+                num_classes=10,
+                label_smoothing=0.1,
+                batches_per_call=k,
+            )(params, batch_stats, images, labels)
+        )
         for k in (1, per_call)
     }
     assert sums[per_call]["count"] == sums[1]["count"] == 23
@@ -68,5 +80,8 @@ def test_fused_eval_over_8_devices_equals_one_device():
     assert one["devices"] == 1 and eight["devices"] == 8
     np.testing.assert_allclose(eight["logits"], one["logits"], rtol=1e-5, atol=1e-5)
     assert np.asarray(one["logits"]).shape == (23, 10)
-    assert eight["sums"]["count"] == one["sums"]["count"] == 23 and eight["sums"]["correct"] == one["sums"]["correct"]
+    assert (
+        eight["sums"]["count"] == one["sums"]["count"] == 23
+        and eight["sums"]["correct"] == one["sums"]["correct"]
+    )
     assert eight["sums"]["loss_sum"] == pytest.approx(one["sums"]["loss_sum"], rel=1e-5)

@@ -24,7 +24,9 @@ def run_dir(tmp_path_factory):
 
 
 def _eval(*args):
-    return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_report_on_val_matches_the_logged_val_acc(run_dir, tmp_path):
@@ -70,7 +72,13 @@ def test_submission_and_corruption_suite(run_dir, tmp_path):
     for d in range(19):
         files[d] = rng.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8)
         np.save(ood / f"distortion{d:02d}.npy", files[d])
-    out = _eval(f"--workdir={workdir}", f"--ood_dir={ood}", "--corruptions", "--corruption_limit=8", f"--out={tmp_path / 'eval'}")
+    out = _eval(
+        f"--workdir={workdir}",
+        f"--ood_dir={ood}",
+        "--corruptions",
+        "--corruption_limit=8",
+        f"--out={tmp_path / 'eval'}",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())["corruptions"]
     assert report["n_examples"] == 8 and set(report["accuracy"]) == set(corruptions.NAMES)
@@ -81,8 +89,15 @@ def test_submission_and_corruption_suite(run_dir, tmp_path):
     lines = (tmp_path / "eval" / "submission_ood.csv").read_text().splitlines()
     assert lines[0] == "id,label" and len(lines) == 1 + 19 * 5 * n
     restored = evaluate.restore(workdir)
-    pred = evaluate.predict(restored, np.concatenate([files[d] for d in range(19)])).argmax(-1).reshape(19, 5, n)
-    expected = [f"distortion{d:02d}_{s}_{i},{pred[d, s - 1, i]}" for d in range(19) for s in range(1, 6) for i in range(n)]
+    pred = (
+        evaluate.predict(restored, np.concatenate([files[d] for d in range(19)])).argmax(-1).reshape(19, 5, n)
+    )
+    expected = [
+        f"distortion{d:02d}_{s}_{i},{pred[d, s - 1, i]}"
+        for d in range(19)
+        for s in range(1, 6)
+        for i in range(n)
+    ]
     assert lines[1:] == expected
 
 
@@ -137,20 +152,33 @@ def test_the_corruption_subset_covers_the_classes_of_a_sorted_split():
     assert evaluate.subset((x, y), 0)[0] is x
 
 
-@pytest.mark.parametrize("case", ["val_without_split", "out_under_a_file", "out_name_too_long", "out_with_foreign_files"])
+@pytest.mark.parametrize(
+    "case", ["val_without_split", "out_under_a_file", "out_name_too_long", "out_with_foreign_files"]
+)
 def test_eval_input_errors_are_one_line_before_anything_is_written(run_dir, tmp_path, case):
     workdir, _ = run_dir
     args, message = {
         "val_without_split": ([f"--workdir={tmp_path / 'noval'}", "--split=val"], "the run has no val split"),
-        "out_under_a_file": ([f"--workdir={workdir}", f"--out={tmp_path / 'a_file' / 'eval'}"], "a_file is a file, not a directory"),
-        "out_name_too_long": ([f"--workdir={workdir}", f"--out={tmp_path / ('y' * 300) / 'eval'}"], "cannot write to --out"),
-        "out_with_foreign_files": ([f"--workdir={workdir}", f"--out={tmp_path / 'mine'}"], "holds files that eval.py did not write (notes.txt)"),
+        "out_under_a_file": (
+            [f"--workdir={workdir}", f"--out={tmp_path / 'a_file' / 'eval'}"],
+            "a_file is a file, not a directory",
+        ),
+        "out_name_too_long": (
+            [f"--workdir={workdir}", f"--out={tmp_path / ('y' * 300) / 'eval'}"],
+            "cannot write to --out",
+        ),
+        "out_with_foreign_files": (
+            [f"--workdir={workdir}", f"--out={tmp_path / 'mine'}"],
+            "holds files that eval.py did not write (notes.txt)",
+        ),
     }[case]
     (tmp_path / "a_file").write_text("")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     if case == "val_without_split":
-        trainer.train_and_evaluate(tiny_config(num_epochs=1, **{"data.val_fraction": 0.0}), tmp_path / "noval", progress=False)
+        trainer.train_and_evaluate(
+            tiny_config(num_epochs=1, **{"data.val_fraction": 0.0}), tmp_path / "noval", progress=False
+        )
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     out = _eval(*args)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
@@ -172,7 +200,12 @@ def test_eval_outputs_replace_the_last_ones_whole(run_dir, tmp_path):
     (tmp_path / ".eval.partial-99999").mkdir()  # left by a killed run
     done = _eval(f"--workdir={workdir}", "--step=1", f"--out={out}")
     assert done.returncode == 0, done.stderr[-1500:]
-    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "per_class.csv", "reliability.png", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "confusion.png",
+        "per_class.csv",
+        "reliability.png",
+        "report.json",
+    ]
     assert first["step"] == 2 and json.loads((out / "report.json").read_text())["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "ood"]
 
@@ -184,7 +217,9 @@ def test_eval_with_bad_distortions_fails_before_anything_is_written(run_dir, tmp
     np.save(ood / "distortion00.npy", np.zeros((34, 32, 32, 3), np.uint8))
     out = _eval(f"--workdir={workdir}", f"--ood_dir={ood}", f"--out={tmp_path / 'eval'}")
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 2 and len(errors) == 1 and "distortion00.npy has uint8 (34, 32, 32, 3)" in errors[0], out.stderr[-1500:]
+    assert (
+        out.returncode == 2 and len(errors) == 1 and "distortion00.npy has uint8 (34, 32, 32, 3)" in errors[0]
+    ), out.stderr[-1500:]
     assert not (tmp_path / "eval").exists()
 
 
@@ -236,4 +271,3 @@ def test_corruption_identity_at_zero_and_monotone_in_severity(name):
     y = corruptions.corrupt(x, name, 3)
     assert y.dtype == np.uint8 and y.shape == x.shape
     np.testing.assert_array_equal(y, corruptions.corrupt(x, name, 3))  # deterministic
-

@@ -20,16 +20,23 @@ def _trained_looking(name, stem, seed=0):
     rng = np.random.default_rng(seed)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.BatchStat)):
         shape = var[...].shape
-        var[...] = jnp.asarray(rng.normal(size=shape) * 0.1 if path[-1] == "mean" else rng.uniform(0.5, 1.5, shape), jnp.float32)
+        var[...] = jnp.asarray(
+            rng.normal(size=shape) * 0.1 if path[-1] == "mean" else rng.uniform(0.5, 1.5, shape), jnp.float32
+        )
     model.eval()
     return model
 
 
-CASES = [("simple_cnn", None), *((arch, stem) for arch in ("resnet18", "resnet34", "resnet50") for stem in ("imagenet", "cifar"))]
+CASES = [
+    ("simple_cnn", None),
+    *((arch, stem) for arch in ("resnet18", "resnet34", "resnet50") for stem in ("imagenet", "cifar")),
+]
 
 
 @pytest.mark.parametrize("name,stem", CASES)
-def test_the_export_loads_strictly_into_the_pytorch_model_and_gives_our_logits(name, stem, tmp_path, highest_precision):
+def test_the_export_loads_strictly_into_the_pytorch_model_and_gives_our_logits(
+    name, stem, tmp_path, highest_precision
+):
     model = _trained_looking(name, stem)
     images = np.random.default_rng(1).uniform(-2, 2, (2, 32, 32, 3)).astype(np.float32)
     ours = np.asarray(model(jnp.asarray(images)))
@@ -50,7 +57,9 @@ def test_convert_of_the_export_gives_back_our_arrays_exactly(arch, stem, tmp_pat
     model = _trained_looking(arch, stem, seed=3)
     export.write(export.state_dict(model, arch), tmp_path / "model.safetensors")
     back = pretrained.from_torchvision(arch, tmp_path / "model.safetensors", stem=stem)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back)), strict=True):
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back)), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
 
 
@@ -62,13 +71,30 @@ def trained_workdir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("suffix,ema", [(".pth", False), (".safetensors", True)])
-def test_the_cli_exports_a_trained_run_that_pytorch_evaluates_as_we_do(trained_workdir, tmp_path, capsys, suffix, ema,
-                                                                       highest_precision):
+def test_the_cli_exports_a_trained_run_that_pytorch_evaluates_as_we_do(
+    trained_workdir, tmp_path, capsys, suffix, ema, highest_precision
+):
     from cifar_jax import evaluate
 
     out = tmp_path / f"model{suffix}"
-    assert export.main(["--workdir", str(trained_workdir), "--step", "latest", "--out", str(out), *(["--ema"] if ema else [])]) == 0
-    assert f"exported simple_cnn (5 classes), epoch 2{', weight average' if ema else ''} -> {out}" in capsys.readouterr().out
+    assert (
+        export.main(
+            [
+                "--workdir",
+                str(trained_workdir),
+                "--step",
+                "latest",
+                "--out",
+                str(out),
+                *(["--ema"] if ema else []),
+            ]
+        )
+        == 0
+    )
+    assert (
+        f"exported simple_cnn (5 classes), epoch 2{', weight average' if ema else ''} -> {out}"
+        in capsys.readouterr().out
+    )
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
 
     restored = evaluate.restore(trained_workdir, "latest", ema=ema)
@@ -84,15 +110,24 @@ def test_the_cli_exports_a_trained_run_that_pytorch_evaluates_as_we_do(trained_w
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--out", "model.onnx"], "must end in .pth, .pt, .safetensors"),
-    (["--out", "EXISTING"], "exists; pass --overwrite to replace that file"),
-    (["--step", "9", "--out", "model.pth"], "no checkpoint of epoch 9"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--out", "model.onnx"], "must end in .pth, .pt, .safetensors"),
+        (["--out", "EXISTING"], "exists; pass --overwrite to replace that file"),
+        (["--step", "9", "--out", "model.pth"], "no checkpoint of epoch 9"),
+    ],
+)
 def test_the_cli_refuses_bad_input_in_one_line(trained_workdir, tmp_path, capsys, args, message):
     (tmp_path / "EXISTING.pth").write_text("keep")
-    args = [a.replace("EXISTING", str(tmp_path / "EXISTING.pth")) if a == "EXISTING" else
-            str(tmp_path / a) if a.startswith("model") else a for a in args]
+    args = [
+        a.replace("EXISTING", str(tmp_path / "EXISTING.pth"))
+        if a == "EXISTING"
+        else str(tmp_path / a)
+        if a.startswith("model")
+        else a
+        for a in args
+    ]
     assert export.main(["--workdir", str(trained_workdir), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err

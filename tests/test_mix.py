@@ -52,7 +52,9 @@ def test_cutmix_equals_torchvision(lam, r_y, r_x, monkeypatch):
 @pytest.mark.parametrize("mixup_alpha,cutmix_alpha", [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
 def test_a_mixed_batch_under_jit_keeps_targets_that_sum_to_one(mixup_alpha, cutmix_alpha):
     x, y = _batch()
-    run = jax.jit(lambda key: mix.mix_batch(key, jnp.asarray(x), jnp.asarray(y), K, mixup_alpha, cutmix_alpha))
+    run = jax.jit(
+        lambda key: mix.mix_batch(key, jnp.asarray(x), jnp.asarray(y), K, mixup_alpha, cutmix_alpha)
+    )
     seen_changed = False
     for i in range(8):
         got_x, targets = run(jax.random.key(i))
@@ -60,7 +62,12 @@ def test_a_mixed_batch_under_jit_keeps_targets_that_sum_to_one(mixup_alpha, cutm
         # Every pixel comes from the image or its neighbour, mixed with the targets' weights.
         lam = np.asarray(targets)[np.arange(N), y] if not np.any(y == np.roll(y, 1)) else None
         if lam is not None and not cutmix_alpha:
-            np.testing.assert_allclose(got_x, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * np.roll(x, 1, 0), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                got_x,
+                lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * np.roll(x, 1, 0),
+                rtol=1e-5,
+                atol=1e-5,
+            )
         seen_changed |= not np.allclose(got_x, x)
     assert seen_changed
 
@@ -70,6 +77,10 @@ def test_soft_target_loss_equals_torch_cross_entropy_with_probabilities():
     logits = rng.normal(size=(8, K)).astype(np.float32) * 3
     targets = rng.dirichlet(np.ones(K), size=8).astype(np.float32)
     for smoothing in (0.0, 0.1):
-        want = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(torch.from_numpy(logits), torch.from_numpy(targets)).item()
-        got = float(steps.cross_entropy(jnp.asarray(logits), None, K, smoothing, targets=jnp.asarray(targets)).mean())
+        want = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(
+            torch.from_numpy(logits), torch.from_numpy(targets)
+        ).item()
+        got = float(
+            steps.cross_entropy(jnp.asarray(logits), None, K, smoothing, targets=jnp.asarray(targets)).mean()
+        )
         assert got == pytest.approx(want, rel=1e-6)

@@ -50,7 +50,9 @@ def test_simple_cnn_rejects_other_sizes():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown model 'resnet99'.*simple_cnn, resnet18, resnet34, resnet50"):
+    with pytest.raises(
+        ValueError, match="unknown model 'resnet99'.*simple_cnn, resnet18, resnet34, resnet50"
+    ):
         models.create("resnet99")
 
 
@@ -104,7 +106,9 @@ def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1, np.abs(expected).max()))
 
 
-@pytest.mark.parametrize("window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 16), (3, 2, 1, 15)])
+@pytest.mark.parametrize(
+    "window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 16), (3, 2, 1, 15)]
+)
 def test_max_pool_equals_reduce_window(window, stride, padding, size):
     from cifar_jax.models.layers import max_pool
 
@@ -118,16 +122,24 @@ def test_max_pool_equals_reduce_window(window, stride, padding, size):
     # Without ties the gradients agree too (with ties XLA's splits the gradient, ours and
     # PyTorch's give it to the first maximum: tested below).
     weights = jnp.arange(5.0)
-    grads = [jax.grad(lambda x: (pool(x) * weights).sum())(x) for pool in (lambda x: max_pool(x, window, stride, padding), reference)]
+    grads = [
+        jax.grad(lambda x: (pool(x) * weights).sum())(x)
+        for pool in (lambda x: max_pool(x, window, stride, padding), reference)
+    ]
     np.testing.assert_array_equal(*grads)
 
 
 def _assert_convolution_and_gradients_equal_xla(conv, kernel, stride, padding, size, in_ch, out_ch):
     """`conv(x, k, strides, pads)` against XLA's convolution and its autodiff gradients, float64."""
     rng = np.random.default_rng(0)
-    x, k = jnp.asarray(rng.normal(size=(3, size, size, in_ch))), jnp.asarray(rng.normal(size=(kernel, kernel, in_ch, out_ch)))
+    x, k = (
+        jnp.asarray(rng.normal(size=(3, size, size, in_ch))),
+        jnp.asarray(rng.normal(size=(kernel, kernel, in_ch, out_ch))),
+    )
     strides, pads = (stride, stride), ((padding, padding), (padding, padding))
-    ref = lambda x, k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     ours = lambda x, k: conv(x, k, strides, pads)
     assert ours(x, k).shape == ref(x, k).shape
     np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-12, atol=1e-12)
@@ -139,19 +151,40 @@ def _assert_convolution_and_gradients_equal_xla(conv, kernel, stride, padding, s
 
 @pytest.mark.parametrize(
     "kernel,stride,padding,size",
-    [(3, 1, 1, 2), (3, 2, 1, 4), (3, 2, 1, 3), (3, 1, 1, 1), (7, 2, 3, 4), (1, 1, 0, 8), (1, 2, 0, 7), (1, 2, 0, 8)],
+    [
+        (3, 1, 1, 2),
+        (3, 2, 1, 4),
+        (3, 2, 1, 3),
+        (3, 1, 1, 1),
+        (7, 2, 3, 4),
+        (1, 1, 0, 8),
+        (1, 2, 0, 7),
+        (1, 2, 0, 8),
+    ],
 )
 def test_conv_as_patch_matmul_equals_xla_convolution(x64, kernel, stride, padding, size):
     """On CPU, 1x1 convolutions and those with outputs of at most 2x2 pixels run as a patch matmul."""
     from cifar_jax.models.cpu_kernels import conv
 
     ours, x, k = _assert_convolution_and_gradients_equal_xla(conv, kernel, stride, padding, size, 6, 8)
-    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, k))  # the patch matmul, not XLA's convolution
+    assert "conv_general_dilated" not in str(
+        jax.make_jaxpr(ours)(x, k)
+    )  # the patch matmul, not XLA's convolution
     assert kernel == 1 or max(ours(x, k).shape[1:3]) <= 2
 
 
 @pytest.mark.parametrize(
-    "kernel,stride,padding,size", [(3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 9), (3, 1, 0, 7), (7, 2, 3, 16), (7, 2, 3, 15), (1, 2, 0, 8), (1, 2, 0, 7)],
+    "kernel,stride,padding,size",
+    [
+        (3, 1, 1, 8),
+        (3, 2, 1, 8),
+        (3, 2, 1, 9),
+        (3, 1, 0, 7),
+        (7, 2, 3, 16),
+        (7, 2, 3, 15),
+        (1, 2, 0, 8),
+        (1, 2, 0, 7),
+    ],
 )
 def test_conv_nhwc_gradients_equal_autodiff_of_xla_convolution(x64, kernel, stride, padding, size):
     from cifar_jax.models.cpu_kernels import conv_nhwc
@@ -183,15 +216,20 @@ def test_conv_gradients_take_the_fast_layout_inside_a_loop(wrt):
     k = jnp.asarray(rng.normal(size=(3, 3, 32, 64)), jnp.float32)
     dy = jnp.asarray(rng.normal(size=(16, 16, 16, 64)), jnp.float32)
     argnum = 1 if wrt == "kernel" else 0
-    grad = lambda x, k: jax.vjp(lambda x, k: conv_nhwc(x, k, (1, 1), ((1, 1), (1, 1))), x, k)[1](dy)[argnum].sum()
+    grad = lambda x, k: jax.vjp(lambda x, k: conv_nhwc(x, k, (1, 1), ((1, 1), (1, 1))), x, k)[1](dy)[
+        argnum
+    ].sum()
     # The loop's input changes every step, so that XLA cannot hoist the gradient out of it.
     alone = _conv_layouts(lambda k, x: grad(x, k), k, x)
-    loop = _conv_layouts(lambda k, x: jax.lax.fori_loop(0, 4, lambda i, acc: acc + grad(x + acc, k + acc), 0.0), k, x)
+    loop = _conv_layouts(
+        lambda k, x: jax.lax.fori_loop(0, 4, lambda i, acc: acc + grad(x + acc, k + acc), 0.0), k, x
+    )
     assert alone == loop == ["b01f_01io->b01f"], (alone, loop)
 
 
 @pytest.mark.parametrize(
-    "window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 3, 0, 7), (3, 2, 1, 16), (3, 2, 1, 15), (3, 1, 1, 6)]
+    "window,stride,padding,size",
+    [(2, 2, 0, 8), (2, 2, 0, 9), (3, 3, 0, 7), (3, 2, 1, 16), (3, 2, 1, 15), (3, 1, 1, 6)],
 )
 def test_max_pool_gradient_goes_to_the_first_tied_maximum_like_pytorch(window, stride, padding, size):
     torch = pytest.importorskip("torch")
@@ -206,7 +244,9 @@ def test_max_pool_gradient_goes_to_the_first_tied_maximum_like_pytorch(window, s
     expected.backward()
 
     weights = jnp.asarray(weights.transpose(0, 2, 3, 1))
-    out, grad = jax.value_and_grad(lambda x: (max_pool(x, window, stride, padding) * weights).sum())(jnp.asarray(x))
+    out, grad = jax.value_and_grad(lambda x: (max_pool(x, window, stride, padding) * weights).sum())(
+        jnp.asarray(x)
+    )
     np.testing.assert_allclose(out, expected.item(), rtol=1e-5)  # summation order differs
     # Overlapping windows add several shares into one pixel, in another order than PyTorch.
     np.testing.assert_allclose(grad, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
@@ -219,7 +259,9 @@ def test_channel_sum_equals_a_float64_sum(shape):
     x = np.random.default_rng(0).normal(3.0, 2.0, size=shape).astype(np.float32)
     expected = x.astype(np.float64).sum(tuple(range(x.ndim - 1)))
     np.testing.assert_allclose(channel_sum(jnp.asarray(x)), expected, rtol=1e-6)
-    assert "dot_general" in str(jax.make_jaxpr(channel_sum)(x))  # matrix-vector products, not XLA:CPU's slow reduction
+    assert "dot_general" in str(
+        jax.make_jaxpr(channel_sum)(x)
+    )  # matrix-vector products, not XLA:CPU's slow reduction
 
 
 @pytest.mark.parametrize("ops", ["cpu_kernels", "stock"])
@@ -238,8 +280,16 @@ def test_batch_norm_gradient_equals_autodiff_of_its_definition(x64, ops, monkeyp
         return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
 
     rng = np.random.default_rng(0)
-    args = [jnp.asarray(rng.normal(1.0, 2.0, size=(4, 3, 5, 6))), jnp.asarray(rng.uniform(0.5, 1.5, 6)), jnp.asarray(rng.normal(size=6))]
-    cotangents = (jnp.asarray(rng.normal(size=(4, 3, 5, 6))), jnp.asarray(rng.normal(size=6)), jnp.asarray(rng.normal(size=6)))
+    args = [
+        jnp.asarray(rng.normal(1.0, 2.0, size=(4, 3, 5, 6))),
+        jnp.asarray(rng.uniform(0.5, 1.5, 6)),
+        jnp.asarray(rng.normal(size=6)),
+    ]
+    cotangents = (
+        jnp.asarray(rng.normal(size=(4, 3, 5, 6))),
+        jnp.asarray(rng.normal(size=6)),
+        jnp.asarray(rng.normal(size=6)),
+    )
     ours, ours_vjp = jax.vjp(lambda *a: batch_norm_train(*a, 1e-5), *args)
     ref, ref_vjp = jax.vjp(definition, *args)
     for got, want in zip(ours + ours_vjp(cotangents), ref + ref_vjp(cotangents)):

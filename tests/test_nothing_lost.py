@@ -21,12 +21,25 @@ from tests.helpers import ROOT, tiny_config
 def _train(workdir, *flags, env=None, file_size_kb=None, script="train.py"):
     """train.py (or a probe that runs it) on tests/tiny_config.py; with `file_size_kb`, under that
     limit of the size of any file it writes (a write past it fails with EFBIG, as on a full disk)."""
-    cmd = [sys.executable, os.path.join(ROOT, "tests", script) if script != "train.py" else "train.py",
-           "--config", "tests/tiny_config.py", f"--workdir={workdir}", "--progress=false", *flags]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tests", script) if script != "train.py" else "train.py",
+        "--config",
+        "tests/tiny_config.py",
+        f"--workdir={workdir}",
+        "--progress=false",
+        *flags,
+    ]
     if file_size_kb is not None:  # SIGXFSZ ignored: the write fails instead of killing the process
         cmd = ["bash", "-c", f"trap '' XFSZ; ulimit -f {file_size_kb}; exec \"$@\"", "bash", *cmd]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})),
+    )
 
 
 def _rows(workdir):
@@ -41,7 +54,10 @@ def test_a_sigterm_after_the_last_row_waits_for_the_last_checkpoint(tmp_path, mo
     out = _train(tmp_path, "--config.num_epochs=2", script="stop_probe.py", env={"PROBE_SIGNAL_AT": moment})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "SIGTERM arrived after the last epoch: its checkpoint was written first" in out.stderr
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]  # no temporary directory left
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "1",
+        "2",
+    ]  # no temporary directory left
     assert evaluate.restore(tmp_path, "latest").epoch == 2
     assert [r["epoch"] for r in _rows(tmp_path)] == [1, 2]
 
@@ -54,8 +70,10 @@ def test_a_background_checkpoint_write_that_fails_stops_the_run_at_once(tmp_path
     out = _train(tmp_path, "--config.num_epochs=3", file_size_kb=2000)
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert last == (f"error: could not write a checkpoint in {tmp_path / 'checkpoints'} (File too large); no checkpoint "
-                    f"remains there. Raise the file size limit (ulimit -f) and rerun to resume"), out.stderr[-2000:]
+    assert last == (
+        f"error: could not write a checkpoint in {tmp_path / 'checkpoints'} (File too large); no checkpoint "
+        f"remains there. Raise the file size limit (ulimit -f) and rerun to resume"
+    ), out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "epoch 2/3" not in out.stderr
     assert [r["epoch"] for r in _rows(tmp_path)] == [1]
     assert list((tmp_path / "checkpoints").iterdir()) == []
@@ -83,8 +101,11 @@ def test_a_refused_change_on_resume_touches_nothing_in_the_workdir(two_epochs, t
     workdir = tmp_path / "run"
     shutil.copytree(two_epochs, workdir)
     before = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match=rf"holds a run trained with other settings \({re.escape(key)}=.* there, "
-                                         rf"{re.escape(repr(value))} now\).*rerun with the settings in .*config.json"):
+    with pytest.raises(
+        ValueError,
+        match=rf"holds a run trained with other settings \({re.escape(key)}=.* there, "
+        rf"{re.escape(repr(value))} now\).*rerun with the settings in .*config.json",
+    ):
         _train_in_process(workdir, num_epochs=3, **{key: value})
     after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
     assert after == before
@@ -98,21 +119,37 @@ def test_extending_num_epochs_is_said_recorded_and_follows_the_new_schedule(two_
     straight = _train_in_process(tmp_path / "straight", num_epochs=4)
     # Epochs 1-2 ran under the 2-epoch cosine; 3-4 follow the 4-epoch one, as a straight 4-epoch run does.
     assert [r["lr"] for r in rows] == [r["lr"] for r in _rows(two_epochs)] + [r["lr"] for r in straight[2:]]
-    effect = (f"num_epochs 2 -> 4: the cosine schedule now spans 4 epochs; epoch 3 trains at lr {straight[2]['lr']:.3g} "
-              f"(epoch 2 trained at lr {rows[1]['lr']:.3g})")
+    effect = (
+        "num_epochs 2 -> 4: the cosine schedule now spans 4 epochs; epoch 3 trains at lr "
+        f"{straight[2]['lr']:.3g} "
+        f"(epoch 2 trained at lr {rows[1]['lr']:.3g})"
+    )
     assert f"resumed with changed settings from epoch 3: {effect}" in caplog.text
     assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 4
     (record,) = config_lib.read_history(workdir)
-    assert (record["from_epoch"], record["from_step"], record["changed"], record["effect"]) == (3, 0, {"num_epochs": [2, 4]}, effect)
-    out = subprocess.run([sys.executable, "eval.py", f"--workdir={workdir}", f"--out={tmp_path / 'eval'}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert (record["from_epoch"], record["from_step"], record["changed"], record["effect"]) == (
+        3,
+        0,
+        {"num_epochs": [2, 4]},
+        effect,
+    )
+    out = subprocess.run(
+        [sys.executable, "eval.py", f"--workdir={workdir}", f"--out={tmp_path / 'eval'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resumed from epoch 3 with changed settings: {effect}" in out.stdout
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["config_changes"] == [record]
 
 
 def test_fewer_epochs_than_trained_are_refused(two_epochs):
-    with pytest.raises(ValueError, match=r"num_epochs=1 but workdir .* already holds 2 trained epochs; use num_epochs >= 2"):
+    with pytest.raises(
+        ValueError, match=r"num_epochs=1 but workdir .* already holds 2 trained epochs; use num_epochs >= 2"
+    ):
         trainer.train_and_evaluate(tiny_config(num_epochs=1), two_epochs, progress=False)
 
 
@@ -121,15 +158,28 @@ def test_how_a_run_is_kept_may_change_on_resume_and_is_recorded(two_epochs, tmp_
     shutil.copytree(two_epochs, workdir)
     _train_in_process(workdir, num_epochs=2, **{"checkpoint.keep": 1})
     (record,) = config_lib.read_history(workdir)
-    assert record["changed"] == {"checkpoint.keep": [3, 1]} and "what is computed stays the same" in record["effect"]
+    assert (
+        record["changed"] == {"checkpoint.keep": [3, 1]}
+        and "what is computed stays the same" in record["effect"]
+    )
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"{}", "lacks model.name, model.num_classes, data.source, num_epochs: it is not a config.json that train.py wrote"),
-    (b'{"model": {"name": "simple_cnn",\n', "is not valid JSON (Expecting property name enclosed in double quotes, line 2"),
-    (b'{"model": "\xff"}', "is not UTF-8 text (byte 11)"),
-    (b"[1, 2]", "holds a JSON list, not an object"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (
+            b"{}",
+            "lacks model.name, model.num_classes, data.source, num_epochs: it is not a config.json that "
+            "train.py wrote",
+        ),
+        (
+            b'{"model": {"name": "simple_cnn",\n',
+            "is not valid JSON (Expecting property name enclosed in double quotes, line 2",
+        ),
+        (b'{"model": "\xff"}', "is not UTF-8 text (byte 11)"),
+        (b"[1, 2]", "holds a JSON list, not an object"),
+    ],
+)
 def test_a_damaged_config_json_is_one_line_that_names_it(two_epochs, tmp_path, content, message):
     workdir = tmp_path / "run"
     shutil.copytree(two_epochs, workdir)
@@ -166,7 +216,9 @@ def _deleted_on_first_read(monkeypatch):
 
 
 @pytest.mark.parametrize("which", ["best", "latest"])
-def test_eval_chooses_again_when_a_running_train_deletes_its_checkpoint(three_kept, tmp_path, monkeypatch, caplog, which):
+def test_eval_chooses_again_when_a_running_train_deletes_its_checkpoint(
+    three_kept, tmp_path, monkeypatch, caplog, which
+):
     workdir = tmp_path / "run"
     shutil.copytree(three_kept, workdir)
     ckpts = Checkpoints(workdir, read_only=True)
@@ -184,7 +236,10 @@ def test_eval_of_a_named_checkpoint_deleted_while_read_says_so(three_kept, tmp_p
     workdir = tmp_path / "run"
     shutil.copytree(three_kept, workdir)
     _deleted_on_first_read(monkeypatch)
-    with pytest.raises(evaluate.EvalError, match=r"checkpoint of epoch 2 .* was deleted while eval.py read it .*pass another --step"):
+    with pytest.raises(
+        evaluate.EvalError,
+        match=r"checkpoint of epoch 2 .* was deleted while eval.py read it .*pass another --step",
+    ):
         evaluate.restore(workdir, 2)
 
 
@@ -209,14 +264,29 @@ def test_concurrent_writers_of_one_out_keep_each_others_staging(tmp_path):
 
 def test_eval_of_data_without_test_images_says_so(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), y_train=np.arange(40) % 5,
-             x_test=np.zeros((0, 32, 32, 3), np.uint8), y_test=np.zeros((0,), np.int64))
-    _train_in_process(tmp_path / "run", num_epochs=1, **{"data.source": "npz", "data.path": str(tmp_path / "d.npz")})
-    out = subprocess.run([sys.executable, "eval.py", f"--workdir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    np.savez(
+        tmp_path / "d.npz",
+        x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+        y_train=np.arange(40) % 5,
+        x_test=np.zeros((0, 32, 32, 3), np.uint8),
+        y_test=np.zeros((0,), np.int64),
+    )
+    _train_in_process(
+        tmp_path / "run", num_epochs=1, **{"data.source": "npz", "data.path": str(tmp_path / "d.npz")}
+    )
+    out = subprocess.run(
+        [sys.executable, "eval.py", f"--workdir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == (f"error: the run's data (data.source='npz' {tmp_path / 'd.npz'}) has no test "
-                                                   f"images; evaluate --split val, or add x_test/y_test to the data")
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: the run's data (data.source='npz' {tmp_path / 'd.npz'}) has no test "
+        f"images; evaluate --split val, or add x_test/y_test to the data"
+    )
 
 
 # ------------------------------------------------------------------ one line, naming the file
@@ -224,37 +294,83 @@ def test_eval_of_data_without_test_images_says_so(tmp_path):
 
 def _limited(cmd, file_size_kb):
     """`cmd` under a limit of the size of any file it writes (SIGXFSZ ignored: the write fails with EFBIG)."""
-    return subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f {file_size_kb}; exec \"$@\"", "bash", *cmd], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return subprocess.run(
+        ["bash", "-c", f"trap '' XFSZ; ulimit -f {file_size_kb}; exec \"$@\"", "bash", *cmd],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
 
 
 def test_a_workdir_that_cannot_be_written_at_start_up_is_one_line(tmp_path):
-    out = _limited([sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={tmp_path}"], 0)
+    out = _limited(
+        [sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={tmp_path}"], 0
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [
-        f"error: cannot write the workdir's lock {tmp_path / '.lock'} (File too large); raise the file size limit (ulimit -f)"]
+        f"error: cannot write the workdir's lock {tmp_path / '.lock'} (File too large); raise the file size "
+        "limit (ulimit -f)"
+    ]
 
 
 def test_eval_outputs_that_cannot_be_written_are_one_line_and_leave_nothing(two_epochs, tmp_path):
     out = _limited([sys.executable, "eval.py", f"--workdir={two_epochs}", f"--out={tmp_path / 'eval'}"], 0)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == (f"error: cannot write the outputs to --out {tmp_path / 'eval'} (File too large); "
-                                                   f"raise the file size limit (ulimit -f)")
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write the outputs to --out {tmp_path / 'eval'} (File too large); "
+        f"raise the file size limit (ulimit -f)"
+    )
     assert "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--config.data.augment.crop_padding=-2", "config: data.augment.crop_padding=-2 must be an integer in [0, data.image_size=32)"),
-    ("--config.data.augment.color_jitter=(0.4,0.4)", "config: data.augment.color_jitter=(0.4, 0.4) must be 3 numbers >= 0"),
-    ("--config.num_epochs=1000000000000", "config: num_epochs=1000000000000 is past any schedule; use at most 100,000"),
-    ("--config=configs/nope.py", "the --config file does not load ([Errno 2] No such file or directory: 'configs/nope.py')"),
-    ("--config.early_stop.patience=-1", "config: early_stop.patience=-1 must be an integer >= 0 (0 = off)"),
-    ("--config.optimizer.clip_norm=-1.0", "config: optimizer.clip_norm=-1.0 must be >= 0 (0 = no clipping)"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "--config.data.augment.crop_padding=-2",
+            "config: data.augment.crop_padding=-2 must be an integer in [0, data.image_size=32)",
+        ),
+        (
+            "--config.data.augment.color_jitter=(0.4,0.4)",
+            "config: data.augment.color_jitter=(0.4, 0.4) must be 3 numbers >= 0",
+        ),
+        (
+            "--config.num_epochs=1000000000000",
+            "config: num_epochs=1000000000000 is past any schedule; use at most 100,000",
+        ),
+        (
+            "--config=configs/nope.py",
+            "the --config file does not load ([Errno 2] No such file or directory: 'configs/nope.py')",
+        ),
+        (
+            "--config.early_stop.patience=-1",
+            "config: early_stop.patience=-1 must be an integer >= 0 (0 = off)",
+        ),
+        (
+            "--config.optimizer.clip_norm=-1.0",
+            "config: optimizer.clip_norm=-1.0 must be >= 0 (0 = no clipping)",
+        ),
+    ],
+)
 def test_a_bad_value_is_one_line_naming_the_key_or_file(tmp_path, override, message):
-    out = subprocess.run([sys.executable, "train.py", "--config", "tests/tiny_config.py", override, f"--workdir={tmp_path / 'run'}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "tests/tiny_config.py",
+            override,
+            f"--workdir={tmp_path / 'run'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 2
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"error: {message}"), line
@@ -275,8 +391,12 @@ def test_a_pretrained_meta_json_that_lacks_arch_is_one_line(tmp_path):
     weights.mkdir()
     (weights / "meta.json").write_text('{"num_classes": 1000, "stem": "imagenet"}')
     config = tiny_config(**{"model.name": "resnet18", "model.pretrained": str(weights)})
-    with pytest.raises(ValueError, match=re.escape(f"config: model.pretrained: {weights / 'meta.json'} lacks arch; convert")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"config: model.pretrained: {weights / 'meta.json'} lacks arch; convert")
+    ):
         trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
     (weights / "meta.json").write_text('{"arch": "resnet18",\n')
-    with pytest.raises(ValueError, match=re.escape(f"{weights / 'meta.json'} is not valid JSON (Expecting property name")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{weights / 'meta.json'} is not valid JSON (Expecting property name")
+    ):
         trainer.train_and_evaluate(config, tmp_path / "run", progress=False)

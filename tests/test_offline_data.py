@@ -19,10 +19,22 @@ pytest.importorskip("tensorflow_datasets")
 @pytest.mark.parametrize("config", ["configs/simple_cnn.py", "configs/resnet34.py"])
 def test_a_study_config_without_network_or_prepared_data_fails_at_once_in_one_line(tmp_path, config):
     data_dir = tmp_path / "tensorflow_datasets"
-    cmd = [sys.executable, "tests/offline_probe.py", "--config", config, f"--config.data.path={data_dir}",
-           f"--workdir={tmp_path / 'run'}"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu", PROBE_ATTEMPTS_FILE=str(tmp_path / "attempts")))
+    cmd = [
+        sys.executable,
+        "tests/offline_probe.py",
+        "--config",
+        config,
+        f"--config.data.path={data_dir}",
+        f"--workdir={tmp_path / 'run'}",
+    ]
+    out = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PROBE_ATTEMPTS_FILE=str(tmp_path / "attempts")),
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"error: tfds cifar100 is not prepared in {data_dir} and its download host "), line
@@ -43,8 +55,13 @@ def test_prepare_from_a_cifar_python_directory_writes_an_npz_that_trains(tmp_pat
     np.testing.assert_array_equal(arrays.x_train, x[:40])
     np.testing.assert_array_equal(arrays.y_test, y[40:])
     assert arrays.label_names[:2] == ("fine0", "fine1")
-    rows = trainer.train_and_evaluate(tiny_config(num_epochs=1, **{"data.source": "npz", "data.path": str(out), "model.num_classes": 100}),
-                                      tmp_path / "run", progress=False)
+    rows = trainer.train_and_evaluate(
+        tiny_config(num_epochs=1, **{"data.source": "npz", "data.path": str(out), "model.num_classes": 100}),
+        tmp_path / "run",
+        progress=False,
+    )
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"])
-    assert prepare.main(["--from", "cifar_python", "--path", str(tmp_path), "--out", str(out)]) == 2  # never replaced silently
+    assert (
+        prepare.main(["--from", "cifar_python", "--path", str(tmp_path), "--out", str(out)]) == 2
+    )  # never replaced silently
     assert "exists; pass --overwrite" in capsys.readouterr().err

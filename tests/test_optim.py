@@ -36,8 +36,12 @@ def _ours(cfg, epochs, steps_per_epoch):
 
 
 def test_step_lr_per_epoch_matches_torch():
-    expected = _torch_lrs(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.1), 15, 3, "epoch")
-    np.testing.assert_allclose(_ours(_schedule_cfg(name="step", step_size=2, gamma=0.1), 5, 3), expected, rtol=1e-6)
+    expected = _torch_lrs(
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.1), 15, 3, "epoch"
+    )
+    np.testing.assert_allclose(
+        _ours(_schedule_cfg(name="step", step_size=2, gamma=0.1), 5, 3), expected, rtol=1e-6
+    )
     assert len(set(np.round(expected, 8))) == 3  # 0.1, 0.01, 0.001: the test sees the decays
 
 
@@ -45,7 +49,9 @@ def _torch_main(name, opt, length, end_lr):
     """PyTorch's scheduler for our schedule `name` over `length` steps, ending at `end_lr` (of 0.1)."""
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=length, eta_min=end_lr)
-    return torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=end_lr / 0.1, total_iters=length)
+    return torch.optim.lr_scheduler.LinearLR(
+        opt, start_factor=1.0, end_factor=end_lr / 0.1, total_iters=length
+    )
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear"])
@@ -74,7 +80,9 @@ def test_label_smoothed_loss_matches_torch():
     logits = rng.normal(size=(32, 100)).astype(np.float32) * 3
     labels = rng.integers(0, 100, 32)
     for smoothing in (0.0, 0.1):
-        expected = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+        expected = torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(
+            torch.from_numpy(logits), torch.from_numpy(labels)
+        ).item()
         got = float(steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 100, smoothing).mean())
         assert got == pytest.approx(expected, rel=1e-6)
 
@@ -124,7 +132,6 @@ def test_coupled_and_decoupled_decay_differ():
     assert not np.allclose(out["adam"], out["adamw"], rtol=1e-3)
 
 
-
 @pytest.mark.parametrize(
     "name,torch_opt",
     [
@@ -134,7 +141,10 @@ def test_coupled_and_decoupled_decay_differ():
 )
 def test_no_decay_on_norm_and_bias_matches_torch_parameter_groups(name, torch_opt, x64):
     rng = np.random.default_rng(2)
-    w0 = {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)), "bias": rng.normal(size=(4,))}, "bn": {"scale": rng.normal(size=(4,))}}
+    w0 = {
+        "conv": {"kernel": rng.normal(size=(3, 3, 2, 4)), "bias": rng.normal(size=(4,))},
+        "bn": {"scale": rng.normal(size=(4,))},
+    }
     grads = [jax.tree.map(lambda a: rng.normal(size=a.shape), w0) for _ in range(3)]
     torch_params = {k: {n: torch.nn.Parameter(torch.tensor(v)) for n, v in d.items()} for k, d in w0.items()}
     kernels = [torch_params["conv"]["kernel"]]
@@ -152,11 +162,21 @@ def test_no_decay_on_norm_and_bias_matches_torch_parameter_groups(name, torch_op
         params = jax.tree.map(lambda p, u: p + u, params, updates)
         for k, d in torch_params.items():
             for n, v in d.items():
-                np.testing.assert_allclose(np.asarray(params[k][n]), v.detach().numpy(), rtol=1e-10, atol=1e-12)
+                np.testing.assert_allclose(
+                    np.asarray(params[k][n]), v.detach().numpy(), rtol=1e-10, atol=1e-12
+                )
     # The same optimizer with decay everywhere moves the biases elsewhere: the exemption is seen.
     everywhere = optim.make_optimizer(_opt_cfg(name), 0.1)
-    u, _ = everywhere.update(jax.tree.map(jnp.asarray, grads[0]), everywhere.init(jax.tree.map(jnp.asarray, w0)), jax.tree.map(jnp.asarray, w0))
-    u_exempt, _ = tx.update(jax.tree.map(jnp.asarray, grads[0]), tx.init(jax.tree.map(jnp.asarray, w0)), jax.tree.map(jnp.asarray, w0))
+    u, _ = everywhere.update(
+        jax.tree.map(jnp.asarray, grads[0]),
+        everywhere.init(jax.tree.map(jnp.asarray, w0)),
+        jax.tree.map(jnp.asarray, w0),
+    )
+    u_exempt, _ = tx.update(
+        jax.tree.map(jnp.asarray, grads[0]),
+        tx.init(jax.tree.map(jnp.asarray, w0)),
+        jax.tree.map(jnp.asarray, w0),
+    )
     assert not np.allclose(u["conv"]["bias"], u_exempt["conv"]["bias"])
     np.testing.assert_allclose(u["conv"]["kernel"], u_exempt["conv"]["kernel"])
 

@@ -18,7 +18,9 @@ def test_epoch_covers_every_index_once_and_drops_partial_batch():
     order = np.asarray(pipeline.epoch_order(0, 0, n))
     steps = pipeline.steps_per_epoch(n, bs)
     assert steps == 6
-    seen = np.concatenate([np.asarray(pipeline.train_indices(jnp.asarray(order), s, bs)) for s in range(steps)])
+    seen = np.concatenate(
+        [np.asarray(pipeline.train_indices(jnp.asarray(order), s, bs)) for s in range(steps)]
+    )
     assert len(seen) == len(set(seen.tolist())) == 96  # no repeats; the last 7 wait for another epoch
     assert sorted(order.tolist()) == list(range(n))
 
@@ -49,7 +51,9 @@ def test_train_batch_is_augmented_normalised_and_resized():
     images, labels = pipeline.replicate(arrays.x_train, mesh), pipeline.replicate(arrays.y_train, mesh)
     pre = pipeline.Preprocess(crop_padding=4, flip=True, normalization="imagenet", image_size=64)
     order = pipeline.epoch_order(0, 0, 32)
-    x, y = jax.jit(lambda s: pipeline.train_batch(images, labels, order, 0, 0, s, batch_size=8, preprocess=pre))(1)
+    x, y = jax.jit(
+        lambda s: pipeline.train_batch(images, labels, order, 0, 0, s, batch_size=8, preprocess=pre)
+    )(1)
     assert x.shape == (8, 64, 64, 3) and x.dtype == jnp.float32
     np.testing.assert_array_equal(y, arrays.y_train[np.asarray(order)[8:16]])
     plain = pre.eval(jnp.asarray(arrays.x_train[np.asarray(order)[8:16]]))
@@ -60,7 +64,12 @@ def test_train_batch_is_augmented_normalised_and_resized():
 def _probe(tmp_path, devices):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     out = tmp_path / f"probe{devices}.npz"
-    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "pipeline_probe.py"), str(out)], check=True, env=env, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "pipeline_probe.py"), str(out)],
+        check=True,
+        env=env,
+        cwd=ROOT,
+    )
     return np.load(out)
 
 

@@ -43,7 +43,14 @@ def _forward(model, x):
     return model(x)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", pytest.param("resnet34", marks=pytest.mark.slow), pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "resnet18",
+        pytest.param("resnet34", marks=pytest.mark.slow),
+        pytest.param("resnet50", marks=pytest.mark.slow),
+    ],
+)
 @pytest.mark.parametrize("size", [32, 64])
 def test_logits_and_running_stats_match_torchvision(arch, size, highest_precision):
     ref = _randomised_torchvision(arch)
@@ -88,43 +95,62 @@ def test_pth_and_safetensors_round_trips_are_identical(tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
     from_dict = _arrays(pretrained.from_torchvision("resnet18", sd))
     _assert_same_arrays(from_dict, _arrays(pretrained.from_torchvision("resnet18", tmp_path / "w.pth")))
-    _assert_same_arrays(from_dict, _arrays(pretrained.from_torchvision("resnet18", str(tmp_path / "w.safetensors"))))
+    _assert_same_arrays(
+        from_dict, _arrays(pretrained.from_torchvision("resnet18", str(tmp_path / "w.safetensors")))
+    )
     # And the values are torchvision's, in Flax layout.
-    np.testing.assert_array_equal(from_dict[("conv1", "kernel")], sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(from_dict[("layer2", 0, "downsample", "layers", 1, "var")], sd["layer2.0.downsample.1.running_var"].numpy())
+    np.testing.assert_array_equal(
+        from_dict[("conv1", "kernel")], sd["conv1.weight"].numpy().transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        from_dict[("layer2", 0, "downsample", "layers", 1, "var")],
+        sd["layer2.0.downsample.1.running_var"].numpy(),
+    )
 
 
 def test_training_checkpoint_wrappers_are_unwrapped():
     sd = torchvision.models.resnet18(num_classes=5).state_dict()
     wrapped = {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}
-    _assert_same_arrays(_arrays(pretrained.from_torchvision("resnet18", sd)), _arrays(pretrained.from_torchvision("resnet18", wrapped)))
+    _assert_same_arrays(
+        _arrays(pretrained.from_torchvision("resnet18", sd)),
+        _arrays(pretrained.from_torchvision("resnet18", wrapped)),
+    )
 
 
 def test_missing_key_is_named():
     sd = torchvision.models.resnet18().state_dict()
     del sd["layer3.1.bn2.running_var"]
-    with pytest.raises(pretrained.ConversionError, match=r"'layer3\.1\.bn2\.running_var' missing.*torchvision resnet18"):
+    with pytest.raises(
+        pretrained.ConversionError, match=r"'layer3\.1\.bn2\.running_var' missing.*torchvision resnet18"
+    ):
         pretrained.from_torchvision("resnet18", sd)
 
 
 def test_extra_key_is_named():
     sd = torchvision.models.resnet18().state_dict()
     sd["layer5.0.conv1.weight"] = torch.zeros(3)
-    with pytest.raises(pretrained.ConversionError, match=r"not used by resnet18.*'layer5\.0\.conv1\.weight'.*wrong --arch"):
+    with pytest.raises(
+        pretrained.ConversionError, match=r"not used by resnet18.*'layer5\.0\.conv1\.weight'.*wrong --arch"
+    ):
         pretrained.from_torchvision("resnet18", sd)
 
 
 def test_wrong_shape_names_key_and_both_shapes():
     sd = torchvision.models.resnet18().state_dict()
     sd["layer1.0.conv1.weight"] = torch.zeros(64, 64, 5, 5)
-    with pytest.raises(pretrained.ConversionError, match=r"'layer1\.0\.conv1\.weight': source \(64, 64, 5, 5\), resnet18 expects \(64, 64, 3, 3\)"):
+    with pytest.raises(
+        pretrained.ConversionError,
+        match=r"'layer1\.0\.conv1\.weight': source \(64, 64, 5, 5\), resnet18 expects \(64, 64, 3, 3\)",
+    ):
         pretrained.from_torchvision("resnet18", sd)
 
 
 def test_weights_of_another_architecture_are_refused():
     with pytest.raises(pretrained.ConversionError, match="missing from the source weights"):
         pretrained.from_torchvision("resnet34", torchvision.models.resnet18().state_dict())
-    with pytest.raises(pretrained.ConversionError, match="convertible architectures: resnet18, resnet34, resnet50"):
+    with pytest.raises(
+        pretrained.ConversionError, match="convertible architectures: resnet18, resnet34, resnet50"
+    ):
         pretrained.from_torchvision("simple_cnn", {})
 
 
@@ -140,7 +166,12 @@ def test_head_replacement_keeps_backbone_and_reinitialises_fc():
 def test_convert_cli_writes_weights_that_load_back(tmp_path, capsys):
     sd = _randomised_torchvision("resnet18", num_classes=10).state_dict()
     torch.save(sd, tmp_path / "r18.pth")
-    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        convert.main(
+            ["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "out")]
+        )
+        == 0
+    )
     assert "10 classes" in capsys.readouterr().out
     loaded = pretrained.load(tmp_path / "out")
     _assert_same_arrays(_arrays(loaded), _arrays(pretrained.from_torchvision("resnet18", sd)))
@@ -150,7 +181,12 @@ def test_convert_cli_writes_weights_that_load_back(tmp_path, capsys):
 
 
 def test_convert_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        convert.main(
+            ["--arch", "resnet18", "--state-dict", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no such weights file") and "\n" not in err
     assert not (tmp_path / "o").exists()
@@ -161,8 +197,19 @@ def test_load_without_converted_weights_says_how_to_make_them(tmp_path):
         pretrained.load(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["random_pth", "random_safetensors", "out_is_a_file", "negative_classes", "out_not_empty",
-                                  "out_is_a_workdir", "int64_tensors", "bool_tensors"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random_pth",
+        "random_safetensors",
+        "out_is_a_file",
+        "negative_classes",
+        "out_not_empty",
+        "out_is_a_workdir",
+        "int64_tensors",
+        "bool_tensors",
+    ],
+)
 def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(tmp_path, capsys, case):
     torch.save(_randomised_torchvision("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
     (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 10)
@@ -172,38 +219,87 @@ def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(tmp_pat
     (workdir / "checkpoints" / "1").mkdir(parents=True)
     (workdir / "config.json").write_text("{}")
     (workdir / "meta.json").write_text("{}")
-    safetensors.numpy.save_file({k: v.numpy().astype(np.int64) for k, v in _randomised_torchvision("resnet18").state_dict().items()},
-                                str(tmp_path / "int64.safetensors"))
-    safetensors.numpy.save_file({k: np.asarray(v.numpy() > 0) for k, v in _randomised_torchvision("resnet18").state_dict().items()},
-                                str(tmp_path / "bool.safetensors"))
+    safetensors.numpy.save_file(
+        {k: v.numpy().astype(np.int64) for k, v in _randomised_torchvision("resnet18").state_dict().items()},
+        str(tmp_path / "int64.safetensors"),
+    )
+    safetensors.numpy.save_file(
+        {k: np.asarray(v.numpy() > 0) for k, v in _randomised_torchvision("resnet18").state_dict().items()},
+        str(tmp_path / "bool.safetensors"),
+    )
     existing = tmp_path / "converted"
-    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing)]) == 0
+    assert (
+        convert.main(
+            ["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing)]
+        )
+        == 0
+    )
     args, message = {
-        "random_pth": (["--state-dict", str(tmp_path / "noise.pth"), "--out", str(tmp_path / "o")], "noise.pth is not a readable PyTorch state_dict"),
-        "random_safetensors": (["--state-dict", str(tmp_path / "noise.safetensors"), "--out", str(tmp_path / "o")], "is not a readable .safetensors file"),
-        "out_is_a_file": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "a_file")], "a_file is a file; pass a directory"),
-        "negative_classes": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "o"), "--num_classes=-3"], "--num_classes=-3 must be a positive integer"),
-        "out_not_empty": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing), "--num_classes=7"], "holds converted weights; pass --overwrite to replace them"),
-        "out_is_a_workdir": (["--state-dict", str(tmp_path / "r18.pth"), "--out", str(workdir), "--overwrite"],
-                             "holds other files than converted weights; it is never replaced"),
-        "int64_tensors": (["--state-dict", str(tmp_path / "int64.safetensors"), "--out", str(tmp_path / "o")],
-                          "source tensor 'bn1.bias' is int64, not floating point"),
-        "bool_tensors": (["--state-dict", str(tmp_path / "bool.safetensors"), "--out", str(tmp_path / "o")],
-                         "source tensor 'bn1.bias' is bool, not floating point"),
+        "random_pth": (
+            ["--state-dict", str(tmp_path / "noise.pth"), "--out", str(tmp_path / "o")],
+            "noise.pth is not a readable PyTorch state_dict",
+        ),
+        "random_safetensors": (
+            ["--state-dict", str(tmp_path / "noise.safetensors"), "--out", str(tmp_path / "o")],
+            "is not a readable .safetensors file",
+        ),
+        "out_is_a_file": (
+            ["--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "a_file")],
+            "a_file is a file; pass a directory",
+        ),
+        "negative_classes": (
+            ["--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "o"), "--num_classes=-3"],
+            "--num_classes=-3 must be a positive integer",
+        ),
+        "out_not_empty": (
+            ["--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing), "--num_classes=7"],
+            "holds converted weights; pass --overwrite to replace them",
+        ),
+        "out_is_a_workdir": (
+            ["--state-dict", str(tmp_path / "r18.pth"), "--out", str(workdir), "--overwrite"],
+            "holds other files than converted weights; it is never replaced",
+        ),
+        "int64_tensors": (
+            ["--state-dict", str(tmp_path / "int64.safetensors"), "--out", str(tmp_path / "o")],
+            "source tensor 'bn1.bias' is int64, not floating point",
+        ),
+        "bool_tensors": (
+            ["--state-dict", str(tmp_path / "bool.safetensors"), "--out", str(tmp_path / "o")],
+            "source tensor 'bn1.bias' is bool, not floating point",
+        ),
     }[case]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert convert.main(["--arch", "resnet18", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written, nothing lost
+    assert {
+        p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+    } == before  # nothing written, nothing lost
 
 
 def test_convert_overwrite_replaces_the_directory_whole(tmp_path):
     torch.save(_randomised_torchvision("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
     out = tmp_path / "converted"
-    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(out)]) == 0
-    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(out), "--num_classes=7", "--overwrite"]) == 0
+    assert (
+        convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(out)])
+        == 0
+    )
+    assert (
+        convert.main(
+            [
+                "--arch",
+                "resnet18",
+                "--state-dict",
+                str(tmp_path / "r18.pth"),
+                "--out",
+                str(out),
+                "--num_classes=7",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert pretrained.load(out).fc.kernel.shape == (512, 7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "r18.pth"]
 
@@ -214,8 +310,22 @@ def test_convert_removes_the_staging_directories_of_dead_processes_only(tmp_path
     dead.wait()
     for pid in (dead.pid, os.getppid()):  # a convert killed mid-write, and one still writing
         (tmp_path / f".converted.partial-{pid}" / "state").mkdir(parents=True)
-    assert convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "converted")]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".converted.partial-{os.getppid()}", "converted", "r18.pth"])
+    assert (
+        convert.main(
+            [
+                "--arch",
+                "resnet18",
+                "--state-dict",
+                str(tmp_path / "r18.pth"),
+                "--out",
+                str(tmp_path / "converted"),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".converted.partial-{os.getppid()}", "converted", "r18.pth"]
+    )
 
 
 def test_converted_weights_do_not_share_memory_with_the_torch_model():

@@ -24,7 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_file_config():
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "tests", "tiny_config.py"))
+    spec = importlib.util.spec_from_file_location(
+        "tiny_config", os.path.join(ROOT, "tests", "tiny_config.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -32,8 +34,14 @@ def _tiny_file_config():
 
 def _start(workdir):
     cmd = [sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={workdir}"]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
 
 
 def _wait_for_rows(workdir, n, proc, timeout=180):
@@ -115,9 +123,18 @@ def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(strai
 
 def test_nan_loss_stops_within_the_epoch_and_keeps_good_checkpoints(tmp_path):
     # A warmup per epoch from lr 1e-3 (epoch 1) towards 1e30: epoch 2 trains at 5e29 and diverges.
-    bad = tiny_config(num_epochs=3, **{"optimizer.lr": 1e30, "schedule.name": "constant", "schedule.warmup_epochs": 2,
-                                       "schedule.warmup_start_factor": 1e-33})
-    with pytest.raises(trainer.TrainingError, match=r"loss became NaN/Inf in epoch 2, steps \d-\d of 4 \(lr 5e\+29\)"):
+    bad = tiny_config(
+        num_epochs=3,
+        **{
+            "optimizer.lr": 1e30,
+            "schedule.name": "constant",
+            "schedule.warmup_epochs": 2,
+            "schedule.warmup_start_factor": 1e-33,
+        },
+    )
+    with pytest.raises(
+        trainer.TrainingError, match=r"loss became NaN/Inf in epoch 2, steps \d-\d of 4 \(lr 5e\+29\)"
+    ):
         trainer.train_and_evaluate(bad, tmp_path, progress=False)
     assert Checkpoints(tmp_path, read_only=True).epochs() == [1]
     assert evaluate.restore(tmp_path, "latest").epoch == 1
@@ -148,8 +165,12 @@ def test_an_error_while_running_ahead_still_checkpoints_the_finished_epoch(tmp_p
 
 
 @pytest.mark.slow
-def test_sigterm_while_running_ahead_saves_both_checkpoints_and_the_rerun_is_bit_identical(tmp_path, monkeypatch):
-    assert threading.current_thread() is threading.main_thread()  # where the trainer turns SIGTERM into a flag
+def test_sigterm_while_running_ahead_saves_both_checkpoints_and_the_rerun_is_bit_identical(
+    tmp_path, monkeypatch
+):
+    assert (
+        threading.current_thread() is threading.main_thread()
+    )  # where the trainer turns SIGTERM into a flag
     # One step per call, so that the 2 chunks run ahead are half of the next epoch's 4 steps.
     config = tiny_config(num_epochs=3, run_ahead_chunks=2, steps_per_call=1)
     _at_epoch_start(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -182,9 +203,16 @@ def test_sigterm_at_an_epoch_without_a_scheduled_checkpoint_saves_it(tmp_path, m
 
 def test_a_changed_optimizer_is_not_mistaken_for_damage(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
-    (tmp_path / "config.json").unlink()  # with it, the change is refused before any restore (test_nothing_lost)
-    with pytest.raises(ValueError, match="no checkpoint .* restores into the configured model and optimizer.*was the config changed"):
-        trainer.train_and_evaluate(tiny_config(num_epochs=2, **{"optimizer.name": "sgd"}), tmp_path, progress=False)
+    (
+        tmp_path / "config.json"
+    ).unlink()  # with it, the change is refused before any restore (test_nothing_lost)
+    with pytest.raises(
+        ValueError,
+        match="no checkpoint .* restores into the configured model and optimizer.*was the config changed",
+    ):
+        trainer.train_and_evaluate(
+            tiny_config(num_epochs=2, **{"optimizer.name": "sgd"}), tmp_path, progress=False
+        )
     assert Checkpoints(tmp_path, read_only=True).epochs() == [1]  # nothing moved aside
     assert not (tmp_path / "corrupt_checkpoints").exists()
 
@@ -205,7 +233,11 @@ def test_a_full_disk_is_a_clear_error_and_earlier_checkpoints_stay(tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Checkpoints, "save", no_space)
-    with pytest.raises(trainer.TrainingError, match=r"could not write a checkpoint .*\(No space left on device\); the checkpoint of epoch 1 remains there"):
+    with pytest.raises(
+        trainer.TrainingError,
+        match=r"could not write a checkpoint .*\(No space left on device\); the checkpoint of epoch 1 "
+        r"remains there",
+    ):
         trainer.train_and_evaluate(tiny_config(num_epochs=2), tmp_path, progress=False)
     monkeypatch.undo()
     assert evaluate.restore(tmp_path, "latest").epoch == 1
@@ -215,8 +247,11 @@ def test_a_full_disk_is_a_clear_error_and_earlier_checkpoints_stay(tmp_path, mon
 
 
 def _flip_bytes_in_arrays(checkpoint_dir):
-    """Flip bits in the middle of the largest file of a checkpoint's parameters, leaving its size and headers."""
-    f = max((p for p in (checkpoint_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    """Flip bits in the middle of the largest file of a checkpoint's parameters, leaving its size and
+    headers."""
+    f = max(
+        (p for p in (checkpoint_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
     data = bytearray(f.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 16):
         data[i] ^= 0x10
@@ -234,11 +269,15 @@ def test_flipped_bytes_in_a_checkpoint_fail_its_checksum(three_epochs, tmp_path,
     workdir = tmp_path / "run"
     shutil.copytree(three_epochs, workdir)
     _flip_bytes_in_arrays(workdir / "checkpoints" / "3")
-    with pytest.raises(evaluate.EvalError, match=r"checkpoints/3: \[.* does not match the checksum saved with it"):
+    with pytest.raises(
+        evaluate.EvalError, match=r"checkpoints/3: \[.* does not match the checksum saved with it"
+    ):
         evaluate.restore(workdir, 3)
     # The rerun moves it aside and retrains epoch 3 from epoch 2: the same run as before.
     with caplog.at_level("WARNING", logger="cifar_jax"):
-        trainer.train_and_evaluate(tiny_config(num_epochs=3, **{"checkpoint.keep": 3}), workdir, progress=False)
+        trainer.train_and_evaluate(
+            tiny_config(num_epochs=3, **{"checkpoint.keep": 3}), workdir, progress=False
+        )
     assert "checkpoint of epoch 3 is damaged" in caplog.text and "does not match the checksum" in caplog.text
     assert [p.name.split("-")[1] for p in (workdir / "corrupt_checkpoints").iterdir()] == ["3"]
     _assert_same_run(workdir, three_epochs)
@@ -272,7 +311,10 @@ def test_an_edited_val_acc_in_a_checkpoint_meta_does_not_pick_the_best(three_epo
     meta_file.write_text(json.dumps(meta))
     with caplog.at_level("WARNING", logger="cifar_jax"):
         assert evaluate.restore(workdir, "best").epoch == best
-    assert f"checkpoints/{worst}: its meta (epoch, metrics row, array checksums) does not match the checksum" in caplog.text
+    assert (
+        f"checkpoints/{worst}: its meta (epoch, metrics row, array checksums) does not match the checksum"
+        in caplog.text
+    )
     with pytest.raises(evaluate.EvalError, match="its meta .* does not match the checksum saved with it"):
         evaluate.restore(workdir, worst)
 
@@ -285,14 +327,22 @@ def test_a_torn_last_metrics_line_is_dropped_and_the_rerun_goes_on(three_epochs,
     # Killed while writing epoch 2's row (its checkpoint had landed): epoch 3's row never came.
     (workdir / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
     with caplog.at_level("WARNING", logger="cifar_jax"):
-        trainer.train_and_evaluate(tiny_config(num_epochs=3, **{"checkpoint.keep": 3}), workdir, progress=False)
+        trainer.train_and_evaluate(
+            tiny_config(num_epochs=3, **{"checkpoint.keep": 3}), workdir, progress=False
+        )
     assert "its last line was cut short" in caplog.text
     assert [r["epoch"] for r in _rows(workdir)] == [1, 2, 3]  # epoch 2's row comes back from its checkpoint
     _assert_same_run(workdir, three_epochs)
 
 
-@pytest.mark.parametrize("bad,message", [(b"{oops", "is not JSON"), (b"{}", "is no metrics row (no epoch number"),
-                                         (b'{"epoch": 2, "x": "\xff"}', "is not UTF-8 text")])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (b"{oops", "is not JSON"),
+        (b"{}", "is no metrics row (no epoch number"),
+        (b'{"epoch": 2, "x": "\xff"}', "is not UTF-8 text"),
+    ],
+)
 def test_a_bad_metrics_line_before_the_last_is_one_clear_error(three_epochs, tmp_path, bad, message):
     workdir = tmp_path / "run"
     shutil.copytree(three_epochs, workdir)
@@ -326,10 +376,17 @@ def test_a_failed_write_of_the_last_checkpoint_is_an_error(tmp_path, monkeypatch
     def wait_then_fail(self):
         real_wait(self)
         if self.epochs() and self.epochs()[-1] == 2:
-            raise ValueError("RESOURCE_EXHAUSTED: Error writing \"float32/0\": No space left on device [os_error_code='28']")
+            raise ValueError(
+                'RESOURCE_EXHAUSTED: Error writing "float32/0": No space left on device '
+                "[os_error_code='28']"
+            )
 
     monkeypatch.setattr(Checkpoints, "wait", wait_then_fail)
-    with pytest.raises(trainer.TrainingError, match=r"could not write a checkpoint in .*\(No space left on device\); the checkpoints of epochs 1, 2 remain there. Free some space"):
+    with pytest.raises(
+        trainer.TrainingError,
+        match=r"could not write a checkpoint in .*\(No space left on device\); the checkpoints of epochs 1, "
+        r"2 remain there. Free some space",
+    ):
         trainer.train_and_evaluate(tiny_config(num_epochs=2), tmp_path, progress=False)
 
 
@@ -338,15 +395,20 @@ def test_a_read_only_directory_is_not_told_to_free_space(tmp_path, monkeypatch):
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr(Checkpoints, "save", read_only)
-    with pytest.raises(trainer.TrainingError, match=r"\(Read-only file system\).*Use a writable --workdir") as e:
+    with pytest.raises(
+        trainer.TrainingError, match=r"\(Read-only file system\).*Use a writable --workdir"
+    ) as e:
         trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
     assert "free" not in str(e.value).lower()
 
 
-@pytest.mark.parametrize("make_workdir,message", [
-    (lambda tmp: tmp / ("x" * 300) / "run", "is longer than 255 bytes; use a shorter --workdir"),
-    (lambda tmp: tmp / "a_file" / "run", "is a file, not a directory"),
-])
+@pytest.mark.parametrize(
+    "make_workdir,message",
+    [
+        (lambda tmp: tmp / ("x" * 300) / "run", "is longer than 255 bytes; use a shorter --workdir"),
+        (lambda tmp: tmp / "a_file" / "run", "is a file, not a directory"),
+    ],
+)
 def test_a_workdir_that_cannot_be_made_fails_at_once(tmp_path, make_workdir, message):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match=message):
@@ -362,5 +424,7 @@ def test_a_start_that_saved_nothing_does_not_bind_the_workdir_to_its_config(tmp_
     with pytest.raises(RuntimeError, match="compilation failed"):
         trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
     monkeypatch.undo()
-    rows = trainer.train_and_evaluate(tiny_config(num_epochs=1, **{"model.name": "resnet18"}), tmp_path, progress=False)
+    rows = trainer.train_and_evaluate(
+        tiny_config(num_epochs=1, **{"model.name": "resnet18"}), tmp_path, progress=False
+    )
     assert len(rows) == 1

@@ -6,7 +6,10 @@ from cifar_jax import tracking
 
 
 def _rows(n):
-    return [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "train_acc": 0.5, "val_acc": 0.5, "lr": 1e-3} for e in range(1, n + 1)]
+    return [
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "train_acc": 0.5, "val_acc": 0.5, "lr": 1e-3}
+        for e in range(1, n + 1)
+    ]
 
 
 def test_fast_epochs_are_drawn_at_most_once_per_interval_and_all_at_close(tmp_path, monkeypatch):
@@ -22,7 +25,9 @@ def test_fast_epochs_are_drawn_at_most_once_per_interval_and_all_at_close(tmp_pa
     assert drawn == [1, 5]  # nothing new: nothing drawn
 
     drawn.clear()
-    plotter = tracking.CurvesPlotter(tmp_path / "curves.png", min_interval_s=0)  # epochs longer than the interval
+    plotter = tracking.CurvesPlotter(
+        tmp_path / "curves.png", min_interval_s=0
+    )  # epochs longer than the interval
     for n in range(1, 4):
         plotter.update(_rows(n))
     plotter.close()

@@ -42,7 +42,11 @@ def _from_torch(arch, ref):
 
 def _models(arch):
     torch.manual_seed(0)
-    ref = torch_simple_cnn(CLASSES) if arch == "simple_cnn" else torchvision.models.resnet18(num_classes=CLASSES)
+    ref = (
+        torch_simple_cnn(CLASSES)
+        if arch == "simple_cnn"
+        else torchvision.models.resnet18(num_classes=CLASSES)
+    )
     return _from_torch(arch, ref), ref.double().train()
 
 
@@ -59,7 +63,8 @@ def _train_both(arch, opt_overrides, torch_optimizer, smoothing=0.0, clip_norm=0
     opt_cfg = config_lib.base().optimizer
     opt_cfg.update(dict(opt_overrides, clip_norm=clip_norm))
     tx = optim.make_optimizer(opt_cfg, opt_cfg.lr)
-    # No augmentation: identical batches on both sides. ResNet-18 sees 16x16 (resized on device) to keep it quick.
+    # No augmentation: identical batches on both sides. ResNet-18 sees 16x16 (resized on device) to keep it
+    # quick.
     preprocess = pipeline.Preprocess(image_size=32 if arch == "simple_cnn" else 16)
     cfg = steps.StepConfig(graphdef, tx, None, preprocess, BATCH, CLASSES, smoothing, seed=0)
     step = jax.jit(functools.partial(steps.train_step, cfg))
@@ -76,7 +81,7 @@ def _train_both(arch, opt_overrides, torch_optimizer, smoothing=0.0, clip_norm=0
         state, metrics = step(state, metrics, images, labels, order, 0, s)
         ours.append((float(metrics["loss_sum"]) - before) / BATCH)
 
-        idx = np.asarray(order)[s * BATCH:(s + 1) * BATCH]
+        idx = np.asarray(order)[s * BATCH : (s + 1) * BATCH]
         x = np.asarray(preprocess.eval(images[idx])).transpose(0, 3, 1, 2)
         torch_opt.zero_grad()
         loss = criterion(ref(torch.from_numpy(x.copy()).double()), torch.from_numpy(y_train[idx]).long())
@@ -95,8 +100,11 @@ def _assert_same_weights_and_moved(arch, state, params, ref):
     final = jax.tree.leaves((state["params"], state["batch_stats"]))
     for got, want in zip(final, jax.tree.leaves((want_params, want_stats)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
-    moved = [float(jnp.max(jnp.abs(b - a))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"]), strict=True)
-             if a.ndim > 1]
+    moved = [
+        float(jnp.max(jnp.abs(b - a)))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"]), strict=True)
+        if a.ndim > 1
+    ]
     assert min(moved) > 1e-3, moved  # 1,000x the tolerance above
 
 
@@ -104,8 +112,12 @@ def _assert_same_weights_and_moved(arch, state, params, ref):
 @pytest.mark.parametrize("optimizer,smoothing", [("adam", 0.0), ("adamw", 0.1)])
 def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
     torch_class = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
-    ours, theirs, state, params, ref, _ = _train_both(arch, dict(name=optimizer, lr=1e-3, weight_decay=5e-4),
-                                                      lambda p: torch_class(p, lr=1e-3, weight_decay=5e-4), smoothing)
+    ours, theirs, state, params, ref, _ = _train_both(
+        arch,
+        dict(name=optimizer, lr=1e-3, weight_decay=5e-4),
+        lambda p: torch_class(p, lr=1e-3, weight_decay=5e-4),
+        smoothing,
+    )
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
     # Adam's steps of about lr (1e-3) each add up over 20 steps, far beyond the comparison's tolerance.
     _assert_same_weights_and_moved(arch, state, params, ref)
@@ -116,8 +128,11 @@ def test_gradient_clipping_matches_clip_grad_norm_in_float64(x64):
     (torch.nn.utils.clip_grad_norm_ before optimizer.step()): SGD follows the gradients' scale, so
     every step whose norm was above 0.5 would differ without the same clipping."""
     ours, theirs, state, params, ref, norms = _train_both(
-        "simple_cnn", dict(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
-        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4), clip_norm=0.5)
+        "simple_cnn",
+        dict(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        clip_norm=0.5,
+    )
     assert sum(n > 0.5 for n in norms) >= STEPS // 2, norms  # clipping was active in most steps
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     _assert_same_weights_and_moved("simple_cnn", state, params, ref)
@@ -137,7 +152,9 @@ def test_accumulated_micro_batches_match_pytorchs_accumulation_loop_in_float64(x
     opt_cfg.update(dict(name="adamw", lr=1e-3, weight_decay=5e-4, accumulate_steps=k))
     tx = optim.make_optimizer(opt_cfg, 1e-3)
     preprocess = pipeline.Preprocess()
-    cfg = steps.StepConfig(graphdef, tx, None, preprocess, k * micro, CLASSES, 0.1, seed=0, accumulate_steps=k)
+    cfg = steps.StepConfig(
+        graphdef, tx, None, preprocess, k * micro, CLASSES, 0.1, seed=0, accumulate_steps=k
+    )
     step = jax.jit(functools.partial(steps.train_step, cfg))
     images, labels = jnp.asarray(x_train), jnp.asarray(y_train)
     order = pipeline.epoch_order(0, 0, len(images))
@@ -151,7 +168,7 @@ def test_accumulated_micro_batches_match_pytorchs_accumulation_loop_in_float64(x
         state, metrics = step(state, metrics, images, labels, order, 0, s)
         torch_opt.zero_grad()
         for m in range(k):
-            idx = np.asarray(order)[(s * k + m) * micro:(s * k + m + 1) * micro]
+            idx = np.asarray(order)[(s * k + m) * micro : (s * k + m + 1) * micro]
             x = np.asarray(preprocess.eval(images[idx])).transpose(0, 3, 1, 2)
             loss = criterion(ref(torch.from_numpy(x.copy()).double()), torch.from_numpy(y_train[idx]).long())
             (loss / k).backward()

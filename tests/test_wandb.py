@@ -25,8 +25,8 @@ def _records(path) -> list:
         if BLOCK - pos % BLOCK < 7:  # the block's zero padding
             pos += BLOCK - pos % BLOCK
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 2):
             pending = chunk
         elif kind in (3, 4):
@@ -47,8 +47,11 @@ def _history(records) -> list[dict]:
     def key(item):
         return item.key or "/".join(item.nested_key)
 
-    return [{key(item): json.loads(item.value_json) for item in r.history.item if not key(item).startswith("_")}
-            for r in records if r.WhichOneof("record_type") == "history"]
+    return [
+        {key(item): json.loads(item.value_json) for item in r.history.item if not key(item).startswith("_")}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
 
 
 def _run_id(records) -> str:
@@ -67,16 +70,25 @@ def offline_wandb(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_an_offline_run_reads_back_as_metrics_jsonl_and_a_resume_continues_it(tmp_path, offline_wandb):
     workdir = tmp_path / "run"
-    trainer.train_and_evaluate(tiny_config(num_epochs=2, **{"wandb.mode": "offline"}), workdir, progress=False)
+    trainer.train_and_evaluate(
+        tiny_config(num_epochs=2, **{"wandb.mode": "offline"}), workdir, progress=False
+    )
     first = _records(_run_file(workdir, 0))
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert _history(first) == [{k: v for k, v in row.items() if v is not None} for row in rows]
     (config,) = [r.config for r in first if r.WhichOneof("record_type") == "config"] or [
-        r.run.config for r in first if r.WhichOneof("record_type") == "run"]
+        r.run.config for r in first if r.WhichOneof("record_type") == "run"
+    ]
     saved = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in config.update}
-    assert saved["model"]["name"] == "simple_cnn" and saved["num_epochs"] == 2 and saved["wandb"]["mode"] == "offline"
+    assert (
+        saved["model"]["name"] == "simple_cnn"
+        and saved["num_epochs"] == 2
+        and saved["wandb"]["mode"] == "offline"
+    )
 
-    trainer.train_and_evaluate(tiny_config(num_epochs=3, **{"wandb.mode": "offline"}), workdir, progress=False)
+    trainer.train_and_evaluate(
+        tiny_config(num_epochs=3, **{"wandb.mode": "offline"}), workdir, progress=False
+    )
     second = _records(_run_file(workdir, 1))
     assert _run_id(second) == _run_id(first) == (workdir / "wandb_id.txt").read_text().strip()
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -32,7 +32,9 @@ def losses(spec):
     arch, optimizer, *rest = spec.split(":")
     dtype = rest[0] if rest else "float32"
     accumulate = int(rest[1].removeprefix("acc")) if len(rest) > 1 else 1
-    size = 32 if arch == "simple_cnn" else 16  # ResNet at 16x16 (float64 needs no well-conditioned BatchNorm): 4x cheaper
+    size = (
+        32 if arch == "simple_cnn" else 16
+    )  # ResNet at 16x16 (float64 needs no well-conditioned BatchNorm): 4x cheaper
     arrays = data.load("fake", num_train=BATCH * STEPS, num_test=1, num_classes=10, image_size=size, seed=1)
     mesh = pipeline.make_mesh()
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -40,15 +42,29 @@ def losses(spec):
     model = models.create(arch, 10, seed=0, dtype=dtype, **options)
     nnx.update(model, jax.tree.map(lambda a: a.astype(dtype), nnx.state(model)))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    to_mesh = lambda t: jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t)  # noqa: E731
+    to_mesh = lambda t: jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t)
     opt_cfg = config_lib.base().optimizer
     opt_cfg.update(dict(name=optimizer, lr=1e-3, weight_decay=5e-4, accumulate_steps=accumulate))
     tx = optim.make_optimizer(opt_cfg, opt_cfg.lr)
     pre = pipeline.Preprocess(crop_padding=4, flip=True, image_size=size)
-    cfg = steps.StepConfig(graphdef, tx, None, pre, BATCH, 10, 0.1, seed=0, sharding=pipeline.batch_sharding(mesh),
-                           accumulate_steps=accumulate)
+    cfg = steps.StepConfig(
+        graphdef,
+        tx,
+        None,
+        pre,
+        BATCH,
+        10,
+        0.1,
+        seed=0,
+        sharding=pipeline.batch_sharding(mesh),
+        accumulate_steps=accumulate,
+    )
     params, stats = to_mesh(params), to_mesh(stats)
-    state = {"params": params, "batch_stats": stats, "opt_state": jax.jit(tx.init, out_shardings=replicated)(params)}
+    state = {
+        "params": params,
+        "batch_stats": stats,
+        "opt_state": jax.jit(tx.init, out_shardings=replicated)(params),
+    }
     metrics = jax.device_put(steps.zero_metrics(), replicated)
     images, labels = pipeline.replicate(arrays.x_train, mesh), pipeline.replicate(arrays.y_train, mesh)
     order = pipeline.epoch_order(0, 0, BATCH * STEPS)

@@ -44,4 +44,16 @@ from cifar_jax.bench.jax_side import JaxSide
 from cifar_jax.bench.report import table
 from cifar_jax.bench.timing import row, timed_windows
 
-__all__ = ["DEFAULT_CASES", "BenchError", "Case", "JaxSide", "main", "parse_args", "parse_cases", "random_uint8", "row", "table", "timed_windows"]
+__all__ = [
+    "DEFAULT_CASES",
+    "BenchError",
+    "Case",
+    "JaxSide",
+    "main",
+    "parse_args",
+    "parse_cases",
+    "random_uint8",
+    "row",
+    "table",
+    "timed_windows",
+]

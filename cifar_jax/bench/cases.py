@@ -17,7 +17,11 @@ DEFAULT_CASES = "simple_cnn@32,resnet34@32,resnet50@32,resnet50@224"
 MODES = ("train", "eval", "epoch", "pipeline")
 FRAMEWORKS = ("jax", "torch")
 TORCH_MODES = ("eager", "compile", "cudagraphs")
-JAX_LAYERS = ("auto", "stock", "cpu_kernels")  # auto: the CPU kernels on CPU, XLA's stock operations elsewhere
+JAX_LAYERS = (
+    "auto",
+    "stock",
+    "cpu_kernels",
+)  # auto: the CPU kernels on CPU, XLA's stock operations elsewhere
 NUM_CLASSES = 100
 NUM_TRAIN = 40_000  # CIFAR-100's training split after the validation split: sets the steps fused per call
 NUM_EVAL = 10_000  # the validation split (and the test set): sets the eval batches fused per call
@@ -86,7 +90,9 @@ def choices(flag: str, text: str, valid) -> list[str]:
 
 def random_uint8(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, NUM_CLASSES, n).astype(
+        np.int32
+    )
 
 
 def num_train(modes, epoch_data) -> int:

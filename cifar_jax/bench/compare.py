@@ -1,7 +1,9 @@
 """Train one config here and in its PyTorch twin (`bench.reference`), N seeds each, and compare:
 
-    python -m cifar_jax.bench.compare --config configs/simple_cnn.py --seeds 0,1,2 --out results/compare/simple_cnn \\
-        --set data.source=npz --set data.path=../shared/data/cifar100/cifar100.npz [--frameworks jax,torch,torch-dataloader]
+    python -m cifar_jax.bench.compare --config configs/simple_cnn.py --seeds 0,1,2 --out
+    results/compare/simple_cnn \\
+        --set data.source=npz --set data.path=../shared/data/cifar100/cifar100.npz [--frameworks
+        jax,torch,torch-dataloader]
 
 Runs go in turn (seed 0 in every framework, then seed 1, ...), each a fresh process timed from
 its start to its test accuracy: `train.py` then `eval.py --step <last epoch>` here (the persistent
@@ -29,19 +31,45 @@ FRAMEWORKS = ("jax", "torch", "torch-dataloader")
 ROOT = Path(__file__).resolve().parents[2]  # train.py and eval.py live there
 
 
-def commands(framework: str, config_file: str, sets: list[str], seed: int, workdir: Path, num_epochs: int,
-             workers: int) -> list[list[str]]:
+def commands(
+    framework: str, config_file: str, sets: list[str], seed: int, workdir: Path, num_epochs: int, workers: int
+) -> list[list[str]]:
     """The processes of one run, in order."""
     overrides = [f"--config.{s}" for s in sets] + [f"--config.seed={seed}"]
     py = sys.executable
     if framework == "jax":
-        return [[py, str(ROOT / "train.py"), f"--config={config_file}", *overrides, f"--workdir={workdir}", "--compilation_cache=",
-                 "--noprogress"],
-                [py, str(ROOT / "eval.py"), f"--workdir={workdir}", f"--step={num_epochs}", f"--out={workdir / 'eval'}",
-                 "--compilation_cache="]]
+        return [
+            [
+                py,
+                str(ROOT / "train.py"),
+                f"--config={config_file}",
+                *overrides,
+                f"--workdir={workdir}",
+                "--compilation_cache=",
+                "--noprogress",
+            ],
+            [
+                py,
+                str(ROOT / "eval.py"),
+                f"--workdir={workdir}",
+                f"--step={num_epochs}",
+                f"--out={workdir / 'eval'}",
+                "--compilation_cache=",
+            ],
+        ]
     path = "dataloader" if framework == "torch-dataloader" else "fast"
-    return [[py, "-m", "cifar_jax.bench.reference", f"--config={config_file}", *overrides, f"--workdir={workdir}",
-             f"--input={path}", f"--workers={workers}"]]
+    return [
+        [
+            py,
+            "-m",
+            "cifar_jax.bench.reference",
+            f"--config={config_file}",
+            *overrides,
+            f"--workdir={workdir}",
+            f"--input={path}",
+            f"--workers={workers}",
+        ]
+    ]
 
 
 def run_one(framework: str, seed: int, workdir: Path, cmds: list[list[str]], log) -> dict:
@@ -60,7 +88,13 @@ def run_one(framework: str, seed: int, workdir: Path, cmds: list[list[str]], log
     wall = time.perf_counter() - t0
     report = json.loads((workdir / ("eval/report.json" if framework == "jax" else "report.json")).read_text())
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    result = {"framework": framework, "seed": seed, "wall_s": round(wall, 1), "test_acc": report["top1_acc"], "rows": rows}
+    result = {
+        "framework": framework,
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "test_acc": report["top1_acc"],
+        "rows": rows,
+    }
     done.write_text(json.dumps(result) + "\n")
     log(f"{framework} seed {seed}: test top-1 {result['test_acc']:.4f}, {wall:.0f} s")
     return result
@@ -74,7 +108,11 @@ def gap(a: list[float], b: list[float]) -> dict:
     """b's mean minus a's, its standard error (Welch), and whether it exceeds two of them."""
     (ma, sa), (mb, sb) = mean_sd(a), mean_sd(b)
     se = math.sqrt(sa**2 / len(a) + sb**2 / len(b)) if len(a) > 1 and len(b) > 1 else float("nan")
-    return {"difference": mb - ma, "standard_error": se, "beyond_two_se": bool(abs(mb - ma) > 2 * se) if se == se else None}
+    return {
+        "difference": mb - ma,
+        "standard_error": se,
+        "beyond_two_se": bool(abs(mb - ma) > 2 * se) if se == se else None,
+    }
 
 
 def summarize(results: list[dict]) -> dict:
@@ -84,9 +122,13 @@ def summarize(results: list[dict]) -> dict:
         runs = [r for r in results if r["framework"] == fw]
         key = "val_acc" if runs[0]["rows"][0]["val_acc"] is not None else "train_acc"
         epochs = [[row[key] for row in r["rows"]] for r in runs]
-        out[fw] = {"seeds": [r["seed"] for r in runs], "test_acc": [r["test_acc"] for r in runs],
-                   "wall_s": [r["wall_s"] for r in runs], "curve_key": key,
-                   "curve": [mean_sd(list(values)) for values in zip(*epochs)]}
+        out[fw] = {
+            "seeds": [r["seed"] for r in runs],
+            "test_acc": [r["test_acc"] for r in runs],
+            "wall_s": [r["wall_s"] for r in runs],
+            "curve_key": key,
+            "curve": [mean_sd(list(values)) for values in zip(*epochs)],
+        }
     return out
 
 
@@ -97,26 +139,51 @@ def _pm(values: list[float], digits: int = 4) -> str:
 
 def markdown(config_file: str, sets: list[str], summary: dict) -> str:
     names = list(summary)
-    lines = [f"# `{config_file}`" + (f" with {', '.join(sets)}" if sets else ""), "",
-             "| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names),
-             "| seeds | " + " | ".join(", ".join(map(str, summary[n]["seeds"])) for n in names) + " |",
-             "| test top-1, mean ± sd | " + " | ".join(_pm(summary[n]["test_acc"]) for n in names) + " |",
-             "| test top-1, each seed | " + " | ".join(", ".join(f"{a:.4f}" for a in summary[n]["test_acc"]) for n in names) + " |",
-             "| wall time to it, median (each) | " + " | ".join(
-                 f"{statistics.median(summary[n]['wall_s']):.0f} s ({', '.join(f'{w:.0f}' for w in summary[n]['wall_s'])})"
-                 for n in names) + " |"]
+    lines = [
+        f"# `{config_file}`" + (f" with {', '.join(sets)}" if sets else ""),
+        "",
+        "| | " + " | ".join(names) + " |",
+        "| --- |" + " --- |" * len(names),
+        "| seeds | " + " | ".join(", ".join(map(str, summary[n]["seeds"])) for n in names) + " |",
+        "| test top-1, mean ± sd | " + " | ".join(_pm(summary[n]["test_acc"]) for n in names) + " |",
+        "| test top-1, each seed | "
+        + " | ".join(", ".join(f"{a:.4f}" for a in summary[n]["test_acc"]) for n in names)
+        + " |",
+        "| wall time to it, median (each) | "
+        + " | ".join(
+            f"{statistics.median(summary[n]['wall_s']):.0f} s "
+            f"({', '.join(f'{w:.0f}' for w in summary[n]['wall_s'])})"
+            for n in names
+        )
+        + " |",
+    ]
     key = summary[names[0]]["curve_key"]
     for e in range(min(len(summary[n]["curve"]) for n in names)):
-        cells = [f"{summary[n]['curve'][e][0]:.4f}" + ("" if summary[n]["curve"][e][1] != summary[n]["curve"][e][1]
-                                                        else f" ± {summary[n]['curve'][e][1]:.4f}") for n in names]
+        cells = [
+            f"{summary[n]['curve'][e][0]:.4f}"
+            + (
+                ""
+                if summary[n]["curve"][e][1] != summary[n]["curve"][e][1]
+                else f" ± {summary[n]['curve'][e][1]:.4f}"
+            )
+            for n in names
+        ]
         lines.append(f"| epoch {e + 1} {key} | " + " | ".join(cells) + " |")
     lines.append("")
     for other in names[1:]:
         g = gap(summary[names[0]]["test_acc"], summary[other]["test_acc"])
-        verdict = ("not measurable (one seed)" if g["beyond_two_se"] is None
-                   else "beyond two standard errors" if g["beyond_two_se"] else "within two standard errors: seed noise")
-        lines.append(f"- {other} minus {names[0]}, test top-1: {g['difference']:+.4f} (standard error {g['standard_error']:.4f}): "
-                     f"{verdict}")
+        verdict = (
+            "not measurable (one seed)"
+            if g["beyond_two_se"] is None
+            else "beyond two standard errors"
+            if g["beyond_two_se"]
+            else "within two standard errors: seed noise"
+        )
+        lines.append(
+            f"- {other} minus {names[0]}, test top-1: {g['difference']:+.4f} (standard error "
+            f"{g['standard_error']:.4f}): "
+            f"{verdict}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +199,9 @@ def plot(summary: dict, path: Path) -> None:
         means = [m for m, _ in s["curve"]]
         sds = [0.0 if sd != sd else sd for _, sd in s["curve"]]
         ax.plot(epochs, means, marker="o", label=f"{fw} ({len(s['seeds'])} seeds)")
-        ax.fill_between(epochs, [m - d for m, d in zip(means, sds)], [m + d for m, d in zip(means, sds)], alpha=0.25)
+        ax.fill_between(
+            epochs, [m - d for m, d in zip(means, sds)], [m + d for m, d in zip(means, sds)], alpha=0.25
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel(next(iter(summary.values()))["curve_key"] + " (mean ± sd)")
     ax.grid(alpha=0.3)
@@ -171,7 +240,15 @@ def load_config(config_file: str, sets: list[str]):
     return config
 
 
-def compare(config_file: str, sets: list[str], seeds: list[int], frameworks: list[str], out: Path, workers: int, log=print) -> dict:
+def compare(
+    config_file: str,
+    sets: list[str],
+    seeds: list[int],
+    frameworks: list[str],
+    out: Path,
+    workers: int,
+    log=print,
+) -> dict:
     from cifar_jax.bench.reference import unsupported
 
     config = load_config(config_file, sets)
@@ -185,7 +262,9 @@ def compare(config_file: str, sets: list[str], seeds: list[int], frameworks: lis
             results.append(run_one(fw, seed, out / fw / f"seed{seed}", cmds, log))
     summary = summarize(results)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.json").write_text(json.dumps({"config": config_file, "set": sets, "summary": summary}, indent=2) + "\n")
+    (out / "comparison.json").write_text(
+        json.dumps({"config": config_file, "set": sets, "summary": summary}, indent=2) + "\n"
+    )
     (out / "comparison.md").write_text(markdown(config_file, sets, summary))
     plot(summary, out / "curves.png")
     return summary
@@ -200,12 +279,21 @@ def main(argv):
     frameworks = f.frameworks.split(",")
     unknown = [fw for fw in frameworks if fw not in FRAMEWORKS]
     if unknown:
-        raise app.UsageError(f"--frameworks: {', '.join(unknown)} unknown; choose from {', '.join(FRAMEWORKS)}")
+        raise app.UsageError(
+            f"--frameworks: {', '.join(unknown)} unknown; choose from {', '.join(FRAMEWORKS)}"
+        )
     try:
         seeds = [int(s) for s in f.seeds.split(",")]
         out = Path(f.out or Path("results/compare") / Path(f.config).stem)
-        compare(f.config, f.set, seeds, frameworks, out, f.workers,
-                          log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
+        compare(
+            f.config,
+            f.set,
+            seeds,
+            frameworks,
+            out,
+            f.workers,
+            log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True),
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

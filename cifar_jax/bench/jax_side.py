@@ -8,7 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from cifar_jax.bench.cases import COLOR_JITTER, LABEL_SMOOTHING, LR, NUM_CLASSES, NUM_EVAL, WEIGHT_DECAY, Case, num_train, random_uint8
+from cifar_jax.bench.cases import (
+    COLOR_JITTER,
+    LABEL_SMOOTHING,
+    LR,
+    NUM_CLASSES,
+    NUM_EVAL,
+    WEIGHT_DECAY,
+    Case,
+    num_train,
+    random_uint8,
+)
 from cifar_jax.bench.timing import median_rate, row, step_ms, timed_windows
 
 
@@ -71,11 +81,18 @@ class JaxSide:
         phase = train_state.phases(config)[0]
         graphdefs, _ = train_state.create_train_state(config, NUM_CLASSES, self.mesh)
         self.step_cfg, _ = train_state.step_config(
-            config, phase, graphdefs, preprocess=self.preprocess,
-            num_classes=NUM_CLASSES, steps_per_epoch=self.steps_per_epoch, sharding=self.sharding,
+            config,
+            phase,
+            graphdefs,
+            preprocess=self.preprocess,
+            num_classes=NUM_CLASSES,
+            steps_per_epoch=self.steps_per_epoch,
+            sharding=self.sharding,
         )
         self.graphdef_eval = graphdefs.eval
-        _, self.state = train_state.create_train_state(config, NUM_CLASSES, self.mesh, phase, self.step_cfg.tx)
+        _, self.state = train_state.create_train_state(
+            config, NUM_CLASSES, self.mesh, phase, self.step_cfg.tx
+        )
         self.train_chunk = steps.make_train_chunk(self.step_cfg, self.steps_per_call)
         self.no_stop = steps.stop_votes(None, self.sharding)
         self.device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
@@ -106,11 +123,22 @@ class JaxSide:
         first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
         extra = {"profile": self._profile(window, opts, case, "train")} if opts.profile else {}
         self.state = carry[0]
-        return row(case, opts, "jax", "train", f"{self.dtype}, {self.steps_per_call} steps/call", self.device,
-                    median_rate(n, times), first_s - statistics.median(times), step_ms=step_ms(times, self.steps_per_call), **extra)
+        return row(
+            case,
+            opts,
+            "jax",
+            "train",
+            f"{self.dtype}, {self.steps_per_call} steps/call",
+            self.device,
+            median_rate(n, times),
+            first_s - statistics.median(times),
+            step_ms=step_ms(times, self.steps_per_call),
+            **extra,
+        )
 
     def _profile(self, window, opts, case, mode: str) -> dict:
-        """Two more windows of `mode` (after the timed ones) under jax.profiler; the trace's device summary."""
+        """Two more windows of `mode` (after the timed ones) under jax.profiler; the trace's device
+        summary."""
         import jax
 
         from cifar_jax import profiling
@@ -130,8 +158,12 @@ class JaxSide:
         from cifar_jax import steps
 
         per_call = eval_window(self.config, opts.steps)
-        batch_logits = steps.make_batch_logits(self.graphdef_eval, preprocess=self.preprocess,
-                                               batch_size=opts.eval_batch_size, sharding=self.sharding)
+        batch_logits = steps.make_batch_logits(
+            self.graphdef_eval,
+            preprocess=self.preprocess,
+            batch_size=opts.eval_batch_size,
+            sharding=self.sharding,
+        )
         x, _ = random_uint8(per_call * opts.eval_batch_size)
         x = self.put(x)
         first = jnp.int32(0)
@@ -142,9 +174,19 @@ class JaxSide:
         windows = -(-opts.steps // per_call)
         first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
         extra = {"profile": self._profile(window, opts, case, "eval")} if opts.profile else {}
-        return row(case, opts, "jax", "eval", f"{self.dtype}, {per_call} batches/call", self.device,
-                    median_rate(per_call * opts.eval_batch_size, times), first_s - statistics.median(times),
-                    batch_size=opts.eval_batch_size, step_ms=step_ms(times, per_call), **extra)
+        return row(
+            case,
+            opts,
+            "jax",
+            "eval",
+            f"{self.dtype}, {per_call} batches/call",
+            self.device,
+            median_rate(per_call * opts.eval_batch_size, times),
+            first_s - statistics.median(times),
+            batch_size=opts.eval_batch_size,
+            step_ms=step_ms(times, per_call),
+            **extra,
+        )
 
     def pipeline(self, opts, case):
         """What the input pipeline costs, measured two ways.
@@ -168,7 +210,9 @@ class JaxSide:
         k, b = self.steps_per_call, self.config.batch_size
         n = k * b
         x, y = (self.put(a) for a in random_uint8(n))
-        draw = functools.partial(pipeline.train_batch, seed=0, batch_size=b, preprocess=self.preprocess, sharding=self.sharding)
+        draw = functools.partial(
+            pipeline.train_batch, seed=0, batch_size=b, preprocess=self.preprocess, sharding=self.sharding
+        )
         in_step = self._pipeline_in_step(opts, x, y, draw)
 
         @jax.jit
@@ -186,8 +230,18 @@ class JaxSide:
 
         windows = -(-opts.steps // k)
         first_s, times = timed_windows(window, jax.block_until_ready, opts.warmup, windows)
-        return row(case, opts, "jax", "pipeline", f"on device, {k} batches/call", self.device, median_rate(n, times),
-                    first_s - statistics.median(times), step_ms=step_ms(times, k), **in_step)
+        return row(
+            case,
+            opts,
+            "jax",
+            "pipeline",
+            f"on device, {k} batches/call",
+            self.device,
+            median_rate(n, times),
+            first_s - statistics.median(times),
+            step_ms=step_ms(times, k),
+            **in_step,
+        )
 
     def prepared_chunk(self, x, y, draw):
         """(chunk, batches): the training chunk on batches drawn beforehand, the `steps_per_call`
@@ -203,8 +257,11 @@ class JaxSide:
 
         k, cfg = self.steps_per_call, self.step_cfg
         order, epoch = jnp.arange(x.shape[0]), jnp.int32(0)
-        batches = jax.jit(lambda x, y, order, epoch: jax.tree.map(
-            lambda *b: jnp.stack(b), *(draw(x, y, order, epoch=epoch, step=i) for i in range(k))))(x, y, order, epoch)
+        batches = jax.jit(
+            lambda x, y, order, epoch: jax.tree.map(
+                lambda *b: jnp.stack(b), *(draw(x, y, order, epoch=epoch, step=i) for i in range(k))
+            )
+        )(x, y, order, epoch)
 
         @functools.partial(jax.jit, donate_argnums=0)
         def chunk(state, metrics, batches):
@@ -238,8 +295,12 @@ class JaxSide:
         self.state = carry[0]
         step_ms = {w: statistics.median(t) / k * 1e3 for w, t in times.items()}
         in_step = step_ms[with_pipeline] - step_ms[with_prepared_batches]
-        return {"in_step_ms": round(in_step, 4), "in_step_share": round(in_step / step_ms[with_pipeline], 4),
-                "step_ms_with_pipeline": round(step_ms[with_pipeline], 4), "step_ms_prepared_batches": round(step_ms[with_prepared_batches], 4)}
+        return {
+            "in_step_ms": round(in_step, 4),
+            "in_step_share": round(in_step / step_ms[with_pipeline], 4),
+            "step_ms_with_pipeline": round(step_ms[with_pipeline], 4),
+            "step_ms_prepared_batches": round(step_ms[with_prepared_batches], 4),
+        }
 
     def epoch(self, opts, case, images, labels):
         import jax
@@ -262,15 +323,31 @@ class JaxSide:
         jax.block_until_ready(state)
 
         t0 = time.perf_counter()
-        args = (x, y, pipeline.epoch_order(0, 0, len(images)), jnp.int32(0))  # the order is drawn inside the timed epoch
+        args = (
+            x,
+            y,
+            pipeline.epoch_order(0, 0, len(images)),
+            jnp.int32(0),
+        )  # the order is drawn inside the timed epoch
         for first in range(0, self.steps_per_epoch, self.steps_per_call):
             state, metrics, _ = run(state, metrics, *args, jnp.int32(first), self.no_stop)
         jax.block_until_ready((state, metrics))
         seconds = time.perf_counter() - t0
         self.state = state
         n = self.steps_per_epoch * self.config.batch_size
-        return row(case, opts, "jax", "epoch", f"device-resident data, {self.steps_per_call} steps/call", self.device, n / seconds,
-                    compile_s, epoch_s=round(seconds, 2), images=n, data_placement_s=round(placement_s, 2))
+        return row(
+            case,
+            opts,
+            "jax",
+            "epoch",
+            f"device-resident data, {self.steps_per_call} steps/call",
+            self.device,
+            n / seconds,
+            compile_s,
+            epoch_s=round(seconds, 2),
+            images=n,
+            data_placement_s=round(placement_s, 2),
+        )
 
 
 def run_jax(cases, modes, opts, epoch_data, log, record) -> None:
@@ -289,7 +366,11 @@ def run_jax(cases, modes, opts, epoch_data, log, record) -> None:
                 side = JaxSide(case, opts, num_train(modes, epoch_data))
                 for mode in modes:
                     log(f"jax {mode} {case}")
-                    result = side.epoch(opts, case, *epoch_data) if mode == "epoch" else getattr(side, mode)(opts, case)
+                    result = (
+                        side.epoch(opts, case, *epoch_data)
+                        if mode == "epoch"
+                        else getattr(side, mode)(opts, case)
+                    )
                     if opts.jax_layers != "auto":
                         result["variant"] += f", {opts.jax_layers} layers"
                     record(result)

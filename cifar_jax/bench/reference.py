@@ -25,8 +25,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 log = logging.getLogger("cifar_jax")
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -47,8 +45,10 @@ def parameter_groups(model, optimizer_config) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer_config.decay_norm_and_bias:
         return [{"params": params}]
-    return [{"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim > 1]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
 
 
 def make_optimizer(model, optimizer_config):
@@ -59,7 +59,9 @@ def make_optimizer(model, optimizer_config):
         return torch.optim.Adam(groups, lr=c.lr, betas=(c.b1, c.b2), eps=c.eps, weight_decay=c.weight_decay)
     if c.name == "adamw":
         return torch.optim.AdamW(groups, lr=c.lr, betas=(c.b1, c.b2), eps=c.eps, weight_decay=c.weight_decay)
-    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
+    return torch.optim.SGD(
+        groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay
+    )
 
 
 def make_scheduler(optimizer, config, steps_per_epoch: int):
@@ -113,25 +115,11 @@ class FastAugment:
         import torch
 
         n = x.shape[0]
-        factors = [torch.empty(n, 1, 1, 1).uniform_(max(0.0, 1 - s), 1 + s, generator=self.g) for s in self.jitter]
-        gray = torch.tensor(GRAY)
-
-        def brightness(y):
-            return (factors[0] * y).clamp(0, 255)
-
-        def contrast(y):
-            mean = (y @ gray).mean(dim=(1, 2), keepdim=True)[..., None]
-            return (factors[1] * y + (1 - factors[1]) * mean).clamp(0, 255)
-
-        def saturation(y):
-            return (factors[2] * y + (1 - factors[2]) * (y @ gray)[..., None]).clamp(0, 255)
-
-        ops = [op for op, s in zip((brightness, contrast, saturation), self.jitter) if s]
-        order = torch.argsort(torch.rand(n, len(ops), generator=self.g), dim=1)  # a random order per image
-        for position in range(len(ops)):
-            outs = torch.stack([op(x) for op in ops])  # (ops, N, H, W, C)
-            x = outs[order[:, position], torch.arange(n)]
-        return x
+        factors = torch.stack(
+            [torch.empty(n).uniform_(max(0.0, 1 - s), 1 + s, generator=self.g) for s in self.jitter], 1
+        )
+        order = torch.argsort(torch.rand(n, 3, generator=self.g), dim=1)  # a random order per image
+        return jitter(x, factors, order)
 
     def __call__(self, x):
         import torch
@@ -145,6 +133,26 @@ class FastAugment:
         if any(self.jitter):
             x = self.color_jitter(x)
         return normalize(x, self.mean, self.std, self.image_size)
+
+
+def jitter(x, factors, order):
+    """ColorJitter's adjustments of float NHWC images in 0..255: image i scaled in brightness by
+    factors[i, 0], blended with its mean gray level by factors[i, 1] (contrast) and with its gray
+    image by factors[i, 2] (saturation), each result clamped, in the order order[i] (0, 1, 2 =
+    brightness, contrast, saturation). A factor of 1 leaves the image as it is."""
+    import torch
+
+    n, gray = x.shape[0], torch.tensor(GRAY, dtype=x.dtype)
+    fb, fc, fs = (factors[:, i].reshape(n, 1, 1, 1).to(x.dtype) for i in range(3))
+    ops = (
+        lambda y: (fb * y).clamp(0, 255),
+        lambda y: (fc * y + (1 - fc) * (y @ gray).mean(dim=(1, 2))[:, None, None, None]).clamp(0, 255),
+        lambda y: (fs * y + (1 - fs) * (y @ gray)[..., None]).clamp(0, 255),
+    )
+    for position in range(3):
+        outs = torch.stack([op(x) for op in ops])  # (3, N, H, W, C)
+        x = outs[order[:, position], torch.arange(n)]
+    return x
 
 
 def normalize(x, mean, std, image_size: int):
@@ -195,8 +203,16 @@ class ReferenceTrainer:
     """One run of `config` in PyTorch on the CPU (or the first GPU): `train_epoch`, `evaluate`, and
     `run` to train every epoch and write the run's files."""
 
-    def __init__(self, config, splits, *, input_path: str = "fast", workers: int = 0, device: str | None = None,
-                 t_start: float | None = None):
+    def __init__(
+        self,
+        config,
+        splits,
+        *,
+        input_path: str = "fast",
+        workers: int = 0,
+        device: str | None = None,
+        t_start: float | None = None,
+    ):
         import torch
 
         from cifar_jax import torch_models
@@ -212,7 +228,9 @@ class ReferenceTrainer:
         self.ema = copy.deepcopy(self.model).eval() if config.ema_decay else None
         self.train_x, self.train_y = splits.train
         self.val, self.test = splits.val, splits.test
-        self.steps_per_epoch = len(self.train_x) // config.batch_size  # the partial last batch is dropped, as here
+        self.steps_per_epoch = (
+            len(self.train_x) // config.batch_size
+        )  # the partial last batch is dropped, as here
         self.opt = make_optimizer(self.model, config.optimizer)
         self.scheduler = make_scheduler(self.opt, config, self.steps_per_epoch)
         self.per_step = config.schedule.per == "step"
@@ -226,15 +244,21 @@ class ReferenceTrainer:
         torch, c = self.torch, self.config
         if self.input_path == "dataloader":
             loader = torch.utils.data.DataLoader(
-                PilImages(self.train_x, self.train_y, pil_transform(c.data)), batch_size=c.batch_size, shuffle=True,
-                drop_last=True, num_workers=self.workers, generator=self.g, pin_memory=self.device.type == "cuda")
+                PilImages(self.train_x, self.train_y, pil_transform(c.data)),
+                batch_size=c.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=self.workers,
+                generator=self.g,
+                pin_memory=self.device.type == "cuda",
+            )
             for x, y in loader:
                 yield x.to(self.device).contiguous(memory_format=torch.channels_last), y.to(self.device)
             return
         images, labels = torch.from_numpy(self.train_x), torch.from_numpy(self.train_y).long()
         order = torch.randperm(len(images), generator=self.g)
         for s in range(self.steps_per_epoch):
-            idx = order[s * c.batch_size:(s + 1) * c.batch_size]
+            idx = order[s * c.batch_size : (s + 1) * c.batch_size]
             yield self.augment(images[idx]).to(self.device), labels[idx].to(self.device)
 
     def step(self, x, y) -> tuple[float, int]:
@@ -246,7 +270,7 @@ class ReferenceTrainer:
         for xs, ts, ys in zip(targets[0].chunk(k), targets[1].chunk(k), y.chunk(k)):
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(xs)
-                loss = self.loss_fn(logits.float(), ts)
+                loss = self.loss_fn(_at_least_float32(logits), ts)
             (loss / k).backward()
             loss_sum += loss.item() * len(ys)
             correct += int((logits.argmax(-1) == ys).sum())
@@ -268,8 +292,11 @@ class ReferenceTrainer:
                 self.first_step_s = round(time.perf_counter() - self.t_start, 2)
             if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"loss became NaN/Inf (lr {self.lr():g}); lower optimizer.lr")
-            sums = {"loss_sum": sums["loss_sum"] + loss_sum, "correct": sums["correct"] + correct,
-                    "count": sums["count"] + len(y)}
+            sums = {
+                "loss_sum": sums["loss_sum"] + loss_sum,
+                "correct": sums["correct"] + correct,
+                "count": sums["count"] + len(y),
+            }
         if not self.per_step:
             self.scheduler.step()
         return sums
@@ -289,10 +316,12 @@ class ReferenceTrainer:
         mean, std = augment.NORMALIZATIONS[c.data.normalization]
         with torch.inference_mode():
             for i in range(0, len(labels), c.eval_batch_size):
-                x = normalize(torch.from_numpy(images[i:i + c.eval_batch_size]), mean, std, c.data.image_size).to(self.device)
-                y = torch.from_numpy(labels[i:i + c.eval_batch_size]).long().to(self.device)
+                x = normalize(
+                    torch.from_numpy(images[i : i + c.eval_batch_size]), mean, std, c.data.image_size
+                ).to(self.device)
+                y = torch.from_numpy(labels[i : i + c.eval_batch_size]).long().to(self.device)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = model(x).float()
+                    logits = _at_least_float32(model(x))
                 sums["loss_sum"] += float(loss_fn(logits, y))
                 sums["correct"] += int((logits.argmax(-1) == y).sum())
         return sums
@@ -308,8 +337,14 @@ class ReferenceTrainer:
         if self.ema is not None:
             row.update(_means("ema_val", self.evaluate(*self.val, model=self.ema) if has_val else None))
         t_end = time.perf_counter()
-        row.update(lr=lr, epoch_time_s=round(t_end - t0, 3), train_img_per_s=round(train["count"] / (t_val - t0), 1),
-                   val_s=round(t_end - t_val, 3) if has_val else None, host_s=None, checkpoint_s=None)
+        row.update(
+            lr=lr,
+            epoch_time_s=round(t_end - t0, 3),
+            train_img_per_s=round(train["count"] / (t_val - t0), 1),
+            val_s=round(t_end - t_val, 3) if has_val else None,
+            host_s=None,
+            checkpoint_s=None,
+        )
         if epoch == 0:  # eager PyTorch compiles nothing; the first step comes after imports, data and model
             row.update(compile_s=None, first_step_s=self.first_step_s)
         return row
@@ -323,20 +358,46 @@ class ReferenceTrainer:
                 row = self.epoch_row(epoch)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-                log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s", epoch + 1,
-                         self.config.num_epochs, row["train_loss"], row["train_acc"], _fmt(row["val_loss"]),
-                         _fmt(row["val_acc"]), row["lr"], row["epoch_time_s"])
+                log.info(
+                    "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s",
+                    epoch + 1,
+                    self.config.num_epochs,
+                    row["train_loss"],
+                    row["train_acc"],
+                    _fmt(row["val_loss"]),
+                    _fmt(row["val_acc"]),
+                    row["lr"],
+                    row["epoch_time_s"],
+                )
         test = self.evaluate(*self.test)
-        report = {"framework": "torch", "input": self.input_path, "split": "test", "step": self.config.num_epochs,
-                  "n_examples": test["count"], "top1_acc": test["correct"] / max(test["count"], 1),
-                  "loss": test["loss_sum"] / max(test["count"], 1)}
+        report = {
+            "framework": "torch",
+            "input": self.input_path,
+            "split": "test",
+            "step": self.config.num_epochs,
+            "n_examples": test["count"],
+            "top1_acc": test["correct"] / max(test["count"], 1),
+            "loss": test["loss_sum"] / max(test["count"], 1),
+        }
         if self.ema is not None:
             ema = self.evaluate(*self.test, model=self.ema)
-            report.update(ema_top1_acc=ema["correct"] / max(ema["count"], 1), ema_loss=ema["loss_sum"] / max(ema["count"], 1))
-        report.update(wall_s=round(time.perf_counter() - self.t_start, 2), torch=self.torch.__version__,
-                      threads=self.torch.get_num_threads(), workers=self.workers if self.input_path == "dataloader" else None)
+            report.update(
+                ema_top1_acc=ema["correct"] / max(ema["count"], 1),
+                ema_loss=ema["loss_sum"] / max(ema["count"], 1),
+            )
+        report.update(
+            wall_s=round(time.perf_counter() - self.t_start, 2),
+            torch=self.torch.__version__,
+            threads=self.torch.get_num_threads(),
+            workers=self.workers if self.input_path == "dataloader" else None,
+        )
         (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        log.info("test top1_acc %.4f (%d images); %.1f s from the start", report["top1_acc"], test["count"], report["wall_s"])
+        log.info(
+            "test top1_acc %.4f (%d images); %.1f s from the start",
+            report["top1_acc"],
+            test["count"],
+            report["wall_s"],
+        )
         return report
 
 
@@ -348,7 +409,8 @@ def make_mix(augment_config, num_classes: int):
     from torchvision.transforms import v2
 
     mixes = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + (
-        [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
+        [v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else []
+    )
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
@@ -361,6 +423,13 @@ def update_ema(ema, model, decay: float) -> None:
         for name, value in ema.state_dict().items():
             if value.is_floating_point():
                 value.mul_(decay).add_(current[name], alpha=1 - decay)
+
+
+def _at_least_float32(logits):
+    """bf16 autocast's logits in float32 for the loss, as here; float32 and float64 as they are."""
+    import torch
+
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _means(prefix: str, sums: dict | None) -> dict:
@@ -390,8 +459,14 @@ def main(config, workdir: str, *, input_path: str, workers: int, threads: int) -
         torch.set_num_threads(threads)
     splits = data.load_splits(config.data)
     trainer = ReferenceTrainer(config, splits, input_path=input_path, workers=workers, t_start=t_start)
-    log.info("PyTorch %s, %s input, %d threads%s: %d steps per epoch", torch.__version__, input_path, torch.get_num_threads(),
-             f", {workers} DataLoader workers" if input_path == "dataloader" else "", trainer.steps_per_epoch)
+    log.info(
+        "PyTorch %s, %s input, %d threads%s: %d steps per epoch",
+        torch.__version__,
+        input_path,
+        torch.get_num_threads(),
+        f", {workers} DataLoader workers" if input_path == "dataloader" else "",
+        trainer.steps_per_epoch,
+    )
     return trainer.run(Path(workdir))
 
 
@@ -401,10 +476,16 @@ if __name__ == "__main__":
 
     from cifar_jax import cli
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py: the experiment", lock_config=True)
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "configs/NAME.py: the experiment", lock_config=True
+    )
     _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: config.json, metrics.jsonl, report.json")
-    _INPUT = flags.DEFINE_enum("input", "fast", ["fast", "dataloader"], "augmentation on batched tensors, or the study's DataLoader")
-    _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "DataLoader worker processes (--input dataloader)")
+    _INPUT = flags.DEFINE_enum(
+        "input", "fast", ["fast", "dataloader"], "augmentation on batched tensors, or the study's DataLoader"
+    )
+    _WORKERS = flags.DEFINE_integer(
+        "workers", os.cpu_count() or 1, "DataLoader worker processes (--input dataloader)"
+    )
     _THREADS = flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: PyTorch's default)")
     flags.mark_flags_as_required(["config", "workdir"])
 
@@ -413,8 +494,13 @@ if __name__ == "__main__":
         from cifar_jax.data import DataError
 
         try:
-            main(cli.loaded_config(_CONFIG), _WORKDIR.value, input_path=_INPUT.value, workers=_WORKERS.value,
-                 threads=_THREADS.value)
+            main(
+                cli.loaded_config(_CONFIG),
+                _WORKDIR.value,
+                input_path=_INPUT.value,
+                workers=_WORKERS.value,
+                threads=_THREADS.value,
+            )
         except (ValueError, DataError, FloatingPointError, ImportError) as e:
             cli.fail(str(e))
 

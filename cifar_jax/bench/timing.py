@@ -48,10 +48,18 @@ def timed_windows(run_window, wait, warmup: int, windows: int, overlap: bool = T
 
 def row(case, opts, framework, mode, variant, device, img_per_s, compile_s, batch_size=None, **extra):
     return {
-        "model": case.model, "arch": case.arch, "stem": case.stem, "image_size": case.image_size,
-        "batch_size": batch_size or opts.batch_size, "framework": framework, "mode": mode, "variant": variant,
-        "device": device, "img_per_s": round(img_per_s, 1),
-        "compile_s": None if compile_s is None else round(max(compile_s, 0.0), 2), **extra,
+        "model": case.model,
+        "arch": case.arch,
+        "stem": case.stem,
+        "image_size": case.image_size,
+        "batch_size": batch_size or opts.batch_size,
+        "framework": framework,
+        "mode": mode,
+        "variant": variant,
+        "device": device,
+        "img_per_s": round(img_per_s, 1),
+        "compile_s": None if compile_s is None else round(max(compile_s, 0.0), 2),
+        **extra,
     }
 
 

@@ -8,7 +8,15 @@ import os
 import statistics
 import time
 
-from cifar_jax.bench.cases import COLOR_JITTER, LABEL_SMOOTHING, LR, NUM_CLASSES, WEIGHT_DECAY, Case, num_train
+from cifar_jax.bench.cases import (
+    COLOR_JITTER,
+    LABEL_SMOOTHING,
+    LR,
+    NUM_CLASSES,
+    WEIGHT_DECAY,
+    Case,
+    num_train,
+)
 from cifar_jax.bench.jax_side import eval_window, jax_config
 from cifar_jax.bench.timing import median_rate, row, step_ms, timed_windows
 
@@ -50,15 +58,23 @@ class TorchSide:
         if self.compiled:
             import torch._inductor.config
 
-            torch._inductor.config.force_disable_caches = True  # measure compilation, not a cache hit (as for JAX)
-            self.forward = torch.compile(self.model, mode="reduce-overhead" if mode == "cudagraphs" else "default")
+            torch._inductor.config.force_disable_caches = (
+                True  # measure compilation, not a cache hit (as for JAX)
+            )
+            self.forward = torch.compile(
+                self.model, mode="reduce-overhead" if mode == "cudagraphs" else "default"
+            )
         else:
             self.forward = self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=self.cuda)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=self.cuda
+        )
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
         self.mode = mode
         self.variant = f"{mode}, channels_last" + (", bf16 autocast" if self.cuda else ", float32")
-        self.device = torch.cuda.get_device_name() if self.cuda else f"cpu ({torch.get_num_threads()} threads)"
+        self.device = (
+            torch.cuda.get_device_name() if self.cuda else f"cpu ({torch.get_num_threads()} threads)"
+        )
 
     def sync(self):
         if self.cuda:
@@ -91,7 +107,11 @@ class TorchSide:
     def batch(self, n, size):
         torch = self.torch
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(n, 3, size, size, generator=g).to(self.dev).contiguous(memory_format=torch.channels_last)
+        x = (
+            torch.randn(n, 3, size, size, generator=g)
+            .to(self.dev)
+            .contiguous(memory_format=torch.channels_last)
+        )
         return x, torch.randint(0, NUM_CLASSES, (n,), generator=g).to(self.dev)
 
     def train(self, opts, case, window_steps):
@@ -105,8 +125,17 @@ class TorchSide:
 
         windows = -(-opts.steps // window_steps)
         first_s, times = timed_windows(window, self.wait, opts.warmup, windows, overlap=self.cuda)
-        return row(case, opts, "torch", "train", self.variant, self.device, median_rate(window_steps * opts.batch_size, times),
-                    first_s - statistics.median(times) if self.compiled else None, step_ms=step_ms(times, window_steps))
+        return row(
+            case,
+            opts,
+            "torch",
+            "train",
+            self.variant,
+            self.device,
+            median_rate(window_steps * opts.batch_size, times),
+            first_s - statistics.median(times) if self.compiled else None,
+            step_ms=step_ms(times, window_steps),
+        )
 
     def eval(self, opts, case, window_batches):
         torch = self.torch
@@ -117,15 +146,27 @@ class TorchSide:
             for _ in range(window_batches):
                 if self.mode == "cudagraphs":
                     torch.compiler.cudagraph_mark_step_begin()
-                with torch.inference_mode(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda),
+                ):
                     self.forward(x)
             return self.mark()
 
         windows = -(-opts.steps // window_batches)
         first_s, times = timed_windows(window, self.wait, opts.warmup, windows, overlap=self.cuda)
-        return row(case, opts, "torch", "eval", self.variant, self.device, median_rate(window_batches * opts.eval_batch_size, times),
-                    first_s - statistics.median(times) if self.compiled else None,
-                    batch_size=opts.eval_batch_size, step_ms=step_ms(times, window_batches))
+        return row(
+            case,
+            opts,
+            "torch",
+            "eval",
+            self.variant,
+            self.device,
+            median_rate(window_batches * opts.eval_batch_size, times),
+            first_s - statistics.median(times) if self.compiled else None,
+            batch_size=opts.eval_batch_size,
+            step_ms=step_ms(times, window_batches),
+        )
 
     def epoch(self, opts, case, images, labels):
         torch = self.torch
@@ -140,12 +181,18 @@ class TorchSide:
         steps += [T.ToTensor(), T.Normalize(mean, std)]
         workers = opts.workers if opts.workers >= 0 else (os.cpu_count() or 1)
         loader = torch.utils.data.DataLoader(
-            TorchImages(images, labels, T.Compose(steps)), batch_size=opts.batch_size, shuffle=True, drop_last=True,
-            num_workers=workers, pin_memory=self.cuda,
+            TorchImages(images, labels, T.Compose(steps)),
+            batch_size=opts.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=self.cuda,
         )
         self.model.train()
         t0 = time.perf_counter()
-        self.step(*self.batch(opts.batch_size, case.image_size))  # warm-up (and compilation) outside the epoch
+        self.step(
+            *self.batch(opts.batch_size, case.image_size)
+        )  # warm-up (and compilation) outside the epoch
         self.sync()
         compile_s = time.perf_counter() - t0 if self.compiled else None
 
@@ -157,8 +204,18 @@ class TorchSide:
             n += len(y)
         self.sync()
         seconds = time.perf_counter() - t0
-        return row(case, opts, "torch", "epoch", f"{self.variant}, DataLoader {workers} workers", self.device, n / seconds,
-                    compile_s, epoch_s=round(seconds, 2), images=n)
+        return row(
+            case,
+            opts,
+            "torch",
+            "epoch",
+            f"{self.variant}, DataLoader {workers} workers",
+            self.device,
+            n / seconds,
+            compile_s,
+            epoch_s=round(seconds, 2),
+            images=n,
+        )
 
 
 def run_torch(cases, modes, opts, epoch_data, log, record) -> None:

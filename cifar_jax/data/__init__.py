@@ -41,7 +41,9 @@ def load_splits(data_config) -> Splits:
     """Load `data_config.source` and split it: train/val by `val_fraction` and `split_seed`, test as given."""
     options = dict(data_config.fake) if data_config.source == "fake" else {}
     arrays = load(data_config.source, data_config.path, **options)
-    train, val = split_train_val(arrays.x_train, arrays.y_train, data_config.val_fraction, data_config.split_seed)
+    train, val = split_train_val(
+        arrays.x_train, arrays.y_train, data_config.val_fraction, data_config.split_seed
+    )
     return Splits(train, val, (arrays.x_test, arrays.y_test), arrays.label_names)
 
 

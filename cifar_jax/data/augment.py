@@ -11,8 +11,11 @@ import jax.numpy as jnp
 
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-                  "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}  # Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
+NORMALIZATIONS = {
+    "cifar": (CIFAR_MEAN, CIFAR_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}  # Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
 
 
 def random_crop(key, x, padding: int = 4):
@@ -23,7 +26,7 @@ def random_crop(key, x, padding: int = 4):
     n, h, w, _ = x.shape
     padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
-    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))  # noqa: E731
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
     return jax.vmap(crop)(padded, offsets)
 
 

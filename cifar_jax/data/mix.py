@@ -17,20 +17,25 @@ import jax.numpy as jnp
 
 def mixup(x, targets, lam):
     """(images, targets) mixed with the batch rolled by one, by weight `lam`."""
-    mix = lambda a: lam * a + (1.0 - lam) * jnp.roll(a, 1, axis=0)  # noqa: E731
+    mix = lambda a: lam * a + (1.0 - lam) * jnp.roll(a, 1, axis=0)
     return mix(x).astype(x.dtype), mix(targets)
 
 
 def cutmix_box(key, lam, height: int, width: int):
     """(y1, y2, x1, x2, lam_adjusted) of torchvision's CutMix box for `lam`, its centre drawn from `key`."""
     k_x, k_y = jax.random.split(key)
-    return box_at(jax.random.randint(k_y, (), 0, height), jax.random.randint(k_x, (), 0, width), lam, height, width)
+    return box_at(
+        jax.random.randint(k_y, (), 0, height), jax.random.randint(k_x, (), 0, width), lam, height, width
+    )
 
 
 def box_at(r_y, r_x, lam, height: int, width: int):
     """(y1, y2, x1, x2, lam_adjusted) of the CutMix box centred at (r_y, r_x)."""
     r = 0.5 * jnp.sqrt(1.0 - lam)
-    half_w, half_h = (r * width).astype(jnp.int32), (r * height).astype(jnp.int32)  # int() truncates, as in torchvision
+    half_w, half_h = (
+        (r * width).astype(jnp.int32),
+        (r * height).astype(jnp.int32),
+    )  # int() truncates, as in torchvision
     x1, x2 = jnp.maximum(r_x - half_w, 0), jnp.minimum(r_x + half_w, width)
     y1, y2 = jnp.maximum(r_y - half_h, 0), jnp.minimum(r_y + half_h, height)
     return y1, y2, x1, x2, 1.0 - ((x2 - x1) * (y2 - y1)) / (width * height)
@@ -41,7 +46,9 @@ def cutmix(x, targets, box):
     y1, y2, x1, x2, lam = box
     rows, cols = jnp.arange(x.shape[1])[:, None], jnp.arange(x.shape[2])[None, :]
     inside = ((rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2))[None, :, :, None]
-    return jnp.where(inside, jnp.roll(x, 1, axis=0), x), lam * targets + (1.0 - lam) * jnp.roll(targets, 1, axis=0)
+    return jnp.where(inside, jnp.roll(x, 1, axis=0), x), lam * targets + (1.0 - lam) * jnp.roll(
+        targets, 1, axis=0
+    )
 
 
 def mix_batch(key, x, labels, num_classes: int, mixup_alpha: float, cutmix_alpha: float):
@@ -51,7 +58,11 @@ def mix_batch(key, x, labels, num_classes: int, mixup_alpha: float, cutmix_alpha
     if mixup_alpha:
         mixed_up = mixup(x, targets, jax.random.beta(k_mixup, mixup_alpha, mixup_alpha))
     if cutmix_alpha:
-        cut = cutmix(x, targets, cutmix_box(k_box, jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha), x.shape[1], x.shape[2]))
+        cut = cutmix(
+            x,
+            targets,
+            cutmix_box(k_box, jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha), x.shape[1], x.shape[2]),
+        )
     if mixup_alpha and cutmix_alpha:
         use_cutmix = jax.random.bernoulli(k_choice)
         return tuple(jnp.where(use_cutmix, c, m) for c, m in zip(cut, mixed_up))

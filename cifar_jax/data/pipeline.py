@@ -73,7 +73,9 @@ class Preprocess:
         x = augment.random_crop(k_crop, images_uint8, self.crop_padding)
         if self.flip:
             x = augment.random_flip(k_flip, x)
-        x = augment.color_jitter(k_jitter, x.astype(jnp.float32), self.brightness, self.contrast, self.saturation)
+        x = augment.color_jitter(
+            k_jitter, x.astype(jnp.float32), self.brightness, self.contrast, self.saturation
+        )
         return self._finish(x)
 
     def eval(self, images_uint8):
@@ -127,7 +129,9 @@ def gather(images: jax.Array, labels: jax.Array, idx: jax.Array, sharding: Named
     return x, y
 
 
-def train_batch(images, labels, order, seed: int, epoch, step, *, batch_size: int, preprocess: Preprocess, sharding=None):
+def train_batch(
+    images, labels, order, seed: int, epoch, step, *, batch_size: int, preprocess: Preprocess, sharding=None
+):
     """Training step `step` of `epoch`: gather, augment and normalise on device (call inside jit)."""
     x, y = gather(images, labels, train_indices(order, step, batch_size), sharding)
     return preprocess.train(step_key(seed, epoch, step), x), y

@@ -21,7 +21,12 @@ MODELS = {
     "resnet34": resnet34,
     "resnet50": resnet50,
 }
-OPTIONS = {"simple_cnn": (), "resnet18": ("stem",), "resnet34": ("stem",), "resnet50": ("stem",)}  # from config.model
+OPTIONS = {
+    "simple_cnn": (),
+    "resnet18": ("stem",),
+    "resnet34": ("stem",),
+    "resnet50": ("stem",),
+}  # from config.model
 
 
 def check_name(name: str) -> None:
@@ -30,7 +35,15 @@ def check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
 
 
-def create(name: str, num_classes: int = 100, *, dtype="float32", seed: int = 0, rngs: nnx.Rngs | None = None, **options):
+def create(
+    name: str,
+    num_classes: int = 100,
+    *,
+    dtype="float32",
+    seed: int = 0,
+    rngs: nnx.Rngs | None = None,
+    **options,
+):
     """Build model `name` with freshly initialised parameters (PyTorch's init distributions)."""
     check_name(name)
     unknown = sorted(set(options) - set(OPTIONS[name]))
@@ -43,7 +56,9 @@ def from_config(model_config, num_classes: int | None = None, *, dtype="float32"
     """`create` with the options of `config.model` that the architecture takes (a SimpleCNN has no
     stem), for `num_classes` (default: the config's)."""
     options = {key: model_config[key] for key in OPTIONS[model_config.name]}
-    return create(model_config.name, num_classes or model_config.num_classes, dtype=dtype, seed=seed, **options)
+    return create(
+        model_config.name, num_classes or model_config.num_classes, dtype=dtype, seed=seed, **options
+    )
 
 
 def count_params(model: nnx.Module) -> int:

@@ -23,7 +23,9 @@ def conv(x, kernel, strides, padding):
     if (kh, kw) != (1, 1) and min(oh, ow) > 2:
         return conv_nhwc(x, kernel, strides, padding)
     x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)  # in the kernel's (H, W, I) order
+    patches = jnp.concatenate(
+        window_slices(x, (kh, kw), (sh, sw)), axis=-1
+    )  # in the kernel's (H, W, I) order
     # As a 2-D matmul: XLA:CPU ran the same product on 4-D patches slower.
     y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, out_features)
     return y.reshape(*patches.shape[:-1], out_features)
@@ -41,7 +43,9 @@ def conv_nhwc(x, kernel, strides, padding):
 
 def xla_conv(x, kernel, strides, padding, **dilation):
     """XLA's convolution of NHWC `x` by an HWIO kernel (what runs off the CPU, and in `conv_nhwc`)."""
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **dilation)
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **dilation
+    )
 
 
 def _conv_nhwc_fwd(x, kernel, strides, padding):
@@ -52,15 +56,27 @@ def _conv_nhwc_bwd(strides, padding, residuals, dy):
     x, kernel = residuals
     # Per spatial axis: how far past the input the last window offset reads (at most the forward's
     # high padding; less with a stride that does not divide the padded input).
-    reach = [k + s * (o - 1) - size - low
-             for k, s, o, size, (low, _) in zip(kernel.shape[:2], strides, dy.shape[1:3], x.shape[1:3], padding)]
+    reach = [
+        k + s * (o - 1) - size - low
+        for k, s, o, size, (low, _) in zip(kernel.shape[:2], strides, dy.shape[1:3], x.shape[1:3], padding)
+    ]
     # dX: dy, dilated by the stride, convolved with the kernel flipped in space and transposed (O, I).
-    dx = xla_conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), (1, 1),
-               [(k - 1 - low, k - 1 - r) for k, (low, _), r in zip(kernel.shape[:2], padding, reach)], lhs_dilation=strides)
+    dx = xla_conv(
+        dy,
+        jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)),
+        (1, 1),
+        [(k - 1 - low, k - 1 - r) for k, (low, _), r in zip(kernel.shape[:2], padding, reach)],
+        lhs_dilation=strides,
+    )
     # dK[i, j, c, o] = sum over n, h, w of x_padded[n, s*h + i, s*w + j, c] * dy[n, h, w, o]: a
     # convolution of x as (C, H, W, N) by dy as an (Ho, Wo, N, O) kernel dilated by the stride.
-    dk = xla_conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)), (1, 1),
-               [(low, r) for (low, _), r in zip(padding, reach)], rhs_dilation=strides)
+    dk = xla_conv(
+        jnp.transpose(x, (3, 1, 2, 0)),
+        jnp.transpose(dy, (1, 2, 0, 3)),
+        (1, 1),
+        [(low, r) for (low, _), r in zip(padding, reach)],
+        rhs_dilation=strides,
+    )
     return dx, jnp.transpose(dk, (1, 2, 0, 3))
 
 
@@ -72,7 +88,11 @@ def window_slices(x, window, strides):
     (i, j) holds, for every output pixel of a VALID window op, the input pixel at that offset."""
     (kh, kw), (sh, sw) = window, strides
     oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    return [x[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw] for i in range(kh) for j in range(kw)]
+    return [
+        x[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -94,7 +114,9 @@ def _pad_for_pool(x, padding):
 
 
 def _max_pool_fwd(x, window, stride, padding):
-    y = functools.reduce(jnp.maximum, window_slices(_pad_for_pool(x, padding), (window, window), (stride, stride)))
+    y = functools.reduce(
+        jnp.maximum, window_slices(_pad_for_pool(x, padding), (window, window), (stride, stride))
+    )
     return y, (x, y)
 
 
@@ -112,7 +134,9 @@ def _max_pool_bwd(window, stride, padding, residuals, dy):
         first = (pixels == y) & ~taken
         taken = taken | first
         qi, qj = i // stride, j // stride
-        share = jnp.pad(jnp.where(first, dy, 0).astype(x.dtype), ((0, 0), (qi, th - ho - qi), (qj, tw - wo - qj), (0, 0)))
+        share = jnp.pad(
+            jnp.where(first, dy, 0).astype(x.dtype), ((0, 0), (qi, th - ho - qi), (qj, tw - wo - qj), (0, 0))
+        )
         phase = (i % stride, j % stride)
         phases[phase] = phases[phase] + share if phase in phases else share
     zeros = jnp.zeros((n, th, tw, c), x.dtype)
@@ -152,7 +176,9 @@ def channel_sum(x):
     channels = x.shape[-1]
     blocks = x.reshape(math.gcd(x.size // channels, 64), -1, channels)
     ones = jnp.ones(blocks.shape[:2], x.dtype)
-    partial = jax.lax.dot_general(ones, blocks, (((1,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST)
+    partial = jax.lax.dot_general(
+        ones, blocks, (((1,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST
+    )
     return partial.sum(0)
 
 

@@ -64,8 +64,12 @@ class Conv(nnx.Conv):
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), self.kernel[...].astype(dtype)
 
-        y = _on_cpu(lambda x, k: cpu_kernels.conv(x, k, self.strides, self.padding),
-                    lambda x, k: cpu_kernels.xla_conv(x, k, self.strides, self.padding), x, kernel)
+        y = _on_cpu(
+            lambda x, k: cpu_kernels.conv(x, k, self.strides, self.padding),
+            lambda x, k: cpu_kernels.xla_conv(x, k, self.strides, self.padding),
+            x,
+            kernel,
+        )
         return y + self.bias[...].astype(dtype) if self.use_bias else y
 
 
@@ -105,7 +109,9 @@ def max_pool(x, window: int, stride: int, padding: int = 0):
 
     def stock(x):
         pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pads)
+        return jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pads
+        )
 
     return _on_cpu(lambda x: cpu_kernels.max_pool(x, window, stride, padding), stock, x)
 
@@ -132,7 +138,9 @@ def batch_norm_train(x, scale, bias, eps):
         var = jnp.square(centred).mean(axes)
         return (centred * (scale * jax.lax.rsqrt(var + eps)) + bias).astype(x.dtype), mean, var
 
-    return _on_cpu(lambda x, scale, bias: cpu_kernels.batch_norm_train(x, scale, bias, eps), stock, x, scale, bias)
+    return _on_cpu(
+        lambda x, scale, bias: cpu_kernels.batch_norm_train(x, scale, bias, eps), stock, x, scale, bias
+    )
 
 
 class BatchNorm(nnx.Module):
@@ -142,7 +150,8 @@ class BatchNorm(nnx.Module):
       * `momentum` is PyTorch's (weight of the new batch, default 0.1 = Flax's 0.9);
       * normalisation uses the biased batch variance, but `var` is updated with the unbiased
         one (n / (n - 1)), exactly like `running_var` in PyTorch.
-    Statistics are computed in float32 (float64 for float64 inputs), whatever the compute dtype. Under `jax.jit` with
+    Statistics are computed in float32 (float64 for float64 inputs), whatever the compute dtype. Under
+    `jax.jit` with
     the batch sharded over devices, the mean is over the global batch (synchronised BatchNorm).
     """
 
@@ -160,7 +169,9 @@ class BatchNorm(nnx.Module):
         dtype = self.dtype or x.dtype
         if not self.use_running_average:
             stats = stats_dtype(x.dtype)
-            y, mean, var = batch_norm_train(x, self.scale[...].astype(stats), self.bias[...].astype(stats), self.eps)
+            y, mean, var = batch_norm_train(
+                x, self.scale[...].astype(stats), self.bias[...].astype(stats), self.eps
+            )
             n = x.size // x.shape[-1]
             m = self.momentum
             self.mean[...] = (1 - m) * self.mean[...] + m * mean

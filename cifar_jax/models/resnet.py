@@ -12,15 +12,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cifar_jax.models.layers import BatchNorm, conv, kaiming_fan_out_init, linear, materialize, max_pool, stats_dtype
+from cifar_jax.models.layers import (
+    BatchNorm,
+    conv,
+    kaiming_fan_out_init,
+    linear,
+    materialize,
+    max_pool,
+    stats_dtype,
+)
 
 STEMS = ("imagenet", "cifar")
 
 
 def _conv(in_ch, out_ch, kernel, stride, dtype, rngs):
     return conv(
-        in_ch, out_ch, kernel, stride=stride, padding=kernel // 2,
-        kernel_init=kaiming_fan_out_init, dtype=dtype, rngs=rngs,
+        in_ch,
+        out_ch,
+        kernel,
+        stride=stride,
+        padding=kernel // 2,
+        kernel_init=kaiming_fan_out_init,
+        dtype=dtype,
+        rngs=rngs,
     )
 
 
@@ -38,7 +52,9 @@ class BasicBlock(nnx.Module):
         self.bn2 = BatchNorm(planes, dtype=dtype)
         needs_ds = stride != 1 or inplanes != planes * self.expansion
         self.downsample = (
-            _downsample(inplanes, planes * self.expansion, stride, dtype, rngs) if needs_ds else nnx.data(None)
+            _downsample(inplanes, planes * self.expansion, stride, dtype, rngs)
+            if needs_ds
+            else nnx.data(None)
         )
 
     def __call__(self, x):
@@ -80,11 +96,15 @@ class ResNet(nnx.Module):
 
     head = "fc"  # the classifier, replaced when fine-tuning to other classes
 
-    def __init__(self, block, layers, num_classes=1000, *, stem="imagenet", dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self, block, layers, num_classes=1000, *, stem="imagenet", dtype=jnp.float32, rngs: nnx.Rngs
+    ):
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")
         self.stem = stem
-        self.conv1 = _conv(3, 64, 7, 2, dtype, rngs) if stem == "imagenet" else _conv(3, 64, 3, 1, dtype, rngs)
+        self.conv1 = (
+            _conv(3, 64, 7, 2, dtype, rngs) if stem == "imagenet" else _conv(3, 64, 3, 1, dtype, rngs)
+        )
         self.bn1 = BatchNorm(64, dtype=dtype)
         inplanes = 64
         stages = []

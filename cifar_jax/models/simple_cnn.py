@@ -27,7 +27,9 @@ class SimpleCNN(nnx.Module):
 
     def __call__(self, x):
         if x.shape[1:3] != (32, 32):
-            raise ValueError(f"SimpleCNN takes 32x32 images (its FC layer expects 256x2x2), got {x.shape[1:3]}")
+            raise ValueError(
+                f"SimpleCNN takes 32x32 images (its FC layer expects 256x2x2), got {x.shape[1:3]}"
+            )
         for conv_, bn in zip(self.convs, self.bns):
             x = jax.nn.relu(bn(conv_(x)))
             x = max_pool(x, 2, 2)
