@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 import zlib
@@ -30,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from cifar_jax import errors
 from cifar_jax.errors import one_line
 
 log = logging.getLogger("cifar_jax")
@@ -236,6 +238,7 @@ class Checkpoints:
             save_interval_steps=0 if read_only else 1,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+        self.mid_epoch = MidEpochCheckpoint(self.workdir, self.quarantine)
         self._unchecked = False
 
     def epochs(self) -> list[int]:
@@ -332,62 +335,6 @@ class Checkpoints:
         self.manager.reload()
         return target
 
-    # The mid-epoch checkpoint of a run stopped by a signal.
-
-    def _interrupted_manager(self):
-        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
-        return ocp.CheckpointManager(self.workdir / "interrupted", options=options, item_handlers=_handlers())
-
-    def save_interrupted(self, global_step: int, tree, meta: dict) -> None:
-        with self._interrupted_manager() as manager:
-            manager.save(global_step, args=_save_args(tree, meta), force=True)
-            manager.wait_until_finished()
-
-    def interrupted_meta(self) -> dict | None:
-        """The mid-epoch checkpoint's meta, or None: none, or one whose meta is damaged (reported, moved
-        aside)."""
-        if not (self.workdir / "interrupted").is_dir():
-            return None
-        with self._interrupted_manager() as manager:
-            step = manager.latest_step()
-            if step is None:
-                return None
-            try:
-                meta = _without_checksums(_read_meta(manager, step))
-                if not {"epoch", "next_step", "phase"} <= set(meta):
-                    raise ValueError(f"its meta lacks {sorted({'epoch', 'next_step', 'phase'} - set(meta))}")
-                return meta
-            except Exception as e:  # noqa: BLE001  (a damaged JSON file raises many types)
-                why = one_line(e)
-        moved = self.quarantine(self.workdir / "interrupted" / str(step))
-        log.warning(
-            "the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch "
-            "checkpoint",
-            why,
-            moved,
-        )
-        return None
-
-    def restore_interrupted(self, template):
-        """The saved tree, or None (reported, moved aside) if it does not restore."""
-        with self._interrupted_manager() as manager:
-            step = manager.latest_step()
-            try:
-                return _restore_tree(manager, step, template)[0]
-            except Exception as e:  # noqa: BLE001
-                why = one_line(e)
-        moved = self.quarantine(self.workdir / "interrupted" / str(step))
-        log.warning(
-            "the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch "
-            "checkpoint",
-            why,
-            moved,
-        )
-        return None
-
-    def clear_interrupted(self) -> None:
-        shutil.rmtree(self.workdir / "interrupted", ignore_errors=True)
-
     def on_disk(self) -> list[int]:
         """The epochs whose checkpoint is complete on disk now (Orbax renames a write into place when
         done)."""
@@ -420,3 +367,84 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+class MidEpochCheckpoint:
+    """The checkpoint of a run stopped by a signal mid-epoch, in `<workdir>/interrupted/<global
+    step>/`: the state and the epoch's metrics sums, and where to go on (epoch, next_step, phase).
+    One that does not read is moved aside by `quarantine` and reported: the run then resumes from
+    its last epoch checkpoint."""
+
+    def __init__(self, workdir: Path, quarantine):
+        self.directory, self.quarantine = workdir / "interrupted", quarantine
+
+    def _manager(self):
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
+        return ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+    def save(self, global_step: int, tree, meta: dict) -> None:
+        with self._manager() as manager:
+            manager.save(global_step, args=_save_args(tree, meta), force=True)
+            manager.wait_until_finished()
+
+    def meta(self) -> dict | None:
+        """Its meta, or None: none, or one whose meta is damaged (reported, moved aside)."""
+        if not self.directory.is_dir():
+            return None
+        with self._manager() as manager:
+            step = manager.latest_step()
+            if step is None:
+                return None
+            try:
+                meta = _without_checksums(_read_meta(manager, step))
+                if not {"epoch", "next_step", "phase"} <= set(meta):
+                    raise ValueError(f"its meta lacks {sorted({'epoch', 'next_step', 'phase'} - set(meta))}")
+                return meta
+            except Exception as e:  # noqa: BLE001  (a damaged JSON file raises many types)
+                why = one_line(e)
+        return self._set_aside(step, why)
+
+    def restore(self, template):
+        """The saved tree, or None (reported, moved aside) if it does not restore."""
+        with self._manager() as manager:
+            step = manager.latest_step()
+            try:
+                return _restore_tree(manager, step, template)[0]
+            except Exception as e:  # noqa: BLE001
+                why = one_line(e)
+        return self._set_aside(step, why)
+
+    def _set_aside(self, step: int, why: str) -> None:
+        moved = self.quarantine(self.directory / str(step))
+        log.warning(
+            "the interrupted-run checkpoint does not restore (%s); moved it to %s and using the last epoch "
+            "checkpoint",
+            why,
+            moved,
+        )
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def write_or_fail(write, ckpts: Checkpoints) -> None:
+    """Run a checkpoint write (or wait for, or check on, the background ones); turn an OS failure
+    (a full disk, a read-only directory, ...) into one TrainingError that says which checkpoints
+    remain."""
+    try:
+        write()
+    except Exception as e:  # noqa: BLE001  (Orbax raises ValueError around TensorStore's OS errors)
+        code = errors.write_errno(e)
+        if code is None:
+            raise
+        kept = ckpts.on_disk()
+        if not kept:
+            remain = "no checkpoint remains there"
+        elif len(kept) == 1:
+            remain = f"the checkpoint of epoch {kept[0]} remains there"
+        else:
+            remain = f"the checkpoints of epochs {', '.join(map(str, kept))} remain there"
+        raise errors.TrainingError(
+            f"could not write a checkpoint in {ckpts.directory} ({os.strerror(code)}); {remain}. "
+            f"{errors.write_advice(code).capitalize()} and rerun to resume"
+        ) from None

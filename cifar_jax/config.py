@@ -119,6 +119,18 @@ def _choice(key, value, choices):
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Check values that would otherwise fail late (after data loading or compilation)."""
+    _check_choices(c)
+    _check_counts(c)
+    _check_augment(c)
+    _check_optimizer(c)
+    _check_run_options(c)
+    _check_regularization(c)
+    _check_schedule(c)
+    _check_execution(c)
+
+
+def _check_choices(c) -> None:
+    """The named choices."""
     if c.model.name not in models.MODELS:
         _fail("model.name", c.model.name, f"is not one of: {', '.join(models.MODELS)}")
     _choice("model.stem", c.model.stem, ("imagenet", "cifar"))
@@ -130,6 +142,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _choice("schedule.per", c.schedule.per, ("epoch", "step"))
     _choice("wandb.mode", c.wandb.mode, ("online", "offline", "disabled"))
     _choice("head_only_batchnorm", c.head_only_batchnorm, ("frozen", "train"))
+
+
+def _check_counts(c) -> None:
+    """Sizes and counts."""
     for key in (
         "num_epochs",
         "batch_size",
@@ -144,6 +160,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail(key, value, "must be a positive integer")
     if c.num_epochs > MAX_EPOCHS:
         _fail("num_epochs", c.num_epochs, f"is past any schedule; use at most {MAX_EPOCHS:,}")
+
+
+def _check_augment(c) -> None:
+    """The augmentation."""
     if (
         not isinstance(c.data.augment.crop_padding, int)
         or not 0 <= c.data.augment.crop_padding < c.data.image_size
@@ -164,6 +184,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             jitter,
             "must be 3 numbers >= 0: (brightness, contrast, saturation), e.g. (0.4,0.4,0.4)",
         )
+
+
+def _check_optimizer(c) -> None:
+    """The optimizer's numbers."""
     if not c.optimizer.lr > 0:
         _fail("optimizer.lr", c.optimizer.lr, "must be positive")
     k = c.optimizer.accumulate_steps
@@ -173,6 +197,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             k,
             f"must be a positive integer that divides batch_size={c.batch_size}",
         )
+
+
+def _check_run_options(c) -> None:
+    """Early stopping and profiling."""
     if not isinstance(c.early_stop.patience, int) or c.early_stop.patience < 0:
         _fail("early_stop.patience", c.early_stop.patience, "must be an integer >= 0 (0 = off)")
     if not c.early_stop.min_delta >= 0:
@@ -189,6 +217,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         )
     if not (isinstance(c.profile.steps, int) and c.profile.steps > 0):
         _fail("profile.steps", c.profile.steps, "must be a positive integer (training steps traced)")
+
+
+def _check_regularization(c) -> None:
+    """Regularisation and averaging."""
     if not c.optimizer.clip_norm >= 0:
         _fail("optimizer.clip_norm", c.optimizer.clip_norm, "must be >= 0 (0 = no clipping)")
     if c.optimizer.weight_decay < 0:
@@ -200,6 +232,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("ema_decay", c.ema_decay, "must be in [0, 1) (0 = no weight average)")
     if not 0 <= c.label_smoothing < 1:
         _fail("label_smoothing", c.label_smoothing, "must be in [0, 1)")
+
+
+def _check_schedule(c) -> None:
+    """Phases and the schedule."""
     if not 0 <= c.head_only_epochs < c.num_epochs:
         _fail("head_only_epochs", c.head_only_epochs, f"must be in [0, num_epochs={c.num_epochs})")
     if c.head_only_epochs and not c.head_only_lr > 0:
@@ -216,6 +252,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
             c.schedule.warmup_epochs,
             "must be >= 0 and shorter than the (last) phase",
         )
+
+
+def _check_execution(c) -> None:
+    """How steps run, and what the model takes."""
     if c.steps_per_call < 0:
         _fail("steps_per_call", c.steps_per_call, "must be >= 0 (0 = automatic)")
     if c.eval_batches_per_call < 0:

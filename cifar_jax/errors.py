@@ -8,6 +8,11 @@ import re
 from pathlib import Path
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, a checkpoint that cannot be written, ...); the
+    checkpoints already written are kept."""
+
+
 def one_line(e: BaseException, limit: int = 160) -> str:
     """'TypeName: first line of the message' (cut at `limit`); just the type for an empty message."""
     lines = str(e).splitlines()

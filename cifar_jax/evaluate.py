@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from cifar_jax import config as config_lib
-from cifar_jax import staging, steps
+from cifar_jax import sharding, staging, steps
 from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
 from cifar_jax.errors import one_line
@@ -69,7 +69,7 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
         )
     # Only the weights and statistics (or their average): evaluation builds no optimizer.
     graphdefs, fresh = create_train_state(
-        config, config.model.num_classes, mesh or pipeline.make_mesh(), weights=False
+        config, config.model.num_classes, mesh or sharding.make_mesh(), weights=False
     )
     template = (
         {"ema": fresh["ema"]} if ema else {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
@@ -146,7 +146,7 @@ def _restore_one_of(ckpts: Checkpoints, candidates: list[int], template, config)
 
 def predict(restored: Restored, images: np.ndarray, batch_size: int | None = None, mesh=None) -> np.ndarray:
     """float32 logits of every image (uint8 NHWC), preprocessed as in training (without augmentation)."""
-    mesh = mesh or pipeline.make_mesh()
+    mesh = mesh or sharding.make_mesh()
     batch_size = batch_size or pipeline.eval_batch_size(
         restored.config.eval_batch_size, len(images), mesh.size
     )
@@ -155,9 +155,9 @@ def predict(restored: Restored, images: np.ndarray, batch_size: int | None = Non
         preprocess=pipeline.Preprocess.from_config(restored.config.data),
         batch_size=batch_size,
         batches_per_call=steps.eval_batches_per_call(restored.config),
-        sharding=pipeline.batch_sharding(mesh),
+        sharding=sharding.batch_sharding(mesh),
     )
-    return np.asarray(run(restored.params, restored.batch_stats, pipeline.replicate(images, mesh)))
+    return np.asarray(run(restored.params, restored.batch_stats, sharding.replicate(images, mesh)))
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:

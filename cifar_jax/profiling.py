@@ -130,3 +130,15 @@ class EpochProfile:
     @property
     def tracing(self) -> bool:
         return self._tracing is not None
+
+    def validation(self, epoch: int, validate, state):
+        """`validate(state)`, traced alone (after a wait for `state`) when `epoch` is profiled."""
+        if not self.covers(epoch):
+            return validate(state)
+        import jax
+
+        self.start("val")
+        jax.block_until_ready(state)
+        sums = validate(state)
+        self.stop(sums)
+        return sums

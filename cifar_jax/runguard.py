@@ -129,3 +129,14 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; rerunning resumes."""
+
+    def __init__(self, signum: int, where: str, workdir):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} at {where}; checkpoint saved in {workdir}; rerun the same command to resume"
+        )

@@ -13,17 +13,16 @@ import time
 import jax
 
 from cifar_jax import config as config_lib
-from cifar_jax import train_state
+from cifar_jax import phases, sharding, train_state
 from cifar_jax.checkpoint import Checkpoints
-from cifar_jax.data import pipeline
 
 
 def main(workdir):
     c = config_lib.base()
     c.model.name, c.model.stem, c.model.dtype = "resnet50", "imagenet", "float32"
-    mesh = pipeline.make_mesh()
-    phase = train_state.phases(c)[0]
-    _, tx = train_state.make_tx(c, phase, 10)
+    mesh = sharding.make_mesh()
+    phase = phases.phases(c)[0]
+    _, tx = phases.make_tx(c, phase, 10)
     _, state = train_state.create_train_state(c, 100, mesh, phase, tx)
     shutil.rmtree(workdir, ignore_errors=True)
     ckpts = Checkpoints(workdir, keep=2)

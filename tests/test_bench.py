@@ -7,7 +7,7 @@ import pytest
 
 from cifar_jax import bench
 from cifar_jax.data import pipeline
-from tests.helpers import assert_fails_in_one_line
+from tests.support.helpers import assert_fails_in_one_line
 
 REQUIRED = {"model", "image_size", "batch_size", "framework", "mode", "device", "img_per_s", "compile_s"}
 

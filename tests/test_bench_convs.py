@@ -1,9 +1,10 @@
-"""`python -m cifar_jax.bench_convs`: which convolutions it finds, and a tiny real run."""
+"""`python -m cifar_jax.bench.convs`: which convolutions it finds, and a tiny real run."""
 
 import pytest
 
-from cifar_jax import bench, bench_convs
-from tests.helpers import assert_fails_in_one_line
+from cifar_jax import bench
+from cifar_jax.bench import convs as bench_convs
+from tests.support.helpers import assert_fails_in_one_line
 
 
 def test_finds_every_distinct_convolution_with_its_count():

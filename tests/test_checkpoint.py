@@ -122,9 +122,9 @@ def test_a_checkpoint_in_the_earlier_packed_format_is_named_as_such(tmp_path):
 def test_the_interrupted_checkpoint_round_trips(tmp_path):
     tree = {"state": _state(), "sums": {"count": jnp.asarray(12, jnp.int32), "loss_sum": jnp.asarray(3.5)}}
     ckpts = Checkpoints(tmp_path)
-    ckpts.save_interrupted(42, tree, {"epoch": 1, "next_step": 2, "phase": "all"})
-    assert ckpts.interrupted_meta() == {"epoch": 1, "next_step": 2, "phase": "all"}
-    _assert_trees_equal(ckpts.restore_interrupted(_zeros_like(tree)), tree)
+    ckpts.mid_epoch.save(42, tree, {"epoch": 1, "next_step": 2, "phase": "all"})
+    assert ckpts.mid_epoch.meta() == {"epoch": 1, "next_step": 2, "phase": "all"}
+    _assert_trees_equal(ckpts.mid_epoch.restore(_zeros_like(tree)), tree)
     ckpts.close()
 
 
@@ -179,7 +179,7 @@ def test_the_readme_snippet_restores_a_trained_checkpoint_with_orbax_alone(tmp_p
     import sys
 
     from cifar_jax import trainer
-    from tests.helpers import tiny_config
+    from tests.support.helpers import tiny_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     readme = open(os.path.join(root, "README.md")).read()

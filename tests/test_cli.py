@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.helpers import tiny_config
+from tests.support.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,7 +190,7 @@ def test_second_run_of_a_config_compiles_nothing(tmp_path):
             sys.executable,
             "train.py",
             "--config",
-            "tests/tiny_config.py",
+            "tests/support/tiny_config.py",
             "--config.num_epochs=1",
             "--noprogress",
             f"--workdir={tmp_path / name}",
@@ -263,7 +263,7 @@ def test_ctrl_c_in_training_ends_in_one_line_without_a_traceback(tmp_path):
         sys.executable,
         "train.py",
         "--config",
-        "tests/tiny_config.py",
+        "tests/support/tiny_config.py",
         "--config.num_epochs=50",
         f"--workdir={workdir}",
         "--progress=false",
@@ -331,7 +331,8 @@ def test_a_ctrl_c_during_the_first_imports_is_one_line_and_writes_nothing(tmp_pa
         "runguard.defer_interrupts()  # as train.py's first lines do\n"
         "os.kill(os.getpid(), signal.SIGINT)  # lands during the imports\n"
         "import jax, numpy, optax  # heavy extension imports after it\n"
-        f"sys.argv = ['train.py', '--config', 'tests/tiny_config.py', '--workdir={tmp_path / 'run'}']\n"
+        "sys.argv = ['train.py', '--config', 'tests/support/tiny_config.py', "
+        f"'--workdir={tmp_path / 'run'}']\n"
         "runpy.run_path('train.py', run_name='__main__')\n"
     )
     out = subprocess.run(

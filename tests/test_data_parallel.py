@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, probe_env, run_probe
+from tests.support.helpers import ROOT, probe_env, run_probe
 
 pytestmark = pytest.mark.slow  # every test runs subprocesses of several devices
 
@@ -91,7 +91,7 @@ def _train_py(workdir, *flags, num_epochs: int) -> list[str]:
         sys.executable,
         "train.py",
         "--config",
-        "tests/tiny_config.py",
+        "tests/support/tiny_config.py",
         f"--config.num_epochs={num_epochs}",
         "--progress=false",
         f"--workdir={workdir}",
@@ -122,7 +122,7 @@ def _start_two_processes(workdir, num_epochs: int) -> list[subprocess.Popen]:
 
 
 def _rows(workdir) -> list[dict]:
-    from tests.helpers import without_timing
+    from tests.support.helpers import without_timing
 
     return without_timing(json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())
 
@@ -188,7 +188,7 @@ def test_incomplete_multi_process_flags_fail_in_one_line(tmp_path):
             sys.executable,
             "train.py",
             "--config",
-            "tests/tiny_config.py",
+            "tests/support/tiny_config.py",
             f"--workdir={tmp_path}",
             "--coordinator_address=127.0.0.1:1234",
             "--num_processes=2",

@@ -7,7 +7,7 @@ from flax import nnx
 
 from cifar_jax import models, steps
 from cifar_jax.data import pipeline
-from tests.helpers import run_probe, tiny_config
+from tests.support.helpers import run_probe, tiny_config
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cifar_jax import corruptions, data, evaluate, trainer
-from tests.helpers import tiny_config
+from tests.support.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from cifar_jax import export, models, pretrained, torch_models, trainer  # noqa: E402
 from cifar_jax.data import augment  # noqa: E402
-from tests.helpers import tiny_config  # noqa: E402
+from tests.support.helpers import tiny_config  # noqa: E402
 
 
 def _trained_looking(name, stem, seed=0):

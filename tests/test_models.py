@@ -93,7 +93,7 @@ def test_train_and_eval_switch_batchnorm_statistics():
 def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     torch = pytest.importorskip("torch")
     from cifar_jax.torch_models import simple_cnn as torch_simple_cnn
-    from tests.helpers import load_torch_simple_cnn
+    from tests.support.helpers import load_torch_simple_cnn
 
     ref = torch_simple_cnn(100)
     assert sum(p.numel() for p in ref.parameters()) == 965_476

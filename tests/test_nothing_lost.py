@@ -15,17 +15,17 @@ from cifar_jax import config as config_lib
 from cifar_jax import evaluate, staging, trainer
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
-from tests.helpers import ROOT, tiny_config
+from tests.support.helpers import ROOT, tiny_config
 
 
 def _train(workdir, *flags, env=None, file_size_kb=None, script="train.py"):
-    """train.py (or a probe that runs it) on tests/tiny_config.py; with `file_size_kb`, under that
+    """train.py (or a probe that runs it) on tests/support/tiny_config.py; with `file_size_kb`, under that
     limit of the size of any file it writes (a write past it fails with EFBIG, as on a full disk)."""
     cmd = [
         sys.executable,
-        os.path.join(ROOT, "tests", script) if script != "train.py" else "train.py",
+        os.path.join(ROOT, "tests", "support", script) if script != "train.py" else "train.py",
         "--config",
-        "tests/tiny_config.py",
+        "tests/support/tiny_config.py",
         f"--workdir={workdir}",
         "--progress=false",
         *flags,
@@ -306,7 +306,7 @@ def _limited(cmd, file_size_kb):
 
 def test_a_workdir_that_cannot_be_written_at_start_up_is_one_line(tmp_path):
     out = _limited(
-        [sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={tmp_path}"], 0
+        [sys.executable, "train.py", "--config", "tests/support/tiny_config.py", f"--workdir={tmp_path}"], 0
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [
@@ -361,7 +361,7 @@ def test_a_bad_value_is_one_line_naming_the_key_or_file(tmp_path, override, mess
             sys.executable,
             "train.py",
             "--config",
-            "tests/tiny_config.py",
+            "tests/support/tiny_config.py",
             override,
             f"--workdir={tmp_path / 'run'}",
         ],

@@ -10,7 +10,7 @@ import pytest
 
 from cifar_jax import prepare, trainer
 from cifar_jax.data import sources
-from tests.helpers import ROOT, tiny_config
+from tests.support.helpers import ROOT, tiny_config
 from tests.test_data_sources import _write_cifar_python
 
 pytest.importorskip("tensorflow_datasets")
@@ -21,7 +21,7 @@ def test_a_study_config_without_network_or_prepared_data_fails_at_once_in_one_li
     data_dir = tmp_path / "tensorflow_datasets"
     cmd = [
         sys.executable,
-        "tests/offline_probe.py",
+        "tests/support/offline_probe.py",
         "--config",
         config,
         f"--config.data.path={data_dir}",

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_jax import data
+from cifar_jax import data, sharding
 from cifar_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +47,8 @@ def test_eval_batches_count_every_example_once(n, bs):
 
 def test_train_batch_is_augmented_normalised_and_resized():
     arrays = data.load("fake", num_train=32, num_test=4, num_classes=3)
-    mesh = pipeline.make_mesh()
-    images, labels = pipeline.replicate(arrays.x_train, mesh), pipeline.replicate(arrays.y_train, mesh)
+    mesh = sharding.make_mesh()
+    images, labels = sharding.replicate(arrays.x_train, mesh), sharding.replicate(arrays.y_train, mesh)
     pre = pipeline.Preprocess(crop_padding=4, flip=True, normalization="imagenet", image_size=64)
     order = pipeline.epoch_order(0, 0, 32)
     x, y = jax.jit(
@@ -65,7 +65,7 @@ def _probe(tmp_path, devices):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     out = tmp_path / f"probe{devices}.npz"
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "pipeline_probe.py"), str(out)],
+        [sys.executable, os.path.join(ROOT, "tests", "support", "pipeline_probe.py"), str(out)],
         check=True,
         env=env,
         cwd=ROOT,

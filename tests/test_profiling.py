@@ -103,7 +103,7 @@ def test_a_training_run_traces_a_window_of_an_epoch_and_its_validation(tmp_path,
     import collections
 
     from cifar_jax import trainer
-    from tests.helpers import tiny_config, without_timing
+    from tests.support.helpers import tiny_config, without_timing
 
     def events(trace):
         with gzip.open(trace, "rt") as f:

@@ -18,7 +18,7 @@ from flax import nnx
 from cifar_jax import data, models, optim, steps
 from cifar_jax.bench import compare, reference
 from cifar_jax.data import pipeline
-from tests.helpers import load_torch_simple_cnn, tiny_config
+from tests.support.helpers import load_torch_simple_cnn, tiny_config
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -256,7 +256,7 @@ def test_a_config_it_cannot_train_fails_in_one_line(tmp_path):
             sys.executable,
             "-m",
             "cifar_jax.bench.reference",
-            "--config=tests/tiny_config.py",
+            "--config=tests/support/tiny_config.py",
             f"--workdir={tmp_path / 'run'}",
             "--config.model.pretrained=/nowhere",
         ],
@@ -286,9 +286,9 @@ def test_gap_is_judged_against_two_standard_errors():
 
 def test_compare_rejects_a_bad_override_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="no key 'optimizer.lrr'"):
-        compare.compare("tests/tiny_config.py", ["optimizer.lrr=0.1"], [0], ["jax"], tmp_path, 0)
+        compare.compare("tests/support/tiny_config.py", ["optimizer.lrr=0.1"], [0], ["jax"], tmp_path, 0)
     with pytest.raises(ValueError, match="not KEY=VALUE"):
-        compare.compare("tests/tiny_config.py", ["optimizer.lr"], [0], ["jax"], tmp_path, 0)
+        compare.compare("tests/support/tiny_config.py", ["optimizer.lr"], [0], ["jax"], tmp_path, 0)
     assert not any(tmp_path.iterdir())
 
 
@@ -298,7 +298,7 @@ def test_compare_runs_both_frameworks_and_resumes(tmp_path):
     run's test accuracy from its own report; a second call reuses the runs."""
     out = tmp_path / "cmp"
     summary = compare.compare(
-        "tests/tiny_config.py", ["num_epochs=1"], [0], ["jax", "torch"], out, 0, log=lambda m: None
+        "tests/support/tiny_config.py", ["num_epochs=1"], [0], ["jax", "torch"], out, 0, log=lambda m: None
     )
     jax_report = json.loads((out / "jax/seed0/eval/report.json").read_text())
     torch_report = json.loads((out / "torch/seed0/report.json").read_text())
@@ -314,6 +314,6 @@ def test_compare_runs_both_frameworks_and_resumes(tmp_path):
     )
     logged = []
     compare.compare(
-        "tests/tiny_config.py", ["num_epochs=1"], [0], ["jax", "torch"], out, 0, log=logged.append
+        "tests/support/tiny_config.py", ["num_epochs=1"], [0], ["jax", "torch"], out, 0, log=logged.append
     )
     assert all("done before" in m for m in logged) and len(logged) == 2

@@ -14,18 +14,18 @@ import time
 import numpy as np
 import pytest
 
-from cifar_jax import evaluate, trainer
+from cifar_jax import evaluate, steps, trainer
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import WorkdirLock
-from tests.helpers import checkpoint_arrays, tiny_config, without_timing
+from tests.support.helpers import checkpoint_arrays, tiny_config, without_timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_file_config():
     spec = importlib.util.spec_from_file_location(
-        "tiny_config", os.path.join(ROOT, "tests", "tiny_config.py")
+        "tiny_config", os.path.join(ROOT, "tests", "support", "tiny_config.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -33,7 +33,7 @@ def _tiny_file_config():
 
 
 def _start(workdir):
-    cmd = [sys.executable, "train.py", "--config", "tests/tiny_config.py", f"--workdir={workdir}"]
+    cmd = [sys.executable, "train.py", "--config", "tests/support/tiny_config.py", f"--workdir={workdir}"]
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -168,14 +168,14 @@ def test_an_error_while_running_ahead_still_checkpoints_the_finished_epoch(tmp_p
 def test_sigterm_while_running_ahead_saves_both_checkpoints_and_the_rerun_is_bit_identical(
     tmp_path, monkeypatch
 ):
-    assert (
-        threading.current_thread() is threading.main_thread()
-    )  # where the trainer turns SIGTERM into a flag
-    # One step per call, so that the 2 chunks run ahead are half of the next epoch's 4 steps.
+    # The main thread is where the trainer turns SIGTERM into a flag.
+    assert threading.current_thread() is threading.main_thread()
+    # One step per call, so that the calls run ahead are part of the next epoch's 4 steps.
     config = tiny_config(num_epochs=3, run_ahead_chunks=2, steps_per_call=1)
     _at_epoch_start(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    # The first chunk carries the stop vote; the host reads it once the second chunk is queued.
-    with pytest.raises(trainer.Interrupted, match="stopped by SIGTERM at epoch 2, step 2 of 4"):
+    # The first chunk carries the stop vote. The host ends epoch 1 once two calls run behind its
+    # end, and reads that chunk once two run behind it: when the third chunk is queued.
+    with pytest.raises(trainer.Interrupted, match="stopped by SIGTERM at epoch 2, step 3 of 4"):
         trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
     monkeypatch.undo()
     assert Checkpoints(tmp_path / "run", read_only=True).epochs() == [1]
@@ -420,7 +420,7 @@ def test_a_start_that_saved_nothing_does_not_bind_the_workdir_to_its_config(tmp_
     def fail(*args, **kwargs):
         raise RuntimeError("compilation failed")
 
-    monkeypatch.setattr(trainer.steps, "make_train_chunk", fail)
+    monkeypatch.setattr(steps, "make_train_chunk", fail)
     with pytest.raises(RuntimeError, match="compilation failed"):
         trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
     monkeypatch.undo()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cifar_jax import evaluate, optim, pretrained, train_state, trainer
+from cifar_jax import epoch_end, evaluate, optim, phases, pretrained, steps, train_state, trainer
 from cifar_jax.checkpoint import Checkpoints
-from tests.helpers import checkpoint_arrays, tiny_config, without_timing
+from tests.support.helpers import checkpoint_arrays, tiny_config, without_timing
 
 # Resuming (2 epochs, a stop, 2 more == 4 straight, bit for bit) is tested in test_reliability.py.
 
@@ -103,15 +103,16 @@ def test_the_host_waits_for_no_device_value_between_an_epochs_last_chunk_and_its
     # (and read back) as each epoch starts. One chunk per epoch, no running ahead: per epoch the
     # host queues validation, then reads the chunk's metrics, then validation's.
     events = []
-    to_host = trainer._to_host
-    monkeypatch.setattr(trainer, "_to_host", lambda tree: events.append("read") or to_host(tree))
-    make_eval_sums = trainer.steps.make_eval_sums
+    to_host = epoch_end.to_host
+    for module in (trainer, epoch_end):  # chunks are read in one, validation in the other
+        monkeypatch.setattr(module, "to_host", lambda tree: events.append("read") or to_host(tree))
+    make_eval_sums = steps.make_eval_sums
 
     def recording_eval_sums(*args, **kwargs):
         run = make_eval_sums(*args, **kwargs)
         return lambda *a: events.append("validate") or run(*a)
 
-    monkeypatch.setattr(trainer.steps, "make_eval_sums", recording_eval_sums)
+    monkeypatch.setattr(steps, "make_eval_sums", recording_eval_sums)
     make_schedule = optim.make_schedule
 
     def recording_schedule(*args, **kwargs):
@@ -143,14 +144,14 @@ def test_logged_learning_rates_are_the_schedules_at_each_epochs_first_step(per):
             "schedule.per": per,
         },
     )
-    phase = train_state.phases(config)[0]
-    schedule, _ = train_state.make_tx(config, phase, steps_per_epoch=5)
-    lrs = train_state.epoch_lrs(schedule, phase, steps_per_epoch=5)
+    phase = phases.phases(config)[0]
+    schedule, _ = phases.make_tx(config, phase, steps_per_epoch=5)
+    lrs = phases.epoch_lrs(schedule, phase, steps_per_epoch=5)
     expected = np.array([schedule(e * 5) for e in range(7)], np.float32)  # what the optimizer uses
     np.testing.assert_array_equal(np.array(lrs, np.float32), expected)
     assert len(set(lrs)) > 3  # warmup, then decays: a table of one value would not pass
     assert (
-        train_state.epoch_lrs(lambda count: 1e-3 + 0 * count, phase, 5)[0] == 0.001
+        phases.epoch_lrs(lambda count: 1e-3 + 0 * count, phase, 5)[0] == 0.001
     )  # logged as 0.001, not 0.0010000000474974513
 
 
@@ -279,8 +280,8 @@ def test_head_only_batchnorm_modes_match_pytorch(batchnorm, highest_precision):
     graphdef_train = nnx.graphdef(model)
     model.eval()
     graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    phase = train_state.phases(config)[0]
-    cfg, _ = train_state.step_config(
+    phase = phases.phases(config)[0]
+    cfg, _ = phases.step_config(
         config,
         phase,
         train_state.GraphDefs(graphdef_train, graphdef_eval, "fc"),

@@ -17,7 +17,7 @@ from cifar_jax import config as config_lib
 from cifar_jax import data, models, optim, steps
 from cifar_jax.data import pipeline
 from cifar_jax.torch_models import simple_cnn as torch_simple_cnn
-from tests.helpers import load_torch_simple_cnn
+from tests.support.helpers import load_torch_simple_cnn
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")

@@ -9,7 +9,7 @@ import pytest
 wandb_pb2 = pytest.importorskip("wandb.proto.wandb_internal_pb2")
 
 from cifar_jax import trainer  # noqa: E402
-from tests.helpers import tiny_config  # noqa: E402
+from tests.support.helpers import tiny_config  # noqa: E402
 
 BLOCK = 32 * 1024  # wandb's run files are LevelDB-style logs: 32 KiB blocks of framed records
 

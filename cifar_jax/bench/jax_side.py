@@ -68,19 +68,19 @@ class JaxSide:
     def __init__(self, case: Case, opts, num_train: int):
         import jax
 
-        from cifar_jax import steps, train_state
+        from cifar_jax import phases, sharding, steps, train_state
         from cifar_jax.data import pipeline
 
         self.config = config = jax_config(case, opts)
-        self.mesh = pipeline.make_mesh()
-        self.sharding = pipeline.batch_sharding(self.mesh)
+        self.mesh = sharding.make_mesh()
+        self.sharding = sharding.batch_sharding(self.mesh)
         self.replicated = jax.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         self.preprocess = pipeline.Preprocess.from_config(config.data)
         self.steps_per_epoch = pipeline.steps_per_epoch(num_train, config.batch_size)
         self.steps_per_call = steps.steps_per_call(config, self.steps_per_epoch)
-        phase = train_state.phases(config)[0]
+        phase = phases.phases(config)[0]
         graphdefs, _ = train_state.create_train_state(config, NUM_CLASSES, self.mesh)
-        self.step_cfg, _ = train_state.step_config(
+        self.step_cfg, _ = phases.step_config(
             config,
             phase,
             graphdefs,
@@ -99,9 +99,9 @@ class JaxSide:
         self.dtype = train_state.compute_dtype(config)
 
     def put(self, x):
-        from cifar_jax.data import pipeline
+        from cifar_jax import sharding
 
-        return pipeline.replicate(x, self.mesh)
+        return sharding.replicate(x, self.mesh)
 
     def zero_metrics(self):
         import jax

@@ -326,79 +326,83 @@ class ReferenceTrainer:
                 sums["correct"] += int((logits.argmax(-1) == y).sum())
         return sums
 
-    def epoch_row(self, epoch: int) -> dict:
-        """Train one epoch and validate: the row train.py writes for it."""
-        lr, t0 = self.lr(), time.perf_counter()
-        train = self.train_epoch()
-        t_val = time.perf_counter()
-        row = {"epoch": epoch + 1, "phase": "all", **_means("train", train)}
-        has_val = len(self.val[1]) > 0
-        row.update(_means("val", self.evaluate(*self.val) if has_val else None))
-        if self.ema is not None:
-            row.update(_means("ema_val", self.evaluate(*self.val, model=self.ema) if has_val else None))
-        t_end = time.perf_counter()
-        row.update(
-            lr=lr,
-            epoch_time_s=round(t_end - t0, 3),
-            train_img_per_s=round(train["count"] / (t_val - t0), 1),
-            val_s=round(t_end - t_val, 3) if has_val else None,
-            host_s=None,
-            checkpoint_s=None,
-        )
-        if epoch == 0:  # eager PyTorch compiles nothing; the first step comes after imports, data and model
-            row.update(compile_s=None, first_step_s=self.first_step_s)
-        return row
 
-    def run(self, workdir: Path) -> dict:
-        """Train every epoch, writing `metrics.jsonl` row by row, then `report.json` (test split)."""
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2) + "\n")
-        with open(workdir / "metrics.jsonl", "w") as f:
-            for epoch in range(self.config.num_epochs):
-                row = self.epoch_row(epoch)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                log.info(
-                    "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s",
-                    epoch + 1,
-                    self.config.num_epochs,
-                    row["train_loss"],
-                    row["train_acc"],
-                    _fmt(row["val_loss"]),
-                    _fmt(row["val_acc"]),
-                    row["lr"],
-                    row["epoch_time_s"],
-                )
-        test = self.evaluate(*self.test)
-        report = {
-            "framework": "torch",
-            "input": self.input_path,
-            "split": "test",
-            "step": self.config.num_epochs,
-            "n_examples": test["count"],
-            "top1_acc": test["correct"] / max(test["count"], 1),
-            "loss": test["loss_sum"] / max(test["count"], 1),
-        }
-        if self.ema is not None:
-            ema = self.evaluate(*self.test, model=self.ema)
-            report.update(
-                ema_top1_acc=ema["correct"] / max(ema["count"], 1),
-                ema_loss=ema["loss_sum"] / max(ema["count"], 1),
+def epoch_row(trainer: ReferenceTrainer, epoch: int) -> dict:
+    """Train one epoch and validate: the row train.py writes for it."""
+    lr, t0 = trainer.lr(), time.perf_counter()
+    train = trainer.train_epoch()
+    t_val = time.perf_counter()
+    row = {"epoch": epoch + 1, "phase": "all", **_means("train", train)}
+    has_val = len(trainer.val[1]) > 0
+    row.update(_means("val", trainer.evaluate(*trainer.val) if has_val else None))
+    if trainer.ema is not None:
+        row.update(_means("ema_val", trainer.evaluate(*trainer.val, model=trainer.ema) if has_val else None))
+    t_end = time.perf_counter()
+    row.update(
+        lr=lr, epoch_time_s=round(t_end - t0, 3), train_img_per_s=round(train["count"] / (t_val - t0), 1)
+    )
+    row.update(val_s=round(t_end - t_val, 3) if has_val else None, host_s=None, checkpoint_s=None)
+    if epoch == 0:  # eager PyTorch compiles nothing; the first step comes after imports, data and model
+        row.update(compile_s=None, first_step_s=trainer.first_step_s)
+    return row
+
+
+def test_report(trainer: ReferenceTrainer) -> dict:
+    """The last epoch's model (and weight average) on the test split, and how the run ran."""
+    torch, test = trainer.torch, trainer.evaluate(*trainer.test)
+    n = max(test["count"], 1)
+    report = {
+        "framework": "torch",
+        "input": trainer.input_path,
+        "split": "test",
+        "step": trainer.config.num_epochs,
+        "n_examples": test["count"],
+        "top1_acc": test["correct"] / n,
+        "loss": test["loss_sum"] / n,
+    }
+    if trainer.ema is not None:
+        ema = trainer.evaluate(*trainer.test, model=trainer.ema)
+        report.update(ema_top1_acc=ema["correct"] / n, ema_loss=ema["loss_sum"] / n)
+    workers = trainer.workers if trainer.input_path == "dataloader" else None
+    report.update(
+        wall_s=round(time.perf_counter() - trainer.t_start, 2),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        workers=workers,
+    )
+    return report
+
+
+def run(trainer: ReferenceTrainer, workdir: Path) -> dict:
+    """Train every epoch, writing `metrics.jsonl` row by row, then `report.json` (test split)."""
+    config = trainer.config
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    with open(workdir / "metrics.jsonl", "w") as f:
+        for epoch in range(config.num_epochs):
+            row = epoch_row(trainer, epoch)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s",
+                epoch + 1,
+                config.num_epochs,
+                row["train_loss"],
+                row["train_acc"],
+                _fmt(row["val_loss"]),
+                _fmt(row["val_acc"]),
+                row["lr"],
+                row["epoch_time_s"],
             )
-        report.update(
-            wall_s=round(time.perf_counter() - self.t_start, 2),
-            torch=self.torch.__version__,
-            threads=self.torch.get_num_threads(),
-            workers=self.workers if self.input_path == "dataloader" else None,
-        )
-        (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        log.info(
-            "test top1_acc %.4f (%d images); %.1f s from the start",
-            report["top1_acc"],
-            test["count"],
-            report["wall_s"],
-        )
-        return report
+    report = test_report(trainer)
+    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info(
+        "test top1_acc %.4f (%d images); %.1f s from the start",
+        report["top1_acc"],
+        report["n_examples"],
+        report["wall_s"],
+    )
+    return report
 
 
 def make_mix(augment_config, num_classes: int):
@@ -467,7 +471,7 @@ def main(config, workdir: str, *, input_path: str, workers: int, threads: int) -
         f", {workers} DataLoader workers" if input_path == "dataloader" else "",
         trainer.steps_per_epoch,
     )
-    return trainer.run(Path(workdir))
+    return run(trainer, Path(workdir))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The device-resident input pipeline.
 
-The uint8 dataset is placed once, replicated, on every device of a 1-D mesh ('data'). Inside the
+The uint8 dataset is placed once, replicated, on every device of the mesh (`cifar_jax.sharding`). Inside the
 jitted step a batch is drawn by index, augmented and normalised on device, and constrained to be
 sharded over 'data'. The host sends only the epoch's order and a step number: no per-step
 transfer, no host data loader.
@@ -15,29 +15,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from cifar_jax.data import augment
-
-DATA_AXIS = "data"
-
-
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all devices (of all processes), axis 'data'."""
-    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
-
-
-def replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Put a host array on every device of `mesh` (works across processes too)."""
-    sharding = NamedSharding(mesh, P())
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over 'data', the rest whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
 
 
 @dataclasses.dataclass(frozen=True)

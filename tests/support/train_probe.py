@@ -2,7 +2,7 @@
 
 Arguments: specs 'ARCH:OPTIMIZER[:float64]'.
 Device count comes from XLA_FLAGS. With PROBE_PROCESS_ID / PROBE_NUM_PROCESSES / PROBE_COORDINATOR
-set, it joins a multi-process run (tests/probe_env.py).
+set, it joins a multi-process run (tests/support/probe_env.py).
 """
 
 import functools
@@ -20,7 +20,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cifar_jax import config as config_lib  # noqa: E402
-from cifar_jax import data, models, optim, steps  # noqa: E402
+from cifar_jax import (  # noqa: E402
+    data,
+    models,
+    optim,
+    sharding,  # noqa: E402
+    steps,
+)
 from cifar_jax.data import pipeline  # noqa: E402
 
 BATCH, STEPS = 16, 5
@@ -36,13 +42,13 @@ def losses(spec):
         32 if arch == "simple_cnn" else 16
     )  # ResNet at 16x16 (float64 needs no well-conditioned BatchNorm): 4x cheaper
     arrays = data.load("fake", num_train=BATCH * STEPS, num_test=1, num_classes=10, image_size=size, seed=1)
-    mesh = pipeline.make_mesh()
+    mesh = sharding.make_mesh()
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
     options = {} if arch == "simple_cnn" else {"stem": "imagenet"}
     model = models.create(arch, 10, seed=0, dtype=dtype, **options)
     nnx.update(model, jax.tree.map(lambda a: a.astype(dtype), nnx.state(model)))
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    to_mesh = lambda t: jax.tree.map(lambda a: pipeline.replicate(np.asarray(a), mesh), t)
+    to_mesh = lambda t: jax.tree.map(lambda a: sharding.replicate(np.asarray(a), mesh), t)
     opt_cfg = config_lib.base().optimizer
     opt_cfg.update(dict(name=optimizer, lr=1e-3, weight_decay=5e-4, accumulate_steps=accumulate))
     tx = optim.make_optimizer(opt_cfg, opt_cfg.lr)
@@ -56,7 +62,7 @@ def losses(spec):
         10,
         0.1,
         seed=0,
-        sharding=pipeline.batch_sharding(mesh),
+        sharding=sharding.batch_sharding(mesh),
         accumulate_steps=accumulate,
     )
     params, stats = to_mesh(params), to_mesh(stats)
@@ -66,7 +72,7 @@ def losses(spec):
         "opt_state": jax.jit(tx.init, out_shardings=replicated)(params),
     }
     metrics = jax.device_put(steps.zero_metrics(), replicated)
-    images, labels = pipeline.replicate(arrays.x_train, mesh), pipeline.replicate(arrays.y_train, mesh)
+    images, labels = sharding.replicate(arrays.x_train, mesh), sharding.replicate(arrays.y_train, mesh)
     order = pipeline.epoch_order(0, 0, BATCH * STEPS)
     step = jax.jit(functools.partial(steps.train_step, cfg), donate_argnums=(0, 1))
     out, before = [], 0.0

@@ -15,11 +15,11 @@ join_distributed_from_env()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cifar_jax import sharding  # noqa: E402
 from cifar_jax.checkpoint import Checkpoints  # noqa: E402
-from cifar_jax.data import pipeline  # noqa: E402
 
 if __name__ == "__main__":
-    mesh = pipeline.make_mesh()
+    mesh = sharding.make_mesh()
     rng = np.random.default_rng(0)
     host = {
         "params": {
@@ -28,11 +28,11 @@ if __name__ == "__main__":
         },
         "opt_state": {"count": np.asarray(9, np.int32)},
     }
-    state = jax.tree.map(lambda v: pipeline.replicate(v, mesh), host)
+    state = jax.tree.map(lambda v: sharding.replicate(v, mesh), host)
     ckpts = Checkpoints(sys.argv[1])
     ckpts.save(1, state, {"epoch": 1, "phase": "all", "row": {"val_acc": 0.5}})
     ckpts.wait()
-    template = jax.tree.map(lambda v: pipeline.replicate(np.zeros_like(v), mesh), host)
+    template = jax.tree.map(lambda v: sharding.replicate(np.zeros_like(v), mesh), host)
     restored, meta = ckpts.restore(1, template)
     ckpts.close()
     pairs = zip(jax.tree.leaves(host), jax.tree.leaves(restored), jax.tree.leaves(template))

@@ -11,7 +11,7 @@ import sys
 
 from cifar_jax import checkpoint, tracking
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WHEN = os.environ["PROBE_SIGNAL_AT"]
 
 

@@ -84,7 +84,7 @@ def checkpoint_arrays(workdir, epoch="latest"):
     return [np.asarray(x) for x in jax.tree.leaves((restored.params, restored.batch_stats))]
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def probe_env(devices: int, **extra) -> dict:
@@ -100,7 +100,7 @@ def probe_env(devices: int, **extra) -> dict:
 def run_probe(script: str, devices: int, *args) -> dict:
     """Run `tests/<script>` on `devices` CPU devices; the JSON object of its last output line."""
     out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", script), *args],
+        [sys.executable, os.path.join(ROOT, "tests", "support", script), *args],
         env=probe_env(devices),
         cwd=ROOT,
         check=True,

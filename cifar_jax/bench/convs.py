@@ -1,6 +1,6 @@
 """Every convolution of a model timed alone, ours against PyTorch's, in the same process:
 
-    python -m cifar_jax.bench_convs --case resnet50@224 [--batch_size 32] [--reps 5]
+    python -m cifar_jax.bench.convs --case resnet50@224 [--batch_size 32] [--reps 5]
 
 For each distinct convolution of the model (found by running torchvision's model once with hooks
 on its `nn.Conv2d` layers), at the training batch size: our `Conv` (jitted, NHWC) against
@@ -152,7 +152,7 @@ def main(argv=None) -> list[dict]:
 
     cli.tune_xla_cpu()  # the settings train.py runs with, before JAX starts
     p = argparse.ArgumentParser(
-        prog="python -m cifar_jax.bench_convs",
+        prog="python -m cifar_jax.bench.convs",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from cifar_jax import models, steps
+from cifar_jax import models, sharding, steps
 from cifar_jax.data import pipeline
 
 
@@ -18,15 +18,15 @@ def main():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8)  # 3 batches of 8, the last padded
     labels = rng.integers(0, 10, 23).astype(np.int32)
-    mesh = pipeline.make_mesh()
+    mesh = sharding.make_mesh()
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params, batch_stats = (jax.device_put(t, replicated) for t in (params, batch_stats))
-    x, y = (pipeline.replicate(a, mesh) for a in (images, labels))
+    x, y = (sharding.replicate(a, mesh) for a in (images, labels))
     options = dict(
         preprocess=pipeline.Preprocess(),
         batch_size=8,
         batches_per_call=2,
-        sharding=pipeline.batch_sharding(mesh),
+        sharding=sharding.batch_sharding(mesh),
     )
     logits = steps.make_predict(graphdef, **options)(params, batch_stats, x)
     sums = steps.make_eval_sums(graphdef, num_classes=10, label_smoothing=0.1, **options)(

@@ -1,10 +1,10 @@
-"""A config file for subprocess tests: python train.py --config tests/tiny_config.py
+"""A config file for subprocess tests: python train.py --config tests/support/tiny_config.py
 
 SimpleCNN on 3,200 fake images, batch 16: 196 short steps per epoch (about 3 s on 2 cores), so a
 signal sent when an epoch's metrics row appears lands early in the next epoch.
 """
 
-from tests.helpers import tiny_config
+from tests.support.helpers import tiny_config
 
 
 def get_config():
