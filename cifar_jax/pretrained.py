@@ -71,50 +71,55 @@ def load_state_dict(source, arch: str | None = None) -> dict[str, np.ndarray]:
         return _clean(source)
     source = os.fspath(source)
     path = Path(source)
-    if path.suffix == ".safetensors":
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
         if not path.is_file():
             raise FileNotFoundError(f"no such weights file: {source}")
-        try:
-            return _clean(require("safetensors.numpy", "torch").load_file(source))
-        except ImportError:
-            raise
-        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a damaged file)
-            raise ConversionError(
-                f"{source} is not a readable .safetensors file ({one_line(e, 120)})"
-            ) from None
-    if path.suffix in (".pth", ".pt", ".bin"):
-        if not path.is_file():
-            raise FileNotFoundError(f"no such weights file: {source}")
-        torch = require("torch", "torch")
-        try:
-            loaded = torch.load(source, map_location="cpu", weights_only=True)
-        # noqa: BLE001  (pickle, zip and torch errors for a file that is no state_dict)
-        except Exception as e:
-            raise ConversionError(
-                f"{source} is not a readable PyTorch state_dict ({one_line(e, 120)})"
-            ) from None
-        if not isinstance(loaded, Mapping):
-            raise ConversionError(
-                f"{source} holds a {type(loaded).__name__}, not a state_dict (a mapping of names to tensors)"
-            )
-        return _clean(loaded)
+        return _clean(_read_weights_file(path))
     if path.exists() or os.sep in source:
         raise ConversionError(f"cannot read weights from {source!r}: use a .pth/.pt or .safetensors file")
     if arch is None:
         raise ConversionError(f"the torchvision weights name {source!r} needs an architecture (arch=...)")
+    return _clean(_torchvision_weights(source, arch))
+
+
+def _read_weights_file(path: Path):
+    """The mapping in a .safetensors or PyTorch file; a ConversionError for one that does not read."""
+    if path.suffix == ".safetensors":
+        try:
+            return require("safetensors.numpy", "torch").load_file(str(path))
+        except ImportError:
+            raise
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types for a damaged file)
+            raise ConversionError(
+                f"{path} is not a readable .safetensors file ({one_line(e, 120)})"
+            ) from None
+    torch = require("torch", "torch")
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (pickle, zip and torch errors for a file that is no state_dict)
+        raise ConversionError(f"{path} is not a readable PyTorch state_dict ({one_line(e, 120)})") from None
+    if not isinstance(loaded, Mapping):
+        raise ConversionError(
+            f"{path} holds a {type(loaded).__name__}, not a state_dict (a mapping of names to tensors)"
+        )
+    return loaded
+
+
+def _torchvision_weights(name: str, arch: str):
+    """torchvision's `arch` weights `name`, downloaded (or from torchvision's cache)."""
     torchvision = require("torchvision", "torch")
     try:
-        weights = torchvision.models.get_model_weights(arch)[source]
+        weights = torchvision.models.get_model_weights(arch)[name]
     except KeyError:
         names = [w.name for w in torchvision.models.get_model_weights(arch)]
         raise ConversionError(
-            f"unknown torchvision weights {source!r} for {arch}; valid names: {', '.join(names)}"
+            f"unknown torchvision weights {name!r} for {arch}; valid names: {', '.join(names)}"
         ) from None
     try:
-        return _clean(weights.get_state_dict(progress=True))
+        return weights.get_state_dict(progress=True)
     except OSError as e:  # URLError included: no network
         raise OSError(
-            f"could not download torchvision {arch} {source} ({e}); download {weights.url} where the "
+            f"could not download torchvision {arch} {name} ({e}); download {weights.url} where the "
             f"internet is reachable and pass the file instead (--state-dict PATH)"
         ) from None
 

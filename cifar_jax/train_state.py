@@ -26,16 +26,22 @@ def compute_dtype(config) -> str:
     return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
 
 
-def build_model(config, num_classes: int | None = None, *, weights: bool = True):
+def build_model(config, num_classes: int | None = None, *, weights: bool = True, kernels: str = "auto"):
     """The configured model: its converted pretrained weights (`model.pretrained`, when `weights`)
     or freshly initialised ones. Evaluation passes `weights=False`: a checkpoint overwrites them,
-    and it must not need the directory that training started from."""
+    and it must not need the directory that training started from. `kernels`: as in
+    `models.create` (the benchmark's choice)."""
     dtype = compute_dtype(config)
     if weights and config.model.pretrained:
         return pretrained.load(
-            config.model.pretrained, num_classes, dtype=dtype, stem=config.model.stem, seed=config.seed
+            config.model.pretrained,
+            num_classes,
+            dtype=dtype,
+            stem=config.model.stem,
+            seed=config.seed,
+            kernels=kernels,
         )
-    return models.from_config(config.model, num_classes, dtype=dtype, seed=config.seed)
+    return models.from_config(config.model, num_classes, dtype=dtype, seed=config.seed, kernels=kernels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +54,20 @@ class GraphDefs:
 
 
 def create_train_state(
-    config, num_classes: int, mesh, phase: Phase | None = None, tx=None, *, weights: bool = True
+    config,
+    num_classes: int,
+    mesh,
+    phase: Phase | None = None,
+    tx=None,
+    *,
+    weights: bool = True,
+    kernels="auto",
 ):
     """(GraphDefs, train state) of the configured model, replicated on every device of `mesh`.
     With `phase` and its `tx` the state holds the optimizer state of what the phase trains; without,
-    only the model's. A weight average (`ema_decay`) starts from the initial model. `weights`: as
-    in `build_model`."""
-    model = build_model(config, num_classes, weights=weights)
+    only the model's. A weight average (`ema_decay`) starts from the initial model. `weights` and
+    `kernels`: as in `build_model`."""
+    model = build_model(config, num_classes, weights=weights, kernels=kernels)
     graphdef_train = nnx.graphdef(model)
     model.eval()
     graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)

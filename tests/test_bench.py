@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from cifar_jax import bench
+from cifar_jax.bench import jax_modes
 from cifar_jax.data import pipeline
 from tests.support.helpers import assert_fails_in_one_line
 
@@ -263,7 +264,7 @@ def test_the_in_step_baseline_trains_on_the_batches_the_step_draws():
     draw = functools.partial(
         pipeline.train_batch, seed=0, batch_size=4, preprocess=side.preprocess, sharding=side.sharding
     )
-    chunk, batches = side.prepared_chunk(x, y, draw)
+    chunk, batches = jax_modes.prepared_chunk(side, x, y, draw)
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # both chunks donate their state
     order = jnp.arange(8)
     drawn = side.train_chunk(

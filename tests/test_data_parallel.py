@@ -27,12 +27,12 @@ def _free_port():
 
 
 def _two_processes(script, *args) -> list[dict]:
-    """Run `tests/<script>` as 2 processes x 2 CPU devices joined through jax.distributed; the last
+    """Run `tests/support/<script>` as 2 processes x 2 CPU devices joined through jax.distributed; the last
     JSON line of each process that printed one, in process order (Gloo logs to stdout too)."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
-            [sys.executable, f"tests/{script}", *args],
+            [sys.executable, f"tests/support/{script}", *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -110,7 +110,7 @@ def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     "window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 16), (3, 2, 1, 15)]
 )
 def test_max_pool_equals_reduce_window(window, stride, padding, size):
-    from cifar_jax.models.layers import max_pool
+    from cifar_jax.models.layers import max_pool2d as max_pool
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size + 1, 5)), jnp.float32)
     pads = ((padding, padding), (padding, padding))
@@ -164,7 +164,7 @@ def _assert_convolution_and_gradients_equal_xla(conv, kernel, stride, padding, s
 )
 def test_conv_as_patch_matmul_equals_xla_convolution(x64, kernel, stride, padding, size):
     """On CPU, 1x1 convolutions and those with outputs of at most 2x2 pixels run as a patch matmul."""
-    from cifar_jax.models.cpu_kernels import conv
+    from cifar_jax.models.cpu_kernels import conv2d as conv
 
     ours, x, k = _assert_convolution_and_gradients_equal_xla(conv, kernel, stride, padding, size, 6, 8)
     assert "conv_general_dilated" not in str(
@@ -233,7 +233,7 @@ def test_conv_gradients_take_the_fast_layout_inside_a_loop(wrt):
 )
 def test_max_pool_gradient_goes_to_the_first_tied_maximum_like_pytorch(window, stride, padding, size):
     torch = pytest.importorskip("torch")
-    from cifar_jax.models.layers import max_pool
+    from cifar_jax.models.layers import max_pool2d as max_pool
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 3, size=(2, size, size + 1, 5)).astype(np.float32)  # many tied maxima
@@ -270,9 +270,8 @@ def test_batch_norm_gradient_equals_autodiff_of_its_definition(x64, ops, monkeyp
     for the batch statistics."""
     from cifar_jax.models import layers
 
-    if ops == "stock":
-        monkeypatch.setattr(layers, "_forced", "stock")
-    batch_norm_train = layers.batch_norm_train
+    def batch_norm_train(x, scale, bias, eps):
+        return layers.batch_norm_train(x, scale, bias, eps, kernels=ops)
 
     def definition(x, scale, bias):
         mean = x.mean((0, 1, 2))
@@ -310,10 +309,10 @@ def test_materialize_is_the_identity_and_a_matmul_under_differentiation_on_cpu(d
 
 def test_every_basic_block_output_goes_through_materialize(monkeypatch):
     """ResNet-18/34 blocks hand their output to `materialize` (the CPU fused-transpose workaround)."""
-    from cifar_jax.models import resnet
+    from cifar_jax.models import cpu_kernels
 
     seen = []
-    monkeypatch.setattr(resnet, "materialize", lambda x: seen.append(x.shape) or x)
+    monkeypatch.setattr(cpu_kernels, "materialize", lambda x: seen.append(x.shape) or x)
     models.create("resnet18", 10, stem="cifar")(jnp.zeros((2, 8, 8, 3)))
     assert len(seen) == 8 and seen[-1] == (2, 1, 1, 512)
 
@@ -323,7 +322,6 @@ def test_every_basic_block_output_goes_through_materialize(monkeypatch):
 def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, options):
     """What runs on GPUs (XLA's stock operations) and what runs on CPUs (`cpu_kernels`): the same
     outputs, loss gradients and BatchNorm statistics, in float64."""
-    from cifar_jax.models import layers
 
     def step(model, x):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -341,10 +339,13 @@ def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, option
     # A batch of 8: ResNet's last stage normalises 1x1 maps, over 2 values with a batch of 2,
     # which amplifies the two paths' rounding differences to 5e-11.
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)))
-    with layers.forced("cpu_kernels"):
-        cpu = step(model, x)
-    with layers.forced("stock"):
-        stock = step(model, x)
+    models_by_kernels = {}
+    for kernels in ("cpu_kernels", "stock"):
+        built = models.create(name, 10, dtype="float64", kernels=kernels, **options)
+        nnx.update(built, nnx.state(model))  # the same weights
+        models_by_kernels[kernels] = built
+    cpu = step(models_by_kernels["cpu_kernels"], x)
+    stock = step(models_by_kernels["stock"], x)
     assert len(cpu) == len(stock) > 10
     for a, b in zip(cpu, stock):
         # 1e-14 absolute for the gradients that are zero but for rounding (a conv bias before BatchNorm).

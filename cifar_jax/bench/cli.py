@@ -65,6 +65,12 @@ def parse_args(argv):
         default=0,
         help="JAX eval batches per jitted call (0: the trainer's choice for a 10,000-image split)",
     )
+    _add_output_args(p)
+    return p.parse_args(argv)
+
+
+def _add_output_args(p) -> None:
+    """What runs on which device, the data, and where the results go."""
     p.add_argument(
         "--jax_layers",
         default="auto",
@@ -83,7 +89,6 @@ def parse_args(argv):
         help="trace two more JAX training and evaluation windows into DIR; print how "
         "busy the device was and its top kernels (also in the train and eval rows' 'profile')",
     )
-    return p.parse_args(argv)
 
 
 def check(opts):

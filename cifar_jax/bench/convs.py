@@ -64,10 +64,10 @@ def time_jax(layer: dict, batch: int, reps: int) -> tuple[float, float]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from cifar_jax.models.layers import conv
+    from cifar_jax.models.layers import conv2d
 
     rng = np.random.default_rng(0)
-    m = conv(
+    m = conv2d(
         layer["in_ch"],
         layer["out_ch"],
         layer["kernel"],
@@ -147,6 +147,26 @@ def totals(rows: list[dict]) -> dict:
     return {k: sum(r[k] * r["count"] for r in rows) for k in keys}
 
 
+def _check(opts):
+    """The one case to run; a BenchError for anything that cannot run here."""
+    cases = parse_cases(opts.case, None, None)
+    if len(cases) != 1:
+        raise BenchError(f"--case {opts.case!r}: give exactly one model@size")
+    if opts.batch_size < 1 or opts.reps < 1:
+        raise BenchError("--batch_size and --reps must be at least 1")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise BenchError("PyTorch is not installed: pip install -e '.[torch]'") from None
+    import jax
+
+    if jax.default_backend() != "cpu":  # the PyTorch side runs on the CPU: compare like with like
+        raise BenchError(
+            f"this compares CPU kernels, and JAX runs on {jax.default_backend()}: set JAX_PLATFORMS=cpu"
+        )
+    return cases[0]
+
+
 def main(argv=None) -> list[dict]:
     from cifar_jax import cli
 
@@ -168,28 +188,11 @@ def main(argv=None) -> list[dict]:
     )
     opts = p.parse_args(argv)
     try:
-        cases = parse_cases(opts.case, None, None)
-        if len(cases) != 1:
-            raise BenchError(f"--case {opts.case!r}: give exactly one model@size")
-        if opts.batch_size < 1 or opts.reps < 1:
-            raise BenchError("--batch_size and --reps must be at least 1")
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise BenchError("PyTorch is not installed: pip install -e '.[torch]'") from None
-        import jax
-
-        if jax.default_backend() != "cpu":  # the PyTorch side runs on the CPU: compare like with like
-            raise BenchError(
-                f"this compares CPU kernels, and JAX runs on {jax.default_backend()}: set JAX_PLATFORMS=cpu"
-            )
+        case = _check(opts)
     except BenchError as e:
         cli.fail(str(e))
-
-    print(
-        f"{cases[0]}, batch {opts.batch_size}, median of {opts.reps}; ours vs PyTorch on the CPU", flush=True
-    )
-    rows = run(cases[0], opts.batch_size, opts.reps, log=lambda line: print(line, flush=True))
+    print(f"{case}, batch {opts.batch_size}, median of {opts.reps}; ours vs PyTorch on the CPU", flush=True)
+    rows = run(case, opts.batch_size, opts.reps, log=lambda line: print(line, flush=True))
     t = totals(rows)
     print(
         f"all convolutions, weighted by count: forward {t['jax_forward_ms']:.0f} vs "

@@ -21,22 +21,6 @@ from cifar_jax.bench.jax_side import eval_window, jax_config
 from cifar_jax.bench.timing import median_rate, row, step_ms, timed_windows
 
 
-class TorchImages:
-    """A map-style dataset of uint8 HWC images through torchvision transforms on PIL images, like
-    torchvision's CIFAR100 dataset in the study's starter loop."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
 class TorchSide:
     """torchvision's model for one case, at its best on the device: eager, torch.compile'd, or
     torch.compile'd with CUDA graphs ("cudagraphs", GPU only)."""
@@ -168,54 +152,56 @@ class TorchSide:
             step_ms=step_ms(times, window_batches),
         )
 
-    def epoch(self, opts, case, images, labels):
-        torch = self.torch
-        from torchvision import transforms as T
 
-        from cifar_jax.data import augment
+def epoch(side: TorchSide, opts, case, images, labels):
+    """One epoch of the study's loop: a DataLoader of torchvision transforms on PIL images."""
+    from torchvision import transforms as T
 
-        mean, std = augment.NORMALIZATIONS["imagenet" if case.stem == "imagenet" else "cifar"]
-        steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ColorJitter(*COLOR_JITTER)]
-        if case.image_size != 32:
-            steps.append(T.Resize(case.image_size))
-        steps += [T.ToTensor(), T.Normalize(mean, std)]
-        workers = opts.workers if opts.workers >= 0 else (os.cpu_count() or 1)
-        loader = torch.utils.data.DataLoader(
-            TorchImages(images, labels, T.Compose(steps)),
-            batch_size=opts.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=workers,
-            pin_memory=self.cuda,
-        )
-        self.model.train()
-        t0 = time.perf_counter()
-        self.step(
-            *self.batch(opts.batch_size, case.image_size)
-        )  # warm-up (and compilation) outside the epoch
-        self.sync()
-        compile_s = time.perf_counter() - t0 if self.compiled else None
+    from cifar_jax.bench.reference import PilImages
+    from cifar_jax.data import augment
 
-        t0 = time.perf_counter()
-        n = 0
-        for x, y in loader:
-            x = x.to(self.dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            self.step(x, y.to(self.dev, non_blocking=True))
-            n += len(y)
-        self.sync()
-        seconds = time.perf_counter() - t0
-        return row(
-            case,
-            opts,
-            "torch",
-            "epoch",
-            f"{self.variant}, DataLoader {workers} workers",
-            self.device,
-            n / seconds,
-            compile_s,
-            epoch_s=round(seconds, 2),
-            images=n,
-        )
+    torch = side.torch
+
+    mean, std = augment.NORMALIZATIONS["imagenet" if case.stem == "imagenet" else "cifar"]
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ColorJitter(*COLOR_JITTER)]
+    if case.image_size != 32:
+        steps.append(T.Resize(case.image_size))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    workers = opts.workers if opts.workers >= 0 else (os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(
+        PilImages(images, labels, T.Compose(steps)),
+        batch_size=opts.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=side.cuda,
+    )
+    side.model.train()
+    t0 = time.perf_counter()
+    side.step(*side.batch(opts.batch_size, case.image_size))  # warm-up (and compilation) outside the epoch
+    side.sync()
+    compile_s = time.perf_counter() - t0 if side.compiled else None
+
+    t0 = time.perf_counter()
+    n = 0
+    for x, y in loader:
+        x = x.to(side.dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        side.step(x, y.to(side.dev, non_blocking=True))
+        n += len(y)
+    side.sync()
+    seconds = time.perf_counter() - t0
+    return row(
+        case,
+        opts,
+        "torch",
+        "epoch",
+        f"{side.variant}, DataLoader {workers} workers",
+        side.device,
+        n / seconds,
+        compile_s,
+        epoch_s=round(seconds, 2),
+        images=n,
+    )
 
 
 def run_torch(cases, modes, opts, epoch_data, log, record) -> None:
@@ -239,7 +225,7 @@ def run_torch(cases, modes, opts, epoch_data, log, record) -> None:
                 elif mode == "eval":
                     record(side.eval(opts, case, window_batches))
                 else:
-                    record(side.epoch(opts, case, *epoch_data))
+                    record(epoch(side, opts, case, *epoch_data))
             del side
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -42,23 +42,27 @@ def create(
     dtype="float32",
     seed: int = 0,
     rngs: nnx.Rngs | None = None,
+    kernels: str = "auto",
     **options,
 ):
-    """Build model `name` with freshly initialised parameters (PyTorch's init distributions)."""
+    """Build model `name` with freshly initialised parameters (PyTorch's init distributions).
+    `kernels`: which implementation of its operations runs where (`layers.per_platform`)."""
     check_name(name)
     unknown = sorted(set(options) - set(OPTIONS[name]))
     if unknown:
         raise ValueError(f"{name} takes no options {unknown}; it takes {list(OPTIONS[name]) or 'none'}")
-    return MODELS[name](num_classes, dtype=jnp.dtype(dtype), rngs=rngs or nnx.Rngs(seed), **options)
+    rngs = rngs or nnx.Rngs(seed)
+    return MODELS[name](num_classes, dtype=jnp.dtype(dtype), kernels=kernels, rngs=rngs, **options)
 
 
-def from_config(model_config, num_classes: int | None = None, *, dtype="float32", seed: int = 0):
+def from_config(
+    model_config, num_classes: int | None = None, *, dtype="float32", seed: int = 0, kernels="auto"
+):
     """`create` with the options of `config.model` that the architecture takes (a SimpleCNN has no
     stem), for `num_classes` (default: the config's)."""
     options = {key: model_config[key] for key in OPTIONS[model_config.name]}
-    return create(
-        model_config.name, num_classes or model_config.num_classes, dtype=dtype, seed=seed, **options
-    )
+    num_classes = num_classes or model_config.num_classes
+    return create(model_config.name, num_classes, dtype=dtype, seed=seed, kernels=kernels, **options)
 
 
 def count_params(model: nnx.Module) -> int:

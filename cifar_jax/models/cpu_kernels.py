@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 
-def conv(x, kernel, strides, padding):
-    """The convolution of `layers.Conv` on CPU: 1x1 kernels (ResNet-50's bottlenecks and
+def conv2d(x, kernel, strides, padding):
+    """The convolution of `layers.Conv2d` on CPU: 1x1 kernels (ResNet-50's bottlenecks and
     downsampling) and outputs of at most 2x2 pixels (ResNet-50's last stages at 32x32) as one 2-D
     matmul of image patches by the kernel, where XLA:CPU's convolution and its kernel gradient
     were slow; all others as `conv_nhwc`."""
@@ -38,18 +38,18 @@ def conv_nhwc(x, kernel, strides, padding):
     gives them other layouts, which XLA:CPU rewrites into that one only outside loops; inside a
     fori_loop of training steps they ran XLA's naive convolution. Outside loops the gradients are
     bit-identical to autodiff's."""
-    return xla_conv(x, kernel, strides, padding)
+    return _xla_conv(x, kernel, strides, padding)
 
 
-def xla_conv(x, kernel, strides, padding, **dilation):
-    """XLA's convolution of NHWC `x` by an HWIO kernel (what runs off the CPU, and in `conv_nhwc`)."""
+def _xla_conv(x, kernel, strides, padding, **dilation):
+    """XLA's convolution of NHWC `x` by an HWIO kernel (`layers.stock_conv2d`, with dilations)."""
     return jax.lax.conv_general_dilated(
         x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), **dilation
     )
 
 
 def _conv_nhwc_fwd(x, kernel, strides, padding):
-    return xla_conv(x, kernel, strides, padding), (x, kernel)
+    return _xla_conv(x, kernel, strides, padding), (x, kernel)
 
 
 def _conv_nhwc_bwd(strides, padding, residuals, dy):
@@ -61,7 +61,7 @@ def _conv_nhwc_bwd(strides, padding, residuals, dy):
         for k, s, o, size, (low, _) in zip(kernel.shape[:2], strides, dy.shape[1:3], x.shape[1:3], padding)
     ]
     # dX: dy, dilated by the stride, convolved with the kernel flipped in space and transposed (O, I).
-    dx = xla_conv(
+    dx = _xla_conv(
         dy,
         jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)),
         (1, 1),
@@ -70,7 +70,7 @@ def _conv_nhwc_bwd(strides, padding, residuals, dy):
     )
     # dK[i, j, c, o] = sum over n, h, w of x_padded[n, s*h + i, s*w + j, c] * dy[n, h, w, o]: a
     # convolution of x as (C, H, W, N) by dy as an (Ho, Wo, N, O) kernel dilated by the stride.
-    dk = xla_conv(
+    dk = _xla_conv(
         jnp.transpose(x, (3, 1, 2, 0)),
         jnp.transpose(dy, (1, 2, 0, 3)),
         (1, 1),

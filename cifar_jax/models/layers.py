@@ -4,12 +4,12 @@ BatchNorm.
 The initialisers reproduce PyTorch's defaults so that a model trained here from scratch starts
 from the same distribution as the study's PyTorch model. Each operation is XLA's stock one, except
 in programs compiled for the CPU, where `cpu_kernels` computes the same in forms XLA:CPU runs
-faster (`jax.lax.platform_dependent` chooses when the program is lowered).
+faster (`kernels='auto'`: `jax.lax.platform_dependent` chooses when the program is lowered). A
+model built with `kernels='stock'` or `'cpu_kernels'` runs that one everywhere: how the benchmark
+compares the two on one device.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -33,50 +33,53 @@ def torch_default_bias_init(fan_in: int):
     return init
 
 
-_forced = None  # 'stock' or 'cpu_kernels' on every backend, inside `forced`
+KERNELS = ("auto", "stock", "cpu_kernels")
 
 
-@contextlib.contextmanager
-def forced(which: str):
-    """Trace models with XLA's stock operations ('stock') or the CPU kernels ('cpu_kernels') on
-    every backend: how the benchmark compares the two on one device."""
-    global _forced
-    if which not in ("stock", "cpu_kernels"):
-        raise ValueError(f"unknown layers {which!r}; valid: stock, cpu_kernels")
-    previous, _forced = _forced, which
-    try:
-        yield
-    finally:
-        _forced = previous
+def per_platform(kernels: str, cpu, stock, *args):
+    """`cpu(*args)` in programs compiled for the CPU and `stock(*args)` elsewhere (`kernels='auto'`),
+    or the one that `kernels` names on every platform."""
+    if kernels == "auto":
+        return jax.lax.platform_dependent(*args, cpu=cpu, default=stock)
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)}")
+    return (cpu if kernels == "cpu_kernels" else stock)(*args)
 
 
-def _on_cpu(cpu, stock, *args):
-    """`cpu(*args)` in programs compiled for the CPU, `stock(*args)` elsewhere (or as `forced`)."""
-    if _forced is not None:
-        return cpu(*args) if _forced == "cpu_kernels" else stock(*args)
-    return jax.lax.platform_dependent(*args, cpu=cpu, default=stock)
+def stock_conv2d(x, kernel, strides, padding):
+    """XLA's convolution of NHWC `x` by an HWIO kernel."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
-class Conv(nnx.Conv):
-    """`nnx.Conv` (NHWC, HWIO kernel, explicit padding), whose convolution on CPU is `cpu_kernels.conv`."""
+class Conv2d(nnx.Conv):
+    """`nnx.Conv` (NHWC, HWIO kernel, explicit padding) computed by `conv2d` below: on CPU by
+    `cpu_kernels.conv2d` (`kernels` as in `per_platform`)."""
+
+    def __init__(self, *args, kernels: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kernels = kernels
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
         x, kernel = x.astype(dtype), self.kernel[...].astype(dtype)
-
-        y = _on_cpu(
-            lambda x, k: cpu_kernels.conv(x, k, self.strides, self.padding),
-            lambda x, k: cpu_kernels.xla_conv(x, k, self.strides, self.padding),
+        y = per_platform(
+            self.kernels,
+            lambda x, k: cpu_kernels.conv2d(x, k, self.strides, self.padding),
+            lambda x, k: stock_conv2d(x, k, self.strides, self.padding),
             x,
             kernel,
         )
         return y + self.bias[...].astype(dtype) if self.use_bias else y
 
 
-def conv(in_ch, out_ch, kernel, *, stride=1, padding=0, bias=False, kernel_init=None, dtype, rngs):
-    """A Conv2d with PyTorch's (symmetric, explicit) padding, NHWC, HWIO kernel."""
+def conv2d(
+    in_ch, out_ch, kernel, *, stride=1, padding=0, bias=False, kernel_init=None, dtype, kernels="auto", rngs
+):
+    """nn.Conv2d: PyTorch's (symmetric, explicit) padding and initialisation, NHWC, HWIO kernel."""
     fan_in = in_ch * kernel * kernel
-    return Conv(
+    return Conv2d(
         in_ch,
         out_ch,
         kernel_size=(kernel, kernel),
@@ -87,6 +90,7 @@ def conv(in_ch, out_ch, kernel, *, stride=1, padding=0, bias=False, kernel_init=
         bias_init=torch_default_bias_init(fan_in),
         dtype=dtype,
         param_dtype=jnp.float32,
+        kernels=kernels,
         rngs=rngs,
     )
 
@@ -104,7 +108,7 @@ def linear(in_features, out_features, *, dtype, rngs):
     )
 
 
-def max_pool(x, window: int, stride: int, padding: int = 0):
+def max_pool2d(x, window: int, stride: int, padding: int = 0, *, kernels: str = "auto"):
     """`nn.MaxPool2d(window, stride, padding)` of NHWC `x` (padding with -inf)."""
 
     def stock(x):
@@ -113,12 +117,13 @@ def max_pool(x, window: int, stride: int, padding: int = 0):
             x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pads
         )
 
-    return _on_cpu(lambda x: cpu_kernels.max_pool(x, window, stride, padding), stock, x)
+    return per_platform(kernels, lambda x: cpu_kernels.max_pool(x, window, stride, padding), stock, x)
 
 
-def materialize(x):
-    """`x`, unchanged; on CPU written to memory under differentiation (`cpu_kernels.materialize`)."""
-    return _on_cpu(cpu_kernels.materialize, lambda x: x, x)
+def add_relu(x, residual, *, kernels: str = "auto"):
+    """relu(x + residual), a basic block's output; on CPU written to memory under differentiation
+    (`cpu_kernels.materialize`), since the next block's 3x3 convolution takes its gradient."""
+    return per_platform(kernels, cpu_kernels.materialize, lambda y: y, jax.nn.relu(x + residual))
 
 
 def stats_dtype(dtype):
@@ -126,7 +131,7 @@ def stats_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def batch_norm_train(x, scale, bias, eps):
+def batch_norm_train(x, scale, bias, eps, kernels: str = "auto"):
     """Training-mode BatchNorm of NHWC `x` over all but the last axis, computed in `scale`'s
     dtype: returns (normalised x in x's dtype, batch mean, biased batch variance)."""
 
@@ -138,8 +143,13 @@ def batch_norm_train(x, scale, bias, eps):
         var = jnp.square(centred).mean(axes)
         return (centred * (scale * jax.lax.rsqrt(var + eps)) + bias).astype(x.dtype), mean, var
 
-    return _on_cpu(
-        lambda x, scale, bias: cpu_kernels.batch_norm_train(x, scale, bias, eps), stock, x, scale, bias
+    return per_platform(
+        kernels,
+        lambda x, scale, bias: cpu_kernels.batch_norm_train(x, scale, bias, eps),
+        stock,
+        x,
+        scale,
+        bias,
     )
 
 
@@ -155,7 +165,15 @@ class BatchNorm(nnx.Module):
     the batch sharded over devices, the mean is over the global batch (synchronised BatchNorm).
     """
 
-    def __init__(self, num_features: int, *, momentum: float = 0.1, eps: float = 1e-5, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+        dtype=None,
+        kernels: str = "auto",
+    ):
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -163,6 +181,7 @@ class BatchNorm(nnx.Module):
         self.momentum = momentum
         self.eps = eps
         self.dtype = dtype
+        self.kernels = kernels
         self.use_running_average = False
 
     def __call__(self, x):
@@ -170,7 +189,7 @@ class BatchNorm(nnx.Module):
         if not self.use_running_average:
             stats = stats_dtype(x.dtype)
             y, mean, var = batch_norm_train(
-                x, self.scale[...].astype(stats), self.bias[...].astype(stats), self.eps
+                x, self.scale[...].astype(stats), self.bias[...].astype(stats), self.eps, self.kernels
             )
             n = x.size // x.shape[-1]
             m = self.momentum

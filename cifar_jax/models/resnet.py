@@ -14,19 +14,20 @@ from flax import nnx
 
 from cifar_jax.models.layers import (
     BatchNorm,
-    conv,
+    add_relu,
+    conv2d,
     kaiming_fan_out_init,
     linear,
-    materialize,
-    max_pool,
+    max_pool2d,
     stats_dtype,
 )
 
 STEMS = ("imagenet", "cifar")
 
 
-def _conv(in_ch, out_ch, kernel, stride, dtype, rngs):
-    return conv(
+def conv_kxk(in_ch, out_ch, kernel, stride, dtype, kernels, rngs):
+    """torchvision's ResNet convolution: no bias, padding kernel // 2, kaiming_normal(fan_out)."""
+    return conv2d(
         in_ch,
         out_ch,
         kernel,
@@ -34,25 +35,36 @@ def _conv(in_ch, out_ch, kernel, stride, dtype, rngs):
         padding=kernel // 2,
         kernel_init=kaiming_fan_out_init,
         dtype=dtype,
+        kernels=kernels,
         rngs=rngs,
     )
 
 
-def _downsample(in_ch, out_ch, stride, dtype, rngs):
-    return nnx.Sequential(_conv(in_ch, out_ch, 1, stride, dtype, rngs), BatchNorm(out_ch, dtype=dtype))
+def conv3x3(in_ch, out_ch, stride, dtype, kernels, rngs):
+    return conv_kxk(in_ch, out_ch, 3, stride, dtype, kernels, rngs)
+
+
+def conv1x1(in_ch, out_ch, stride, dtype, kernels, rngs):
+    return conv_kxk(in_ch, out_ch, 1, stride, dtype, kernels, rngs)
+
+
+def _downsample(in_ch, out_ch, stride, dtype, kernels, rngs):
+    conv = conv1x1(in_ch, out_ch, stride, dtype, kernels, rngs)
+    return nnx.Sequential(conv, BatchNorm(out_ch, dtype=dtype, kernels=kernels))
 
 
 class BasicBlock(nnx.Module):
     expansion = 1
 
-    def __init__(self, inplanes, planes, stride, *, dtype, rngs):
-        self.conv1 = _conv(inplanes, planes, 3, stride, dtype, rngs)
-        self.bn1 = BatchNorm(planes, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, 1, dtype, rngs)
-        self.bn2 = BatchNorm(planes, dtype=dtype)
+    def __init__(self, inplanes, planes, stride, *, dtype, kernels="auto", rngs):
+        self.conv1 = conv3x3(inplanes, planes, stride, dtype, kernels, rngs)
+        self.bn1 = BatchNorm(planes, dtype=dtype, kernels=kernels)
+        self.conv2 = conv3x3(planes, planes, 1, dtype, kernels, rngs)
+        self.bn2 = BatchNorm(planes, dtype=dtype, kernels=kernels)
+        self.kernels = kernels
         needs_ds = stride != 1 or inplanes != planes * self.expansion
         self.downsample = (
-            _downsample(inplanes, planes * self.expansion, stride, dtype, rngs)
+            _downsample(inplanes, planes * self.expansion, stride, dtype, kernels, rngs)
             if needs_ds
             else nnx.data(None)
         )
@@ -61,9 +73,7 @@ class BasicBlock(nnx.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = jax.nn.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        # Its 3x3 successor's kernel gradient transposes it: see `materialize`. (A bottleneck's
-        # output goes to a 1x1 convolution, a matmul on CPU that needs no transpose.)
-        return materialize(jax.nn.relu(out + identity))
+        return add_relu(out, identity, kernels=self.kernels)
 
 
 class Bottleneck(nnx.Module):
@@ -71,16 +81,18 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride, *, dtype, rngs):
+    def __init__(self, inplanes, planes, stride, *, dtype, kernels="auto", rngs):
         out = planes * self.expansion
-        self.conv1 = _conv(inplanes, planes, 1, 1, dtype, rngs)
-        self.bn1 = BatchNorm(planes, dtype=dtype)
-        self.conv2 = _conv(planes, planes, 3, stride, dtype, rngs)
-        self.bn2 = BatchNorm(planes, dtype=dtype)
-        self.conv3 = _conv(planes, out, 1, 1, dtype, rngs)
-        self.bn3 = BatchNorm(out, dtype=dtype)
+        self.conv1 = conv1x1(inplanes, planes, 1, dtype, kernels, rngs)
+        self.bn1 = BatchNorm(planes, dtype=dtype, kernels=kernels)
+        self.conv2 = conv3x3(planes, planes, stride, dtype, kernels, rngs)
+        self.bn2 = BatchNorm(planes, dtype=dtype, kernels=kernels)
+        self.conv3 = conv1x1(planes, out, 1, dtype, kernels, rngs)
+        self.bn3 = BatchNorm(out, dtype=dtype, kernels=kernels)
         needs_ds = stride != 1 or inplanes != out
-        self.downsample = _downsample(inplanes, out, stride, dtype, rngs) if needs_ds else nnx.data(None)
+        self.downsample = (
+            _downsample(inplanes, out, stride, dtype, kernels, rngs) if needs_ds else nnx.data(None)
+        )
 
     def __call__(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -97,22 +109,30 @@ class ResNet(nnx.Module):
     head = "fc"  # the classifier, replaced when fine-tuning to other classes
 
     def __init__(
-        self, block, layers, num_classes=1000, *, stem="imagenet", dtype=jnp.float32, rngs: nnx.Rngs
+        self,
+        block,
+        layers,
+        num_classes=1000,
+        *,
+        stem="imagenet",
+        dtype=jnp.float32,
+        kernels="auto",
+        rngs: nnx.Rngs,
     ):
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; valid stems: {', '.join(STEMS)}")
-        self.stem = stem
-        self.conv1 = (
-            _conv(3, 64, 7, 2, dtype, rngs) if stem == "imagenet" else _conv(3, 64, 3, 1, dtype, rngs)
-        )
-        self.bn1 = BatchNorm(64, dtype=dtype)
+        self.stem, self.kernels = stem, kernels
+        kernel, stride = (7, 2) if stem == "imagenet" else (3, 1)
+        self.conv1 = conv_kxk(3, 64, kernel, stride, dtype, kernels, rngs)
+        self.bn1 = BatchNorm(64, dtype=dtype, kernels=kernels)
         inplanes = 64
         stages = []
         for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
             stride = 1 if i == 0 else 2
             stage = []
             for j in range(blocks):
-                stage.append(block(inplanes, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs))
+                first = stride if j == 0 else 1
+                stage.append(block(inplanes, planes, first, dtype=dtype, kernels=kernels, rngs=rngs))
                 inplanes = planes * block.expansion
             stages.append(nnx.List(stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -121,7 +141,7 @@ class ResNet(nnx.Module):
     def __call__(self, x):
         x = jax.nn.relu(self.bn1(self.conv1(x)))
         if self.stem == "imagenet":
-            x = max_pool(x, 3, 2, padding=1)
+            x = max_pool2d(x, 3, 2, padding=1, kernels=self.kernels)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for blk in stage:
                 x = blk(x)
