@@ -29,16 +29,13 @@ def base() -> ml_collections.ConfigDict:
     c.batch_size = 128  # global, over all devices
     c.eval_batch_size = 500
     c.label_smoothing = 0.0
-    c.ema_decay = (
-        0.0  # > 0: keep an exponential moving average of the weights and BatchNorm statistics (e.g. 0.999)
-    )
-    c.steps_per_call = (
-        0  # training steps per jitted call (lax.fori_loop); 0 = automatic (up to 4 on CPU, 16 on GPU)
-    )
+    # > 0: keep an exponential moving average of the weights and BatchNorm statistics (e.g. 0.999)
+    c.ema_decay = 0.0
+    # training steps per jitted call (lax.fori_loop); 0 = automatic (up to 4 on CPU, 16 on GPU)
+    c.steps_per_call = 0
     c.eval_batches_per_call = 0  # evaluation batches per jitted call; 0 = automatic (a whole split)
-    c.run_ahead_chunks = (
-        4  # chunks of the next epoch queued before the host logs and checkpoints an epoch; 0 = off
-    )
+    # calls the host lets run ahead of it (chunks, and an epoch end while the next epoch runs); 0 = none
+    c.run_ahead_chunks = 4
     c.distributed = False  # jax.distributed.initialize() for multi-process runs
 
     c.model = ml_collections.ConfigDict()

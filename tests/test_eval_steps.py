@@ -1,10 +1,13 @@
 """Evaluation several batches per jitted call (the default: a whole split) against one per call."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from cifar_jax import config as config_lib
 from cifar_jax import models, steps
 from cifar_jax.data import pipeline
 from tests.support.helpers import run_probe, tiny_config
@@ -20,11 +23,14 @@ def test_eval_calls_are_equal_cover_every_batch_and_waste_less_than_a_call(num_b
     assert per_call * calls >= num_batches > per_call * (calls - 1)  # the padding fits in the last call
 
 
-def test_automatic_eval_fuses_a_whole_split_and_a_config_can_cap_it():
+def test_automatic_eval_fuses_a_whole_split_and_a_config_can_cap_it(tmp_path):
     assert steps.eval_calls(20, steps.eval_batches_per_call(tiny_config())) == (20, 1)
     assert steps.eval_calls(20, steps.eval_batches_per_call(tiny_config(eval_batches_per_call=8))) == (7, 3)
-    old = tiny_config()
-    del old["eval_batches_per_call"]  # a config.json saved before the key existed
+    # A config.json saved before the key existed: loading merges it over base(), once.
+    saved = json.loads(tiny_config().to_json())
+    del saved["eval_batches_per_call"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    old = config_lib.from_json(tmp_path / "config.json")
     assert steps.eval_batches_per_call(old) == steps.eval_batches_per_call(tiny_config())
 
 
