@@ -117,9 +117,8 @@ class EpochEnds:
             meta = dict(end.meta)
             write_or_fail(lambda: self.ckpts.save(end.epoch + 1, end.state, meta), self.ckpts)
             if end.epoch == self.start_epoch and self.start_step:
-                write_or_fail(
-                    self.ckpts.wait, self.ckpts
-                )  # the epoch is saved: the mid-epoch one is obsolete
+                # The epoch is saved: the mid-epoch one is obsolete.
+                write_or_fail(self.ckpts.wait, self.ckpts)
                 self.ckpts.mid_epoch.clear()
         end.meta["saved"] = save
         end.clock.mark("done")

@@ -53,9 +53,8 @@ def publish(staging: Path, target: Path) -> None:
     target replace each other's results whole (the last one stays) and never lose their own; a
     kill between the renames leaves the old contents whole, beside `target`."""
     old = target.parent / f".{target.name}.old-{os.getpid()}"
-    lock = os.open(
-        target.parent, os.O_RDONLY
-    )  # flock on the parent directory: no lock file left beside `target`
+    # flock on the parent directory: no lock file left beside `target`.
+    lock = os.open(target.parent, os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():

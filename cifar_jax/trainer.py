@@ -232,9 +232,8 @@ class Trainer:
                         if not self.end_epoch(end, state):
                             break
                     self.in_flight.drain()
-                    write_or_fail(
-                        self.ckpts.wait, self.ckpts
-                    )  # the last checkpoints, written in the background
+                    # The last checkpoints, written in the background.
+                    write_or_fail(self.ckpts.wait, self.ckpts)
                     if self.stop.requested:
                         name = signal.Signals(self.stop.signum).name
                         log.info(

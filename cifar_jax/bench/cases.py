@@ -17,11 +17,8 @@ DEFAULT_CASES = "simple_cnn@32,resnet34@32,resnet50@32,resnet50@224"
 MODES = ("train", "eval", "epoch", "pipeline")
 FRAMEWORKS = ("jax", "torch")
 TORCH_MODES = ("eager", "compile", "cudagraphs")
-JAX_LAYERS = (
-    "auto",
-    "stock",
-    "cpu_kernels",
-)  # auto: the CPU kernels on CPU, XLA's stock operations elsewhere
+# auto: the CPU kernels on CPU, XLA's stock operations elsewhere.
+JAX_LAYERS = ("auto", "stock", "cpu_kernels")
 NUM_CLASSES = 100
 NUM_TRAIN = 40_000  # CIFAR-100's training split after the validation split: sets the steps fused per call
 NUM_EVAL = 10_000  # the validation split (and the test set): sets the eval batches fused per call

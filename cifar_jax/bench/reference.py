@@ -228,9 +228,8 @@ class ReferenceTrainer:
         self.ema = copy.deepcopy(self.model).eval() if config.ema_decay else None
         self.train_x, self.train_y = splits.train
         self.val, self.test = splits.val, splits.test
-        self.steps_per_epoch = (
-            len(self.train_x) // config.batch_size
-        )  # the partial last batch is dropped, as here
+        # The partial last batch is dropped, as here.
+        self.steps_per_epoch = len(self.train_x) // config.batch_size
         self.opt = make_optimizer(self.model, config.optimizer)
         self.scheduler = make_scheduler(self.opt, config, self.steps_per_epoch)
         self.per_step = config.schedule.per == "step"

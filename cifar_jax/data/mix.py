@@ -32,10 +32,8 @@ def cutmix_box(key, lam, height: int, width: int):
 def box_at(r_y, r_x, lam, height: int, width: int):
     """(y1, y2, x1, x2, lam_adjusted) of the CutMix box centred at (r_y, r_x)."""
     r = 0.5 * jnp.sqrt(1.0 - lam)
-    half_w, half_h = (
-        (r * width).astype(jnp.int32),
-        (r * height).astype(jnp.int32),
-    )  # int() truncates, as in torchvision
+    # int() truncates, as in torchvision.
+    half_w, half_h = (r * width).astype(jnp.int32), (r * height).astype(jnp.int32)
     x1, x2 = jnp.maximum(r_x - half_w, 0), jnp.minimum(r_x + half_w, width)
     y1, y2 = jnp.maximum(r_y - half_h, 0), jnp.minimum(r_y + half_h, height)
     return y1, y2, x1, x2, 1.0 - ((x2 - x1) * (y2 - y1)) / (width * height)

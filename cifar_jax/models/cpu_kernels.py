@@ -23,9 +23,7 @@ def conv2d(x, kernel, strides, padding):
     if (kh, kw) != (1, 1) and min(oh, ow) > 2:
         return conv_nhwc(x, kernel, strides, padding)
     x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    patches = jnp.concatenate(
-        window_slices(x, (kh, kw), (sh, sw)), axis=-1
-    )  # in the kernel's (H, W, I) order
+    patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)  # the kernel's (H, W, I) order
     # As a 2-D matmul: XLA:CPU ran the same product on 4-D patches slower.
     y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, out_features)
     return y.reshape(*patches.shape[:-1], out_features)
