@@ -1,9 +1,8 @@
 """Train one config here and in its PyTorch twin (`bench.reference`), N seeds each, and compare:
 
-    python -m cifar_jax.bench.compare --config configs/simple_cnn.py --seeds 0,1,2 --out
-    results/compare/simple_cnn \\
-        --set data.source=npz --set data.path=../shared/data/cifar100/cifar100.npz [--frameworks
-        jax,torch,torch-dataloader]
+    python -m cifar_jax.bench.compare --config configs/simple_cnn.py --seeds 0,1,2 \\
+        --set data.source=npz --set data.path=../shared/data/cifar100/cifar100.npz \\
+        [--frameworks jax,torch,torch-dataloader] [--out results/compare/simple_cnn]
 
 Runs go in turn (seed 0 in every framework, then seed 1, ...), each a fresh process timed from
 its start to its test accuracy: `train.py` then `eval.py --step <last epoch>` here (the persistent
@@ -203,6 +202,7 @@ def plot(summary: dict, path: Path) -> None:
             epochs, [m - d for m, d in zip(means, sds)], [m + d for m, d in zip(means, sds)], alpha=0.25
         )
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(next(iter(summary.values()))["curve_key"] + " (mean ± sd)")
     ax.grid(alpha=0.3)
     ax.legend()
