@@ -55,6 +55,19 @@ def _unraisable(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment, as logging's last-resort handler does: a redirect
+    (or a test's capture) made after the set-up is followed, a closed one never written to."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def setup_logging() -> None:
     """Our progress lines on stderr; absl-logged chatter (Orbax logs every file it writes) only at ERROR."""
     from absl import logging as absl_logging
@@ -65,7 +78,7 @@ def setup_logging() -> None:
             logging.getLogger(name).addFilter(_not_from_orbax)
     logger = logging.getLogger("cifar_jax")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -25,16 +25,26 @@ def test_fast_epochs_are_drawn_at_most_once_per_interval_and_all_at_close(tmp_pa
     assert drawn == [1, 5]  # nothing new: nothing drawn
 
     drawn.clear()
-    plotter = tracking.CurvesPlotter(
-        tmp_path / "curves.png", min_interval_s=0
-    )  # epochs longer than the interval
+    # Epochs longer than the interval.
+    plotter = tracking.CurvesPlotter(tmp_path / "curves.png", min_interval_s=0)
     for n in range(1, 4):
         plotter.update(_rows(n))
     plotter.close()
     assert drawn == [1, 2, 3]
 
 
-def test_curves_png_is_written_and_a_failing_drawing_is_logged_once(tmp_path, monkeypatch, caplog):
+class _Records(logging.Handler):
+    """The records of one logger, whatever pytest attaches to it or whether it propagates."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_curves_png_is_written_and_a_failing_drawing_is_logged_once(tmp_path, monkeypatch):
     plotter = tracking.CurvesPlotter(tmp_path / "curves.png")
     plotter.update(_rows(3))
     assert (tmp_path / "curves.png").stat().st_size > 1000
@@ -43,11 +53,13 @@ def test_curves_png_is_written_and_a_failing_drawing_is_logged_once(tmp_path, mo
         raise OSError("disk full")
 
     monkeypatch.setattr(tracking, "plot_curves", broken)
-    monkeypatch.setattr(logging.getLogger("cifar_jax"), "propagate", True)
+    records = _Records()
+    logger = logging.getLogger("cifar_jax")
+    monkeypatch.setattr(logger, "handlers", [records])  # only ours: no stale stream of another test
+    monkeypatch.setattr(logger, "level", logging.INFO)
     plotter = tracking.CurvesPlotter(tmp_path / "curves.png", min_interval_s=0)
-    with caplog.at_level(logging.WARNING, logger="cifar_jax"):
-        for n in range(1, 4):
-            plotter.update(_rows(n))
-        plotter.close()
-    warnings = [r for r in caplog.records if "could not draw" in r.getMessage()]
+    for n in range(1, 4):
+        plotter.update(_rows(n))
+    plotter.close()
+    warnings = [r for r in records.records if "could not draw" in r.getMessage()]
     assert len(warnings) == 1 and "disk full" in warnings[0].getMessage()
