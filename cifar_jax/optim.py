@@ -63,7 +63,7 @@ def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
     """torch.nn.utils.clip_grad_norm_: the gradients times min(1, max_norm / (global norm + 1e-6))."""
 
     def update(updates, state, params=None):
-        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

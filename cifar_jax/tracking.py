@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -85,13 +86,13 @@ def plot_curves(rows: list[dict], path) -> None:
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", label=split)
         ax.set_title(title), ax.set_xlabel("epoch"), ax.legend(), ax.grid(alpha=0.3)
-    axes[2].plot(epochs, [r["lr"] for r in rows], marker="o")
-    (
-        axes[2].set_title("learning rate"),
-        axes[2].set_xlabel("epoch"),
-        axes[2].set_yscale("log"),
-        axes[2].grid(alpha=0.3),
-    )
+    lrs = [r["lr"] for r in rows]
+    axes[2].plot(epochs, lrs, marker="o")
+    axes[2].set_title("learning rate")
+    axes[2].set_xlabel("epoch")
+    if all(lr > 0 and math.isfinite(lr) for lr in lrs):  # a schedule that reaches 0 stays linear
+        axes[2].set_yscale("log")
+    axes[2].grid(alpha=0.3)
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=80)

@@ -51,17 +51,24 @@ def tiny_config(**overrides):
 
 
 def load_torch_simple_cnn(model, torch_model):
-    """Copy the PyTorch twin's weights and BatchNorm buffers into a Flax SimpleCNN."""
+    """Copy the PyTorch twin's weights and BatchNorm buffers into a Flax SimpleCNN, each in the
+    dtype of the variable it replaces."""
     t = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
+
+    def put(variable, value):
+        variable[...] = jnp.asarray(value, variable[...].dtype)
+
     for i, idx in enumerate((0, 4, 8, 12)):
-        model.convs[i].kernel[...] = jnp.asarray(t[f"{idx}.weight"].transpose(2, 3, 1, 0))
-        model.convs[i].bias[...] = jnp.asarray(t[f"{idx}.bias"])
-        model.bns[i].scale[...] = jnp.asarray(t[f"{idx + 1}.weight"])
-        model.bns[i].bias[...] = jnp.asarray(t[f"{idx + 1}.bias"])
-        model.bns[i].mean[...] = jnp.asarray(t[f"{idx + 1}.running_mean"])
-        model.bns[i].var[...] = jnp.asarray(t[f"{idx + 1}.running_var"])
-    model.fc1.kernel[...], model.fc1.bias[...] = jnp.asarray(t["17.weight"].T), jnp.asarray(t["17.bias"])
-    model.fc2.kernel[...], model.fc2.bias[...] = jnp.asarray(t["19.weight"].T), jnp.asarray(t["19.bias"])
+        put(model.convs[i].kernel, t[f"{idx}.weight"].transpose(2, 3, 1, 0))
+        put(model.convs[i].bias, t[f"{idx}.bias"])
+        put(model.bns[i].scale, t[f"{idx + 1}.weight"])
+        put(model.bns[i].bias, t[f"{idx + 1}.bias"])
+        put(model.bns[i].mean, t[f"{idx + 1}.running_mean"])
+        put(model.bns[i].var, t[f"{idx + 1}.running_var"])
+    put(model.fc1.kernel, t["17.weight"].T)
+    put(model.fc1.bias, t["17.bias"])
+    put(model.fc2.kernel, t["19.weight"].T)
+    put(model.fc2.bias, t["19.bias"])
 
 
 def assert_fails_in_one_line(main, argv, message, capsys):
