@@ -1,5 +1,7 @@
 """The command lines as a user runs them: bad input fails fast with one line and writes nothing."""
 
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -388,3 +390,20 @@ def test_wandb_asked_for_but_not_installed_is_one_line_before_any_data_loads(tmp
     ):
         preflight.check_before_start(tiny_config(**{"wandb.mode": "offline"}), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_log_lines_follow_the_stderr_of_the_moment(monkeypatch):
+    """A stream replaced after set-up (a redirect, a test's capture) gets the line, not the old one."""
+    from cifar_jax import cli
+
+    logger = logging.getLogger("cifar_jax")
+    for attr in ("handlers", "propagate", "level"):
+        monkeypatch.setattr(logger, attr, [] if attr == "handlers" else getattr(logger, attr))
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    cli.setup_logging()
+    first.close()
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    logger.info("a line")
+    assert later.getvalue().endswith("a line\n")
