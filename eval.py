@@ -12,9 +12,9 @@ corruptions.png and the accuracy per corruption and severity in report.json.
 import shutil
 from pathlib import Path
 
-from cifar_jax import runguard
+from cifar_jax import interrupts
 
-runguard.defer_interrupts()  # a Ctrl-C during the imports is acted on once they are done (cli.run)
+interrupts.defer()  # a Ctrl-C during the imports is acted on once they are done (cli.run)
 from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory written by train.py")

@@ -6,9 +6,9 @@ Orbax checkpoints; running the same command again resumes from the latest checkp
 
 from pathlib import Path
 
-from cifar_jax import runguard
+from cifar_jax import interrupts
 
-runguard.defer_interrupts()  # a Ctrl-C during the imports is acted on once they are done (cli.run)
+interrupts.defer()  # a Ctrl-C during the imports is acted on once they are done (cli.run)
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -35,11 +35,10 @@ def main(argv):
 
     cli.start(argv, _CACHE.value)
     import logging
-    import sys
 
     from cifar_jax.data import DataError
     from cifar_jax.runguard import WorkdirBusy
-    from cifar_jax.trainer import Interrupted, TrainingError, train_and_evaluate
+    from cifar_jax.trainer import TrainingError, train_and_evaluate
 
     config = cli.loaded_config(_CONFIG)
     config_name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
@@ -57,9 +56,6 @@ def main(argv):
             cluster=cluster if any(v is not None for v in cluster.values()) else None,
         )
         logging.getLogger("cifar_jax").info(cli.compilation_summary())
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(128 + e.signum)  # the shell's convention for "ended by signal N"
     except (ValueError, DataError, TrainingError, WorkdirBusy, FileNotFoundError, ImportError) as e:
         cli.fail(str(e))
 

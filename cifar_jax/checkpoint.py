@@ -4,8 +4,10 @@ one mid-epoch checkpoint written when a run is stopped by a signal.
 Layout: `<workdir>/checkpoints/<epoch>/` holds one Orbax item per part of the train state,
 `params`, `batch_stats`, `opt_state` (and `ema` with a weight average), each a tree of named
 arrays that Orbax alone restores (README, "Restoring with Orbax alone"), plus `layout` (each
-array's path, dtype and shape) and `meta` (JSON: epoch, phase, that epoch's metrics row, a
-checksum of every array, and one of the meta itself, whose val_acc picks the best).
+array's path, dtype and shape) and `meta` (JSON: epoch, phase, that epoch's metrics row, the
+run's config, a checksum of every array, and one of the meta itself, whose val_acc picks the
+best). The config in the meta is the record that cannot be lost apart from the weights: a resume
+or an evaluation whose config.json is gone reads it there (`recorded_config`).
 `<workdir>/interrupted/<global step>/` holds the mid-epoch state the
 same way. Orbax writes each checkpoint to a temporary directory and renames it when complete, so
 a killed run never leaves a half-written checkpoint that restores. A restore checks the layout
@@ -220,8 +222,10 @@ def _restore_tree(manager, step: int, template):
 
 
 class Checkpoints:
-    def __init__(self, workdir, keep: int = 3, read_only: bool = False):
+    def __init__(self, workdir, keep: int = 3, read_only: bool = False, config=None):
+        """`config`: the run's config, recorded in the meta of every checkpoint saved."""
         self.workdir = Path(workdir).absolute()
+        self.config = json.loads(config.to_json()) if config is not None else None
         self.directory = self.workdir / "checkpoints"
         preservation = policies.AnyPreservationPolicy(
             [
@@ -238,7 +242,7 @@ class Checkpoints:
             save_interval_steps=0 if read_only else 1,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
-        self.mid_epoch = MidEpochCheckpoint(self.workdir, self.quarantine)
+        self.mid_epoch = MidEpochCheckpoint(self.workdir, self.quarantine, self.config)
         self._unchecked = False
 
     def epochs(self) -> list[int]:
@@ -252,7 +256,9 @@ class Checkpoints:
         `epoch`, in the background."""
         val_acc = meta["row"].get("val_acc")
         self.manager.save(
-            epoch, args=_save_args(state, meta), metrics={"val_acc": val_acc} if val_acc is not None else None
+            epoch,
+            args=_save_args(state, {**meta, "config": self.config}),
+            metrics={"val_acc": val_acc} if val_acc is not None else None,
         )
         self._unchecked = True  # a background write whose outcome `check` has not seen yet
 
@@ -375,8 +381,8 @@ class MidEpochCheckpoint:
     One that does not read is moved aside by `quarantine` and reported: the run then resumes from
     its last epoch checkpoint."""
 
-    def __init__(self, workdir: Path, quarantine):
-        self.directory, self.quarantine = workdir / "interrupted", quarantine
+    def __init__(self, workdir: Path, quarantine, config: dict | None = None):
+        self.directory, self.quarantine, self.config = workdir / "interrupted", quarantine, config
 
     def _manager(self):
         options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False)
@@ -384,7 +390,7 @@ class MidEpochCheckpoint:
 
     def save(self, global_step: int, tree, meta: dict) -> None:
         with self._manager() as manager:
-            manager.save(global_step, args=_save_args(tree, meta), force=True)
+            manager.save(global_step, args=_save_args(tree, {**meta, "config": self.config}), force=True)
             manager.wait_until_finished()
 
     def meta(self) -> dict | None:
@@ -425,6 +431,31 @@ class MidEpochCheckpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def recorded_config(workdir) -> tuple[dict, Path] | None:
+    """(the config, the checkpoint it is from) recorded in the newest readable checkpoint's meta of
+    `workdir` (an epoch's, else the mid-epoch one); None if none records one. Reads only: nothing
+    is moved, whatever it finds."""
+    workdir = Path(workdir).absolute()
+    places = [workdir / "checkpoints", workdir / "interrupted"]
+    for directory in (d for d in places if d.is_dir()):
+        manager = ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers=_handlers(),
+        )
+        try:
+            for step in sorted(manager.all_steps(), reverse=True):
+                try:
+                    config = _read_meta(manager, step).get("config")
+                except Exception:  # noqa: BLE001  (a damaged meta raises many types; the next one may read)
+                    continue
+                if isinstance(config, dict):
+                    return config, directory / str(step)
+        finally:
+            manager.close()
+    return None
 
 
 def write_or_fail(write, ckpts: Checkpoints) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
+
+from cifar_jax import staging
 
 DEFAULT_CACHE = "~/.cache/cifar_jax/xla"
 
@@ -45,7 +48,7 @@ def _not_from_orbax(record: logging.LogRecord) -> bool:
 
 def _unraisable(unraisable) -> None:
     """Exceptions Python cannot raise (printed as "Exception ignored in ..."), less two kinds of
-    noise: a KeyboardInterrupt that a garbage-collector callback dropped (`runguard` remembers it,
+    noise: a KeyboardInterrupt that a garbage-collector callback dropped (`interrupts` remembers it,
     and it is reported in one line), and, after a failed write, each TensorStore callback into the
     event loop that Orbax already closed ("Event loop is closed") beside the one error we report."""
     if unraisable.exc_type is KeyboardInterrupt:
@@ -110,6 +113,7 @@ def enable_compilation_cache(directory: str | None) -> str | None:
     """Turn on JAX's persistent compilation cache so a second run of a config compiles nothing.
 
     `directory`: '' disables it; None takes $JAX_COMPILATION_CACHE_DIR, else ~/.cache/cifar_jax/xla.
+    A directory that cannot be made or written is a ValueError of one line.
     """
     import jax
 
@@ -117,7 +121,8 @@ def enable_compilation_cache(directory: str | None) -> str | None:
         return None
     directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE
     path = Path(os.path.expanduser(directory))
-    path.mkdir(parents=True, exist_ok=True)
+    fix = "pass another --compilation_cache, or --compilation_cache= to run without the cache"
+    staging.check_directory(path, "--compilation_cache", fix)
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -135,15 +140,18 @@ def start(argv, compilation_cache: str | None) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     tune_xla_cpu()
     setup_logging()
-    enable_compilation_cache(compilation_cache)
+    try:
+        enable_compilation_cache(compilation_cache)
+    except ValueError as e:
+        fail(str(e))
 
 
 def fail(message: str) -> None:
     """Exit with one line on stderr (status 2): what is wrong and how to fix it. After a Ctrl-C,
     the error is likely its consequence (an import cut short): report the interrupt instead."""
-    from cifar_jax import runguard
+    from cifar_jax import interrupts
 
-    if runguard.interrupted():
+    if interrupts.interrupted():
         raise KeyboardInterrupt
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -164,14 +172,38 @@ def parse_flags(argv):
                 "the --config file defines no get_config(); a config file returns its ConfigDict from "
                 "get_config() (see configs/)"
             )
-        key = str(e).strip("'\"")
-        fail(
-            f"a --config override names {key!r}, which the config does not have: check its spelling against "
-            "the config file "
-            f"and cifar_jax/config.py"
-        )
+        fail(_unknown_key(e))
     except (KeyError, ImportError, SyntaxError, OSError) as e:
         fail(f"the --config file does not load ({one_line(e, 300)})")
+    except Exception as e:  # noqa: BLE001  (the config file is the user's code: anything may fail in it)
+        fail(f"the --config file's get_config() raised {one_line(e, 200)}{_where_in_config(e, argv)}")
+
+
+def _unknown_key(e: AttributeError) -> str:
+    """The one line for a --config override of a key the config lacks; ml_collections' message is
+    "'KEY'", and a second line 'Did you mean "NEAR" instead of "KEY"?' when a key is near."""
+    inner = e.args[0] if e.args else e
+    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+    first, *rest = str(text).splitlines() or [""]
+    near = re.search(r'Did you mean "([^"]+)"', " ".join(rest))
+    hint = f" (did you mean {near.group(1)!r}?)" if near else ""
+    key = first.strip("'\"")
+    return (
+        f"a --config override names {key!r}, which the config does not have{hint}: "
+        "check its spelling against the config file and cifar_jax/config.py"
+    )
+
+
+def _where_in_config(e: BaseException, argv) -> str:
+    """' (FILE, line N)': the deepest frame of `e`'s traceback in the --config file, else ''."""
+    names = {
+        os.path.abspath(a.split("=", 1)[1])
+        for a in argv
+        if a.startswith("--config=") and not a.startswith("--config.")
+    }
+    names |= {os.path.abspath(b) for a, b in zip(argv, argv[1:]) if a == "--config"}
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) in names]
+    return f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
 
 
 def loaded_config(holder):
@@ -189,20 +221,64 @@ def loaded_config(holder):
         )
 
 
-def run(main, what: str) -> None:
-    """absl's app.run(main) with our flag parsing, where Ctrl-C outside the training loop (whose own
-    SIGINT handler saves a checkpoint) ends in one line and status 130, not a traceback."""
-    from absl import app
+BUG = (
+    "this is a bug in cifar_jax, not a problem with your input or files: please report it with the command "
+    "and the traceback above"
+)
 
-    from cifar_jax import runguard
+
+def run(main, what: str, *, absl_flags: bool = True) -> None:
+    """The one entry of every command (train.py, eval.py, python -m cifar_jax.*), which owns how it
+    ends: `main`'s status (absl's app.run with our flag parsing, or `main(argv)` of an argparse
+    command); a known failure in one line and status 2 (`fail`); a stop by signal in one line,
+    status 128+N (130 for Ctrl-C, `what` says what was going on); anything else is a bug: its
+    traceback, then the line `BUG`, status 1. Any error after a Ctrl-C is taken for its consequence
+    (an import cut short) and reported as the interrupt."""
+    from cifar_jax import interrupts, runguard
 
     sys.unraisablehook = _unraisable
     try:
-        runguard.catch_interrupts()
-        app.run(main, flags_parser=parse_flags)
+        if absl_flags:
+            from absl import app
+
+            def after_imports(argv):
+                _heavy_imports()
+                interrupts.catch()
+                return main(argv)
+
+            app.run(after_imports, flags_parser=parse_flags)
+        else:
+            interrupts.catch()
+            status = main(sys.argv[1:])
+            sys.exit(status if isinstance(status, int) else 0)  # a benchmark returns its rows
     except KeyboardInterrupt:
-        print(
-            f"interrupted (Ctrl-C) {what}; what was already saved is kept: rerun the same command",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+        _say_interrupted(what)
+    except runguard.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)  # the shell's convention for "ended by signal N"
+    except Exception:  # noqa: BLE001
+        if interrupts.interrupted():
+            _say_interrupted(what)
+        traceback.print_exc()
+        print(BUG, file=sys.stderr)
+        sys.exit(1)
+
+
+def _heavy_imports() -> None:
+    """JAX, Flax, Optax and Orbax: seconds of extension imports, where a KeyboardInterrupt has
+    crashed the interpreter or been turned into an ImportError. An absl command's flags (the
+    config file imports JAX) and these load while a Ctrl-C is only remembered
+    (`interrupts.defer` in its first lines); `run` acts on it once they are done."""
+    tune_xla_cpu()  # before JAX starts a backend
+    import flax.nnx  # noqa: F401
+    import jax  # noqa: F401
+    import optax  # noqa: F401
+    import orbax.checkpoint  # noqa: F401
+
+
+def _say_interrupted(what: str):
+    print(
+        f"interrupted (Ctrl-C) {what}; what was already saved is kept: rerun the same command",
+        file=sys.stderr,
+    )
+    sys.exit(130)

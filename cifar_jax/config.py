@@ -7,8 +7,12 @@ before any data is loaded or anything compiled, and says in one line what is wro
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -109,166 +113,195 @@ def _fail(key: str, value, requirement: str):
     raise ValueError(f"config: {key}={value!r} {requirement}")
 
 
-def _choice(key, value, choices):
-    if value not in choices:
-        _fail(key, value, f"is not one of: {', '.join(choices)}")
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one key's value must be: `holds(value)`, and `says`, the requirement as the error states it."""
+
+    holds: Callable[[Any], bool]
+    says: str
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Check values that would otherwise fail late (after data loading or compilation)."""
-    _check_choices(c)
-    _check_counts(c)
-    _check_augment(c)
-    _check_optimizer(c)
-    _check_run_options(c)
-    _check_regularization(c)
-    _check_schedule(c)
-    _check_execution(c)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_choices(c) -> None:
-    """The named choices."""
-    if c.model.name not in models.MODELS:
-        _fail("model.name", c.model.name, f"is not one of: {', '.join(models.MODELS)}")
-    _choice("model.stem", c.model.stem, ("imagenet", "cifar"))
-    _choice("model.dtype", c.model.dtype, DTYPES)
-    _choice("data.source", c.data.source, tuple(SOURCES))
-    _choice("data.normalization", c.data.normalization, tuple(augment.NORMALIZATIONS))
-    _choice("optimizer.name", c.optimizer.name, OPTIMIZERS)
-    _choice("schedule.name", c.schedule.name, SCHEDULES)
-    _choice("schedule.per", c.schedule.per, ("epoch", "step"))
-    _choice("wandb.mode", c.wandb.mode, ("online", "offline", "disabled"))
-    _choice("head_only_batchnorm", c.head_only_batchnorm, ("frozen", "train"))
+def _is_number(v) -> bool:
+    """A finite int or float: a range check alone lets NaN through (every comparison with it is False)."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
-def _check_counts(c) -> None:
-    """Sizes and counts."""
-    for key in (
-        "num_epochs",
-        "batch_size",
-        "eval_batch_size",
-        "model.num_classes",
-        "data.image_size",
-        "checkpoint.keep",
-        "checkpoint.every_epochs",
-    ):
-        value = c[key] if "." not in key else c[key.split(".")[0]][key.split(".")[1]]
-        if not isinstance(value, int) or value <= 0:
-            _fail(key, value, "must be a positive integer")
-    if c.num_epochs > MAX_EPOCHS:
-        _fail("num_epochs", c.num_epochs, f"is past any schedule; use at most {MAX_EPOCHS:,}")
+def integer(low: int, high: int | None = None, says: str | None = None) -> Rule:
+    """An int in [low, high]."""
+    default = "must be a positive integer" if low == 1 and high is None else f"must be an integer >= {low}"
+    return Rule(lambda v: _is_int(v) and low <= v and (high is None or v <= high), says or default)
 
 
-def _check_augment(c) -> None:
-    """The augmentation."""
-    if (
-        not isinstance(c.data.augment.crop_padding, int)
-        or not 0 <= c.data.augment.crop_padding < c.data.image_size
-    ):
-        _fail(
+def number(low: float, high: float | None = None, *, open_low=False, open_high=False, says=None) -> Rule:
+    """A finite number in the interval from `low` to `high` (closed ends unless `open_*`)."""
+    if high is None:
+        default = f"must be a finite number {'>' if open_low else '>='} {low:g}"
+    else:
+        default = f"must be in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return Rule(
+        lambda v: (
+            _is_number(v)
+            and (v > low if open_low else v >= low)
+            and (high is None or (v < high if open_high else v <= high))
+        ),
+        says or default,
+    )
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(lambda v: v in choices, f"is not one of: {', '.join(choices)}")
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), "must be True or False")
+TEXT = Rule(lambda v: isinstance(v, str), "must be a string")
+FRACTION = number(0, 1, open_high=True)  # [0, 1)
+COLOR_JITTER = Rule(
+    lambda v: isinstance(v, (tuple, list)) and len(v) == 3 and all(_is_number(x) and x >= 0 for x in v),
+    "must be 3 numbers >= 0: (brightness, contrast, saturation), e.g. (0.4,0.4,0.4)",
+)
+
+# Every key of `base()` and what its value must be, by type and range; `validate` refuses a key
+# without a rule, so a new key cannot be added without one. Rules that relate keys are in `RELATIONS`.
+RULES: dict[str, Rule | tuple[Rule, ...]] = {
+    "seed": integer(0),
+    "num_epochs": (integer(1), integer(1, MAX_EPOCHS, f"is past any schedule; use at most {MAX_EPOCHS:,}")),
+    "batch_size": integer(1),
+    "eval_batch_size": integer(1),
+    "label_smoothing": FRACTION,
+    "ema_decay": number(0, 1, open_high=True, says="must be in [0, 1) (0 = no weight average)"),
+    "steps_per_call": integer(0, says="must be >= 0 (0 = automatic)"),
+    "eval_batches_per_call": integer(0, says="must be >= 0 (0 = automatic)"),
+    "run_ahead_chunks": integer(0, says="must be >= 0 (0 = off)"),
+    "distributed": BOOL,
+    "model.name": Rule(lambda v: v in models.MODELS, f"is not one of: {', '.join(models.MODELS)}"),
+    "model.num_classes": integer(1),
+    "model.stem": one_of("imagenet", "cifar"),
+    "model.dtype": one_of(*DTYPES),
+    "model.pretrained": TEXT,
+    "head_only_epochs": integer(0),
+    "head_only_lr": number(0, open_low=True, says="must be positive and finite"),
+    "head_only_batchnorm": one_of("frozen", "train"),
+    "data.source": Rule(lambda v: v in SOURCES, f"is not one of: {', '.join(SOURCES)}"),
+    "data.path": TEXT,
+    "data.image_size": integer(1),
+    "data.val_fraction": FRACTION,
+    "data.split_seed": integer(0),
+    "data.normalization": Rule(
+        lambda v: v in augment.NORMALIZATIONS, f"is not one of: {', '.join(augment.NORMALIZATIONS)}"
+    ),
+    "data.augment.crop_padding": integer(0),
+    "data.augment.flip": BOOL,
+    "data.augment.color_jitter": COLOR_JITTER,
+    "data.augment.mixup_alpha": number(0, says="must be a finite number >= 0 (0 = off)"),
+    "data.augment.cutmix_alpha": number(0, says="must be a finite number >= 0 (0 = off)"),
+    "data.fake.num_train": integer(1),
+    "data.fake.num_test": integer(1),
+    "data.fake.num_classes": integer(1),
+    "data.fake.image_size": integer(1),
+    "optimizer.name": one_of(*OPTIMIZERS),
+    "optimizer.lr": number(0, open_low=True, says="must be positive and finite"),
+    "optimizer.weight_decay": number(0),
+    "optimizer.b1": FRACTION,
+    "optimizer.b2": FRACTION,
+    "optimizer.eps": number(0),
+    "optimizer.momentum": FRACTION,
+    "optimizer.nesterov": BOOL,
+    "optimizer.decay_norm_and_bias": BOOL,
+    "optimizer.clip_norm": number(0, says="must be >= 0 (0 = no clipping)"),
+    "optimizer.accumulate_steps": integer(1),
+    "schedule.name": one_of(*SCHEDULES),
+    "schedule.per": one_of("epoch", "step"),
+    "schedule.step_size": integer(1),
+    "schedule.gamma": number(0, 1, open_low=True),
+    "schedule.warmup_epochs": integer(0),
+    "schedule.warmup_start_factor": number(0, 1, open_low=True),
+    "schedule.min_lr": number(0),
+    "checkpoint.keep": integer(1),
+    "checkpoint.every_epochs": integer(1),
+    "early_stop.patience": integer(0, says="must be an integer >= 0 (0 = off)"),
+    "early_stop.min_delta": number(0),
+    "profile.epoch": integer(0),
+    "profile.steps": integer(1, says="must be a positive integer (training steps traced)"),
+    "wandb.mode": one_of("online", "offline", "disabled"),
+    "wandb.project": TEXT,
+    "wandb.entity": TEXT,
+    "wandb.name": TEXT,
+}
+
+
+def _relations(c) -> Iterator[tuple[str, Any, str]]:
+    """(key, value, requirement) for each rule between keys that `c` breaks."""
+    if c.data.augment.crop_padding >= c.data.image_size:
+        yield (
             "data.augment.crop_padding",
             c.data.augment.crop_padding,
             f"must be an integer in [0, data.image_size={c.data.image_size}) (0 = no crop)",
         )
-    jitter = c.data.augment.color_jitter
-    if not (
-        isinstance(jitter, (tuple, list))
-        and len(jitter) == 3
-        and all(isinstance(v, (int, float)) and v >= 0 for v in jitter)
-    ):
-        _fail(
-            "data.augment.color_jitter",
-            jitter,
-            "must be 3 numbers >= 0: (brightness, contrast, saturation), e.g. (0.4,0.4,0.4)",
-        )
-
-
-def _check_optimizer(c) -> None:
-    """The optimizer's numbers."""
-    if not c.optimizer.lr > 0:
-        _fail("optimizer.lr", c.optimizer.lr, "must be positive")
-    k = c.optimizer.accumulate_steps
-    if not isinstance(k, int) or k < 1 or c.batch_size % k:
-        _fail(
+    if c.batch_size % c.optimizer.accumulate_steps:
+        yield (
             "optimizer.accumulate_steps",
-            k,
+            c.optimizer.accumulate_steps,
             f"must be a positive integer that divides batch_size={c.batch_size}",
         )
-
-
-def _check_run_options(c) -> None:
-    """Early stopping and profiling."""
-    if not isinstance(c.early_stop.patience, int) or c.early_stop.patience < 0:
-        _fail("early_stop.patience", c.early_stop.patience, "must be an integer >= 0 (0 = off)")
-    if not c.early_stop.min_delta >= 0:
-        _fail("early_stop.min_delta", c.early_stop.min_delta, "must be >= 0")
+    if c.schedule.min_lr > c.optimizer.lr:
+        yield "schedule.min_lr", c.schedule.min_lr, f"must be in [0, optimizer.lr={c.optimizer.lr:g}]"
     if c.early_stop.patience and not c.data.val_fraction:
-        _fail(
-            "early_stop.patience", c.early_stop.patience, "needs a validation split (data.val_fraction > 0)"
-        )
-    if not (isinstance(c.profile.epoch, int) and 0 <= c.profile.epoch <= c.num_epochs):
-        _fail(
+        yield "early_stop.patience", c.early_stop.patience, "needs a validation split (data.val_fraction > 0)"
+    if c.profile.epoch > c.num_epochs:
+        yield (
             "profile.epoch",
             c.profile.epoch,
             f"must be an epoch in [1, num_epochs={c.num_epochs}], or 0 (off)",
         )
-    if not (isinstance(c.profile.steps, int) and c.profile.steps > 0):
-        _fail("profile.steps", c.profile.steps, "must be a positive integer (training steps traced)")
-
-
-def _check_regularization(c) -> None:
-    """Regularisation and averaging."""
-    if not c.optimizer.clip_norm >= 0:
-        _fail("optimizer.clip_norm", c.optimizer.clip_norm, "must be >= 0 (0 = no clipping)")
-    if c.optimizer.weight_decay < 0:
-        _fail("optimizer.weight_decay", c.optimizer.weight_decay, "must be >= 0")
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        if c.data.augment[key] < 0:
-            _fail(f"data.augment.{key}", c.data.augment[key], "must be >= 0 (0 = off)")
-    if not 0 <= c.ema_decay < 1:
-        _fail("ema_decay", c.ema_decay, "must be in [0, 1) (0 = no weight average)")
-    if not 0 <= c.label_smoothing < 1:
-        _fail("label_smoothing", c.label_smoothing, "must be in [0, 1)")
-
-
-def _check_schedule(c) -> None:
-    """Phases and the schedule."""
-    if not 0 <= c.head_only_epochs < c.num_epochs:
-        _fail("head_only_epochs", c.head_only_epochs, f"must be in [0, num_epochs={c.num_epochs})")
-    if c.head_only_epochs and not c.head_only_lr > 0:
-        _fail("head_only_lr", c.head_only_lr, "must be positive")
-    if c.schedule.name == "step" and (c.schedule.step_size <= 0 or not 0 < c.schedule.gamma <= 1):
-        _fail(
-            "schedule.step_size/gamma",
-            (c.schedule.step_size, c.schedule.gamma),
-            "need step_size > 0 and 0 < gamma <= 1",
-        )
-    if c.schedule.warmup_epochs < 0 or c.schedule.warmup_epochs >= c.num_epochs - c.head_only_epochs:
-        _fail(
+    if c.head_only_epochs >= c.num_epochs:
+        yield "head_only_epochs", c.head_only_epochs, f"must be in [0, num_epochs={c.num_epochs})"
+    if c.schedule.warmup_epochs >= c.num_epochs - c.head_only_epochs:
+        yield (
             "schedule.warmup_epochs",
             c.schedule.warmup_epochs,
             "must be >= 0 and shorter than the (last) phase",
         )
-
-
-def _check_execution(c) -> None:
-    """How steps run, and what the model takes."""
-    if c.steps_per_call < 0:
-        _fail("steps_per_call", c.steps_per_call, "must be >= 0 (0 = automatic)")
-    if c.eval_batches_per_call < 0:
-        _fail("eval_batches_per_call", c.eval_batches_per_call, "must be >= 0 (0 = automatic)")
-    if c.run_ahead_chunks < 0:
-        _fail("run_ahead_chunks", c.run_ahead_chunks, "must be >= 0 (0 = off)")
     if c.model.name == "simple_cnn" and c.data.image_size != 32:
-        _fail(
+        yield (
             "data.image_size",
             c.data.image_size,
             "cannot feed simple_cnn, whose FC layer takes 32x32 inputs; use 32 or a ResNet",
         )
     if c.model.name != "simple_cnn" and c.data.image_size < 32:
-        _fail("data.image_size", c.data.image_size, "is too small for a ResNet (at least 32)")
+        yield "data.image_size", c.data.image_size, "is too small for a ResNet (at least 32)"
     if c.head_only_epochs and c.model.name == "simple_cnn":
-        _fail("head_only_epochs", c.head_only_epochs, "needs a pretrained ResNet backbone (model.pretrained)")
+        yield "head_only_epochs", c.head_only_epochs, "needs a pretrained ResNet backbone (model.pretrained)"
+
+
+def _leaves(c, prefix: str = "") -> dict:
+    """{dotted key: value} of a ConfigDict, values as they are (tuples stay tuples)."""
+    out = {}
+    for key, value in c.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """A ValueError of one line for the first key whose value breaks its rule (`RULES`), then for
+    the first rule between keys it breaks (`_relations`): before any data is loaded or anything
+    compiled."""
+    values = _leaves(c)
+    unruled = sorted(set(values) - set(RULES))
+    if unruled:  # a key added to base() without its rule: the code's fault, not the user's
+        raise AssertionError(f"config keys without a rule in config.RULES: {', '.join(unruled)}")
+    for key, rules in RULES.items():
+        for rule in rules if isinstance(rules, tuple) else (rules,):
+            if key in values and not rule.holds(values[key]):
+                _fail(key, values[key], rule.says)
+    for key, value, requirement in _relations(c):
+        _fail(key, value, requirement)
 
 
 # What a run's saved config.json must name: without them it describes no model and no data.
@@ -306,12 +339,20 @@ def flat(config) -> dict:
     return out
 
 
+REDO = "restore it from a copy, or train in another --workdir"
+
+
 def from_json(path) -> ml_collections.ConfigDict:
     """A run's saved config.json, over `base()` (a key it lacks takes base's value), validated.
     A ValueError of one line naming the file for anything that is not such a config."""
     path = Path(path)
-    redo = "restore it from a copy, or train in another --workdir"
-    values = flat(read_json_object(path, redo))
+    return from_values(read_json_object(path, REDO), path)
+
+
+def from_values(tree: dict, path, redo: str = REDO) -> ml_collections.ConfigDict:
+    """A config from `tree` (as `ConfigDict.to_json` writes it: a saved config.json, or the config a
+    checkpoint records), over `base()`, validated; a ValueError naming `path` otherwise."""
+    values = flat(tree)
     missing = [key for key in REQUIRED_SAVED if key not in values]
     if missing:
         raise ValueError(

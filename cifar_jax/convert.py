@@ -9,11 +9,15 @@
 
 from __future__ import annotations
 
+from cifar_jax import interrupts
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
+    interrupts.defer()
+
 import argparse
-import sys
 from pathlib import Path
 
-from cifar_jax import models, pretrained
+from cifar_jax import cli, models, pretrained
 
 
 def main(argv=None) -> int:
@@ -55,8 +59,7 @@ def main(argv=None) -> int:
         meta = {"arch": args.arch, "num_classes": num_classes, "stem": "imagenet", "source": str(source)}
         out = pretrained.save(model, out, meta)
     except (pretrained.ConversionError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cli.fail(str(e))
     print(
         f"converted {args.arch} ({models.count_params(model):,} parameters, {num_classes} classes) from "
         f"{source} -> {out}"
@@ -65,4 +68,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "during convert: --out is written whole or not at all", absl_flags=False)

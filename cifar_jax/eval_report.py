@@ -39,7 +39,7 @@ def prepare(opts: Options) -> Inputs:
     """Restore the run and load its data; an EvalError, DataError or ValueError says what is wrong."""
     run = evaluate.restore(opts.workdir, opts.step, ema=opts.ema)
     history = config_lib.read_history(opts.workdir)  # what resumes changed (num_epochs, ...)
-    splits = data.load_splits(run.config.data)
+    splits = data.load_splits(run.config.data, f"data.path in {Path(opts.workdir) / 'config.json'}")
     if not len(splits.val[0]) and opts.split == "val":
         raise evaluate.EvalError(
             f"the run has no val split (data.val_fraction={run.config.data.val_fraction}); use --split test"

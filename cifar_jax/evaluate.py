@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -18,8 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cifar_jax import config as config_lib
-from cifar_jax import sharding, staging, steps
+from cifar_jax import preflight, sharding, staging, steps
 from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
 from cifar_jax.errors import one_line
@@ -44,14 +42,14 @@ class Restored:
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
+    """The run's config.json, or the config its checkpoints record when that file is gone."""
+    if not (Path(workdir) / "config.json").is_file() and not preflight.has_checkpoints(workdir):
         raise EvalError(
             f"{workdir} is not a training run directory (no config.json); pass the --workdir that train.py "
             "wrote"
         )
     try:
-        return config_lib.from_json(path)
+        return preflight.saved_config(workdir)[0]
     except ValueError as e:
         raise EvalError(str(e)) from None
 
@@ -223,9 +221,7 @@ def staging_dir(out: Path) -> Path:
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    staging.write_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format=path.suffix[1:]))
 
 
 def _figure(size):

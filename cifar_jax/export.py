@@ -13,9 +13,12 @@ not at all. `.pth` needs torch; `.safetensors` needs only safetensors.
 
 from __future__ import annotations
 
+from cifar_jax import interrupts
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
+    interrupts.defer()
+
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,17 +65,15 @@ def state_dict(model: nnx.Module, name: str) -> dict[str, np.ndarray]:
 
 
 def write(tensors: dict[str, np.ndarray], out: Path) -> None:
-    """`tensors` as a .pth (torch.save of a dict of tensors) or .safetensors file, renamed into place."""
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    try:
-        if out.suffix == ".safetensors":
-            require("safetensors.numpy", "torch").save_file(tensors, str(tmp))
-        else:
-            torch = require("torch", "torch")
-            torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`tensors` as a .pth (torch.save of a dict of tensors) or .safetensors file, whole or not at all."""
+    if out.suffix == ".safetensors":
+        save_file = require("safetensors.numpy", "torch").save_file
+        staging.write_file(out, lambda tmp: save_file(tensors, str(tmp)))
+    else:
+        torch = require("torch", "torch")
+        staging.write_file(
+            out, lambda tmp: torch.save({k: torch.from_numpy(v) for k, v in tensors.items()}, tmp)
+        )
 
 
 def _step(value: str):
@@ -110,9 +111,9 @@ def main(argv=None) -> int:
         config = restored.config
         write(state_dict(model, config.model.name), out)
     except (ValueError, ImportError) as e:  # ConversionError and EvalError are ValueErrors
-        return staging.fail(str(e))
+        cli.fail(str(e))
     except OSError as e:
-        return staging.fail(write_failure(f"--out {out}", e, "--out"))
+        cli.fail(write_failure(f"--out {out}", e, "--out"))
     stem = "" if config.model.name == "simple_cnn" else f", stem={config.model.stem!r}"
     mean, std = augment.NORMALIZATIONS[config.data.normalization]
     print(
@@ -129,4 +130,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "during export: --out is written whole or not at all", absl_flags=False)

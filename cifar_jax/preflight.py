@@ -4,12 +4,15 @@ raising a ValueError of one line that says what is wrong and what to do."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
 import jax
 
 from cifar_jax import config as config_lib
+
+log = logging.getLogger("cifar_jax")
 
 
 def check_before_start(config, workdir) -> dict[str, tuple]:
@@ -61,6 +64,7 @@ def check_before_start(config, workdir) -> dict[str, tuple]:
                 f"--config.model.stem={meta['stem']}"
             )
     check_workdir(workdir)
+    check_output_directories(config, workdir)
     return check_resume(config, workdir)
 
 
@@ -69,10 +73,9 @@ def check_resume(config, workdir) -> dict[str, tuple]:
     of `config_lib.FREE_ON_RESUME`, and `num_epochs` down to the epochs already trained (the
     schedule then follows the new length from the next epoch on). Any other change is a ValueError,
     before anything in the workdir is touched. A workdir without checkpoints binds nothing."""
-    saved_path = Path(workdir) / "config.json"
-    if not (saved_path.exists() and has_checkpoints(workdir)):
+    if not has_checkpoints(workdir):
         return {}
-    saved = config_lib.from_json(saved_path)
+    saved, saved_path = saved_config(workdir)
     changed = config_lib.changes(saved, config)
     refused = {k: v for k, v in changed.items() if k not in config_lib.FREE_ON_RESUME and k != "num_epochs"}
     if refused:
@@ -92,6 +95,26 @@ def check_resume(config, workdir) -> dict[str, tuple]:
             f"use num_epochs >= {trained} (its config.json has {saved.num_epochs})"
         )
     return changed
+
+
+def saved_config(workdir) -> tuple:
+    """(config, where it was read) of the run in `workdir`: its config.json, or when that is gone,
+    the config the newest checkpoint records (said in the log; train.py writes config.json again).
+    A ValueError in one line when neither is there."""
+    path = Path(workdir) / "config.json"
+    if path.exists():
+        return config_lib.from_json(path), path
+    from cifar_jax.checkpoint import recorded_config  # Orbax: only for a workdir that lost its config.json
+
+    found = recorded_config(workdir)
+    if found is None:
+        raise ValueError(
+            f"workdir {workdir} holds checkpoints but no config.json, and no checkpoint records its config: "
+            f"put config.json back from a copy, or pass another --workdir"
+        )
+    tree, checkpoint = found
+    log.warning("%s is missing: using the config recorded in checkpoint %s", path, checkpoint)
+    return config_lib.from_values(tree, checkpoint, "pass another --workdir"), checkpoint
 
 
 def epochs_trained(workdir) -> int:
@@ -143,6 +166,27 @@ def check_workdir(workdir) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(
             f"workdir {path}: {existing} is not writable; make it writable or pass another --workdir"
+        )
+
+
+def check_output_directories(config, workdir) -> None:
+    """A ValueError in one line if a directory the run will write inside `workdir` (the profiler's
+    traces, wandb's files) exists and cannot take them."""
+    from cifar_jax import staging
+
+    if config.profile.epoch:
+        staging.check_directory(
+            Path(workdir) / "profile",
+            "config: profile.epoch traces to",
+            "move it aside, or --config.profile.epoch=0",
+            create=False,
+        )
+    if config.wandb.mode != "disabled":
+        staging.check_directory(
+            Path(workdir) / "wandb",
+            f"config: wandb.mode={config.wandb.mode!r} writes to",
+            "move it aside, or --config.wandb.mode=disabled",
+            create=False,
         )
 
 

@@ -10,11 +10,15 @@ study's configs run unchanged. Written to a temporary name and renamed: whole or
 
 from __future__ import annotations
 
+from cifar_jax import interrupts
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
+    interrupts.defer()
+
 import argparse
-import sys
 from pathlib import Path
 
-from cifar_jax import staging
+from cifar_jax import cli, staging
 from cifar_jax.data import sources
 from cifar_jax.errors import write_failure
 
@@ -41,12 +45,12 @@ def main(argv=None) -> int:
     out = Path(args.out).expanduser().absolute()
     try:
         staging.check_out_file(out, (".npz",), args.overwrite)
-        arrays = sources.load(args.source, args.path)
+        arrays = sources.load(args.source, args.path, path_flag="--path")
         sources.save_npz(arrays, out)
     except ValueError as e:  # DataError is one
-        return staging.fail(str(e))
+        cli.fail(str(e))
     except OSError as e:
-        return staging.fail(write_failure(f"--out {out}", e, "--out"))
+        cli.fail(write_failure(f"--out {out}", e, "--out"))
     print(
         f"wrote {out}: {len(arrays.y_train):,} train and {len(arrays.y_test):,} test images, "
         f"{arrays.num_classes} classes\n"
@@ -57,4 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main, "during prepare: --out is written whole or not at all", absl_flags=False)

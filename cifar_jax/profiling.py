@@ -20,6 +20,8 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+from cifar_jax.errors import TrainingError, one_line
+
 
 def latest_trace(directory) -> Path:
     """The newest perfetto_trace.json.gz under `directory` (jax.profiler.trace's layout)."""
@@ -107,7 +109,7 @@ class EpochProfile:
     def start(self, name: str) -> None:
         import jax
 
-        jax.profiler.start_trace(str(self.directory / name), create_perfetto_trace=True)
+        self._profiler(jax.profiler.start_trace, str(self.directory / name), create_perfetto_trace=True)
         self._tracing = name
 
     def stop(self, wait_for) -> None:
@@ -115,7 +117,7 @@ class EpochProfile:
         import jax
 
         jax.block_until_ready(wait_for)
-        jax.profiler.stop_trace()
+        self._profiler(jax.profiler.stop_trace)
         if self.is_main:
             summary = format_summary(trace_summary(latest_trace(self.directory / self._tracing)))
             logging.getLogger("cifar_jax").info(
@@ -126,6 +128,16 @@ class EpochProfile:
                 summary,
             )
         self._tracing = None
+
+    def _profiler(self, call, *args, **kwargs) -> None:
+        """`call` of jax.profiler; a trace that cannot be written is a TrainingError of one line."""
+        try:
+            call(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  (JaxRuntimeError, OSError)
+            raise TrainingError(
+                f"cannot write the profile trace in {self.directory} ({one_line(e, 200)}); fix that "
+                "directory, or --config.profile.epoch=0 to train without a trace"
+            ) from None
 
     @property
     def tracing(self) -> bool:

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from cifar_jax.errors import write_failure
+from cifar_jax.interrupts import interrupted
 
 
 class WorkdirBusy(RuntimeError):
@@ -52,52 +53,6 @@ class WorkdirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
-
-
-_interrupted = False  # a SIGINT arrived since `defer_interrupts` or `catch_interrupts`
-
-
-def _remember(signum, frame):
-    global _interrupted
-    _interrupted = True
-
-
-def _remember_and_raise(signum, frame):
-    _remember(signum, frame)
-    signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as Python's own handler raises
-
-
-def _sigint_is_ours_or_default() -> bool:
-    """Whether SIGINT may be handled here: in the main thread, not ignored (a shell's background job)."""
-    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) in (
-        signal.default_int_handler,
-        _remember,
-        _remember_and_raise,
-    )
-
-
-def defer_interrupts() -> None:
-    """For an entry point's first imports: a SIGINT there is only remembered (a KeyboardInterrupt
-    raised inside an extension module's import has crashed the interpreter), and acted on by
-    `catch_interrupts`."""
-    if _sigint_is_ours_or_default():
-        signal.signal(signal.SIGINT, _remember)
-
-
-def catch_interrupts() -> None:
-    """From here on SIGINT raises KeyboardInterrupt as usual, and is also remembered: a library that
-    swallows the KeyboardInterrupt (an extension's import turns it into an ImportError, which an
-    optional import ignores; a garbage-collector callback prints and drops it) cannot lose it.
-    Raises KeyboardInterrupt at once for a SIGINT that `defer_interrupts` remembered."""
-    if _sigint_is_ours_or_default():
-        signal.signal(signal.SIGINT, _remember_and_raise)
-    if _interrupted:
-        raise KeyboardInterrupt
-
-
-def interrupted() -> bool:
-    """Whether a SIGINT arrived, even if its KeyboardInterrupt was swallowed."""
-    return _interrupted
 
 
 class StopSignals:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
+
+from cifar_jax import staging
+from cifar_jax.errors import TrainingError, one_line
 
 log = logging.getLogger("cifar_jax")
 
@@ -61,9 +63,7 @@ class MetricsLog:
         return rows
 
     def _rewrite(self):
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.path)
+        staging.write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict):
         self.rows.append(row)
@@ -94,9 +94,7 @@ def plot_curves(rows: list[dict], path) -> None:
         axes[2].set_yscale("log")
     axes[2].grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    staging.write_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
 
 
 class CurvesPlotter:
@@ -150,16 +148,22 @@ class Wandb:
                 "wandb.mode is not 'disabled' but wandb is not installed: pip install 'cifar_jax[wandb]' or "
                 "set --config.wandb.mode=disabled"
             ) from None
-        self.run = wandb.init(
-            project=config.wandb.project,
-            entity=config.wandb.entity or None,
-            name=config.wandb.name or Path(workdir).name,
-            mode=config.wandb.mode,
-            dir=str(workdir),
-            config=config.to_dict(),
-            id=_wandb_id(workdir),
-            resume="allow" if resume else None,
-        )
+        try:
+            self.run = wandb.init(
+                project=config.wandb.project,
+                entity=config.wandb.entity or None,
+                name=config.wandb.name or Path(workdir).name,
+                mode=config.wandb.mode,
+                dir=str(workdir),
+                config=config.to_dict(),
+                id=_wandb_id(workdir),
+                resume="allow" if resume else None,
+            )
+        except Exception as e:  # noqa: BLE001  (wandb raises its own errors, OSError, timeouts)
+            raise TrainingError(
+                f"wandb could not start its run in {Path(workdir) / 'wandb'} ({one_line(e, 200)}); fix that, "
+                "or --config.wandb.mode=disabled"
+            ) from None
 
     def log(self, row: dict):
         if self.run is not None:

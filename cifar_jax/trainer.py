@@ -30,7 +30,7 @@ from cifar_jax import preflight
 from cifar_jax.checkpoint import Checkpoints, Snapshot, write_or_fail
 from cifar_jax.early_stop import EarlyStop
 from cifar_jax.epoch_end import Clock, EpochEnd, EpochEnds, to_host
-from cifar_jax.errors import TrainingError
+from cifar_jax.errors import TrainingError, one_line
 from cifar_jax.phases import Phase, PhaseSteps, phase_of
 from cifar_jax.profiling import EpochProfile
 from cifar_jax.resume import resume, save_config
@@ -106,6 +106,7 @@ class InFlight:
         self.stop_signum = None  # the stop every process agreed on, read from a chunk's votes
         self.current: Epoch | None = None  # the epoch being dispatched
         self.last_end_at = None  # when the last epoch end was processed: the next epoch's start
+        self.failed_epoch = None  # the epoch of the first entry whose processing raised
 
     def push(self, entry) -> None:
         self.entries.append(entry)
@@ -114,17 +115,34 @@ class InFlight:
         """Process the oldest entries until `keep` remain."""
         while len(self.entries) > keep:
             entry = self.entries.popleft()
-            if isinstance(entry, Chunk):
-                self.read(entry)
-            else:
-                self.end(entry)
+            try:
+                self.process(entry)
+            except BaseException:
+                self.failed_epoch = _epoch_of(entry)
+                raise
+
+    def process(self, entry: Chunk | EpochEnd) -> None:
+        if isinstance(entry, Chunk):
+            self.read(entry)
+        else:
+            self.end(entry)
 
     def salvage(self) -> None:
-        """After an error: end every epoch whose chunks all read, up to the first entry that fails."""
-        try:
-            self.drain()
-        except BaseException:  # noqa: BLE001  (the first error is the one to report)
-            log.exception("could not log and checkpoint a finished epoch after the error below")
+        """After an error: end every epoch queued before the one whose entry failed (all of them
+        when the error came from elsewhere); an error here is one line, the first is the one raised."""
+        while self.entries:
+            entry = self.entries.popleft()
+            if self.failed_epoch is not None and _epoch_of(entry) >= self.failed_epoch:
+                break
+            try:
+                self.process(entry)
+            except BaseException as e:  # noqa: BLE001
+                log.warning(
+                    "after the error that stopped the run, epoch %d could not end too (%s)",
+                    _epoch_of(entry) + 1,
+                    one_line(e),
+                )
+                break
         self.entries.clear()
 
     def begin(self, epoch: int, phase: Phase, first_step: int, sums, bar: bool) -> Epoch:
@@ -182,6 +200,10 @@ class InFlight:
             self.current.end.clock.mark("train", self.last_end_at)
 
 
+def _epoch_of(entry: Chunk | EpochEnd) -> int:
+    return entry.epoch.index if isinstance(entry, Chunk) else entry.epoch
+
+
 class Trainer:
     """One training run: the epoch loop (`train`) over what `RunSetup` put on the devices."""
 
@@ -193,7 +215,7 @@ class Trainer:
         self.stop = StopSignals()
         self.early = EarlyStop(config.early_stop.patience, config.early_stop.min_delta)
         self.profile = EpochProfile(config.profile, workdir, is_main)
-        self.ckpts = Checkpoints(workdir, keep=config.checkpoint.keep)
+        self.ckpts = Checkpoints(workdir, keep=config.checkpoint.keep, config=config)
         self.start = resume(config, self.ckpts, self.setup.fresh_state, self.setup.zero_sums)
         self.early.restore(self.start.early_stop)
         if is_main:  # the state matches the config: now it describes the run

@@ -297,20 +297,20 @@ def test_an_interrupt_that_a_library_swallowed_still_stops_the_run_before_traini
     import signal
     import time
 
-    from cifar_jax import cli, runguard, trainer
+    from cifar_jax import cli, interrupts, trainer
 
     previous = signal.signal(
         signal.SIGINT, signal.default_int_handler
     )  # Python's own, whatever the worker had
-    monkeypatch.setattr(runguard, "_interrupted", False)
-    runguard.catch_interrupts()
+    monkeypatch.setattr(interrupts, "_interrupted", False)
+    interrupts.catch()
     try:
         try:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)  # the KeyboardInterrupt comes at once
         except KeyboardInterrupt:
             pass  # swallowed, as by `except ImportError` around an optional import
-        assert runguard.interrupted()
+        assert interrupts.interrupted()
         with pytest.raises(KeyboardInterrupt):
             trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
         assert not (tmp_path / "metrics.jsonl").exists()
@@ -329,8 +329,8 @@ def test_a_ctrl_c_during_the_first_imports_is_one_line_and_writes_nothing(tmp_pa
     remembered, then reported in one line once they are done, before anything is written."""
     probe = (
         "import os, runpy, signal, sys\n"
-        "from cifar_jax import runguard\n"
-        "runguard.defer_interrupts()  # as train.py's first lines do\n"
+        "from cifar_jax import interrupts\n"
+        "interrupts.defer()  # as train.py's first lines do\n"
         "os.kill(os.getpid(), signal.SIGINT)  # lands during the imports\n"
         "import jax, numpy, optax  # heavy extension imports after it\n"
         "sys.argv = ['train.py', '--config', 'tests/support/tiny_config.py', "

@@ -11,7 +11,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from cifar_jax import export, models, pretrained, torch_models, trainer  # noqa: E402
 from cifar_jax.data import augment  # noqa: E402
-from tests.support.helpers import tiny_config  # noqa: E402
+from tests.support.helpers import assert_fails_in_one_line, tiny_config  # noqa: E402
 
 
 def _trained_looking(name, stem, seed=0):
@@ -128,8 +128,6 @@ def test_the_cli_refuses_bad_input_in_one_line(trained_workdir, tmp_path, capsys
         else a
         for a in args
     ]
-    assert export.main(["--workdir", str(trained_workdir), *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert_fails_in_one_line(export.main, ["--workdir", str(trained_workdir), *args], message, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["EXISTING.pth"]
     assert (tmp_path / "EXISTING.pth").read_text() == "keep"

@@ -10,7 +10,7 @@ import pytest
 
 from cifar_jax import prepare, trainer
 from cifar_jax.data import sources
-from tests.support.helpers import ROOT, tiny_config
+from tests.support.helpers import ROOT, assert_fails_in_one_line, tiny_config
 from tests.test_data_sources import _write_cifar_python
 
 pytest.importorskip("tensorflow_datasets")
@@ -61,7 +61,9 @@ def test_prepare_from_a_cifar_python_directory_writes_an_npz_that_trains(tmp_pat
         progress=False,
     )
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"])
-    assert (
-        prepare.main(["--from", "cifar_python", "--path", str(tmp_path), "--out", str(out)]) == 2
-    )  # never replaced silently
-    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert_fails_in_one_line(  # never replaced silently
+        prepare.main,
+        ["--from", "cifar_python", "--path", str(tmp_path), "--out", str(out)],
+        "exists; pass --overwrite",
+        capsys,
+    )

@@ -14,6 +14,7 @@ torchvision = pytest.importorskip("torchvision")
 import safetensors.numpy  # noqa: E402
 
 from cifar_jax import convert, pretrained  # noqa: E402
+from tests.support.helpers import assert_fails_in_one_line  # noqa: E402
 
 
 def _randomised_torchvision(arch, num_classes=1000, seed=0):
@@ -181,14 +182,8 @@ def test_convert_cli_writes_weights_that_load_back(tmp_path, capsys):
 
 
 def test_convert_cli_reports_bad_input_in_one_line(tmp_path, capsys):
-    assert (
-        convert.main(
-            ["--arch", "resnet18", "--state-dict", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o")]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no such weights file") and "\n" not in err
+    argv = ["--arch", "resnet18", "--state-dict", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o")]
+    assert_fails_in_one_line(convert.main, argv, "error: no such weights file", capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -270,9 +265,7 @@ def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(tmp_pat
     }[case]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     capsys.readouterr()
-    assert convert.main(["--arch", "resnet18", *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err, err
+    assert_fails_in_one_line(convert.main, ["--arch", "resnet18", *args], message, capsys)
     assert {
         p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
     } == before  # nothing written, nothing lost

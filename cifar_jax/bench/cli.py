@@ -138,7 +138,7 @@ def check(opts):
 
 
 def main(argv=None) -> list[dict]:
-    from cifar_jax import cli
+    from cifar_jax import cli, staging
 
     # Before JAX starts: allocate GPU memory as needed (not 75% up front), so PyTorch and JAX can
     # share the device; and the CPU settings train.py runs with.
@@ -162,9 +162,7 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         log(f"  {row['img_per_s']:.1f} img/s")
         if opts.out:  # whole or not at all, even if the process is killed while writing
-            tmp = Path(f"{opts.out}.tmp")
-            tmp.write_text(json.dumps(rows, indent=1) + "\n")
-            tmp.replace(opts.out)
+            staging.write_text(Path(opts.out), json.dumps(rows, indent=1) + "\n")
 
     if "torch" in frameworks:
         run_torch(cases, modes, opts, epoch_data, log, record)

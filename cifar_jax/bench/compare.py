@@ -16,6 +16,11 @@ mean +- sd band per epoch).
 
 from __future__ import annotations
 
+from cifar_jax import interrupts
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
+    interrupts.defer()
+
 import ast
 import importlib.util
 import json
@@ -295,8 +300,9 @@ def main(argv):
             log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True),
         )
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        from cifar_jax import cli
+
+        cli.fail(str(e))
     print((out / "comparison.md").read_text())
     print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'curves.png'}")
 
@@ -304,7 +310,7 @@ def main(argv):
 if __name__ == "__main__":
     import os
 
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("config", None, "configs/NAME.py", required=True)
     flags.DEFINE_multi_string("set", [], "KEY=VALUE: a --config.KEY=VALUE override for every run (repeat)")
@@ -312,4 +318,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("frameworks", "jax,torch", f"comma-separated, of: {', '.join(FRAMEWORKS)}")
     flags.DEFINE_string("out", None, "output directory (default results/compare/<config name>)")
     flags.DEFINE_integer("workers", os.cpu_count() or 1, "DataLoader workers of torch-dataloader runs")
-    app.run(main)
+    from cifar_jax import cli
+
+    cli.run(main, "during the comparison: finished runs are kept, a rerun resumes")

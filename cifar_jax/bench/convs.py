@@ -12,6 +12,11 @@ change outside them can win back.
 
 from __future__ import annotations
 
+from cifar_jax import interrupts
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
+    interrupts.defer()
+
 import argparse
 import statistics
 
@@ -204,4 +209,6 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from cifar_jax import cli
+
+    cli.run(main, "during the benchmark", absl_flags=False)

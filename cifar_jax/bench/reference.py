@@ -17,6 +17,11 @@ It writes the rows of `metrics.jsonl` that train.py writes (same keys), `config.
 
 from __future__ import annotations
 
+from cifar_jax import interrupts
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
+    interrupts.defer()
+
 import copy
 import json
 import logging

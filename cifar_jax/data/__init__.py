@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from cifar_jax.data.sources import SOURCES, Arrays, DataError, load
+from cifar_jax.data.sources import PATH_FLAG, SOURCES, Arrays, DataError, load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +37,11 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int
     return (x[train], y[train]), (x[val], y[val])
 
 
-def load_splits(data_config) -> Splits:
-    """Load `data_config.source` and split it: train/val by `val_fraction` and `split_seed`, test as given."""
+def load_splits(data_config, path_flag: str = PATH_FLAG) -> Splits:
+    """Load `data_config.source` and split it: train/val by `val_fraction` and `split_seed`, test as given.
+    `path_flag`: how the user sets data.path, named when it is missing (`sources.load`)."""
     options = dict(data_config.fake) if data_config.source == "fake" else {}
-    arrays = load(data_config.source, data_config.path, **options)
+    arrays = load(data_config.source, data_config.path, path_flag=path_flag, **options)
     train, val = split_train_val(
         arrays.x_train, arrays.y_train, data_config.val_fraction, data_config.split_seed
     )

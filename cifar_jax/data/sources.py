@@ -58,12 +58,26 @@ def _checked(arrays: Arrays, where: str) -> Arrays:
     return arrays
 
 
+class MissingPath(DataError):
+    """A source's path is empty or names nothing; `load` says how to set it in the caller's terms."""
+
+    def __init__(self, path, what: str, hint: str):
+        self.path, self.what, self.hint = path, what, hint
+        super().__init__(self.advice(PATH_FLAG))
+
+    def advice(self, path_flag: str) -> str:
+        if not self.path:
+            return f"{path_flag} is empty: set it to {self.what}"
+        return f"{self.path} does not exist: set {path_flag} to {self.what} ({self.hint})"
+
+
+PATH_FLAG = "--config.data.path"  # how train.py sets a source's path
+
+
 def _require_path(path, what: str, hint: str) -> Path:
-    if not path:
-        raise DataError(f"data.path is empty: set --config.data.path to {what}")
-    p = Path(os.path.expanduser(str(path)))
-    if not p.exists():
-        raise DataError(f"{p} does not exist: set --config.data.path to {what} ({hint})")
+    p = Path(os.path.expanduser(str(path))) if path else None
+    if p is None or not p.exists():
+        raise MissingPath(p, what, hint)
     return p
 
 
@@ -234,20 +248,21 @@ def load_tfds(path=None) -> Arrays:
 def save_npz(arrays: Arrays, path) -> Path:
     """`arrays` as the npz that `load_npz` (and the tfds source's cache) reads, written atomically:
     a killed write never leaves a half-written file."""
+    from cifar_jax import staging
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the partial's name
+            np.savez(
+                f,
+                x_train=arrays.x_train,
+                y_train=arrays.y_train,
+                x_test=arrays.x_test,
+                y_test=arrays.y_test,
+                label_names=np.array(arrays.label_names),
+            )
+
     path = Path(path)
-    tmp = path.with_name(path.stem + f".partial-{os.getpid()}.npz")
-    try:
-        np.savez(
-            tmp,
-            x_train=arrays.x_train,
-            y_train=arrays.y_train,
-            x_test=arrays.x_test,
-            y_test=arrays.y_test,
-            label_names=np.array(arrays.label_names),
-        )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    staging.write_file(path, write)
     return path
 
 
@@ -281,8 +296,12 @@ SOURCES = {
 }
 
 
-def load(source: str, path=None, **options) -> Arrays:
-    """Load dataset `source` (see the module docstring); `options` go to the source (e.g. fake sizes)."""
+def load(source: str, path=None, *, path_flag: str = PATH_FLAG, **options) -> Arrays:
+    """Load dataset `source` (see the module docstring); `options` go to the source (e.g. fake sizes).
+    `path_flag`: how the caller's user sets `path` ('--path' for prepare), named when it is missing."""
     if source not in SOURCES:
         raise DataError(f"unknown data source {source!r}; valid sources: {', '.join(SOURCES)}")
-    return SOURCES[source](path, **options)
+    try:
+        return SOURCES[source](path, **options)
+    except MissingPath as e:
+        raise DataError(e.advice(path_flag)) from None
