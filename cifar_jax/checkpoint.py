@@ -192,6 +192,11 @@ def _read_meta(manager, step: int) -> dict:
     )
 
 
+def _recording(meta: dict, config: dict | None) -> dict:
+    """`meta` with the run's config (when the caller gave one)."""
+    return meta if config is None else {**meta, "config": config}
+
+
 def _without_checksums(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k != "checksums"}
 
@@ -257,7 +262,7 @@ class Checkpoints:
         val_acc = meta["row"].get("val_acc")
         self.manager.save(
             epoch,
-            args=_save_args(state, {**meta, "config": self.config}),
+            args=_save_args(state, _recording(meta, self.config)),
             metrics={"val_acc": val_acc} if val_acc is not None else None,
         )
         self._unchecked = True  # a background write whose outcome `check` has not seen yet
@@ -390,7 +395,7 @@ class MidEpochCheckpoint:
 
     def save(self, global_step: int, tree, meta: dict) -> None:
         with self._manager() as manager:
-            manager.save(global_step, args=_save_args(tree, {**meta, "config": self.config}), force=True)
+            manager.save(global_step, args=_save_args(tree, _recording(meta, self.config)), force=True)
             manager.wait_until_finished()
 
     def meta(self) -> dict | None:

@@ -38,22 +38,27 @@ All PyTorch measurements run first, then all JAX ones: DataLoader workers are fo
 JAX starts its threads, and GPU memory held by PyTorch is released before JAX allocates.
 """
 
-from cifar_jax.bench.cases import DEFAULT_CASES, BenchError, Case, parse_cases, random_uint8
-from cifar_jax.bench.cli import main, parse_args
-from cifar_jax.bench.jax_side import JaxSide
-from cifar_jax.bench.report import table
-from cifar_jax.bench.timing import row, timed_windows
+import importlib
 
-__all__ = [
-    "DEFAULT_CASES",
-    "BenchError",
-    "Case",
-    "JaxSide",
-    "main",
-    "parse_args",
-    "parse_cases",
-    "random_uint8",
-    "row",
-    "table",
-    "timed_windows",
-]
+# Each public name and its module, imported when first used: `python -m cifar_jax.bench` imports this
+# package before its __main__, whose first line defers a Ctrl-C during the heavy imports that follow.
+_EXPORTS = {
+    "DEFAULT_CASES": "cases",
+    "BenchError": "cases",
+    "Case": "cases",
+    "parse_cases": "cases",
+    "random_uint8": "cases",
+    "main": "cli",
+    "parse_args": "cli",
+    "JaxSide": "jax_side",
+    "table": "report",
+    "row": "timing",
+    "timed_windows": "timing",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
