@@ -193,7 +193,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "data.normalization": Rule(
         lambda v: v in augment.NORMALIZATIONS, f"is not one of: {', '.join(augment.NORMALIZATIONS)}"
     ),
-    "data.augment.crop_padding": integer(0),
+    "data.augment.crop_padding": Rule(_is_int, "must be an integer"),  # its range: in `_relations`
     "data.augment.flip": BOOL,
     "data.augment.color_jitter": COLOR_JITTER,
     "data.augment.mixup_alpha": number(0, says="must be a finite number >= 0 (0 = off)"),
@@ -235,7 +235,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
 
 def _relations(c) -> Iterator[tuple[str, Any, str]]:
     """(key, value, requirement) for each rule between keys that `c` breaks."""
-    if c.data.augment.crop_padding >= c.data.image_size:
+    if not 0 <= c.data.augment.crop_padding < c.data.image_size:
         yield (
             "data.augment.crop_padding",
             c.data.augment.crop_padding,

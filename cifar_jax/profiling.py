@@ -92,6 +92,17 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _end_profiler_session() -> None:
+    """After a trace that could not be written: JAX's stop_trace raises before it forgets the
+    session, and every later trace in the process would then fail ("already started")."""
+    try:
+        from jax._src import profiler
+
+        profiler._profile_state.reset()
+    except (ImportError, AttributeError):  # another JAX: nothing to forget, or no way to
+        pass
+
+
 class EpochProfile:
     """A trace of a real training run (config `profile.epoch`, 1-based, and `profile.steps`): the
     first `steps` steps of that epoch in `<workdir>/profile/train`, its validation in
@@ -117,17 +128,21 @@ class EpochProfile:
         import jax
 
         jax.block_until_ready(wait_for)
-        self._profiler(jax.profiler.stop_trace)
+        traced, self._tracing = self._tracing, None
+        try:
+            self._profiler(jax.profiler.stop_trace)
+        except TrainingError:
+            _end_profiler_session()
+            raise
         if self.is_main:
-            summary = format_summary(trace_summary(latest_trace(self.directory / self._tracing)))
+            summary = format_summary(trace_summary(latest_trace(self.directory / traced)))
             logging.getLogger("cifar_jax").info(
                 "profile of epoch %d's %s (trace in %s):\n%s",
                 self.epoch + 1,
-                self._tracing,
-                self.directory / self._tracing,
+                traced,
+                self.directory / traced,
                 summary,
             )
-        self._tracing = None
 
     def _profiler(self, call, *args, **kwargs) -> None:
         """`call` of jax.profiler; a trace that cannot be written is a TrainingError of one line."""
@@ -138,6 +153,17 @@ class EpochProfile:
                 f"cannot write the profile trace in {self.directory} ({one_line(e, 200)}); fix that "
                 "directory, or --config.profile.epoch=0 to train without a trace"
             ) from None
+
+    def abandon(self) -> None:
+        """End a trace that an error interrupted, quietly: that error is the one to report."""
+        import jax
+
+        if self._tracing is not None:
+            self._tracing = None
+            try:
+                jax.profiler.stop_trace()
+            except Exception:  # noqa: BLE001
+                _end_profiler_session()
 
     @property
     def tracing(self) -> bool:

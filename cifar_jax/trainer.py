@@ -339,8 +339,7 @@ class Trainer:
         )
 
     def close(self) -> None:
-        if self.profile.tracing:  # an error inside the traced window
-            jax.profiler.stop_trace()
+        self.profile.abandon()  # after an error inside the traced window
         try:
             self.ckpts.wait()
         except Exception:  # noqa: BLE001  (reported by write_or_fail where it matters)
