@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cifar_jax import models
 from cifar_jax.data import mix, pipeline
 
 
@@ -242,7 +243,7 @@ def make_eval_sums(
 
     @functools.partial(jax.jit, static_argnames="per_call")
     def add_batches(params, batch_stats, images, labels, first, sums, per_call):
-        model = nnx.merge(graphdef_eval, params, batch_stats, copy=True)
+        model = models.for_evaluation(nnx.merge(graphdef_eval, params, batch_stats, copy=True))
 
         def add_batch(b, sums):
             x, y, mask = pipeline.eval_batch(
@@ -276,7 +277,7 @@ def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=No
 
     @functools.partial(jax.jit, static_argnames="per_call")
     def batch_logits(params, batch_stats, images, first, per_call=1):
-        model = nnx.merge(graphdef_eval, params, batch_stats, copy=True)
+        model = models.for_evaluation(nnx.merge(graphdef_eval, params, batch_stats, copy=True))
         labels = jnp.zeros((images.shape[0],), jnp.int32)
 
         def logits_of(b):

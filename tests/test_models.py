@@ -350,3 +350,64 @@ def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, option
     for a, b in zip(cpu, stock):
         # 1e-14 absolute for the gradients that are zero but for rounding (a conv bias before BatchNorm).
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * np.abs(b).max() + 1e-14)
+
+
+def _random_batchnorm(model, seed=0):
+    """Running statistics and affine parameters away from their initial 0/1, so that folding them
+    into the convolutions changes every kernel."""
+    from cifar_jax.models.layers import BatchNorm
+
+    rng = np.random.default_rng(seed)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, BatchNorm):
+            n = module.scale[...].shape[0]
+            for name, values in (
+                ("scale", rng.uniform(0.5, 1.5, n)),
+                ("bias", rng.normal(0, 0.2, n)),
+                ("mean", rng.normal(0, 0.2, n)),
+                ("var", rng.uniform(0.5, 2.0, n)),
+            ):
+                getattr(module, name)[...] = jnp.asarray(values, getattr(module, name)[...].dtype)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("simple_cnn", {}),
+        ("resnet18", {"stem": "cifar"}),
+        ("resnet18", {"stem": "imagenet"}),
+        ("resnet50", {"stem": "cifar"}),
+        ("resnet50", {"stem": "imagenet"}),
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_evaluation_with_batchnorm_folded_equals_the_model(request, name, options, dtype):
+    """`models.for_evaluation`: every BatchNorm folded into its convolution (what the evaluation
+    steps compute) gives the logits of the model itself: float64 to 1e-10, float32 to 1e-5 of the
+    largest logit."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    else:
+        request.getfixturevalue("highest_precision")
+    model = models.create(name, 10, dtype=dtype, seed=0, **options)
+    _random_batchnorm(model)
+    model.eval()
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    if dtype == "float64":
+        params, stats = jax.tree.map(lambda a: a.astype(jnp.float64), (params, stats))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), dtype)
+    plain = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s, copy=True)(x))(params, stats, x)
+    folded = jax.jit(lambda p, s, x: models.for_evaluation(nnx.merge(graphdef, p, s, copy=True))(x))(
+        params, stats, x
+    )
+    scale = float(jnp.abs(plain).max())
+    np.testing.assert_allclose(folded, plain, rtol=0, atol=(1e-10 if dtype == "float64" else 1e-5) * scale)
+    assert len(model.conv_bn_pairs()) == sum(
+        isinstance(m, models.layers.BatchNorm) for _, m in nnx.iter_modules(model)
+    )  # every BatchNorm has its convolution
+
+
+def test_folding_a_batchnorm_in_training_mode_is_refused():
+    model = models.create("simple_cnn", 10)
+    with pytest.raises(ValueError, match="training mode"):
+        models.layers.fold_batchnorm(*model.conv_bn_pairs()[0])

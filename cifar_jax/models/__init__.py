@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cifar_jax.models import layers
 from cifar_jax.models.resnet import ResNet, resnet18, resnet34, resnet50
 from cifar_jax.models.simple_cnn import SimpleCNN
 
@@ -65,9 +66,31 @@ def from_config(
     return create(model_config.name, num_classes, dtype=dtype, seed=seed, kernels=kernels, **options)
 
 
+def for_evaluation(model: nnx.Module) -> nnx.Module:
+    """`model` (in eval mode, merged inside the jitted evaluation) as evaluation computes it: every
+    BatchNorm folded into the convolution before it, and the linear layers' weights in the compute
+    dtype, each cast once per call instead of once per batch (`layers.fold_batchnorm`). Changes
+    `model` in place; returns it."""
+    for conv, bn in model.conv_bn_pairs():
+        layers.fold_batchnorm(conv, bn)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Linear):
+            layers.cast_linear(module)
+    return model
+
+
 def count_params(model: nnx.Module) -> int:
     """Number of trainable parameters (like `sum(p.numel() for p in torch_model.parameters())`)."""
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-__all__ = ["MODELS", "ResNet", "SimpleCNN", "check_name", "count_params", "create", "from_config"]
+__all__ = [
+    "MODELS",
+    "ResNet",
+    "SimpleCNN",
+    "check_name",
+    "count_params",
+    "create",
+    "for_evaluation",
+    "from_config",
+]

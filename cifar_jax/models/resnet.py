@@ -53,6 +53,10 @@ def _downsample(in_ch, out_ch, stride, dtype, kernels, rngs):
     return nnx.Sequential(conv, BatchNorm(out_ch, dtype=dtype, kernels=kernels))
 
 
+def _downsample_pair(downsample) -> list:
+    return [] if downsample is None else [(downsample.layers[0], downsample.layers[1])]
+
+
 class BasicBlock(nnx.Module):
     expansion = 1
 
@@ -68,6 +72,10 @@ class BasicBlock(nnx.Module):
             if needs_ds
             else nnx.data(None)
         )
+
+    def conv_bn_pairs(self):
+        """Each convolution with the BatchNorm after it (`layers.fold_batchnorm`)."""
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), *_downsample_pair(self.downsample)]
 
     def __call__(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -93,6 +101,11 @@ class Bottleneck(nnx.Module):
         self.downsample = (
             _downsample(inplanes, out, stride, dtype, kernels, rngs) if needs_ds else nnx.data(None)
         )
+
+    def conv_bn_pairs(self):
+        """Each convolution with the BatchNorm after it (`layers.fold_batchnorm`)."""
+        pairs = [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+        return pairs + _downsample_pair(self.downsample)
 
     def __call__(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -137,6 +150,11 @@ class ResNet(nnx.Module):
             stages.append(nnx.List(stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.fc = linear(inplanes, num_classes, dtype=dtype, rngs=rngs)
+
+    def conv_bn_pairs(self):
+        """Each convolution with the BatchNorm after it (`layers.fold_batchnorm`), stem first."""
+        blocks = [blk for stage in (self.layer1, self.layer2, self.layer3, self.layer4) for blk in stage]
+        return [(self.conv1, self.bn1), *(pair for blk in blocks for pair in blk.conv_bn_pairs())]
 
     def __call__(self, x):
         x = jax.nn.relu(self.bn1(self.conv1(x)))

@@ -29,6 +29,10 @@ class SimpleCNN(nnx.Module):
         self.fc1 = linear(CHANNELS[-1] * 2 * 2, 512, dtype=dtype, rngs=rngs)
         self.fc2 = linear(512, num_classes, dtype=dtype, rngs=rngs)
 
+    def conv_bn_pairs(self):
+        """Each convolution with the BatchNorm after it (`layers.fold_batchnorm`)."""
+        return list(zip(self.convs, self.bns))
+
     def __call__(self, x):
         if x.shape[1:3] != (32, 32):
             raise ValueError(

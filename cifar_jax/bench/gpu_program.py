@@ -1,0 +1,426 @@
+"""The GPU program, measured without a GPU: what XLA compiles for an H100 or H200 from this
+project's own jitted training chunk and fused evaluation, counted kernel by kernel.
+
+    python -m cifar_jax.bench.gpu_program [--target h100|h200] [--cases simple_cnn@32,resnet50@32]
+                                          [--modes train,eval] [--json FILE]
+
+At CIFAR sizes a GPU step is bound by its kernel launches, not its arithmetic, so launches are the
+measure here. For each case (the benchmark's: a model at an image size) and mode it builds the
+programs as `train.py` would for that GPU (`model.dtype=auto` is bfloat16 there; the benchmark's
+AdamW, label smoothing, crop, flip and colour jitter; steps per call and eval batches per call as on
+a GPU), lowers them on shapes placed on a mesh of the target GPU
+(`jax.experimental.topologies`, from a GpuTargetConfig in `gpu_targets/`), compiles them, and reads
+the optimized program (`compiled.as_text()`): the launches of the loop body (one training step,
+or one evaluation batch) by kind, the launches outside the loop (once per call), the memory
+(`compiled.memory_analysis()`), the compile time, and an estimate of the step's time (`estimate`).
+Without a GPU XLA does not autotune: kernel choices are its defaults, so launch counts and memory
+are faithful, times are not measured but estimated.
+
+Needs the CUDA plugin (the `gpu-aot` extra: `pip install 'cifar_jax[gpu-aot]'`, about 4 GB) and
+runs with JAX_PLATFORMS=cpu (set here unless set): the plugin loads without a driver, and the CPU
+stays the default backend.
+"""
+
+from __future__ import annotations
+
+from cifar_jax import interrupts
+
+if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
+    interrupts.defer()
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import time
+import types
+from collections import Counter
+from pathlib import Path
+
+TARGETS = ("h100", "h200")
+MODES = ("train", "eval")
+DEFAULT_CASES = "simple_cnn@32,resnet34@32,resnet50@32,resnet50@224"
+TARGET_DIR = Path(__file__).parent / "gpu_targets"
+NUM_TRAIN, NUM_EVAL = 40_000, 10_000  # CIFAR-100's training split and validation split, as in the benchmark
+
+# Operations that launch nothing on the device: control flow and views of buffers.
+NOT_LAUNCHES = {
+    "parameter",
+    "get-tuple-element",
+    "tuple",
+    "constant",
+    "bitcast",
+    "while",
+    "conditional",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+}
+
+
+# --- reading the optimized program ---------------------------------------------------------------
+
+
+def computations(hlo: str) -> dict[str, list[str]]:
+    """{computation name: its instruction lines} of an HLO module's text; the entry is 'ENTRY'."""
+    out, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header and not line.startswith(" "):
+            name = "ENTRY" if header.group(1) else header.group(2)
+            out[name] = []
+        elif name and line.startswith("  ") and " = " in line:
+            out[name].append(line.strip())
+        elif line.startswith("}"):
+            name = None
+    return out
+
+
+def _opcode(line: str) -> str:
+    """The instruction's operation: `fusion`, `custom-call`, `copy`, ..."""
+    rhs = line.split(" = ", 1)[1]
+    found = re.search(r"\s([a-z][\w\-]*)\(", " " + rhs.split("{", 1)[0] if rhs.startswith("(") else " " + rhs)
+    if found is None:  # a tuple-shaped result: the shape ends at the matching parenthesis
+        found = re.search(r"\)\s([a-z][\w\-]*)\(", rhs)
+    return found.group(1) if found else "?"
+
+
+def kind_of(line: str) -> str | None:
+    """What a launch is, or None for an operation that launches nothing."""
+    op = _opcode(line)
+    if op in NOT_LAUNCHES:
+        return None
+    if op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', line).group(1)
+        if "cudnn$conv" in target:
+            return (
+                "cudnn convolution (bias+activation fused)"
+                if "BiasActivation" in target
+                else "cudnn convolution"
+            )
+        if "cublas" in target.lower() or "gemm" in target.lower():
+            return "cublas gemm"
+        return f"custom-call {target}"
+    if op == "fusion":
+        kind = re.search(r"kind=(k\w+)", line).group(1)
+        name = line.split(" = ", 1)[0].lstrip("%").removeprefix("ROOT ").lstrip("%")
+        if kind == "kCustom":
+            return "triton gemm" if "gemm" in name or "triton" in name else "custom fusion"
+        if "convert" in name:
+            return "convert fusion"
+        if "transpose" in name or "copy" in name:
+            return "copy/transpose fusion"
+        return "reduction fusion" if kind == "kInput" else "elementwise fusion"
+    if op in ("copy", "transpose", "copy-start", "copy-done"):
+        return "copy/transpose"
+    if op == "call":
+        return "command buffer" if "command_buffer" in line else "call"
+    return op
+
+
+@dataclasses.dataclass
+class Launches:
+    in_loop: Counter  # the loop body's launches by kind: one training step or one evaluation batch
+    outside: Counter  # once per call
+    command_buffers: dict  # name -> its launches by kind (each buffer is one launch of a CUDA graph)
+
+    @property
+    def per_iteration(self) -> int:
+        return sum(self.in_loop.values())
+
+
+def count_launches(hlo: str) -> Launches:
+    """The launches of a compiled GPU program: those of the body of the entry's outermost while
+    loop (`lax.fori_loop` over steps or batches), and the entry's own. A command buffer counts as
+    one launch; what it holds is reported beside."""
+    comps = computations(hlo)
+    entry = comps["ENTRY"]
+    loops = [re.search(r"body=%?([\w.\-]+)", line).group(1) for line in entry if _opcode(line) == "while"]
+    body = comps[max(loops, key=lambda name: len(comps[name]))] if loops else []
+
+    def kinds(lines):
+        return Counter(k for k in map(kind_of, lines) if k is not None)
+
+    buffers = {}
+    for line in body + entry:
+        if kind_of(line) == "command buffer":
+            name = re.search(r"to_apply=%?([\w.\-]+)", line).group(1)
+            buffers[name] = kinds(comps.get(name, []))
+    return Launches(kinds(body), kinds(entry), buffers)
+
+
+# --- building the programs as train.py builds them for the GPU ----------------------------------
+
+
+def target_mesh(target: str):
+    """A mesh of one GPU of `target`, which this machine need not have."""
+    from jax.experimental import topologies
+
+    proto = (TARGET_DIR / f"{target}.txtpb").read_text()
+    topology = topologies.get_topology_desc(platform="cuda", target_config=proto, topology="1x1x1")
+    return topologies.make_mesh(topology, (1,), ("data",))
+
+
+def bench_options(batch_size: int = 128, eval_batch_size: int = 500):
+    """The benchmark's options that decide the programs (`bench.jax_side.jax_config`)."""
+    return types.SimpleNamespace(
+        batch_size=batch_size, eval_batch_size=eval_batch_size, steps_per_call=0, eval_batches_per_call=0
+    )
+
+
+def gpu_config(case, opts):
+    """The benchmark's config of `case` as a GPU runs it (`as_on_gpu`)."""
+    from cifar_jax.bench.jax_side import jax_config
+
+    return as_on_gpu(jax_config(case, opts))
+
+
+def as_on_gpu(config):
+    """`config` with what `auto` resolves to on a GPU: the bfloat16 compute dtype, and as many steps
+    per call as a GPU run fuses (for a NUM_TRAIN-image training split)."""
+    from cifar_jax import steps
+    from cifar_jax.data import pipeline
+
+    config = config.copy_and_resolve_references()
+    if config.model.dtype == "auto":
+        config.model.dtype = "bfloat16"
+    config.steps_per_call = steps.steps_per_call(
+        config, pipeline.steps_per_epoch(NUM_TRAIN, config.batch_size), backend="gpu"
+    )
+    return config
+
+
+def lowered_programs(config, mesh, modes=MODES, platforms=None) -> dict:
+    """{name: the jitted program lowered for `mesh`} of `config`: 'train', the trainer's chunk of
+    `config.steps_per_call` steps ('train:<phase>' for a later phase of a fine-tune), and 'eval',
+    evaluation's fused batches of a NUM_EVAL-image split. The state is made on the CPU and only its
+    shapes go to `mesh`. `platforms`: lower for these instead of `mesh`'s (how the test suite
+    lowers for CUDA on a CPU mesh, without the plugin)."""
+    import jax
+    import jax.numpy as jnp
+
+    from cifar_jax import phases, sharding, steps, train_state
+    from cifar_jax.data import pipeline
+
+    replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batches = sharding.batch_sharding(mesh)
+    preprocess = pipeline.Preprocess.from_config(config.data)
+    num_classes = config.model.num_classes
+    cpu = sharding.make_mesh(jax.devices("cpu")[:1])
+    graphdefs, model_state = train_state.create_train_state(config, num_classes, cpu, weights=False)
+
+    def shaped(tree, where=replicated):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
+
+    def scalar():
+        return jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+
+    out = {}
+    for i, phase in enumerate(phases.phases(config) if "train" in modes else []):
+        step_cfg, _ = phases.step_config(
+            config,
+            phase,
+            graphdefs,
+            preprocess=preprocess,
+            num_classes=num_classes,
+            steps_per_epoch=pipeline.steps_per_epoch(NUM_TRAIN, config.batch_size),
+            sharding=batches,
+        )
+        state = {
+            **model_state,
+            "opt_state": train_state.init_opt_state(
+                step_cfg.tx, model_state["params"], graphdefs, phase, cpu
+            ),
+        }
+        chunk = steps.make_train_chunk(step_cfg, config.steps_per_call)
+        images = jax.ShapeDtypeStruct((NUM_TRAIN, 32, 32, 3), jnp.uint8, sharding=replicated)
+        labels = jax.ShapeDtypeStruct((NUM_TRAIN,), jnp.int32, sharding=replicated)
+        votes = jax.ShapeDtypeStruct((mesh.size,), jnp.int32, sharding=batches)
+        args = (
+            shaped(state),
+            shaped(steps.zero_metrics()),
+            images,
+            labels,
+            labels,
+            scalar(),
+            scalar(),
+            votes,
+        )
+        out["train" if i == 0 else f"train:{phase.name}"] = chunk.trace(*args).lower(
+            lowering_platforms=platforms
+        )
+    if "eval" in modes:
+        batch_logits = steps.make_batch_logits(
+            graphdefs.eval, preprocess=preprocess, batch_size=config.eval_batch_size, sharding=batches
+        )
+        num_batches = pipeline.num_eval_batches(NUM_EVAL, config.eval_batch_size)
+        per_call, _ = steps.eval_calls(num_batches, steps.eval_batches_per_call(config))
+        images = jax.ShapeDtypeStruct((NUM_EVAL, 32, 32, 3), jnp.uint8, sharding=replicated)
+        weights = shaped(model_state["params"]), shaped(model_state["batch_stats"])
+        traced = batch_logits.trace(*weights, images, scalar(), per_call=per_call)
+        out["eval"] = traced.lower(lowering_platforms=platforms)
+    return out
+
+
+# --- the estimate --------------------------------------------------------------------------------
+
+# t = (launches + launches outside the loop / iterations per call) * LAUNCH_US + GFLOP / TFLOPS, per
+# training step or evaluation batch: a launch-bound model with a throughput term. Both constants are a
+# least-squares fit (of relative error) to the six H100 rows of 2026-11-27 that this tool compiles
+# (benchmarks/h100_2026-11-27_second.json: SimpleCNN, ResNet-34 and ResNet-50 at 32x32, train and
+# eval); its error on each is in BENCHMARKS.md (-50% to +35%): an estimate, not a measurement.
+LAUNCH_US = 3.8
+EFFECTIVE_TFLOPS = 357.0
+
+
+def estimate_ms(launches: int, outside: int, per_call: int, gflop: float) -> float:
+    return (launches + outside / per_call) * LAUNCH_US / 1000 + gflop / EFFECTIVE_TFLOPS
+
+
+def gflop_per_iteration(lowered) -> float | None:
+    """GFLOP of one training step or evaluation batch: XLA's HLO cost analysis of the lowered (not yet
+    optimized) program, which counts a loop's body once, whatever its trip count. JAX offers it
+    publicly only for its own backend's lowerings: the CPU client analyses the GPU lowering here
+    (None where this jaxlib's internals differ)."""
+    import jax
+
+    try:
+        from jax._src.lib import _jax
+
+        module = lowered._lowering.hlo().as_hlo_module()
+        cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    except Exception:  # noqa: BLE001  (an internal API: any change of it)
+        return None
+    return float(cost["flops"]) / 1e9 if "flops" in cost else None
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def measure(case, mode: str, target: str, config, lowered) -> dict:
+    """One row: the compiled program's launches, memory and compile time, and the estimate."""
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    launches = count_launches(compiled.as_text())
+    memory = compiled.memory_analysis()
+    gflop = gflop_per_iteration(lowered)
+    per_call = config.steps_per_call if mode == "train" else -(-NUM_EVAL // config.eval_batch_size)
+    outside = sum(launches.outside.values())
+    return {
+        "case": f"{case.model}@{case.image_size}",
+        "mode": mode,
+        "target": target,
+        "dtype": config.model.dtype,
+        "batch_size": config.batch_size if mode == "train" else config.eval_batch_size,
+        "per_call": per_call,
+        "launches": launches.per_iteration,
+        "by_kind": dict(launches.in_loop.most_common()),
+        "outside_loop": outside,
+        "command_buffers": {k: dict(v) for k, v in launches.command_buffers.items()},
+        "argument_mb": round(memory.argument_size_in_bytes / 2**20, 1),
+        "temp_mb": round(memory.temp_size_in_bytes / 2**20, 1),
+        "compile_s": round(compile_s, 1),
+        "gflop": None if gflop is None else round(gflop, 2),
+        "estimate_ms": None
+        if gflop is None
+        else round(estimate_ms(launches.per_iteration, outside, per_call, gflop), 3),
+    }
+
+
+def failed_row(case, mode: str, target: str, config, e: Exception) -> dict:
+    """A row for a program XLA could not compile without the device (no autotuning: a Triton tiling it
+    cannot choose), with the error's first line."""
+    from cifar_jax.errors import one_line
+
+    return {
+        "case": f"{case.model}@{case.image_size}",
+        "mode": mode,
+        "target": target,
+        "dtype": config.model.dtype,
+        "launches": None,
+        "error": one_line(e, 200),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| case | mode | target | launches | of which | outside | args MB | temp MB | compile s | est. ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r["launches"] is None:
+            why = f"does not compile without a GPU: {r['error']}"
+            lines.append(f"| {r['case']} | {r['mode']} | {r['target']} | {why} |")
+            continue
+        kinds = ", ".join(f"{n} {k}" for k, n in r["by_kind"].items())
+        lines.append(
+            f"| {r['case']} | {r['mode']} | {r['target']} | {r['launches']} | {kinds} | {r['outside_loop']} "
+            f"| {r['argument_mb']} | {r['temp_mb']} | {r['compile_s']} | {r['estimate_ms']} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m cifar_jax.bench.gpu_program",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--target", default="h100", choices=TARGETS, help="the GPU (default: %(default)s)")
+    p.add_argument("--cases", default=DEFAULT_CASES, help="model@size list (default: %(default)s)")
+    p.add_argument("--modes", default="train,eval", help="train, eval or both (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=128, help="training batch (default: %(default)s)")
+    p.add_argument("--eval_batch_size", type=int, default=500, help="evaluation batch (default: %(default)s)")
+    p.add_argument("--json", help="write the rows as a JSON list here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    from cifar_jax import cli, staging
+    from cifar_jax.bench.cases import BenchError, parse_cases
+
+    opts = parse_args(argv)
+    modes = [m for m in opts.modes.split(",") if m]
+    try:
+        cases = parse_cases(opts.cases, None, None)
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            raise BenchError(f"--modes: {', '.join(unknown)} unknown; choose from {', '.join(MODES)}")
+    except BenchError as e:
+        cli.fail(str(e))
+    try:
+        mesh = target_mesh(opts.target)
+    except Exception as e:  # noqa: BLE001  (no plugin: RuntimeError, ValueError, ImportError by version)
+        cli.fail(
+            f"cannot compile for a CUDA GPU here ({str(e).splitlines()[0][:120]}): install the CUDA "
+            "plugin with pip install 'cifar_jax[gpu-aot]' (about 4 GB)"
+        )
+    rows = []
+    for case in cases:
+        config = gpu_config(case, bench_options(opts.batch_size, opts.eval_batch_size))
+        programs = lowered_programs(config, mesh, modes)
+        for mode in modes:
+            print(f"compiling {case} {mode} for the {opts.target.upper()} ...", flush=True)
+            try:
+                rows.append(measure(case, mode, opts.target, config, programs[mode]))
+            except Exception as e:  # noqa: BLE001  (XLA's deviceless compile fails on some programs)
+                rows.append(failed_row(case, mode, opts.target, config, e))
+                print(f"  does not compile without a GPU: {rows[-1]['error']}")
+                continue
+            r = rows[-1]
+            print(f"  {r['launches']} launches per {'step' if mode == 'train' else 'batch'}: {r['by_kind']}")
+            if opts.json:
+                staging.write_text(Path(opts.json), json.dumps(rows, indent=1) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    from cifar_jax import cli
+
+    cli.run(main, "while compiling for the GPU", absl_flags=False)

@@ -1,0 +1,42 @@
+"""The GPU program of every shipped config lowers for CUDA on this machine, without a GPU and
+without the CUDA plugin: a change that breaks only the GPU program fails here. (Compiling it and
+counting its launches needs the plugin: `python -m cifar_jax.bench.gpu_program`.)"""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from cifar_jax import sharding
+from cifar_jax.bench import gpu_program
+from tests.support.helpers import ROOT
+
+CONFIGS = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not p.endswith("__init__.py")
+)
+
+
+def _config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in CONFIGS]
+)
+def test_every_shipped_config_lowers_for_cuda(name):
+    """Lowering for CUDA takes the GPU's side of every `lax.platform_dependent` choice and the
+    GPU's dtype: what breaks there (an operation without a CUDA lowering, a shape that only the
+    GPU dtype or chunking produces) raises here."""
+    config = gpu_program.as_on_gpu(_config(name))
+    programs = gpu_program.lowered_programs(config, sharding.make_mesh(), platforms=("cuda",))
+    phases = ["train"] + (["train:all"] if config.head_only_epochs else [])
+    assert sorted(programs) == sorted(phases + ["eval"])
+    for lowered in programs.values():
+        text = lowered.as_text()
+        assert "stablehlo.convolution" in text and "bf16" in text  # the model, in the GPU's dtype
