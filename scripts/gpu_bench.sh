@@ -73,6 +73,10 @@ case_items() {  # case_items CASE ITEM...: ITEM is jax or a PyTorch mode
     fi
   done
 }
+# issue 33: the launches and the estimate of the programs measured below, compiled for this GPU
+# (python -m cifar_jax.bench.gpu_program; its rows carry "launches" and "estimate_ms")
+target=h100; nvidia-smi --query-gpu=name --format=csv,noheader | grep -qi h200 && target=h200
+item gpu_program 30 150 python3 -m cifar_jax.bench.gpu_program --target "$target" --cases simple_cnn@32,resnet34@32,resnet50@32 --modes train,eval --json "$json_dir/gpu_program.json"
 case_items simple_cnn@32 jax eager cudagraphs
 case_items resnet50@32 jax eager cudagraphs
 # issue 19: the ResNets' layers as XLA's stock operations (what GPUs run) against the CPU kernels
