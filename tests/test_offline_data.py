@@ -61,6 +61,7 @@ def test_prepare_from_a_cifar_python_directory_writes_an_npz_that_trains(tmp_pat
         progress=False,
     )
     assert len(rows) == 1 and np.isfinite(rows[0]["train_loss"])
+    capsys.readouterr()  # the training's log so far
     assert_fails_in_one_line(  # never replaced silently
         prepare.main,
         ["--from", "cifar_python", "--path", str(tmp_path), "--out", str(out)],
