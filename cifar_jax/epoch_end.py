@@ -79,12 +79,20 @@ class EpochEnds:
         self.tracker = Wandb(config, workdir, resume=self.resumed_epoch is not None) if is_main else None
         self.plotter = CurvesPlotter(workdir / "curves.png") if is_main else None
 
+    def checkpoint_reason(self, epoch: int, ended: str | None = None, stop: bool = False) -> str | None:
+        """`checkpoint_reason` for `epoch` of this run."""
+        return checkpoint_reason(
+            epoch,
+            every=self.config.checkpoint.every_epochs,
+            num_epochs=self.config.num_epochs,
+            resumed_mid_epoch=epoch == self.start_epoch and self.start_step > 0,
+            ended=ended,
+            stop=stop,
+        )
+
     def checkpoint_due(self, epoch: int) -> bool:
-        """Whether `epoch` ends with a checkpoint on schedule: every `checkpoint.every_epochs`, the
-        last epoch, and the epoch a mid-epoch checkpoint resumed (which that one makes obsolete)."""
-        every, last = self.config.checkpoint.every_epochs, self.config.num_epochs
-        resumed_mid_epoch = epoch == self.start_epoch and self.start_step > 0
-        return (epoch + 1) % every == 0 or epoch + 1 == last or resumed_mid_epoch
+        """Whether `epoch` ends with a checkpoint on schedule (whatever else happens at its end)."""
+        return self.checkpoint_reason(epoch) is not None
 
     def kept_checkpoints(self, epoch: int) -> str:
         """What an error in `epoch` leaves: the checkpoints of the epochs before it that were due."""
@@ -112,9 +120,10 @@ class EpochEnds:
         if ended and self.is_main:
             log.info("epoch %d ends the run: %s", end.epoch + 1, ended)
         end.clock.mark("save")
-        save = end.state is not None and (self.checkpoint_due(end.epoch) or bool(ended))
+        reason = self.checkpoint_reason(end.epoch, ended) if end.state is not None else None
+        save = reason is not None
         if save:
-            meta = dict(end.meta)
+            meta = {**end.meta, "saved_because": reason}
             write_or_fail(lambda: self.ckpts.save(end.epoch + 1, end.state, meta), self.ckpts)
             if end.epoch == self.start_epoch and self.start_step:
                 # The epoch is saved: the mid-epoch one is obsolete.
@@ -166,6 +175,7 @@ class EpochEnds:
         and waited for, then Interrupted."""
         meta = {k: v for k, v in end.meta.items() if k != "saved"}
         if not end.meta["saved"]:
+            meta["saved_because"] = self.checkpoint_reason(end.epoch, stop=True)
             write_or_fail(lambda: self.ckpts.save(end.epoch + 1, state, meta), self.ckpts)
         write_or_fail(self.ckpts.wait, self.ckpts)
         raise Interrupted(signum, f"the end of epoch {end.epoch + 1}", self.workdir)
@@ -188,6 +198,27 @@ class EpochEnds:
                 *(self.workdir / "curves.png", self.workdir / "metrics.jsonl"),
             )
         return rows
+
+
+def checkpoint_reason(
+    epoch: int, *, every: int, num_epochs: int, resumed_mid_epoch: bool, ended: str | None, stop: bool
+) -> str | None:
+    """Why epoch `epoch` (0-based) ends with a checkpoint, or None: the one rule, recorded in the
+    checkpoint's meta (`saved_because`). On schedule: every `every` epochs, the last epoch, and the
+    epoch that a mid-epoch checkpoint resumed (whose checkpoint that one then makes obsolete); and
+    off schedule: early stopping ended the run here (`ended`), or a stop signal agreed at its end
+    (`stop`; one agreed mid-epoch saves `checkpoint.MidEpochCheckpoint` instead)."""
+    if (epoch + 1) % every == 0:
+        return f"every {every} epoch(s)"
+    if epoch + 1 == num_epochs:
+        return "the last epoch"
+    if resumed_mid_epoch:
+        return "the epoch resumed mid-way"
+    if ended:
+        return f"early stopping: {ended}"
+    if stop:
+        return "a stop signal"
+    return None
 
 
 def epoch_row(epoch, phase, train_sums, val_sums, lr, epoch_time, img_per_s, val_s, host_s, checkpoint_s):

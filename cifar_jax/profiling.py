@@ -169,14 +169,13 @@ class EpochProfile:
     def tracing(self) -> bool:
         return self._tracing is not None
 
-    def validation(self, epoch: int, validate, state):
-        """`validate(state)`, traced alone (after a wait for `state`) when `epoch` is profiled."""
-        if not self.covers(epoch):
-            return validate(state)
+    def traced(self, name: str, run, state):
+        """`run(state)` traced alone as `name` (after a wait for `state`): the profiled epoch's
+        validation."""
         import jax
 
-        self.start("val")
+        self.start(name)
         jax.block_until_ready(state)
-        sums = validate(state)
-        self.stop(sums)
-        return sums
+        result = run(state)
+        self.stop(result)
+        return result

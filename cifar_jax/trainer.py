@@ -164,7 +164,12 @@ class InFlight:
         """Save the state and sums after the last dispatched chunk, then raise Interrupted."""
         self.drain()
         epoch, step, spe = ep.index, ep.next_step, self.setup.steps_per_epoch
-        meta = {"epoch": epoch, "next_step": step, "phase": ep.phase.name}
+        meta = {
+            "epoch": epoch,
+            "next_step": step,
+            "phase": ep.phase.name,
+            "saved_because": "a stop signal mid-epoch",
+        }
         save = lambda: self.ckpts.mid_epoch.save(epoch * spe + step, {"state": state, "sums": sums}, meta)
         write_or_fail(save, self.ckpts)
         raise Interrupted(self.stop_signum, f"epoch {epoch + 1}, step {step} of {spe}", self.ckpts.workdir)
@@ -301,9 +306,15 @@ class Trainer:
                 self.in_flight.drain(keep=self.config.run_ahead_chunks)
                 if self.in_flight.stop_signum:
                     self.in_flight.stop_mid_epoch(ep, state, sums)
-        ep.end.val_sums, ep.end.state = self.profile.validation(epoch, self.setup.validate, state), state
+        ep.end.val_sums, ep.end.state = self.validate(epoch, state), state
         self.in_flight.push(ep.end)
         return state, ep.end
+
+    def validate(self, epoch: int, state):
+        """Queue validation of `state` on the device (traced alone in the profiled epoch)."""
+        if self.profile.covers(epoch):
+            return self.profile.traced("val", self.setup.validate, state)
+        return self.setup.validate(state)
 
     def end_epoch(self, end: EpochEnd, state) -> bool:
         """Read the epoch's chunks (its stop votes known), then end it now, or once the next epoch's
