@@ -105,9 +105,14 @@ def check_out_file(out: Path, suffixes: tuple[str, ...], overwrite: bool) -> Non
 
 
 def _new_file_mode() -> int:
+    """The mode the umask gives a new file; read once, at import, while the process has one
+    thread: os.umask can only be read by setting it, which other threads would see."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+_NEW_FILE_MODE = _new_file_mode()
 
 
 def write_file(path, write) -> None:
@@ -118,7 +123,7 @@ def write_file(path, write) -> None:
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         write(tmp)
-        os.chmod(tmp, _new_file_mode())
+        os.chmod(tmp, _NEW_FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -278,7 +278,7 @@ def test_a_mistyped_config_key_with_a_near_one_is_named_plainly():
 # --- left behind -------------------------------------------------------------------------------
 
 
-def test_a_killed_writers_partial_file_is_removed_and_outputs_take_one_mode(tmp_path):
+def test_a_killed_writers_partial_file_is_removed_and_outputs_take_one_mode(tmp_path, monkeypatch):
     out = tmp_path / "cifar100.npz"
     dead = tmp_path / f".cifar100.npz.partial-{_dead_pid()}"
     alive = tmp_path / f".cifar100.npz.partial-{os.getppid()}"  # a writer still running: left to it
@@ -294,10 +294,12 @@ def test_a_killed_writers_partial_file_is_removed_and_outputs_take_one_mode(tmp_
 
     previous = os.umask(0o022)
     try:
-        staging.write_file(tmp_path / "model.safetensors", private)
-        staging.write_text(tmp_path / "config.json", "{}")
+        assert staging._new_file_mode() == 0o644  # what the umask gives a new file
     finally:
         os.umask(previous)
+    monkeypatch.setattr(staging, "_NEW_FILE_MODE", 0o644)  # as read at import under that umask
+    staging.write_file(tmp_path / "model.safetensors", private)
+    staging.write_text(tmp_path / "config.json", "{}")
     assert {oct((tmp_path / n).stat().st_mode & 0o777) for n in ("model.safetensors", "config.json")} == {
         "0o644"
     }

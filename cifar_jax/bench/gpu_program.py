@@ -79,11 +79,9 @@ def computations(hlo: str) -> dict[str, list[str]]:
 
 
 def _opcode(line: str) -> str:
-    """The instruction's operation: `fusion`, `custom-call`, `copy`, ..."""
-    rhs = line.split(" = ", 1)[1]
-    found = re.search(r"\s([a-z][\w\-]*)\(", " " + rhs.split("{", 1)[0] if rhs.startswith("(") else " " + rhs)
-    if found is None:  # a tuple-shaped result: the shape ends at the matching parenthesis
-        found = re.search(r"\)\s([a-z][\w\-]*)\(", rhs)
+    """The operation of an instruction `%name = SHAPE OPCODE(operands), attributes`: the first
+    word followed by "(" after a space (a shape, even a tuple's, has none)."""
+    found = re.search(r"\s([a-z][\w\-]*)\(", " " + line.split(" = ", 1)[1])
     return found.group(1) if found else "?"
 
 
