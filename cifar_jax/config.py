@@ -19,6 +19,7 @@ import ml_collections
 from cifar_jax import models
 from cifar_jax.data import SOURCES, augment
 from cifar_jax.errors import read_json_object
+from cifar_jax.models import resnet
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step", "cosine", "linear")
@@ -179,7 +180,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "distributed": BOOL,
     "model.name": Rule(lambda v: v in models.MODELS, f"is not one of: {', '.join(models.MODELS)}"),
     "model.num_classes": integer(1),
-    "model.stem": one_of("imagenet", "cifar"),
+    "model.stem": one_of(*resnet.STEMS),
     "model.dtype": one_of(*DTYPES),
     "model.pretrained": TEXT,
     "head_only_epochs": integer(0),
@@ -265,16 +266,15 @@ def _relations(c) -> Iterator[tuple[str, Any, str]]:
             c.schedule.warmup_epochs,
             "must be >= 0 and shorter than the (last) phase",
         )
-    if c.model.name == "simple_cnn" and c.data.image_size != 32:
+    arch = models.MODELS[c.model.name]
+    if not arch.takes_image_size(c.data.image_size):
+        yield "data.image_size", c.data.image_size, f"cannot feed {arch.name}, which takes {arch.image_sizes}"
+    if c.head_only_epochs and not arch.torchvision_weights:
         yield (
-            "data.image_size",
-            c.data.image_size,
-            "cannot feed simple_cnn, whose FC layer takes 32x32 inputs; use 32 or a ResNet",
+            "head_only_epochs",
+            c.head_only_epochs,
+            f"needs a pretrained backbone (model.pretrained); {arch.name} has none",
         )
-    if c.model.name != "simple_cnn" and c.data.image_size < 32:
-        yield "data.image_size", c.data.image_size, "is too small for a ResNet (at least 32)"
-    if c.head_only_epochs and c.model.name == "simple_cnn":
-        yield "head_only_epochs", c.head_only_epochs, "needs a pretrained ResNet backbone (model.pretrained)"
 
 
 def _leaves(c, prefix: str = "") -> dict:

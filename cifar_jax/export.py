@@ -3,7 +3,7 @@
     python -m cifar_jax.export --workdir DIR [--step best|latest|N] [--ema] --out model.pth
     python -m cifar_jax.export --workdir DIR --out model.safetensors
 
-The state_dict is that of `cifar_jax.torch_models.create(name, num_classes, stem=stem)`:
+The state_dict is that of `cifar_jax.models.torch_twin(name, num_classes, **options)`:
 torchvision's ResNet (with the CIFAR stem: `conv1` a 3x3/1 convolution, `maxpool` an Identity)
 or the study's `nn.Sequential` SimpleCNN. Layouts go back as `convert` brought them in (HWIO ->
 OIHW, Linear (in, out) -> (out, in)); BatchNorm's `num_batches_tracked`, which PyTorch uses only
@@ -24,24 +24,12 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from cifar_jax import cli, evaluate, staging
+from cifar_jax import cli, evaluate, models, staging
 from cifar_jax.data import augment
 from cifar_jax.errors import write_failure
-from cifar_jax.pretrained import TORCH_LEAF, require, torch_key
+from cifar_jax.pretrained import require
 
 SUFFIXES = (".pth", ".pt", ".safetensors")
-_SIMPLE_CNN_LAYER = {
-    "convs": (0, 4, 8, 12),
-    "bns": (1, 5, 9, 13),
-    "fc1": (17,),
-    "fc2": (19,),
-}  # nn.Sequential indices
-
-
-def _simple_cnn_key(path: tuple) -> str:
-    """('convs', 1, 'kernel') -> '4.weight': the study's nn.Sequential numbers its layers."""
-    module, *index, leaf = path
-    return f"{_SIMPLE_CNN_LAYER[module][index[0] if index else 0]}.{TORCH_LEAF[leaf]}"
 
 
 def _to_torch_layout(arr: np.ndarray) -> np.ndarray:
@@ -54,7 +42,7 @@ def _to_torch_layout(arr: np.ndarray) -> np.ndarray:
 
 def state_dict(model: nnx.Module, name: str) -> dict[str, np.ndarray]:
     """The PyTorch state_dict (float32 arrays, torch layout) of our `model` of architecture `name`."""
-    key = _simple_cnn_key if name == "simple_cnn" else torch_key
+    key = models.architecture(name).torch_key
     out = {
         key(path): np.ascontiguousarray(_to_torch_layout(np.array(var[...], np.float32)))
         for path, var in nnx.to_flat_state(nnx.state(model))
@@ -114,14 +102,14 @@ def main(argv=None) -> int:
         cli.fail(str(e))
     except OSError as e:
         cli.fail(write_failure(f"--out {out}", e, "--out"))
-    stem = "" if config.model.name == "simple_cnn" else f", stem={config.model.stem!r}"
+    options = "".join(f", {k}={v!r}" for k, v in models.options_of(config.model).items())
     mean, std = augment.NORMALIZATIONS[config.data.normalization]
     print(
-        f"exported {config.model.name}{stem} ({config.model.num_classes} classes), epoch {restored.epoch}"
+        f"exported {config.model.name}{options} ({config.model.num_classes} classes), epoch {restored.epoch}"
         f"{', weight average' if args.ema else ''} -> {out}"
     )
     print(
-        f"  PyTorch: cifar_jax.torch_models.create({config.model.name!r}, {config.model.num_classes}{stem}) "
+        f"  PyTorch: cifar_jax.models.torch_twin({config.model.name!r}, {config.model.num_classes}{options}) "
         "or the README's "
         f"lines, then load_state_dict; inputs: ToTensor(), Normalize({mean}, {std}), "
         f"{config.data.image_size}x{config.data.image_size}"

@@ -21,15 +21,9 @@ from flax import nnx
 from cifar_jax import models
 from cifar_jax import staging as stage
 from cifar_jax.errors import one_line, read_json_object
+from cifar_jax.models import resnet
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
-TORCH_LEAF = {
-    "kernel": "weight",
-    "scale": "weight",
-    "bias": "bias",
-    "mean": "running_mean",
-    "var": "running_var",
-}
+ARCHS = tuple(name for name, arch in models.MODELS.items() if arch.torchvision_weights)
 _HEAD = ("fc.weight", "fc.bias")
 
 
@@ -124,13 +118,6 @@ def _torchvision_weights(name: str, arch: str):
         ) from None
 
 
-def torch_key(path: tuple) -> str:
-    """The torchvision state_dict key of a Flax variable path, e.g.
-    ('layer1', 0, 'downsample', 'layers', 1, 'mean') -> 'layer1.0.downsample.1.running_mean'."""
-    parts = [str(p) for p in path[:-1] if p != "layers"]  # nnx.Sequential keeps its modules in .layers
-    return ".".join([*parts, TORCH_LEAF[path[-1]]])
-
-
 def _to_flax_layout(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 4:  # conv: OIHW -> HWIO
         return arr.transpose(2, 3, 1, 0)
@@ -146,13 +133,12 @@ def _torch_shape(flax_shape: tuple) -> tuple:
     return tuple(reversed(flax_shape)) if len(flax_shape) == 2 else tuple(flax_shape)
 
 
-def load_into(
-    model: nnx.Module, state_dict: Mapping[str, np.ndarray], *, skip=(), arch: str = "model"
-) -> None:
+def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], arch: str, *, skip=()) -> None:
     """Copy a torchvision state_dict into `model` in place, strictly (see module docstring).
     Keys in `skip` are neither required nor copied (used to replace the classifier head)."""
     unused = {k for k in state_dict if not k.endswith("num_batches_tracked")} - set(skip)
     updates = []
+    torch_key = models.MODELS[arch].torch_key
     for path, var in nnx.to_flat_state(nnx.state(model)):
         key = torch_key(path)
         if key in skip:
@@ -207,7 +193,7 @@ def from_torchvision(arch: str, source, num_classes: int | None = None, **option
     source_classes = state_dict["fc.weight"].shape[0]
     num_classes = num_classes or source_classes
     model = models.create(arch, num_classes, **options)
-    load_into(model, state_dict, skip=_HEAD if num_classes != source_classes else (), arch=arch)
+    load_into(model, state_dict, arch, skip=_HEAD if num_classes != source_classes else ())
     return model
 
 
@@ -225,7 +211,7 @@ def read_meta(weights_dir) -> dict:
     missing = [key for key in ("arch", "num_classes", "stem") if key not in meta]
     if missing:
         raise ConversionError(f"{path} lacks {', '.join(missing)}; {redo}")
-    if meta["arch"] not in ARCHS or meta["stem"] not in ("imagenet", "cifar"):
+    if meta["arch"] not in ARCHS or meta["stem"] not in resnet.STEMS:
         raise ConversionError(
             f"{path}: arch={meta['arch']!r}, stem={meta['stem']!r} is no converted torchvision model; {redo}"
         )

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from cifar_jax import models, pretrained, sharding, steps
+from cifar_jax.models import layers
 from cifar_jax.phases import Phase
 
 
@@ -26,11 +27,11 @@ def compute_dtype(config) -> str:
     return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
 
 
-def build_model(config, num_classes: int | None = None, *, weights: bool = True, kernels: str = "auto"):
+def build_model(config, num_classes: int | None = None, *, weights: bool = True, ops=layers.PER_PLATFORM):
     """The configured model: its converted pretrained weights (`model.pretrained`, when `weights`)
     or freshly initialised ones. Evaluation passes `weights=False`: a checkpoint overwrites them,
-    and it must not need the directory that training started from. `kernels`: as in
-    `models.create` (the benchmark's choice)."""
+    and it must not need the directory that training started from. `ops`: as in `models.create`
+    (the benchmark's choice)."""
     dtype = compute_dtype(config)
     if weights and config.model.pretrained:
         return pretrained.load(
@@ -39,9 +40,9 @@ def build_model(config, num_classes: int | None = None, *, weights: bool = True,
             dtype=dtype,
             stem=config.model.stem,
             seed=config.seed,
-            kernels=kernels,
+            ops=ops,
         )
-    return models.from_config(config.model, num_classes, dtype=dtype, seed=config.seed, kernels=kernels)
+    return models.from_config(config.model, num_classes, dtype=dtype, seed=config.seed, ops=ops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,13 @@ def create_train_state(
     tx=None,
     *,
     weights: bool = True,
-    kernels="auto",
+    ops=layers.PER_PLATFORM,
 ):
     """(GraphDefs, train state) of the configured model, replicated on every device of `mesh`.
     With `phase` and its `tx` the state holds the optimizer state of what the phase trains; without,
     only the model's. A weight average (`ema_decay`) starts from the initial model. `weights` and
-    `kernels`: as in `build_model`."""
-    model = build_model(config, num_classes, weights=weights, kernels=kernels)
+    `ops`: as in `build_model`."""
+    model = build_model(config, num_classes, weights=weights, ops=ops)
     graphdef_train = nnx.graphdef(model)
     model.eval()
     graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)

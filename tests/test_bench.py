@@ -1,5 +1,6 @@
 """`python -m cifar_jax.bench`: options, the table's arithmetic, and a tiny real run of both sides."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ def test_default_cases_and_filters():
     "argv,message",
     [
         (["--models", "vgg16"], "--models: unknown model 'vgg16'"),
-        (["--cases", "simple_cnn@224"], "SimpleCNN takes 32x32 images only"),
+        (["--cases", "simple_cnn@224"], "simple_cnn takes 32x32 images only"),
         (["--cases", "resnet50@big"], "needs an image size of at least 32"),
         (["--modes", "train,speed"], "--modes: unknown value 'speed'"),
         (["--frameworks", "tensorflow"], "--frameworks: unknown value 'tensorflow'"),
@@ -209,11 +210,15 @@ def test_pipeline_runs_as_many_batches_per_call_as_the_training_step():
 def test_jax_layers_choose_the_cpu_kernels_or_xlas_stock_operations(monkeypatch, layers):
     """`--jax_layers stock` traces no CPU kernel, even on the CPU (where `auto` takes them): how a
     GPU run compares the two with `--jax_layers cpu_kernels`."""
-    from cifar_jax.models import cpu_kernels
+    from cifar_jax.models import layers as model_layers
 
     traced = []
-    real = cpu_kernels.batch_norm_train
-    monkeypatch.setattr(cpu_kernels, "batch_norm_train", lambda *args: traced.append(1) or real(*args))
+    real = model_layers.CPU_KERNELS.batch_norm_train
+    spy = dataclasses.replace(
+        model_layers.CPU_KERNELS, batch_norm_train=lambda *a: traced.append(1) or real(*a)
+    )
+    monkeypatch.setitem(model_layers.OPS, "auto", model_layers.per_platform(spy, model_layers.STOCK))
+    monkeypatch.setitem(model_layers.OPS, "cpu_kernels", spy)
     rows = bench.main(
         [
             "--cases",

@@ -9,7 +9,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from cifar_jax import export, models, pretrained, torch_models, trainer  # noqa: E402
+from cifar_jax import export, models, pretrained, trainer  # noqa: E402
 from cifar_jax.data import augment  # noqa: E402
 from tests.support.helpers import assert_fails_in_one_line, tiny_config  # noqa: E402
 
@@ -42,13 +42,13 @@ def test_the_export_loads_strictly_into_the_pytorch_model_and_gives_our_logits(
     ours = np.asarray(model(jnp.asarray(images)))
     export.write(export.state_dict(model, name), tmp_path / "model.pth")
 
-    ref = torch_models.create(name, 10, stem=stem or "imagenet").eval()
+    ref = models.torch_twin(name, 10, **({"stem": stem} if stem else {})).eval()
     ref.load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True), strict=True)
     with torch.no_grad():
         theirs = ref(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.BatchStat)):  # running statistics equal
-        key = export._simple_cnn_key(path) if name == "simple_cnn" else pretrained.torch_key(path)
+        key = models.MODELS[name].torch_key(path)
         np.testing.assert_array_equal(ref.state_dict()[key].numpy(), np.asarray(var[...]))
 
 
@@ -101,7 +101,7 @@ def test_the_cli_exports_a_trained_run_that_pytorch_evaluates_as_we_do(
     images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     ours = evaluate.predict(restored, images)
     tensors = torch.load(out, weights_only=True) if suffix == ".pth" else safetensors_torch.load_file(out)
-    ref = torch_models.simple_cnn(5).eval()
+    ref = models.torch_twin("simple_cnn", 5).eval()
     ref.load_state_dict(tensors, strict=True)
     mean, std = augment.NORMALIZATIONS["cifar"]
     x = (images / 255.0 - np.array(mean)) / np.array(std)  # ToTensor(), Normalize(mean, std)

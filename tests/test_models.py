@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -5,6 +7,7 @@ import pytest
 from flax import nnx
 
 from cifar_jax import models
+from cifar_jax.models import layers
 
 
 def _abstract(name, num_classes, **kw):
@@ -92,7 +95,7 @@ def test_train_and_eval_switch_batchnorm_statistics():
 
 def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     torch = pytest.importorskip("torch")
-    from cifar_jax.torch_models import simple_cnn as torch_simple_cnn
+    from cifar_jax.models.simple_cnn import torch_simple_cnn
     from tests.support.helpers import load_torch_simple_cnn
 
     ref = torch_simple_cnn(100)
@@ -110,7 +113,7 @@ def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     "window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 16), (3, 2, 1, 15)]
 )
 def test_max_pool_equals_reduce_window(window, stride, padding, size):
-    from cifar_jax.models.layers import max_pool2d as max_pool
+    max_pool = layers.PER_PLATFORM.max_pool  # on CPU: cpu_kernels.max_pool
 
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size + 1, 5)), jnp.float32)
     pads = ((padding, padding), (padding, padding))
@@ -233,7 +236,7 @@ def test_conv_gradients_take_the_fast_layout_inside_a_loop(wrt):
 )
 def test_max_pool_gradient_goes_to_the_first_tied_maximum_like_pytorch(window, stride, padding, size):
     torch = pytest.importorskip("torch")
-    from cifar_jax.models.layers import max_pool2d as max_pool
+    max_pool = layers.PER_PLATFORM.max_pool  # on CPU: cpu_kernels.max_pool
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 3, size=(2, size, size + 1, 5)).astype(np.float32)  # many tied maxima
@@ -268,10 +271,9 @@ def test_channel_sum_equals_a_float64_sum(shape):
 def test_batch_norm_gradient_equals_autodiff_of_its_definition(x64, ops, monkeypatch):
     """The closed-form BatchNorm gradient (CPU), and the stock one (elsewhere), for the output and
     for the batch statistics."""
-    from cifar_jax.models import layers
 
     def batch_norm_train(x, scale, bias, eps):
-        return layers.batch_norm_train(x, scale, bias, eps, kernels=ops)
+        return layers.OPS[ops].batch_norm_train(x, scale, bias, eps)
 
     def definition(x, scale, bias):
         mean = x.mean((0, 1, 2))
@@ -307,14 +309,17 @@ def test_materialize_is_the_identity_and_a_matmul_under_differentiation_on_cpu(d
     assert "dot_general" in str(jax.make_jaxpr(lambda x: jax.vjp(materialize, x)[0])(x))
 
 
-def test_every_basic_block_output_goes_through_materialize(monkeypatch):
-    """ResNet-18/34 blocks hand their output to `materialize` (the CPU fused-transpose workaround)."""
-    from cifar_jax.models import cpu_kernels
-
+def test_every_basic_block_output_goes_through_materialize():
+    """ResNet-18/34 blocks hand their output to `materialize` (the CPU fused-transpose workaround);
+    ResNet-50's bottlenecks do not."""
     seen = []
-    monkeypatch.setattr(cpu_kernels, "materialize", lambda x: seen.append(x.shape) or x)
-    models.create("resnet18", 10, stem="cifar")(jnp.zeros((2, 8, 8, 3)))
+    spy = dataclasses.replace(layers.CPU_KERNELS, materialize=lambda x: seen.append(x.shape) or x)
+    model = models.create("resnet18", 10, stem="cifar", ops=layers.per_platform(spy, layers.STOCK))
+    model(jnp.zeros((2, 8, 8, 3)))
     assert len(seen) == 8 and seen[-1] == (2, 1, 1, 512)
+    seen.clear()
+    models.create("resnet50", 10, stem="cifar", ops=spy)(jnp.zeros((2, 8, 8, 3)))
+    assert seen == []
 
 
 @pytest.mark.slow
@@ -341,7 +346,7 @@ def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, option
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)))
     models_by_kernels = {}
     for kernels in ("cpu_kernels", "stock"):
-        built = models.create(name, 10, dtype="float64", kernels=kernels, **options)
+        built = models.create(name, 10, dtype="float64", ops=layers.OPS[kernels], **options)
         nnx.update(built, nnx.state(model))  # the same weights
         models_by_kernels[kernels] = built
     cpu = step(models_by_kernels["cpu_kernels"], x)

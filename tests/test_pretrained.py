@@ -13,7 +13,7 @@ torchvision = pytest.importorskip("torchvision")
 
 import safetensors.numpy  # noqa: E402
 
-from cifar_jax import convert, pretrained  # noqa: E402
+from cifar_jax import convert, models, pretrained  # noqa: E402
 from tests.support.helpers import assert_fails_in_one_line  # noqa: E402
 
 
@@ -70,7 +70,9 @@ def test_logits_and_running_stats_match_torchvision(arch, size, highest_precisio
     np.testing.assert_allclose(_forward(model, _nhwc(x)), expected, rtol=0, atol=_tol(expected, 2e-4))
     updated = {k: v.numpy() for k, v in ref.state_dict().items() if "running" in k}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.BatchStat)):
-        np.testing.assert_allclose(var[...], updated[pretrained.torch_key(path)], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            var[...], updated[models.MODELS[arch].torch_key(path)], rtol=1e-4, atol=1e-5
+        )
 
     ref.eval(), model.eval()
     with torch.no_grad():

@@ -16,7 +16,7 @@ from flax import nnx
 from cifar_jax import config as config_lib
 from cifar_jax import data, models, optim, steps
 from cifar_jax.data import pipeline
-from cifar_jax.torch_models import simple_cnn as torch_simple_cnn
+from cifar_jax.models.simple_cnn import torch_simple_cnn
 from tests.support.helpers import load_torch_simple_cnn
 
 torch = pytest.importorskip("torch")

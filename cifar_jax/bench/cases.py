@@ -42,21 +42,30 @@ class Case:
     def stem(self):
         return MODELS[self.model][1]
 
+    @property
+    def options(self) -> dict:
+        """The model's options (`models.create`, `models.torch_twin`)."""
+        return {"stem": self.stem} if self.stem else {}
+
     def __str__(self):
         return f"{self.model}{f' ({self.stem} stem)' if self.stem else ''} @{self.image_size}"
 
 
 def parse_cases(cases: str, models: str | None, sizes: str | None) -> list[Case]:
     """`model@size` entries, kept where the model is in `models` and the size in `sizes` (if given)."""
+    from cifar_jax import models as architectures
+
     out = []
     for entry in _split(cases):
         model, _, size = entry.partition("@")
         if model not in MODELS:
             raise BenchError(f"unknown model {model!r} in {entry!r}; valid: {', '.join(MODELS)}")
-        if not size.isdigit() or int(size) < 32:
-            raise BenchError(f"case {entry!r} needs an image size of at least 32, like {model}@32")
-        if model == "simple_cnn" and int(size) != 32:
-            raise BenchError(f"case {entry!r}: SimpleCNN takes 32x32 images only")
+        arch = architectures.MODELS[MODELS[model][0]]
+        if not size.isdigit():
+            low = arch.min_image_size
+            raise BenchError(f"case {entry!r} needs an image size of at least {low}, like {model}@{low}")
+        if not arch.takes_image_size(int(size)):
+            raise BenchError(f"case {entry!r}: {arch.name} takes {arch.image_sizes}")
         out.append(Case(model, int(size)))
     if models:
         wanted = _split(models)

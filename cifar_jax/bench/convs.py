@@ -30,9 +30,9 @@ def conv_layers(case: Case) -> list[dict]:
     """The distinct convolutions of `case`'s model, in order of first use, with their counts."""
     import torch
 
-    from cifar_jax import torch_models
+    from cifar_jax import models
 
-    model = torch_models.create(case.arch, NUM_CLASSES, stem=case.stem or "imagenet").eval()
+    model = models.torch_twin(case.arch, NUM_CLASSES, **case.options).eval()
     seen: dict[tuple, dict] = {}
 
     def hook(module, args):

@@ -69,6 +69,7 @@ class JaxSide:
 
         from cifar_jax import phases, sharding, steps, train_state
         from cifar_jax.data import pipeline
+        from cifar_jax.models import layers
 
         self.config = config = jax_config(case, opts)
         self.mesh = sharding.make_mesh()
@@ -78,8 +79,8 @@ class JaxSide:
         self.steps_per_epoch = pipeline.steps_per_epoch(num_train, config.batch_size)
         self.steps_per_call = steps.steps_per_call(config, self.steps_per_epoch)
         phase = phases.phases(config)[0]
-        kernels = opts.jax_layers  # which implementation of the operations runs (models.create)
-        graphdefs, _ = train_state.create_train_state(config, NUM_CLASSES, self.mesh, kernels=kernels)
+        ops = layers.OPS[opts.jax_layers]  # which implementation of the operations runs
+        graphdefs, _ = train_state.create_train_state(config, NUM_CLASSES, self.mesh, ops=ops)
         self.step_cfg, _ = phases.step_config(
             config,
             phase,
@@ -91,7 +92,7 @@ class JaxSide:
         )
         self.graphdef_eval = graphdefs.eval
         _, self.state = train_state.create_train_state(
-            config, NUM_CLASSES, self.mesh, phase, self.step_cfg.tx, kernels=kernels
+            config, NUM_CLASSES, self.mesh, phase, self.step_cfg.tx, ops=ops
         )
         self.train_chunk = steps.make_train_chunk(self.step_cfg, self.steps_per_call)
         self.no_stop = steps.stop_votes(None, self.sharding)

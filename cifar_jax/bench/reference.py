@@ -1,7 +1,7 @@
 """The PyTorch twin of `train.py`: a config of this project trained by a plain PyTorch loop, the
 reference that whole runs here are compared with (`cifar_jax.bench.compare`).
 
-The same model (`torch_models`), optimizer, schedule, loss, augmentation semantics, train/val
+The same model (`models.torch_twin`), optimizer, schedule, loss, augmentation semantics, train/val
 split, batch and epochs, on the same data source; the order of examples and the random draws are
 PyTorch's own, seeded by `config.seed`. Two input paths:
 
@@ -220,7 +220,7 @@ class ReferenceTrainer:
     ):
         import torch
 
-        from cifar_jax import torch_models
+        from cifar_jax import models
 
         self.torch, self.config, self.input_path, self.workers = torch, config, input_path, workers
         self.t_start = time.perf_counter() if t_start is None else t_start
@@ -228,7 +228,9 @@ class ReferenceTrainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(config.seed)
         self.g = torch.Generator().manual_seed(config.seed)
-        model = torch_models.create(config.model.name, config.model.num_classes, stem=config.model.stem)
+        model = models.torch_twin(
+            config.model.name, config.model.num_classes, **models.options_of(config.model)
+        )
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval() if config.ema_decay else None
         self.train_x, self.train_y = splits.train

@@ -28,7 +28,7 @@ class TorchSide:
     def __init__(self, case: Case, opts, mode: str):
         import torch
 
-        from cifar_jax import torch_models
+        from cifar_jax import models
 
         self.torch = torch
         self.cuda = torch.cuda.is_available()
@@ -36,7 +36,7 @@ class TorchSide:
         if self.cuda:
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(0)
-        model = torch_models.create(case.arch, NUM_CLASSES, stem=case.stem or "imagenet")
+        model = models.torch_twin(case.arch, NUM_CLASSES, **case.options)
         self.model = model.to(self.dev, memory_format=torch.channels_last)
         self.compiled = mode != "eager"
         if self.compiled:

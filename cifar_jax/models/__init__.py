@@ -1,9 +1,11 @@
-"""Model registry: `create(name, num_classes=100, **options)` and `from_config(config.model)`.
+"""Model registry: `create(name, num_classes=100, **options)`, `from_config(config.model)`, and each
+model's `Architecture` (its options, image sizes, PyTorch twin) in `MODELS`.
 
 Options: `dtype` (compute dtype, e.g. 'bfloat16'; parameters stay float32), `seed` or `rngs`
-(initialisation), and for ResNets `stem` ('imagenet' or 'cifar'). Input is NHWC, normalised.
+(initialisation), `ops` (the implementation of the operations, `layers.Ops`), and the model's own
+(`Architecture.options`: a ResNet's `stem`, 'imagenet' or 'cifar'). Input is NHWC, normalised.
 Each model class names its classifier head (`head`: the top-level attribute that phase 1 of a
-fine-tune trains alone).
+fine-tune trains alone). A new model: its file (module, `Architecture`) and one line below.
 """
 
 from __future__ import annotations
@@ -12,28 +14,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cifar_jax.models import layers
-from cifar_jax.models.resnet import ResNet, resnet18, resnet34, resnet50
+from cifar_jax.models import layers, resnet, simple_cnn
+from cifar_jax.models.architecture import Architecture
+from cifar_jax.models.resnet import ResNet
 from cifar_jax.models.simple_cnn import SimpleCNN
 
-MODELS = {
-    "simple_cnn": SimpleCNN,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
+MODELS: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        simple_cnn.ARCHITECTURE,
+        *resnet.ARCHITECTURES,  # resnet18, resnet34, resnet50
+    )
 }
-OPTIONS = {
-    "simple_cnn": (),
-    "resnet18": ("stem",),
-    "resnet34": ("stem",),
-    "resnet50": ("stem",),
-}  # from config.model
 
 
-def check_name(name: str) -> None:
-    """Raise a ValueError naming the valid models if `name` is not one of them."""
+def architecture(name: str) -> Architecture:
+    """`MODELS[name]`, or a ValueError naming the valid models."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def _checked_options(arch: Architecture, options: dict) -> dict:
+    unknown = sorted(set(options) - set(arch.options))
+    if unknown:
+        raise ValueError(f"{arch.name} takes no options {unknown}; it takes {list(arch.options) or 'none'}")
+    return options
 
 
 def create(
@@ -43,27 +49,37 @@ def create(
     dtype="float32",
     seed: int = 0,
     rngs: nnx.Rngs | None = None,
-    kernels: str = "auto",
+    ops: layers.Ops = layers.PER_PLATFORM,
     **options,
 ):
-    """Build model `name` with freshly initialised parameters (PyTorch's init distributions).
-    `kernels`: which implementation of its operations runs where (`layers.per_platform`)."""
-    check_name(name)
-    unknown = sorted(set(options) - set(OPTIONS[name]))
-    if unknown:
-        raise ValueError(f"{name} takes no options {unknown}; it takes {list(OPTIONS[name]) or 'none'}")
-    rngs = rngs or nnx.Rngs(seed)
-    return MODELS[name](num_classes, dtype=jnp.dtype(dtype), kernels=kernels, rngs=rngs, **options)
+    """Build model `name` with freshly initialised parameters (PyTorch's init distributions)."""
+    arch = architecture(name)
+    return arch.build(
+        num_classes,
+        dtype=jnp.dtype(dtype),
+        ops=ops,
+        rngs=rngs or nnx.Rngs(seed),
+        **_checked_options(arch, options),
+    )
+
+
+def options_of(model_config) -> dict:
+    """The options of `config.model` that its architecture takes (a SimpleCNN has no stem)."""
+    return {key: model_config[key] for key in architecture(model_config.name).options}
 
 
 def from_config(
-    model_config, num_classes: int | None = None, *, dtype="float32", seed: int = 0, kernels="auto"
+    model_config, num_classes: int | None = None, *, dtype="float32", seed: int = 0, ops=layers.PER_PLATFORM
 ):
-    """`create` with the options of `config.model` that the architecture takes (a SimpleCNN has no
-    stem), for `num_classes` (default: the config's)."""
-    options = {key: model_config[key] for key in OPTIONS[model_config.name]}
+    """`create` with the options of `config.model`, for `num_classes` (default: the config's)."""
     num_classes = num_classes or model_config.num_classes
-    return create(model_config.name, num_classes, dtype=dtype, seed=seed, kernels=kernels, **options)
+    return create(model_config.name, num_classes, dtype=dtype, seed=seed, ops=ops, **options_of(model_config))
+
+
+def torch_twin(name: str, num_classes: int = 100, **options):
+    """The PyTorch model matching `create(name, num_classes, **options)` (needs torch)."""
+    arch = architecture(name)
+    return arch.torch_twin(num_classes, **_checked_options(arch, options))
 
 
 def for_evaluation(model: nnx.Module) -> nnx.Module:
@@ -86,11 +102,14 @@ def count_params(model: nnx.Module) -> int:
 
 __all__ = [
     "MODELS",
+    "Architecture",
     "ResNet",
     "SimpleCNN",
-    "check_name",
+    "architecture",
     "count_params",
     "create",
     "for_evaluation",
     "from_config",
+    "options_of",
+    "torch_twin",
 ]

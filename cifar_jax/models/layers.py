@@ -1,15 +1,19 @@
-"""Building blocks shared by the models: PyTorch-initialised conv/linear, PyTorch's max-pool and
-BatchNorm.
+"""The layers the models are built from: PyTorch-initialised convolution and linear layers,
+PyTorch's BatchNorm and max-pool, a residual merge, each computed by an implementation (`Ops`).
 
 The initialisers reproduce PyTorch's defaults so that a model trained here from scratch starts
-from the same distribution as the study's PyTorch model. Each operation is XLA's stock one, except
-in programs compiled for the CPU, where `cpu_kernels` computes the same in forms XLA:CPU runs
-faster (`kernels='auto'`: `jax.lax.platform_dependent` chooses when the program is lowered). A
-model built with `kernels='stock'` or `'cpu_kernels'` runs that one everywhere: how the benchmark
-compares the two on one device.
+from the same distribution as the study's PyTorch model. Every operation is XLA's stock one
+(`STOCK`), except in programs compiled for the CPU, where `cpu_kernels` computes the same in forms
+XLA:CPU runs faster (`PER_PLATFORM`, the default: `jax.lax.platform_dependent` chooses when the
+program is lowered). A model builds its layers with one `LayerMaker`, which holds the
+implementation: a model built with `ops=STOCK` or `ops=CPU_KERNELS` runs that one everywhere (how
+the benchmark compares the two on one device).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +27,16 @@ torch_default_kernel_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "
 kaiming_fan_out_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+# Our layers' variable names -> PyTorch's (Conv2d, Linear, BatchNorm2d).
+TORCH_LEAF = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+
+
 def torch_default_bias_init(fan_in: int):
     """PyTorch's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); needs the layer's fan-in."""
     bound = 1.0 / fan_in**0.5
@@ -33,17 +47,7 @@ def torch_default_bias_init(fan_in: int):
     return init
 
 
-KERNELS = ("auto", "stock", "cpu_kernels")
-
-
-def per_platform(kernels: str, cpu, stock, *args):
-    """`cpu(*args)` in programs compiled for the CPU and `stock(*args)` elsewhere (`kernels='auto'`),
-    or the one that `kernels` names on every platform."""
-    if kernels == "auto":
-        return jax.lax.platform_dependent(*args, cpu=cpu, default=stock)
-    if kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}; valid: {', '.join(KERNELS)}")
-    return (cpu if kernels == "cpu_kernels" else stock)(*args)
+# --- the implementations -------------------------------------------------------------------------
 
 
 def stock_conv2d(x, kernel, strides, padding):
@@ -53,77 +57,214 @@ def stock_conv2d(x, kernel, strides, padding):
     )
 
 
-class Conv2d(nnx.Conv):
-    """`nnx.Conv` (NHWC, HWIO kernel, explicit padding) computed by `conv2d` below: on CPU by
-    `cpu_kernels.conv2d` (`kernels` as in `per_platform`)."""
+def stock_max_pool(x, window: int, stride: int, padding: int):
+    """XLA's max-pool of NHWC `x` (padding with -inf)."""
+    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pads
+    )
 
-    def __init__(self, *args, kernels: str = "auto", **kwargs):
+
+def stock_batch_norm_train(x, scale, bias, eps):
+    """Training-mode BatchNorm of NHWC `x` over all but the last axis, computed in `scale`'s dtype:
+    (normalised x in x's dtype, batch mean, biased batch variance)."""
+    xf = x.astype(scale.dtype)
+    axes = tuple(range(x.ndim - 1))
+    mean = xf.mean(axes)
+    centred = xf - mean
+    var = jnp.square(centred).mean(axes)
+    return (centred * (scale * jax.lax.rsqrt(var + eps)) + bias).astype(x.dtype), mean, var
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """One implementation of the operations the layers compute. Each takes its arrays first, then
+    its static settings, positionally: `conv(x, kernel, strides, padding)`, `max_pool(x, window,
+    stride, padding)`, `batch_norm_train(x, scale, bias, eps)` (as `stock_batch_norm_train`), and
+    `materialize(x)`, the identity, which may write `x` to memory (`cpu_kernels.materialize`)."""
+
+    conv: Callable
+    max_pool: Callable
+    batch_norm_train: Callable
+    materialize: Callable
+
+
+def _identity(x):
+    return x
+
+
+def per_platform(cpu: Ops, other: Ops) -> Ops:
+    """Operations that are `cpu`'s in programs compiled for the CPU and `other`'s elsewhere."""
+
+    def op(name: str, num_arrays: int) -> Callable:
+        on_cpu, elsewhere = getattr(cpu, name), getattr(other, name)
+
+        def chosen(*args):
+            arrays, static = args[:num_arrays], args[num_arrays:]
+            return jax.lax.platform_dependent(
+                *arrays, cpu=lambda *a: on_cpu(*a, *static), default=lambda *a: elsewhere(*a, *static)
+            )
+
+        return chosen
+
+    return Ops(op("conv", 2), op("max_pool", 1), op("batch_norm_train", 3), op("materialize", 1))
+
+
+STOCK = Ops(stock_conv2d, stock_max_pool, stock_batch_norm_train, _identity)
+CPU_KERNELS = Ops(
+    cpu_kernels.conv2d, cpu_kernels.max_pool, cpu_kernels.batch_norm_train, cpu_kernels.materialize
+)
+PER_PLATFORM = per_platform(CPU_KERNELS, STOCK)
+OPS = {"auto": PER_PLATFORM, "stock": STOCK, "cpu_kernels": CPU_KERNELS}  # by the benchmark's names
+
+
+# --- the layers ----------------------------------------------------------------------------------
+
+
+class Conv2d(nnx.Conv):
+    """`nnx.Conv` (NHWC, HWIO kernel, explicit padding) computed by `ops.conv`."""
+
+    def __init__(self, *args, ops: Ops = PER_PLATFORM, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kernels = kernels
+        self.ops = ops
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
-        x, kernel = x.astype(dtype), self.kernel[...].astype(dtype)
-        y = per_platform(
-            self.kernels,
-            lambda x, k: cpu_kernels.conv2d(x, k, self.strides, self.padding),
-            lambda x, k: stock_conv2d(x, k, self.strides, self.padding),
-            x,
-            kernel,
-        )
+        y = self.ops.conv(x.astype(dtype), self.kernel[...].astype(dtype), self.strides, self.padding)
         return y + self.bias[...].astype(dtype) if self.use_bias else y
 
 
-def conv2d(
-    in_ch, out_ch, kernel, *, stride=1, padding=0, bias=False, kernel_init=None, dtype, kernels="auto", rngs
-):
-    """nn.Conv2d: PyTorch's (symmetric, explicit) padding and initialisation, NHWC, HWIO kernel."""
-    fan_in = in_ch * kernel * kernel
-    return Conv2d(
-        in_ch,
-        out_ch,
-        kernel_size=(kernel, kernel),
-        strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        use_bias=bias,
-        kernel_init=kernel_init or torch_default_kernel_init,
-        bias_init=torch_default_bias_init(fan_in),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernels=kernels,
-        rngs=rngs,
-    )
+def stats_dtype(dtype):
+    """float32 for low-precision and float32 activations, float64 when computing in float64."""
+    return jnp.promote_types(dtype, jnp.float32)
 
 
-def linear(in_features, out_features, *, dtype, rngs):
-    """An nn.Linear with PyTorch's default init."""
-    return nnx.Linear(
-        in_features,
-        out_features,
-        kernel_init=torch_default_kernel_init,
-        bias_init=torch_default_bias_init(in_features),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        rngs=rngs,
-    )
+class BatchNorm(nnx.Module):
+    """BatchNorm2d with PyTorch's semantics (NHWC input, statistics over all but the last axis).
+
+    Differences from `nnx.BatchNorm` that matter for matching torchvision:
+      * `momentum` is PyTorch's (weight of the new batch, default 0.1 = Flax's 0.9);
+      * normalisation uses the biased batch variance, but `var` is updated with the unbiased
+        one (n / (n - 1)), exactly like `running_var` in PyTorch.
+    Statistics are computed in float32 (float64 for float64 inputs), whatever the compute dtype.
+    Under `jax.jit` with the batch sharded over devices, the mean is over the global batch
+    (synchronised BatchNorm).
+    """
+
+    def __init__(self, num_features: int, *, momentum=0.1, eps=1e-5, dtype=None, ops: Ops = PER_PLATFORM):
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.momentum = momentum
+        self.eps = eps
+        self.dtype = dtype
+        self.ops = ops
+        self.use_running_average = False
+        self.folded = False  # evaluation: folded into the convolution before it (`fold_batchnorm`)
+
+    def __call__(self, x):
+        dtype = self.dtype or x.dtype
+        if self.folded:
+            return x.astype(dtype)
+        if not self.use_running_average:
+            stats = stats_dtype(x.dtype)
+            y, mean, var = self.ops.batch_norm_train(
+                x, self.scale[...].astype(stats), self.bias[...].astype(stats), self.eps
+            )
+            n = x.size // x.shape[-1]
+            m = self.momentum
+            self.mean[...] = (1 - m) * self.mean[...] + m * mean
+            self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
+            return y.astype(dtype)
+        mean, var = self.mean[...], self.var[...]
+        mul = self.scale[...] * jax.lax.rsqrt(var + self.eps)
+        add = self.bias[...] - mean * mul
+        return x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)
 
 
-def max_pool2d(x, window: int, stride: int, padding: int = 0, *, kernels: str = "auto"):
-    """`nn.MaxPool2d(window, stride, padding)` of NHWC `x` (padding with -inf)."""
+class MaxPool2d(nnx.Module):
+    """`nn.MaxPool2d(window, stride, padding)` of NHWC input (padding with -inf)."""
 
-    def stock(x):
-        pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-        return jax.lax.reduce_window(
-            x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pads
+    def __init__(self, window: int, stride: int, padding: int = 0, *, ops: Ops = PER_PLATFORM):
+        self.window, self.stride, self.padding, self.ops = window, stride, padding, ops
+
+    def __call__(self, x):
+        return self.ops.max_pool(x, self.window, self.stride, self.padding)
+
+
+class AddReLU(nnx.Module):
+    """relu(x + residual), a residual block's output, passed through `materialize` (the identity,
+    or an implementation's `Ops.materialize`, which may write it to memory)."""
+
+    def __init__(self, materialize: Callable = _identity):
+        self.materialize = materialize
+
+    def __call__(self, x, residual):
+        return self.materialize(jax.nn.relu(x + residual))
+
+
+class Identity(nnx.Module):
+    """`nn.Identity`: where a variant of a model has no layer (the CIFAR stem's max-pool)."""
+
+    def __call__(self, x):
+        return x
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerMaker:
+    """Makes a model's layers, all with one compute dtype (parameters stay float32), one source of
+    initial parameters and one implementation (`ops`); flax's examples pass `conv` and `norm`
+    partials to their blocks for the same reason. Layers are initialised as PyTorch's."""
+
+    dtype: jnp.dtype
+    rngs: nnx.Rngs
+    ops: Ops = PER_PLATFORM
+
+    def conv(self, in_ch, out_ch, kernel, *, stride=1, padding=0, bias=False, kernel_init=None) -> Conv2d:
+        """nn.Conv2d: PyTorch's (symmetric, explicit) padding and initialisation, NHWC, HWIO kernel."""
+        return Conv2d(
+            in_ch,
+            out_ch,
+            kernel_size=(kernel, kernel),
+            strides=(stride, stride),
+            padding=((padding, padding), (padding, padding)),
+            use_bias=bias,
+            kernel_init=kernel_init or torch_default_kernel_init,
+            bias_init=torch_default_bias_init(in_ch * kernel * kernel),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            ops=self.ops,
+            rngs=self.rngs,
         )
 
-    return per_platform(kernels, lambda x: cpu_kernels.max_pool(x, window, stride, padding), stock, x)
+    def norm(self, num_features: int) -> BatchNorm:
+        """nn.BatchNorm2d(num_features)."""
+        return BatchNorm(num_features, dtype=self.dtype, ops=self.ops)
+
+    def linear(self, in_features: int, out_features: int) -> nnx.Linear:
+        """nn.Linear."""
+        return nnx.Linear(
+            in_features,
+            out_features,
+            kernel_init=torch_default_kernel_init,
+            bias_init=torch_default_bias_init(in_features),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            rngs=self.rngs,
+        )
+
+    def max_pool(self, window: int, stride: int, padding: int = 0) -> MaxPool2d:
+        """nn.MaxPool2d(window, stride, padding)."""
+        return MaxPool2d(window, stride, padding, ops=self.ops)
+
+    def add_relu(self, *, materialized: bool) -> AddReLU:
+        """A residual merge; `materialized`: its output written to memory where the implementation
+        asks for it (`Ops.materialize`)."""
+        return AddReLU(self.ops.materialize if materialized else _identity)
 
 
-def add_relu(x, residual, *, kernels: str = "auto"):
-    """relu(x + residual), a basic block's output; on CPU written to memory under differentiation
-    (`cpu_kernels.materialize`), since the next block's 3x3 convolution takes its gradient."""
-    return per_platform(kernels, cpu_kernels.materialize, lambda y: y, jax.nn.relu(x + residual))
+# --- evaluation ----------------------------------------------------------------------------------
 
 
 def fold_batchnorm(conv: Conv2d, bn: BatchNorm) -> None:
@@ -151,82 +292,3 @@ def cast_linear(layer: nnx.Linear) -> None:
     if layer.dtype is not None:
         layer.kernel = nnx.Param(layer.kernel[...].astype(layer.dtype))
         layer.bias = nnx.Param(layer.bias[...].astype(layer.dtype))
-
-
-def stats_dtype(dtype):
-    """float32 for low-precision and float32 activations, float64 when computing in float64."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def batch_norm_train(x, scale, bias, eps, kernels: str = "auto"):
-    """Training-mode BatchNorm of NHWC `x` over all but the last axis, computed in `scale`'s
-    dtype: returns (normalised x in x's dtype, batch mean, biased batch variance)."""
-
-    def stock(x, scale, bias):
-        xf = x.astype(scale.dtype)
-        axes = tuple(range(x.ndim - 1))
-        mean = xf.mean(axes)
-        centred = xf - mean
-        var = jnp.square(centred).mean(axes)
-        return (centred * (scale * jax.lax.rsqrt(var + eps)) + bias).astype(x.dtype), mean, var
-
-    return per_platform(
-        kernels,
-        lambda x, scale, bias: cpu_kernels.batch_norm_train(x, scale, bias, eps),
-        stock,
-        x,
-        scale,
-        bias,
-    )
-
-
-class BatchNorm(nnx.Module):
-    """BatchNorm2d with PyTorch's semantics (NHWC input, statistics over all but the last axis).
-
-    Differences from `nnx.BatchNorm` that matter for matching torchvision:
-      * `momentum` is PyTorch's (weight of the new batch, default 0.1 = Flax's 0.9);
-      * normalisation uses the biased batch variance, but `var` is updated with the unbiased
-        one (n / (n - 1)), exactly like `running_var` in PyTorch.
-    Statistics are computed in float32 (float64 for float64 inputs), whatever the compute dtype. Under
-    `jax.jit` with
-    the batch sharded over devices, the mean is over the global batch (synchronised BatchNorm).
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        momentum: float = 0.1,
-        eps: float = 1e-5,
-        dtype=None,
-        kernels: str = "auto",
-    ):
-        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-        self.momentum = momentum
-        self.eps = eps
-        self.dtype = dtype
-        self.kernels = kernels
-        self.use_running_average = False
-        self.folded = False  # evaluation: folded into the convolution before it (`fold_batchnorm`)
-
-    def __call__(self, x):
-        dtype = self.dtype or x.dtype
-        if self.folded:
-            return x.astype(dtype)
-        if not self.use_running_average:
-            stats = stats_dtype(x.dtype)
-            y, mean, var = batch_norm_train(
-                x, self.scale[...].astype(stats), self.bias[...].astype(stats), self.eps, self.kernels
-            )
-            n = x.size // x.shape[-1]
-            m = self.momentum
-            self.mean[...] = (1 - m) * self.mean[...] + m * mean
-            self.var[...] = (1 - m) * self.var[...] + m * var * (n / max(n - 1, 1))
-            return y.astype(dtype)
-        mean, var = self.mean[...], self.var[...]
-        mul = self.scale[...] * jax.lax.rsqrt(var + self.eps)
-        add = self.bias[...] - mean * mul
-        return x.astype(dtype) * mul.astype(dtype) + add.astype(dtype)
