@@ -33,7 +33,7 @@ flags.mark_flag_as_required("config")
 def main(argv):
     from cifar_jax import cli
 
-    cli.start(argv, _CACHE.value)
+    cli.start(_CACHE.value, argv)
     import logging
 
     from cifar_jax.data import DataError

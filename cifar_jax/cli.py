@@ -132,8 +132,23 @@ def enable_compilation_cache(directory: str | None) -> str | None:
     return str(path)
 
 
-def start(argv, compilation_cache: str | None) -> None:
-    """The common start of train.py and eval.py: no stray arguments, logging, the compile cache."""
+def checkpoint_step(value: str):
+    """An argparse type: which checkpoint of a run a command reads (`--step best|latest|N`)."""
+    import argparse
+
+    if value in ("best", "latest"):
+        return value
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"{value!r} is not best, latest or an epoch number")
+
+
+STEP_HELP = "best (by validation accuracy, the default), latest, or an epoch number"
+
+
+def start(compilation_cache: str | None, argv=("",)) -> None:
+    """The common start of commands that compile: no stray arguments (absl leaves them in `argv`),
+    XLA:CPU's settings, logging, the compile cache."""
     from absl import app
 
     if len(argv) > 1:

@@ -64,22 +64,14 @@ def write(tensors: dict[str, np.ndarray], out: Path) -> None:
         )
 
 
-def _step(value: str):
-    if value in ("best", "latest"):
-        return value
-    if value.isdigit():
-        return int(value)
-    raise argparse.ArgumentTypeError(f"{value!r} is not best, latest or an epoch number")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cifar_jax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="run directory written by train.py")
     parser.add_argument(
         "--step",
-        type=_step,
+        type=cli.checkpoint_step,
         default="best",
-        help="best (by validation accuracy, default), latest, or an epoch",
+        help=cli.STEP_HELP,
     )
     parser.add_argument(
         "--ema", action="store_true", help="the weight average kept in training (ema_decay > 0)"

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from cifar_jax import cli
 from tests.support.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -407,3 +408,18 @@ def test_log_lines_follow_the_stderr_of_the_moment(monkeypatch):
     monkeypatch.setattr(sys, "stderr", later)
     logger.info("a line")
     assert later.getvalue().endswith("a line\n")
+
+
+def test_every_command_that_reads_a_checkpoint_takes_step_best_latest_or_an_epoch():
+    """One `--step` convention: eval.py and export parse it alike, and refuse anything else."""
+    assert [cli.checkpoint_step(v) for v in ("best", "latest", "3")] == ["best", "latest", 3]
+    for command in (["eval.py"], ["-m", "cifar_jax.export", "--out", "m.pth"]):
+        out = subprocess.run(
+            [sys.executable, *command, "--workdir", "w", "--step", "last"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2, out.stderr
+        assert "argument --step: 'last' is not best, latest or an epoch number" in out.stderr.splitlines()[-1]

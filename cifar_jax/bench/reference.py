@@ -500,7 +500,7 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(argv):
-        cli.start(argv, "")
+        cli.start("", argv)
         from cifar_jax.data import DataError
 
         try:
