@@ -205,11 +205,6 @@ def _restore_tree(manager, step: int, template):
     """(tree shaped like `template`, meta) of checkpoint `step` of `manager`: only the items of
     `template` (e.g. params and batch_stats without the optimizer state), checksums verified."""
     where = Path(manager.directory) / str(step)
-    if (where / "arrays").is_dir():
-        raise ValueError(
-            f"{where} is in the packed format of earlier versions, which this one does not read; "
-            f"retrain, or evaluate it with the version that wrote it"
-        )
     meta = _read_meta(manager, step)
     check_layout(
         manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore()))["layout"], template
@@ -291,11 +286,6 @@ class Checkpoints:
             return (2, acc, -epoch)
 
         return sorted(self.epochs(), key=score, reverse=True)
-
-    def best_epoch(self) -> int | None:
-        """The kept epoch with the highest validation accuracy (the latest if none has one)."""
-        order = self.by_preference("best")
-        return order[0] if order else None
 
     def restore_latest_good(self, template):
         """(epoch, state, meta) of the newest checkpoint that restores.

@@ -129,9 +129,3 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
     x = jnp.asarray(images, jnp.float32) / 255.0
     y = _FUNCTIONS[name](key, x, param)
     return np.asarray(jnp.round(jnp.clip(y, 0.0, 1.0) * 255.0).astype(jnp.uint8))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of uint8 images in dB (inf when identical)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

@@ -44,12 +44,31 @@ def partition(params: nnx.State, train_only: str | None):
 
 
 def zero_metrics():
+    """A split's metric sums before its first batch (`batch_sums`), and, in training, the count of
+    steps whose loss was not finite. `epoch_end.epoch_row` turns them into the epoch's metrics."""
     return {
         "loss_sum": jnp.zeros(()),  # the default float: float32, or float64 under jax_enable_x64
         "correct": jnp.zeros((), jnp.int32),
         "count": jnp.zeros((), jnp.int32),
         "nonfinite_steps": jnp.zeros((), jnp.int32),
     }
+
+
+def batch_sums(loss_sum, logits, y, mask=None) -> dict:
+    """One batch's share of a split's metric sums: the loss summed over its examples (`loss_sum`),
+    the examples whose top-1 prediction is right, the examples (those in `mask`, if given)."""
+    right = jnp.argmax(logits, -1) == y
+    if mask is None:
+        return {"loss_sum": loss_sum, "correct": jnp.sum(right).astype(jnp.int32), "count": y.shape[0]}
+    return {
+        "loss_sum": loss_sum,
+        "correct": jnp.sum(right & mask).astype(jnp.int32),
+        "count": jnp.sum(mask).astype(jnp.int32),
+    }
+
+
+def _added(sums: dict, more: dict) -> dict:
+    return {key: sums[key] + more[key] for key in sums}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,13 +151,9 @@ def update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
 
 
 def _add_metrics(metrics, loss, logits, y):
-    n = y.shape[0]
-    return {
-        "loss_sum": metrics["loss_sum"] + loss * n,
-        "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32),
-        "count": metrics["count"] + n,
-        "nonfinite_steps": metrics["nonfinite_steps"] + (~jnp.isfinite(loss)).astype(jnp.int32),
-    }
+    """`metrics` with a training batch's sums added: `loss` is the batch's mean."""
+    nonfinite = (~jnp.isfinite(loss)).astype(jnp.int32)
+    return _added(metrics, {**batch_sums(loss * y.shape[0], logits, y), "nonfinite_steps": nonfinite})
 
 
 def _accumulate(cfg: StepConfig, gradients, trainable, batch_stats, metrics, x, y, targets):
@@ -188,9 +203,8 @@ def make_train_chunk(cfg: StepConfig, num_steps: int) -> Callable:
             state, metrics = body(0, (state, metrics))
         else:
             state, metrics = jax.lax.fori_loop(0, num_steps, body, (state, metrics))
-        # The votes' all-reduce must wait for the steps' collectives: left independent of them, it
-        # ran beside the steps' loop on CPU, and two processes paired different collectives (Gloo:
-        # "32 vs 4 bytes", tests/test_data_parallel.py). Reading the loop's count orders it after.
+        # The votes' all-reduce follows the steps' collectives (reading the loop's count orders it):
+        # every process must issue collectives in one order (tests/test_data_parallel.py).
         votes_after_steps = jnp.where(metrics["count"] > 0, stop_votes, 0)
         return state, metrics, jnp.max(votes_after_steps)
 
@@ -251,11 +265,7 @@ def make_eval_sums(
             )
             logits = model(x)
             loss = cross_entropy(logits, y, num_classes, label_smoothing)
-            return {
-                "loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(mask, loss, 0.0)),
-                "correct": sums["correct"] + jnp.sum((jnp.argmax(logits, -1) == y) & mask).astype(jnp.int32),
-                "count": sums["count"] + jnp.sum(mask).astype(jnp.int32),
-            }
+            return _added(sums, batch_sums(jnp.sum(jnp.where(mask, loss, 0.0)), logits, y, mask))
 
         return jax.lax.fori_loop(0, per_call, lambda i, s: add_batch(first + i, s), sums)
 

@@ -6,7 +6,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from cifar_jax import checkpoint
@@ -99,23 +98,6 @@ def test_a_layout_that_does_not_match_is_named(tmp_path):
     del fewer["opt_state"]["scale"]
     with pytest.raises(ValueError, match="the checkpoint holds 6 arrays, the configured state 5"):
         ckpts.restore(1, fewer)
-    ckpts.close()
-
-
-def test_a_checkpoint_in_the_earlier_packed_format_is_named_as_such(tmp_path):
-    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:  # the packed layout of earlier versions
-        manager.save(
-            3,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave({"float32": jnp.zeros(4)}), meta=ocp.args.JsonSave(_meta(3))
-            ),
-        )
-        manager.wait_until_finished()
-    ckpts = Checkpoints(tmp_path, read_only=True)
-    with pytest.raises(
-        ValueError, match="is in the packed format of earlier versions, which this one does not read"
-    ):
-        ckpts.restore(3, _zeros_like(_state()))
     ckpts.close()
 
 

@@ -189,7 +189,7 @@ def test_best_checkpoint_is_the_best_epoch_and_restores_its_val_acc(tmp_path):
     rows = trainer.train_and_evaluate(config, tmp_path, progress=False)
     best_row = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))
     ckpts = Checkpoints(tmp_path, read_only=True)
-    assert ckpts.best_epoch() == best_row["epoch"]
+    assert ckpts.by_preference("best")[0] == best_row["epoch"]
     assert set(ckpts.epochs()) == {best_row["epoch"], 4}
     restored = evaluate.restore(tmp_path, "best")
     from cifar_jax import data
