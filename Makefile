@@ -35,12 +35,13 @@ lint: $(TEST)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
+# It installed every extra: a test that needs a missing one fails instead of skipping (tests/conftest.py).
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	CIFAR_JAX_REQUIRE_EXTRAS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The daily loop: everything but the tests marked slow.
 test-fast: lint
-	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
+	CIFAR_JAX_REQUIRE_EXTRAS=1 $(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

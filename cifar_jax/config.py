@@ -327,6 +327,16 @@ FREE_ON_RESUME = (
 )
 
 
+def set_key(c: ml_collections.ConfigDict, key: str, value) -> None:
+    """`c`'s dotted `key` ('optimizer.lr') set to `value`; a KeyError if `c` has no such key."""
+    *sections, leaf = key.split(".")
+    for part in sections:
+        c = c[part]
+    if leaf not in c:
+        raise KeyError(key)
+    c[leaf] = value
+
+
 def flat(config) -> dict:
     """{dotted key: value} of a ConfigDict (or dict), values as JSON has them (tuples as lists)."""
     tree = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else config
@@ -364,12 +374,8 @@ def from_values(tree: dict, path, redo: str = REDO) -> ml_collections.ConfigDict
     if unknown:
         raise ValueError(f"{path} has keys this version does not know ({', '.join(unknown[:3])}); {redo}")
     for key, value in values.items():
-        *sections, leaf = key.split(".")
-        target = config
-        for part in sections:
-            target = target[part]
         try:
-            target[leaf] = tuple(value) if isinstance(known[key], list) else value
+            set_key(config, key, tuple(value) if isinstance(known[key], list) else value)
         except TypeError:
             raise ValueError(
                 f"{path}: {key}={value!r} is not a {type(known[key]).__name__}; {redo}"

@@ -1,5 +1,6 @@
 """Shared test setup: CPU, float32 matmuls at full precision (PyTorch parity needs it)."""
 
+import importlib
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -19,6 +20,11 @@ from cifar_jax.cli import tune_xla_cpu  # noqa: E402
 tune_xla_cpu()  # the XLA:CPU settings train.py and eval.py run with
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+if os.environ.get("CI") or os.environ.get("CIFAR_JAX_REQUIRE_EXTRAS"):
+    # `make test` installed every extra (torch, tfds, wandb, ...): one that is missing is an error
+    # there, not a silently skipped file.
+    pytest.importorskip = lambda modname, *args, **kwargs: importlib.import_module(modname)
 
 
 def pytest_configure(config):

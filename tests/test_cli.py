@@ -1,5 +1,6 @@
 """The command lines as a user runs them: bad input fails fast with one line and writes nothing."""
 
+import importlib.util
 import io
 import logging
 import os
@@ -8,7 +9,9 @@ import sys
 
 import pytest
 
-from cifar_jax import cli
+from cifar_jax import cli, trainer
+from cifar_jax import config as config_lib
+from cifar_jax.data import DataError
 from tests.support.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,41 +31,65 @@ def _train(tmp_path, *args):
     )
 
 
+def _quickstart(**overrides):
+    """configs/quickstart.py's config with dotted-key overrides, as train.py's --config.KEY=VALUE."""
+    spec = importlib.util.spec_from_file_location(
+        "quickstart", os.path.join(ROOT, "configs", "quickstart.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        config_lib.set_key(config, key, value)
+    return config
+
+
+def _refused_before_training(tmp_path, **overrides) -> str:
+    """The one-line message train.py would print for `overrides` (it prints any of these errors as
+    `error: <message>`, status 2: test_a_bad_config_is_one_line_and_status_2), checked to come
+    before anything is written."""
+    with pytest.raises((ValueError, FileNotFoundError, DataError)) as e:
+        trainer.train_and_evaluate(_quickstart(**overrides), tmp_path / "run", progress=False)
+    message = str(e.value)
+    assert "\n" not in message
+    assert (
+        not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+    )
+    return message
+
+
 @pytest.mark.parametrize(
-    "override,message",
+    "key,value,message",
     [
         (
-            "--config.model.name=resnet99",
-            "config: model.name='resnet99' is not one of: simple_cnn, resnet18, resnet34, resnet50",
-        ),
-        (
-            "--config.data.source=imagenet",
+            "data.source",
+            "imagenet",
             "config: data.source='imagenet' is not one of: tfds, cifar_python, npz, digits, fake",
         ),
-        ("--config.optimizer.name=lamb", "config: optimizer.name='lamb' is not one of: adam, adamw, sgd"),
-        ("--config.schedule.name=poly", "config: schedule.name='poly' is not one of: constant, step, cosine"),
-        ("--config.num_epochs=0", "config: num_epochs=0 must be a positive integer"),
-        ("--config.batch_size=-8", "config: batch_size=-8 must be a positive integer"),
-        ("--config.optimizer.lr=0", "config: optimizer.lr=0.0 must be positive"),
-        ("--config.model.num_classes=100", "model.num_classes=100 but data.source='digits' has 10 classes"),
-        ("--config.data.image_size=64", "cannot feed simple_cnn"),
-        ("--config.run_ahead_chunks=-1", "config: run_ahead_chunks=-1 must be >= 0 (0 = off)"),
-        (
-            "--config.checkpoint.every_epochs=0",
-            "config: checkpoint.every_epochs=0 must be a positive integer",
-        ),
-        (
-            "--config.eval_batches_per_call=-1",
-            "config: eval_batches_per_call=-1 must be >= 0 (0 = automatic)",
-        ),
-        ("--config.model.pretrained=/nonexistent", "holds no converted weights"),
+        ("optimizer.name", "lamb", "config: optimizer.name='lamb' is not one of: adam, adamw, sgd"),
+        ("schedule.name", "poly", "config: schedule.name='poly' is not one of: constant, step, cosine"),
+        ("num_epochs", 0, "config: num_epochs=0 must be a positive integer"),
+        ("batch_size", -8, "config: batch_size=-8 must be a positive integer"),
+        ("optimizer.lr", 0.0, "config: optimizer.lr=0.0 must be positive"),
+        ("model.num_classes", 100, "model.num_classes=100 but data.source='digits' has 10 classes"),
+        ("data.image_size", 64, "cannot feed simple_cnn"),
+        ("run_ahead_chunks", -1, "config: run_ahead_chunks=-1 must be >= 0 (0 = off)"),
+        ("checkpoint.every_epochs", 0, "config: checkpoint.every_epochs=0 must be a positive integer"),
+        ("eval_batches_per_call", -1, "config: eval_batches_per_call=-1 must be >= 0 (0 = automatic)"),
+        ("model.pretrained", "/nonexistent", "holds no converted weights"),
     ],
 )
-def test_bad_config_fails_in_one_line_before_training(tmp_path, override, message):
-    out = _train(tmp_path, override)
+def test_bad_config_fails_in_one_line_before_training(tmp_path, key, value, message):
+    assert message in _refused_before_training(tmp_path, **{key: value})
+
+
+def test_a_bad_config_is_one_line_and_status_2(tmp_path):
+    """The command-line path of the refusals above: status 2, one `error:` line, nothing written."""
+    out = _train(tmp_path, "--config.model.name=resnet99")
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [line for line in out.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+    expected = "config: model.name='resnet99' is not one of: simple_cnn, resnet18, resnet34, resnet50"
+    assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -98,9 +125,7 @@ def test_labels_beyond_the_class_count_are_counted_not_taken_for_a_class(tmp_pat
         x_test=rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8),
         y_test=np.arange(10),
     )
-    line = _one_error_line(
-        _train(tmp_path, "--config.data.source=npz", f"--config.data.path={tmp_path / 'd.npz'}")
-    )
+    line = _refused_before_training(tmp_path, **{"data.source": "npz", "data.path": str(tmp_path / "d.npz")})
     assert (
         "model.num_classes=10 but data.source='npz' has 11 classes (1 example(s) have labels 10..10); fix "
         "those labels" in line
@@ -108,9 +133,10 @@ def test_labels_beyond_the_class_count_are_counted_not_taken_for_a_class(tmp_pat
 
 
 def test_missing_dataset_file_is_explained(tmp_path):
-    out = _train(tmp_path, "--config.data.source=npz", f"--config.data.path={tmp_path / 'cifar100.npz'}")
-    assert out.returncode == 2
-    assert "does not exist: set --config.data.path to a .npz file" in out.stderr
+    line = _refused_before_training(
+        tmp_path, **{"data.source": "npz", "data.path": str(tmp_path / "cifar100.npz")}
+    )
+    assert "does not exist: set --config.data.path to a .npz file" in line
 
 
 def test_eval_without_checkpoint_says_so(tmp_path):
@@ -169,16 +195,12 @@ def test_pretrained_weights_of_another_architecture(tmp_path):
     (weights / "meta.json").write_text(
         json.dumps({"arch": "resnet50", "num_classes": 1000, "stem": "imagenet"})
     )
-    out = _train(
-        tmp_path,
-        "--config.model.name=resnet18",
-        "--config.model.stem=imagenet",
-        f"--config.model.pretrained={weights}",
+    line = _refused_before_training(
+        tmp_path, **{"model.name": "resnet18", "model.stem": "imagenet", "model.pretrained": str(weights)}
     )
-    assert out.returncode == 2
     assert (
         "model.pretrained holds resnet50 weights but model.name='resnet18'; set --config.model.name=resnet50"
-        in out.stderr
+        in line
     )
 
 

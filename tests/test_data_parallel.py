@@ -143,19 +143,11 @@ def _assert_rows_match_one_process_with_two_devices(tmp_path, multi_rows, num_ep
             assert multi[key] == pytest.approx(one[key], rel=1e-5)
 
 
-def test_train_py_joins_a_two_process_run_through_explicit_flags(tmp_path):
-    """--coordinator_address, --num_processes and --process_id (no auto-detection): 2 processes x 1
-    device train the tiny config like one process with 2 devices."""
-    for p in _start_two_processes(tmp_path / "multi", num_epochs=1):
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-2000:]
-    _assert_rows_match_one_process_with_two_devices(tmp_path, _rows(tmp_path / "multi"), num_epochs=1)
-
-
 def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
-    """SIGTERM to process 1 alone: both processes stop at the same step of epoch 2 (the vote travels
-    with the training chunks), one mid-epoch checkpoint is written, and rerunning both finishes the
-    run as one process with 2 devices trains it."""
+    """train.py as 2 processes x 1 device joined through --coordinator_address, --num_processes and
+    --process_id (no auto-detection). SIGTERM to process 1 alone: both processes stop at the same
+    step of epoch 2 (the vote travels with the training chunks), one mid-epoch checkpoint is
+    written, and rerunning both finishes the run as one process with 2 devices trains it."""
     workdir = tmp_path / "multi"
     procs = _start_two_processes(workdir, num_epochs=2)
     deadline = time.time() + 240

@@ -219,6 +219,8 @@ def plot(summary: dict, path: Path) -> None:
 def load_config(config_file: str, sets: list[str]):
     """The config file's ConfigDict with the KEY=VALUE overrides applied (what the runs receive as
     --config.KEY=VALUE; values read as Python literals, else strings)."""
+    from cifar_jax import config as config_lib
+
     path = Path(config_file)
     if not path.is_file():
         raise ValueError(f"--config {config_file} is not a file; pass a config such as configs/simple_cnn.py")
@@ -235,13 +237,10 @@ def load_config(config_file: str, sets: list[str]):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        *sections, leaf = key.split(".")
-        target = config
-        for part in sections:
-            target = target[part]
-        if leaf not in target:
-            raise ValueError(f"--set {item!r}: the config has no key {key!r}")
-        target[leaf] = value
+        try:
+            config_lib.set_key(config, key, value)
+        except KeyError:
+            raise ValueError(f"--set {item!r}: the config has no key {key!r}") from None
     return config
 
 

@@ -69,18 +69,16 @@ def time_jax(layer: dict, batch: int, reps: int) -> tuple[float, float]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from cifar_jax.models.layers import conv2d
+    from cifar_jax.models.layers import LayerMaker
 
     rng = np.random.default_rng(0)
-    m = conv2d(
+    m = LayerMaker(jnp.float32, nnx.Rngs(0)).conv(
         layer["in_ch"],
         layer["out_ch"],
         layer["kernel"],
         stride=layer["stride"],
         padding=layer["padding"],
         bias=layer["bias"],
-        dtype=jnp.float32,
-        rngs=nnx.Rngs(0),
     )
     graphdef, params = nnx.split(m)
     x = jnp.asarray(rng.standard_normal((batch, layer["size"], layer["size"], layer["in_ch"]), np.float32))

@@ -42,11 +42,7 @@ def tiny_config(**overrides):
     c.optimizer.name = "adam"
     c.optimizer.lr = 1e-3
     for key, value in overrides.items():  # dotted keys: tiny_config(**{"optimizer.lr": 0.1})
-        *sections, leaf = key.split(".")
-        target = c
-        for part in sections:
-            target = target[part]
-        target[leaf] = value
+        config_lib.set_key(c, key, value)
     return c
 
 
