@@ -1,5 +1,5 @@
 """An epoch's end, the one place it happens: read its validation, log its metrics row, checkpoint
-when due (`EpochEnds.end`); and what ends a run at an epoch's end (a stop signal, early stopping).
+when due (`EpochRecorder.record`); and what ends a run at an epoch's end (a stop signal, early stopping).
 """
 
 from __future__ import annotations
@@ -50,18 +50,28 @@ class EpochEnd:
     train_sums: dict | None = None
     images: int = 0  # trained by this run in this epoch
     copy_s: float = 0.0  # making the Snapshot, part of the checkpoint's cost
-    meta: dict | None = None  # what `EpochEnds.end` saved (or would have), once ended
+    meta: dict | None = None  # what `EpochRecorder.record` saved (or would have), once ended
 
 
 def to_host(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
-class EpochEnds:
-    """The end-of-epoch policy of a run starting at `start_epoch` (`start_step` > 0: mid-epoch).
-    Only process 0 (`is_main`) writes rows, curves and wandb; every process checkpoints."""
+class EpochRecorder:
+    """Records each epoch's end (`record`: its row, its checkpoint when due) of a run starting at
+    `start_epoch` (`start_step` > 0: mid-epoch), and what ends the run there. Only process
+    0 (`is_main`) writes rows, curves and wandb; every process checkpoints."""
 
-    def __init__(self, config, workdir: Path, is_main: bool, ckpts: Checkpoints, early: EarlyStop, start):
+    def __init__(
+        self,
+        config,
+        workdir: Path,
+        is_main: bool,
+        ckpts: Checkpoints,
+        early: EarlyStop,
+        start,
+        start_times: dict,
+    ):
         self.config, self.workdir, self.is_main, self.ckpts, self.early = (
             config,
             workdir,
@@ -71,7 +81,9 @@ class EpochEnds:
         )
         self.start_epoch, self.start_step, self.start_row = start.epoch, start.step, start.row
         self.resumed_epoch = ckpts.latest_epoch()  # the newest that restored (damaged ones were moved aside)
-        self.start_times = {}  # compile_s and first_step_s: the first epoch's row reports them
+        # compile_s and first_step_s, filled in by the set-up as the first chunk runs: the first
+        # epoch's row reports them.
+        self.start_times = start_times
         self.previous_costs = {"host_s": None, "checkpoint_s": None}  # the host's work after the last epoch
         self.metrics_log = (
             MetricsLog(workdir, resume_epoch=start.epoch, resume_row=start.row) if is_main else None
@@ -102,7 +114,7 @@ class EpochEnds:
             return "no checkpoint was saved yet."
         return f"checkpoints up to epoch {last} are kept in {self.ckpts.directory}."
 
-    def end(self, end: EpochEnd) -> None:
+    def record(self, end: EpochEnd) -> None:
         """Read validation, log the row, checkpoint if due (or if the run ends here); `end.meta`
         says what was saved."""
         row = self._row(end)

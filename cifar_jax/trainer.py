@@ -2,7 +2,7 @@
 
 Order of work: check everything cheap (`preflight`) -> put the data and the model on the devices
 (`RunSetup`) -> `resume` where the workdir left off -> per epoch: dispatch its chunks of training
-steps, queue its validation, and end it (`EpochEnds.end`: read validation, log, checkpoint when
+steps, queue its validation, and end it (`EpochRecorder.record`: read validation, log, checkpoint when
 due).
 
 The host stays up to `run_ahead_chunks` calls behind the device (`InFlight`): every dispatched
@@ -29,7 +29,7 @@ import jax
 from cifar_jax import preflight
 from cifar_jax.checkpoint import Checkpoints, Snapshot, write_or_fail
 from cifar_jax.early_stop import EarlyStop
-from cifar_jax.epoch_end import Clock, EpochEnd, EpochEnds, to_host
+from cifar_jax.epoch_end import Clock, EpochEnd, EpochRecorder, to_host
 from cifar_jax.errors import TrainingError, one_line
 from cifar_jax.phases import Phase, PhaseSteps, phase_of
 from cifar_jax.profiling import EpochProfile
@@ -97,11 +97,11 @@ class Chunk:
 class InFlight:
     """The calls dispatched and not yet processed, oldest first: chunks, and epoch ends (an
     epoch's validation, queued behind its last chunk). Processing reads a chunk (its metrics, a
-    non-finite loss, the stop vote) or ends an epoch (`EpochEnds.end`); each entry is processed
+    non-finite loss, the stop vote) or ends an epoch (`EpochRecorder.record`); each entry is processed
     once, in order, whatever happens while it is processed."""
 
-    def __init__(self, setup: RunSetup, ends: EpochEnds, ckpts: Checkpoints):
-        self.setup, self.ends, self.ckpts = setup, ends, ckpts
+    def __init__(self, setup: RunSetup, recorder: EpochRecorder, ckpts: Checkpoints):
+        self.setup, self.recorder, self.ckpts = setup, recorder, ckpts
         self.entries = collections.deque()
         self.stop_signum = None  # the stop every process agreed on, read from a chunk's votes
         self.current: Epoch | None = None  # the epoch being dispatched
@@ -125,7 +125,7 @@ class InFlight:
         if isinstance(entry, Chunk):
             self.read(entry)
         else:
-            self.end(entry)
+            self.record(entry)
 
     def salvage(self) -> None:
         """After an error: end every epoch queued before the one whose entry failed (all of them
@@ -145,7 +145,7 @@ class InFlight:
                 break
         self.entries.clear()
 
-    def begin(self, epoch: int, phase: Phase, first_step: int, sums, bar: bool) -> Epoch:
+    def begin(self, epoch: int, phase: Phase, first_step: int, sums, show_bar: bool) -> Epoch:
         """The epoch about to be dispatched (from `first_step`, the sums so far `sums`), now `current`."""
         steps, clock = self.setup.phase_steps(phase), Clock()
         clock.mark("epoch", self.last_end_at)
@@ -154,7 +154,7 @@ class InFlight:
             epoch, steps, self.setup.epoch_args(epoch), first_step, self.setup.chunk_size(first_step), end
         )
         ep.seen_before = int(to_host(sums)["count"]) if first_step else 0  # trained before a resume
-        if bar:
+        if show_bar:
             desc = f"epoch {epoch + 1}/{self.setup.config.num_epochs}"
             ep.bar = _progress(self.setup.steps_per_epoch, desc, first_step)
         self.current = ep
@@ -183,7 +183,8 @@ class InFlight:
         if host["nonfinite_steps"]:
             raise TrainingError(
                 f"loss became NaN/Inf in epoch {epoch.index + 1}, steps {chunk.first_step + 1}-{last} of "
-                f"{spe} (lr {epoch.end.lr:g}); {self.ends.kept_checkpoints(epoch.index)} Lower optimizer.lr?"
+                f"{spe} (lr {epoch.end.lr:g}); {self.recorder.kept_checkpoints(epoch.index)} "
+                "Lower optimizer.lr?"
             )
         if epoch.bar is not None:
             count = host["count"]
@@ -197,8 +198,8 @@ class InFlight:
             if epoch.bar is not None:
                 epoch.bar.close()
 
-    def end(self, end: EpochEnd) -> None:
-        self.ends.end(end)
+    def record(self, end: EpochEnd) -> None:
+        self.recorder.record(end)
         self.last_end_at = end.clock.at["end"]
         if self.current is not None and self.current.index == end.epoch + 1:  # it ran ahead of this end:
             self.current.end.clock.mark("epoch", self.last_end_at)  # the device went on from that validation
@@ -225,9 +226,10 @@ class Trainer:
         self.early.restore(self.start.early_stop)
         if is_main:  # the state matches the config: now it describes the run
             save_config(config, workdir, self.start, changed, self.lr_at)
-        self.ends = EpochEnds(config, workdir, is_main, self.ckpts, self.early, self.start)
-        self.ends.start_times = self.setup.start_times
-        self.in_flight = InFlight(self.setup, self.ends, self.ckpts)
+        self.recorder = EpochRecorder(
+            config, workdir, is_main, self.ckpts, self.early, self.start, start_times=self.setup.start_times
+        )
+        self.in_flight = InFlight(self.setup, self.recorder, self.ckpts)
 
     def lr_at(self, phase: Phase, epoch: int) -> float:
         return self.setup.phase_steps(phase).lr(epoch)
@@ -275,7 +277,7 @@ class Trainer:
                     self.close()
         finally:
             gc.unfreeze()
-        return self.ends.summary()
+        return self.recorder.summary()
 
     def train_epoch(self, epoch: int, phase: Phase, state):
         """Dispatch `epoch`'s chunks from where the run starts, the host processing the oldest
@@ -283,8 +285,7 @@ class Trainer:
         Returns (the state after the epoch, its EpochEnd). A stop agreed mid-epoch saves and raises."""
         first_step = self.start.step if epoch == self.start.epoch else 0
         sums = self.start.sums if first_step else self.setup.zero_sums()
-        bar = self.progress and self.is_main
-        ep = self.in_flight.begin(epoch, phase, first_step, sums, bar)
+        ep = self.in_flight.begin(epoch, phase, first_step, sums, show_bar=self.progress and self.is_main)
         spe = self.setup.steps_per_epoch
         if self.profile.covers(epoch):
             self.profile.start("train")
@@ -324,7 +325,7 @@ class Trainer:
         if self.can_run_ahead(end):
             t_copy = time.perf_counter()
             # The next epoch's first chunk takes `state` (donated): checkpoint a copy.
-            end.state = Snapshot.of(state) if self.ends.checkpoint_due(end.epoch) else None
+            end.state = Snapshot.of(state) if self.recorder.checkpoint_due(end.epoch) else None
             end.copy_s = time.perf_counter() - t_copy
             return True
         self.in_flight.drain()
@@ -332,7 +333,7 @@ class Trainer:
             return False
         signum = self.in_flight.stop_signum
         if signum and end.epoch + 1 < self.config.num_epochs:
-            self.ends.stop_here(signum, end, state)
+            self.recorder.stop_here(signum, end, state)
         return True
 
     def can_run_ahead(self, end: EpochEnd) -> bool:
@@ -356,7 +357,7 @@ class Trainer:
         except Exception:  # noqa: BLE001  (reported by write_or_fail where it matters)
             pass
         self.ckpts.close()
-        self.ends.close()
+        self.recorder.close()
 
 
 def _progress(total: int, desc: str, initial: int = 0):
