@@ -1,7 +1,7 @@
 """XLA:CPU kernels: the math of the stock operations in `layers.py`, written in the forms XLA:CPU
-runs fast, selected by `layers` when a program is compiled for the CPU. Same results as the
-stock operations (tested in float64); what each one gained is in BENCHMARKS.md ("Things measured
-while building").
+runs fast (`layers.CPU_KERNELS`, chosen by `layers.PER_PLATFORM` when a program is compiled for the
+CPU). Same results as the stock operations (tested in float64); what each one gained is in
+BENCHMARKS.md ("Why XLA:CPU's convolutions bound the CPU figures", "Things measured while building").
 """
 
 from __future__ import annotations
