@@ -9,9 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
+from cifar_jax import sharding
 from cifar_jax.checkpoint import Checkpoints, write_or_fail
 from cifar_jax.early_stop import EarlyStop
 from cifar_jax.phases import Phase
@@ -51,10 +49,6 @@ class EpochEnd:
     images: int = 0  # trained by this run in this epoch
     copy_s: float = 0.0  # making the Snapshot, part of the checkpoint's cost
     meta: dict | None = None  # what `EpochRecorder.record` saved (or would have), once ended
-
-
-def to_host(tree):
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
 class EpochRecorder:
@@ -148,7 +142,7 @@ class EpochRecorder:
         self.previous_costs.update(host_s=host_s, checkpoint_s=checkpoint_s)
 
     def _row(self, end: EpochEnd) -> dict:
-        val = to_host(end.val_sums) if end.val_sums is not None else None
+        val = sharding.to_host(end.val_sums) if end.val_sums is not None else None
         end.clock.mark("end")
         row = epoch_row(
             end.epoch,

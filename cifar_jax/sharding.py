@@ -30,3 +30,8 @@ def replicate(x: np.ndarray, mesh: Mesh) -> jax.Array:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over 'data', the rest whole."""
     return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def to_host(tree):
+    """`tree`'s arrays as NumPy arrays on the host: every read of device values by the trainer."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

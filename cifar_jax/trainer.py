@@ -26,10 +26,10 @@ from pathlib import Path
 
 import jax
 
-from cifar_jax import preflight
+from cifar_jax import preflight, sharding
 from cifar_jax.checkpoint import Checkpoints, Snapshot, write_or_fail
 from cifar_jax.early_stop import EarlyStop
-from cifar_jax.epoch_end import Clock, EpochEnd, EpochRecorder, to_host
+from cifar_jax.epoch_end import Clock, EpochEnd, EpochRecorder
 from cifar_jax.errors import TrainingError, one_line
 from cifar_jax.phases import Phase, PhaseSteps, phase_of
 from cifar_jax.profiling import EpochProfile
@@ -153,7 +153,7 @@ class InFlight:
         ep = Epoch(
             epoch, steps, self.setup.epoch_args(epoch), first_step, self.setup.chunk_size(first_step), end
         )
-        ep.seen_before = int(to_host(sums)["count"]) if first_step else 0  # trained before a resume
+        ep.seen_before = int(sharding.to_host(sums)["count"]) if first_step else 0  # trained before a resume
         if show_bar:
             desc = f"epoch {epoch + 1}/{self.setup.config.num_epochs}"
             ep.bar = _progress(self.setup.steps_per_epoch, desc, first_step)
@@ -176,7 +176,7 @@ class InFlight:
 
     def read(self, chunk: Chunk) -> None:
         epoch, spe = chunk.epoch, self.setup.steps_per_epoch
-        host, vote = to_host((chunk.sums, chunk.vote))
+        host, vote = sharding.to_host((chunk.sums, chunk.vote))
         write_or_fail(self.ckpts.check, self.ckpts)  # a failed background write stops the run at once
         self.stop_signum = self.stop_signum or int(vote) or None
         last = chunk.first_step + epoch.size

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cifar_jax import epoch_end, evaluate, optim, phases, pretrained, steps, train_state, trainer
+from cifar_jax import evaluate, optim, phases, pretrained, sharding, steps, train_state, trainer
 from cifar_jax.checkpoint import Checkpoints
 from tests.support.helpers import checkpoint_arrays, tiny_config, without_timing
 
@@ -103,9 +103,8 @@ def test_the_host_waits_for_no_device_value_between_an_epochs_last_chunk_and_its
     # (and read back) as each epoch starts. One chunk per epoch, no running ahead: per epoch the
     # host queues validation, then reads the chunk's metrics, then validation's.
     events = []
-    to_host = epoch_end.to_host
-    for module in (trainer, epoch_end):  # chunks are read in one, validation in the other
-        monkeypatch.setattr(module, "to_host", lambda tree: events.append("read") or to_host(tree))
+    to_host = sharding.to_host  # every read of device values by the trainer
+    monkeypatch.setattr(sharding, "to_host", lambda tree: events.append("read") or to_host(tree))
     make_eval_sums = steps.make_eval_sums
 
     def recording_eval_sums(*args, **kwargs):
