@@ -177,6 +177,27 @@ def test_conv_as_patch_matmul_equals_xla_convolution(x64, kernel, stride, paddin
 
 
 @pytest.mark.parametrize(
+    "kernel,stride,padding,size,as_matmul",
+    [
+        (3, 1, 1, 2, True),  # ResNet-50's layer3 at 32x32
+        (3, 2, 1, 4, True),
+        (3, 1, 1, 1, True),  # layer4: only the centre tap meets the image
+        (3, 2, 1, 2, True),
+        (7, 2, 3, 4, True),
+        (3, 1, 1, 3, False),
+        (1, 2, 0, 4, False),  # a 1x1 kernel stays XLA's convolution (cuDNN runs it well)
+    ],
+)
+def test_stock_convolution_of_a_tiny_output_is_a_patch_matmul(x64, kernel, stride, padding, size, as_matmul):
+    """What GPUs run (`layers.STOCK`): convolutions with outputs of at most 2x2 pixels as a patch
+    matmul, exact to XLA's convolution with its gradients; the others XLA's convolution itself."""
+    ours, x, k = _assert_convolution_and_gradients_equal_xla(
+        layers.STOCK.conv, kernel, stride, padding, size, 6, 8
+    )
+    assert ("conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, k))) == as_matmul
+
+
+@pytest.mark.parametrize(
     "kernel,stride,padding,size",
     [
         (3, 1, 1, 8),

@@ -18,10 +18,21 @@ def conv2d(x, kernel, strides, padding):
     downsampling) and outputs of at most 2x2 pixels (ResNet-50's last stages at 32x32) as one 2-D
     matmul of image patches by the kernel, where XLA:CPU's convolution and its kernel gradient
     were slow; all others as `conv_nhwc`."""
-    (kh, kw, _, out_features), (sh, sw), ((pt, pb), (pl, pr)) = kernel.shape, strides, padding
-    oh, ow = (x.shape[1] + pt + pb - kh) // sh + 1, (x.shape[2] + pl + pr - kw) // sw + 1
-    if (kh, kw) != (1, 1) and min(oh, ow) > 2:
+    if kernel.shape[:2] != (1, 1) and min(conv_output_size(x, kernel, strides, padding)) > 2:
         return conv_nhwc(x, kernel, strides, padding)
+    return patch_matmul(x, kernel, strides, padding)
+
+
+def conv_output_size(x, kernel, strides, padding) -> tuple[int, int]:
+    """(height, width) of the convolution of NHWC `x` by an HWIO `kernel`."""
+    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel.shape[:2], strides, padding
+    return (x.shape[1] + pt + pb - kh) // sh + 1, (x.shape[2] + pl + pr - kw) // sw + 1
+
+
+def patch_matmul(x, kernel, strides, padding):
+    """The convolution of NHWC `x` by an HWIO kernel as one 2-D matmul of the image patches by the
+    kernel (exact; the padding's zeros take part in the product)."""
+    (kh, kw, _, out_features), (sh, sw), ((pt, pb), (pl, pr)) = kernel.shape, strides, padding
     x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)  # the kernel's (H, W, I) order
     # As a 2-D matmul: XLA:CPU ran the same product on 4-D patches slower.

@@ -3,7 +3,8 @@ PyTorch's BatchNorm and max-pool, a residual merge, each computed by an implemen
 
 The initialisers reproduce PyTorch's defaults so that a model trained here from scratch starts
 from the same distribution as the study's PyTorch model. Every operation is XLA's stock one
-(`STOCK`), except in programs compiled for the CPU, where `cpu_kernels` computes the same in forms
+(`STOCK`; a convolution with an output of at most 2x2 pixels as a matmul), except in programs
+compiled for the CPU, where `cpu_kernels` computes the same in forms
 XLA:CPU runs faster (`PER_PLATFORM`, the default: `jax.lax.platform_dependent` chooses when the
 program is lowered). A model builds its layers with one `LayerMaker`, which holds the
 implementation: a model built with `ops=STOCK` or `ops=CPU_KERNELS` runs that one everywhere (how
@@ -51,7 +52,12 @@ def torch_default_bias_init(fan_in: int):
 
 
 def stock_conv2d(x, kernel, strides, padding):
-    """XLA's convolution of NHWC `x` by an HWIO kernel."""
+    """XLA's convolution of NHWC `x` by an HWIO kernel, except a kxk kernel whose output is at most
+    2x2 pixels (ResNet-50's last stages at 32x32): that one is a matmul of the image patches by the
+    kernel, because XLA's GPU compiler runs it with image and kernel swapped, which adds a reverse
+    and transposes per layer inside the loops (BENCHMARKS.md, "The GPU program")."""
+    if kernel.shape[:2] != (1, 1) and max(cpu_kernels.conv_output_size(x, kernel, strides, padding)) <= 2:
+        return cpu_kernels.patch_matmul(x, kernel, strides, padding)
     return jax.lax.conv_general_dilated(
         x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
