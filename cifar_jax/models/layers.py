@@ -4,11 +4,11 @@ PyTorch's BatchNorm and max-pool, a residual merge, each computed by an implemen
 The initialisers reproduce PyTorch's defaults so that a model trained here from scratch starts
 from the same distribution as the study's PyTorch model. Every operation is XLA's stock one
 (`STOCK`; a convolution with an output of at most 2x2 pixels as a matmul), except in programs
-compiled for the CPU, where `cpu_kernels` computes the same in forms
-XLA:CPU runs faster (`PER_PLATFORM`, the default: `jax.lax.platform_dependent` chooses when the
-program is lowered). A model builds its layers with one `LayerMaker`, which holds the
-implementation: a model built with `ops=STOCK` or `ops=CPU_KERNELS` runs that one everywhere (how
-the benchmark compares the two on one device).
+compiled for the CPU, where `cpu_kernels` computes the same in forms XLA:CPU runs faster
+(`PER_PLATFORM`, the default: `jax.lax.platform_dependent` chooses when the program is lowered).
+A model builds its layers with one `LayerMaker`, which holds the implementation: a model built
+with `ops=STOCK` or `ops=CPU_KERNELS` runs that one everywhere (how the benchmark compares the two
+on one device).
 """
 
 from __future__ import annotations
