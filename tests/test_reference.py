@@ -18,7 +18,7 @@ from flax import nnx
 from cifar_jax import data, models, optim, steps
 from cifar_jax.bench import compare, reference
 from cifar_jax.data import pipeline
-from tests.support.helpers import load_torch_simple_cnn, tiny_config
+from tests.support.helpers import assert_fails_in_one_line, load_torch_simple_cnn, tiny_config
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -290,6 +290,23 @@ def test_compare_rejects_a_bad_override_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         compare.compare("tests/support/tiny_config.py", ["optimizer.lr"], [0], ["jax"], tmp_path, 0)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--frameworks", "jax,tensorflow"],
+            "--frameworks: tensorflow unknown; choose from jax, torch, torch-dataloader",
+        ),
+        (["--seeds", "0,one"], "--seeds '0,one' is not comma-separated integers, like 0,1,2"),
+        (["--set", "optimizer.lrr=0.1"], "--set 'optimizer.lrr=0.1': the config has no key 'optimizer.lrr'"),
+    ],
+)
+def test_the_compare_command_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
+    argv = ["--config", "tests/support/tiny_config.py", "--out", str(tmp_path / "out"), *argv]
+    assert_fails_in_one_line(compare.main, argv, message, capsys)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

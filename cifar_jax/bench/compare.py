@@ -21,10 +21,12 @@ from cifar_jax import interrupts
 if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
     interrupts.defer()
 
+import argparse
 import ast
 import importlib.util
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -274,49 +276,60 @@ def compare(
     return summary
 
 
-def main(argv):
-    from absl import app, flags
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m cifar_jax.bench.compare", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--config", required=True, help="configs/NAME.py")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a --config.KEY=VALUE override for every run (repeat)",
+    )
+    p.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated seeds (config.seed), each run in every framework"
+    )
+    p.add_argument("--frameworks", default="jax,torch", help=f"comma-separated, of: {', '.join(FRAMEWORKS)}")
+    p.add_argument("--out", help="output directory (default results/compare/<config name>)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="DataLoader workers of torch-dataloader runs"
+    )
+    return p.parse_args(argv)
 
-    f = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    frameworks = f.frameworks.split(",")
+
+def main(argv=None) -> int:
+    from cifar_jax import cli
+
+    args = parse_args(argv)
+    frameworks = args.frameworks.split(",")
     unknown = [fw for fw in frameworks if fw not in FRAMEWORKS]
     if unknown:
-        raise app.UsageError(
-            f"--frameworks: {', '.join(unknown)} unknown; choose from {', '.join(FRAMEWORKS)}"
-        )
+        cli.fail(f"--frameworks: {', '.join(unknown)} unknown; choose from {', '.join(FRAMEWORKS)}")
     try:
-        seeds = [int(s) for s in f.seeds.split(",")]
-        out = Path(f.out or Path("results/compare") / Path(f.config).stem)
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        cli.fail(f"--seeds {args.seeds!r} is not comma-separated integers, like 0,1,2")
+    out = Path(args.out or Path("results/compare") / Path(args.config).stem)
+    try:
         compare(
-            f.config,
-            f.set,
+            args.config,
+            args.set,
             seeds,
             frameworks,
             out,
-            f.workers,
+            args.workers,
             log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True),
         )
     except ValueError as e:
-        from cifar_jax import cli
-
         cli.fail(str(e))
     print((out / "comparison.md").read_text())
     print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'curves.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    import os
-
-    from absl import flags
-
-    flags.DEFINE_string("config", None, "configs/NAME.py", required=True)
-    flags.DEFINE_multi_string("set", [], "KEY=VALUE: a --config.KEY=VALUE override for every run (repeat)")
-    flags.DEFINE_string("seeds", "0,1,2", "comma-separated seeds (config.seed), each run in every framework")
-    flags.DEFINE_string("frameworks", "jax,torch", f"comma-separated, of: {', '.join(FRAMEWORKS)}")
-    flags.DEFINE_string("out", None, "output directory (default results/compare/<config name>)")
-    flags.DEFINE_integer("workers", os.cpu_count() or 1, "DataLoader workers of torch-dataloader runs")
     from cifar_jax import cli
 
-    cli.run(main, "during the comparison: finished runs are kept, a rerun resumes")
+    cli.run(main, "during the comparison: finished runs are kept, a rerun resumes", absl_flags=False)
