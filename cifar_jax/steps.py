@@ -58,13 +58,10 @@ def batch_sums(loss_sum, logits, y, mask=None) -> dict:
     """One batch's share of a split's metric sums: the loss summed over its examples (`loss_sum`),
     the examples whose top-1 prediction is right, the examples (those in `mask`, if given)."""
     right = jnp.argmax(logits, -1) == y
-    if mask is None:
-        return {"loss_sum": loss_sum, "correct": jnp.sum(right).astype(jnp.int32), "count": y.shape[0]}
-    return {
-        "loss_sum": loss_sum,
-        "correct": jnp.sum(right & mask).astype(jnp.int32),
-        "count": jnp.sum(mask).astype(jnp.int32),
-    }
+    if mask is not None:
+        right = right & mask
+    count = y.shape[0] if mask is None else jnp.sum(mask).astype(jnp.int32)
+    return {"loss_sum": loss_sum, "correct": jnp.sum(right).astype(jnp.int32), "count": count}
 
 
 def _added(sums: dict, more: dict) -> dict:

@@ -18,15 +18,16 @@ def conv2d(x, kernel, strides, padding):
     downsampling) and outputs of at most 2x2 pixels (ResNet-50's last stages at 32x32) as one 2-D
     matmul of image patches by the kernel, where XLA:CPU's convolution and its kernel gradient
     were slow; all others as `conv_nhwc`."""
-    if kernel.shape[:2] != (1, 1) and min(conv_output_size(x, kernel, strides, padding)) > 2:
-        return conv_nhwc(x, kernel, strides, padding)
-    return patch_matmul(x, kernel, strides, padding)
+    if kernel.shape[:2] == (1, 1) or has_tiny_output(x, kernel, strides, padding):
+        return patch_matmul(x, kernel, strides, padding)
+    return conv_nhwc(x, kernel, strides, padding)
 
 
-def conv_output_size(x, kernel, strides, padding) -> tuple[int, int]:
-    """(height, width) of the convolution of NHWC `x` by an HWIO `kernel`."""
+def has_tiny_output(x, kernel, strides, padding) -> bool:
+    """Whether the convolution of NHWC `x` by an HWIO `kernel` has an output of at most 2 pixels
+    along a side (ResNet-50's last stages at 32x32): one a patch matmul computes best."""
     (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel.shape[:2], strides, padding
-    return (x.shape[1] + pt + pb - kh) // sh + 1, (x.shape[2] + pl + pr - kw) // sw + 1
+    return min((x.shape[1] + pt + pb - kh) // sh + 1, (x.shape[2] + pl + pr - kw) // sw + 1) <= 2
 
 
 def patch_matmul(x, kernel, strides, padding):

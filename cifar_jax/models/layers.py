@@ -56,7 +56,7 @@ def stock_conv2d(x, kernel, strides, padding):
     2x2 pixels (ResNet-50's last stages at 32x32): that one is a matmul of the image patches by the
     kernel, because XLA's GPU compiler runs it with image and kernel swapped, which adds a reverse
     and transposes per layer inside the loops (BENCHMARKS.md, "The GPU program")."""
-    if kernel.shape[:2] != (1, 1) and max(cpu_kernels.conv_output_size(x, kernel, strides, padding)) <= 2:
+    if kernel.shape[:2] != (1, 1) and cpu_kernels.has_tiny_output(x, kernel, strides, padding):
         return cpu_kernels.patch_matmul(x, kernel, strides, padding)
     return jax.lax.conv_general_dilated(
         x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
