@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -86,10 +85,10 @@ def test_two_processes_save_and_restore_a_checkpoint(tmp_path):
     )
 
 
-def _train_py(workdir, *flags, num_epochs: int) -> list[str]:
+def _train_py(workdir, *flags, num_epochs: int, script: str = "train.py") -> list[str]:
     return [
         sys.executable,
-        "train.py",
+        script,
         "--config",
         "tests/support/tiny_config.py",
         f"--config.num_epochs={num_epochs}",
@@ -99,26 +98,30 @@ def _train_py(workdir, *flags, num_epochs: int) -> list[str]:
     ]
 
 
-def _start_two_processes(workdir, num_epochs: int) -> list[subprocess.Popen]:
-    """train.py as 2 processes x 1 device, joined through the explicit flags (no auto-detection)."""
+def _start_two_processes(
+    workdir, num_epochs: int, stop_process_1_at: str | None = None
+) -> list[subprocess.Popen]:
+    """train.py as 2 processes x 1 device, joined through the explicit flags (no auto-detection);
+    with `stop_process_1_at`, process 1 sends itself SIGTERM then (tests/support/stop_probe.py)."""
     coordinator = f"127.0.0.1:{_free_port()}"
-    return [
-        subprocess.Popen(
-            _train_py(
-                workdir,
-                f"--coordinator_address={coordinator}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                num_epochs=num_epochs,
-            ),
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=probe_env(1),
+    procs = []
+    for i in range(2):
+        probe = i == 1 and stop_process_1_at is not None
+        cmd = _train_py(
+            workdir,
+            f"--coordinator_address={coordinator}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            num_epochs=num_epochs,
+            script="tests/support/stop_probe.py" if probe else "train.py",
         )
-        for i in range(2)
-    ]
+        env = probe_env(1, **({"PROBE_SIGNAL_AT": stop_process_1_at} if probe else {}))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+        )
+    return procs
 
 
 def _rows(workdir) -> list[dict]:
@@ -145,21 +148,12 @@ def _assert_rows_match_one_process_with_two_devices(tmp_path, multi_rows, num_ep
 
 def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
     """train.py as 2 processes x 1 device joined through --coordinator_address, --num_processes and
-    --process_id (no auto-detection). SIGTERM to process 1 alone: both processes stop at the same
-    step of epoch 2 (the vote travels with the training chunks), one mid-epoch checkpoint is
+    --process_id (no auto-detection). SIGTERM to process 1 alone, early in epoch 2: both processes
+    stop at the same step of epoch 2 (the vote travels with the training chunks), one mid-epoch checkpoint is
     written, and rerunning both finishes the run as one process with 2 devices trains it."""
     workdir = tmp_path / "multi"
-    procs = _start_two_processes(workdir, num_epochs=2)
-    deadline = time.time() + 240
-    while not ((workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip()):
-        ended = [p for p in procs if p.poll() is not None]
-        assert time.time() < deadline and not ended, (
-            f"training did not reach epoch 2: {ended and ended[0].stderr.read()[-2000:]}"
-        )
-        time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)  # epoch 1's row appears early in epoch 2's 196 steps
     stops = []
-    for p in procs:
+    for p in _start_two_processes(workdir, num_epochs=2, stop_process_1_at="step:2:4"):
         _, err = p.communicate(timeout=240)
         assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
         stops += [

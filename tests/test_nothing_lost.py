@@ -67,7 +67,9 @@ def test_a_background_checkpoint_write_that_fails_stops_the_run_at_once(tmp_path
     """The OS refuses the arrays of epoch 1's checkpoint (files over 2 MB, as on a full disk), in
     Orbax's background write: the run stops in epoch 2 with one line, logs no epoch twice, says
     that no checkpoint remains, and leaves no temporary directory taking the space."""
-    out = _train(tmp_path, "--config.num_epochs=3", file_size_kb=2000)
+    # Epochs of 196 steps: epoch 1's background write fails long before epoch 2's last chunk is read.
+    long_epochs = "--config.data.fake.num_train=3200"
+    out = _train(tmp_path, "--config.num_epochs=3", long_epochs, file_size_kb=2000)
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last == (
@@ -78,7 +80,7 @@ def test_a_background_checkpoint_write_that_fails_stops_the_run_at_once(tmp_path
     assert [r["epoch"] for r in _rows(tmp_path)] == [1]
     assert list((tmp_path / "checkpoints").iterdir()) == []
     # With the space back, the same command trains from the start.
-    assert _train(tmp_path, "--config.num_epochs=1").returncode == 0
+    assert _train(tmp_path, "--config.num_epochs=1", long_epochs).returncode == 0
     assert Checkpoints(tmp_path, read_only=True).epochs() == [1]
 
 

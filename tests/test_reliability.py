@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -32,28 +31,20 @@ def _tiny_file_config():
     return module.get_config()
 
 
-def _start(workdir):
-    cmd = [sys.executable, "train.py", "--config", "tests/support/tiny_config.py", f"--workdir={workdir}"]
+def _start(workdir, signal_at: str | None = None, signal_name: str = "TERM"):
+    """train.py on tests/support/tiny_config.py; with `signal_at`, the probe that sends itself
+    SIG`signal_name` at that moment (tests/support/stop_probe.py)."""
+    script = "tests/support/stop_probe.py" if signal_at else "train.py"
+    cmd = [sys.executable, script, "--config", "tests/support/tiny_config.py", f"--workdir={workdir}"]
+    probe = {"PROBE_SIGNAL_AT": signal_at, "PROBE_SIGNAL": signal_name} if signal_at else {}
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        env=dict(os.environ, JAX_PLATFORMS="cpu", **probe),
     )
-
-
-def _wait_for_rows(workdir, n, proc, timeout=180):
-    deadline = time.time() + timeout
-    path = workdir / "metrics.jsonl"
-    while time.time() < deadline:
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"train.py ended early: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for training to progress")
 
 
 def _rows(workdir):
@@ -76,11 +67,7 @@ def _assert_same_run(a, b):
 @pytest.mark.slow
 def test_sigterm_saves_mid_epoch_and_the_rerun_is_bit_identical(straight_run, tmp_path):
     workdir = tmp_path / "run"
-    proc = _start(workdir)
-    # The row of epoch 1 is written while epoch 2's first chunks run (run-ahead): a signal sent as
-    # soon as it appears lands early in epoch 2's 196 steps, on a fast machine as on a loaded one.
-    _wait_for_rows(workdir, 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc = _start(workdir, signal_at="step:2:4")  # early in epoch 2's 32 steps
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM at epoch 2, step" in err and "rerun the same command to resume" in err
@@ -94,10 +81,9 @@ def test_sigterm_saves_mid_epoch_and_the_rerun_is_bit_identical(straight_run, tm
 def test_kill_9_resumes_from_the_last_complete_checkpoint(straight_run, tmp_path):
     """Also the training issue's resume check: 2 epochs, a stop, 2 more == 4 straight, bit for bit."""
     workdir = tmp_path / "run"
-    proc = _start(workdir)
-    _wait_for_rows(workdir, 2, proc)
-    proc.kill()
-    proc.communicate(timeout=60)
+    proc = _start(workdir, signal_at="row:2", signal_name="KILL")  # epoch 2's checkpoint still being written
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
     # A checkpoint write cut short leaves only Orbax's temporary directory: it must never restore.
     (workdir / "checkpoints" / "3.orbax-checkpoint-tmp-1234" / "state").mkdir(parents=True)
     trainer.train_and_evaluate(_tiny_file_config(), workdir, progress=False)
