@@ -357,7 +357,7 @@ def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, option
             out = m(x)
             return (out**2).mean(), (out, nnx.state(m, nnx.BatchStat))
 
-        (_, (out, stats)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        (_, (out, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return [np.asarray(a) for a in jax.tree.leaves((out, stats, grads))]
 
     model = models.create(name, 10, dtype="float64", **options)

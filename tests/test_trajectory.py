@@ -108,8 +108,11 @@ def _assert_same_weights_and_moved(arch, state, params, ref):
     assert min(moved) > 1e-3, moved  # 1,000x the tolerance above
 
 
-@pytest.mark.parametrize("arch", ["simple_cnn", "resnet18"])
-@pytest.mark.parametrize("optimizer,smoothing", [("adam", 0.0), ("adamw", 0.1)])
+# As the study trains them: SimpleCNN with Adam (+L2), ResNet with AdamW and label smoothing. The
+# optimizer sees only gradients and the model only weights: the crossed pairs would check nothing new.
+@pytest.mark.parametrize(
+    "arch,optimizer,smoothing", [("simple_cnn", "adam", 0.0), ("resnet18", "adamw", 0.1)]
+)
 def test_twenty_steps_match_pytorch_in_float64(arch, optimizer, smoothing, x64):
     torch_class = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
     ours, theirs, state, params, ref, _ = _train_both(
