@@ -410,7 +410,8 @@ def test_a_start_that_saved_nothing_does_not_bind_the_workdir_to_its_config(tmp_
     with pytest.raises(RuntimeError, match="compilation failed"):
         trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
     monkeypatch.undo()
+    # A change a resume refuses (test_nothing_lost): nothing was saved, so it is a new run.
     rows = trainer.train_and_evaluate(
-        tiny_config(num_epochs=1, **{"model.name": "resnet18"}), tmp_path, progress=False
+        tiny_config(num_epochs=1, **{"optimizer.lr": 0.1}), tmp_path, progress=False
     )
     assert len(rows) == 1
