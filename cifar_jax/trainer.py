@@ -33,6 +33,7 @@ from cifar_jax.epoch_end import Clock, EpochEnd, EpochRecorder
 from cifar_jax.errors import TrainingError, one_line
 from cifar_jax.phases import Phase, PhaseSteps, phase_of
 from cifar_jax.profiling import EpochProfile
+from cifar_jax.provenance import Sessions
 from cifar_jax.resume import resume, save_config
 from cifar_jax.run_setup import RunSetup
 from cifar_jax.runguard import Interrupted, StopSignals, WorkdirLock
@@ -230,6 +231,9 @@ class Trainer:
             config, workdir, is_main, self.ckpts, self.early, self.start, start_times=self.setup.start_times
         )
         self.in_flight = InFlight(self.setup, self.recorder, self.ckpts)
+        self.sessions = Sessions(workdir) if is_main else None  # where and with what it trains
+        if self.sessions is not None:
+            self.sessions.start(self.t_start, self.start.epoch, self.start.step)
 
     def lr_at(self, phase: Phase, epoch: int) -> float:
         return self.setup.phase_steps(phase).lr(epoch)
@@ -248,6 +252,7 @@ class Trainer:
         elif start.epoch >= config.num_epochs:
             log.info("workdir %s already holds all %d epochs; nothing to train", self.workdir, last_epoch)
         gc.freeze()  # what exists now lives to the end: out of the collector's way, checkpoints block less
+        status = "finished"
         try:
             # The handlers stay until the last checkpoint is written: a stop then waits for it.
             with self.stop:
@@ -270,13 +275,16 @@ class Trainer:
                             "the run is complete",
                             name,
                         )
-                except BaseException:
+                except BaseException as e:
+                    status = _how_it_ended(e)
                     self.in_flight.salvage()  # each finished epoch keeps its row and checkpoint
                     raise
                 finally:
                     self.close()
         finally:
             gc.unfreeze()
+            if self.sessions is not None:
+                self.sessions.end(status, epochs_done=len(self.recorder.summary()))
         return self.recorder.summary()
 
     def train_epoch(self, epoch: int, phase: Phase, state):
@@ -358,6 +366,15 @@ class Trainer:
             pass
         self.ckpts.close()
         self.recorder.close()
+
+
+def _how_it_ended(e: BaseException) -> str:
+    """A session's status in sessions.json for the exception that ended it."""
+    if isinstance(e, Interrupted):
+        return f"stopped by {signal.Signals(e.signum).name}"
+    if isinstance(e, KeyboardInterrupt):
+        return "stopped by SIGINT"
+    return f"failed: {one_line(e, 300)}"
 
 
 def _progress(total: int, desc: str, initial: int = 0):

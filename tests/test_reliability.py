@@ -9,11 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from cifar_jax import evaluate, steps, trainer
+from cifar_jax import evaluate, provenance, steps, trainer
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import WorkdirLock
@@ -45,6 +46,20 @@ def _start(workdir, signal_at: str | None = None, signal_name: str = "TERM"):
         text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu", **probe),
     )
+
+
+def _sessions(workdir):
+    return json.loads((workdir / "sessions.json").read_text())
+
+
+def test_an_unreadable_sessions_file_is_kept_aside_and_a_new_one_starts(tmp_path, caplog):
+    (tmp_path / "sessions.json").write_text('[{"started": ')  # torn by a full disk, say
+    with caplog.at_level("WARNING", logger="cifar_jax"):
+        sessions = provenance.Sessions(tmp_path)
+    sessions.start(time.perf_counter(), 0, 0)
+    (kept,) = tmp_path.glob("sessions.json.unreadable-*")
+    assert kept.read_text() == '[{"started": ' and f"kept as {kept.name}" in caplog.text
+    assert [s["status"] for s in _sessions(tmp_path)] == ["running"]
 
 
 def _rows(workdir):
@@ -148,6 +163,8 @@ def test_an_error_while_running_ahead_still_checkpoints_the_finished_epoch(tmp_p
         trainer.train_and_evaluate(tiny_config(num_epochs=2, run_ahead_chunks=2), tmp_path, progress=False)
     assert Checkpoints(tmp_path, read_only=True).epochs() == [1]
     assert len(_rows(tmp_path)) == 1
+    (session,) = _sessions(tmp_path)
+    assert session["status"] == "failed: RuntimeError: device lost" and session["epochs_done"] == 1
 
 
 @pytest.mark.slow
@@ -182,6 +199,9 @@ def test_sigterm_at_an_epoch_without_a_scheduled_checkpoint_saves_it(tmp_path, m
     monkeypatch.undo()
     assert Checkpoints(tmp_path / "run", read_only=True).epochs() == [2]
     trainer.train_and_evaluate(config, tmp_path / "run", progress=False)
+    stopped, resumed = _sessions(tmp_path / "run")  # sessions.json: one entry per train.py session
+    assert (stopped["status"], stopped["from_epoch"], stopped["epochs_done"]) == ("stopped by SIGTERM", 1, 2)
+    assert (resumed["status"], resumed["from_epoch"], resumed["epochs_done"]) == ("finished", 3, 3)
     trainer.train_and_evaluate(config, tmp_path / "straight", progress=False)
     assert Checkpoints(tmp_path / "straight", read_only=True).epochs() == [3]
     _assert_same_run(tmp_path / "run", tmp_path / "straight")

@@ -26,6 +26,13 @@ def test_metrics_rows_are_complete_and_accuracies_are_fractions(tmp_path):
     assert row["train_loss"] > 0
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == "simple_cnn"
+    # Where and with what it trained (test_reliability: the sessions of a stopped or failed run).
+    (session,) = json.loads((tmp_path / "sessions.json").read_text())
+    assert session["status"] == "finished" and session["epochs_done"] == 1 and session["from_epoch"] == 1
+    assert session["versions"]["jax"] == jax.__version__ and session["devices"] == jax.device_count()
+    assert (
+        session["backend"] == "cpu" and 0 < session["wall_s"] < 600 and session["ended"] >= session["started"]
+    )
 
 
 @pytest.mark.slow
