@@ -28,8 +28,9 @@ FILE = "sessions.json"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def _utc(seconds_ago: float = 0.0) -> str:
+    moment = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds_ago)
+    return moment.isoformat(timespec="seconds")
 
 
 def commit() -> str | None:
@@ -52,11 +53,16 @@ def commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+def versions() -> dict[str, str | None]:
+    """{package: its installed version, None when it is not installed}, read without importing it
+    (`bench.report.versions` imports them instead: torch's __version__ names its build, +cpu or +cu130)."""
+    out = {}
+    for package in PACKAGES:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def _cpu() -> str:
@@ -78,7 +84,7 @@ def describe() -> dict:
     return {
         "commit": commit(),
         "python": sys.version.split()[0],
-        "versions": {p: _version(p) for p in PACKAGES},
+        "versions": versions(),
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "devices": len(devices),
@@ -114,22 +120,21 @@ class Sessions:
         """Record this session, begun at `time.perf_counter()` `t0` (its set-up included) and about
         to train from 0-based `first_epoch` (at `first_step`)."""
         self.t0 = t0
-        started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(
-            seconds=time.perf_counter() - t0
-        )
-        entry = {"started": started.isoformat(timespec="seconds"), "ended": None, "status": "running"}
+        entry = {"started": _utc(time.perf_counter() - t0), "ended": None, "status": "running"}
         entry.update(from_epoch=first_epoch + 1, from_step=first_step, **describe())
         self.entries.append(entry)
         self._write()
 
     def end(self, status: str, epochs_done: int) -> None:
-        """Close this session: how it ended, and the number of epochs the run holds now."""
-        if self.t0 is None:
-            return
+        """Close this session: how it ended, and the number of epochs the run holds now. A failed
+        write is only logged: it must not hide the error that may have ended the run (a full disk)."""
         entry = self.entries[-1]
-        entry.update(ended=_now(), status=status, wall_s=round(time.perf_counter() - self.t0, 1))
+        entry.update(ended=_utc(), status=status, wall_s=round(time.perf_counter() - self.t0, 1))
         entry["epochs_done"] = epochs_done
-        self._write()
+        try:
+            self._write()
+        except OSError as e:
+            log.warning("could not record how this session ended in %s (%s)", self.path, one_line(e))
 
     def _write(self) -> None:
         staging.write_text(self.path, json.dumps(self.entries, indent=1) + "\n")

@@ -239,53 +239,57 @@ class Trainer:
         return self.setup.phase_steps(phase).lr(epoch)
 
     def train(self) -> list[dict]:
-        config, start = self.config, self.start
-        state, phase = start.state, start.phase
-        last_epoch = start.epoch if self.early.ended else config.num_epochs
+        """Train the epochs left (`_epochs`); whatever ends it, each finished epoch keeps its row and
+        checkpoint, and sessions.json says how it ended."""
+        last_epoch = self.start.epoch if self.early.ended else self.config.num_epochs
         if self.early.ended:
             log.info(
                 "the run in %s ended at epoch %d (%s); nothing to train",
                 self.workdir,
-                start.epoch,
+                self.start.epoch,
                 self.early.ended,
             )
-        elif start.epoch >= config.num_epochs:
+        elif self.start.epoch >= self.config.num_epochs:
             log.info("workdir %s already holds all %d epochs; nothing to train", self.workdir, last_epoch)
         gc.freeze()  # what exists now lives to the end: out of the collector's way, checkpoints block less
         status = "finished"
         try:
             # The handlers stay until the last checkpoint is written: a stop then waits for it.
-            with self.stop:
+            with self.stop:  # raises KeyboardInterrupt for a Ctrl-C that start-up swallowed
                 try:
-                    for epoch in range(start.epoch, last_epoch):
-                        if phase_of(config, epoch) != phase:  # a new phase: a new optimizer and schedule
-                            phase = phase_of(config, epoch)
-                            state["opt_state"] = self.setup.opt_state(phase, state["params"])
-                            log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
-                        state, end = self.train_epoch(epoch, phase, state)
-                        if not self.end_epoch(end, state):
-                            break
-                    self.in_flight.drain()
-                    # The last checkpoints, written in the background.
-                    write_or_fail(self.ckpts.wait, self.ckpts)
-                    if self.stop.requested:
-                        name = signal.Signals(self.stop.signum).name
-                        log.info(
-                            "%s arrived after the last epoch: its checkpoint was written first; "
-                            "the run is complete",
-                            name,
-                        )
-                except BaseException as e:
-                    status = _how_it_ended(e)
-                    self.in_flight.salvage()  # each finished epoch keeps its row and checkpoint
+                    self._epochs(last_epoch)
+                except BaseException:
+                    self.in_flight.salvage()
                     raise
                 finally:
                     self.close()
+        except BaseException as e:
+            status = _how_it_ended(e)
+            raise
         finally:
             gc.unfreeze()
             if self.sessions is not None:
                 self.sessions.end(status, epochs_done=len(self.recorder.summary()))
         return self.recorder.summary()
+
+    def _epochs(self, last_epoch: int) -> None:
+        """From where the run starts to `last_epoch` (or an early stop), then the last checkpoints."""
+        state, phase = self.start.state, self.start.phase
+        for epoch in range(self.start.epoch, last_epoch):
+            if phase_of(self.config, epoch) != phase:  # a new phase: a new optimizer and schedule
+                phase = phase_of(self.config, epoch)
+                state["opt_state"] = self.setup.opt_state(phase, state["params"])
+                log.info("epoch %d: phase %r starts (lr %g)", epoch + 1, phase.name, phase.lr)
+            state, end = self.train_epoch(epoch, phase, state)
+            if not self.end_epoch(end, state):
+                break
+        self.in_flight.drain()
+        write_or_fail(self.ckpts.wait, self.ckpts)  # the last checkpoints, written in the background
+        if self.stop.requested:
+            name = signal.Signals(self.stop.signum).name
+            log.info(
+                "%s arrived after the last epoch: its checkpoint was written first; the run is complete", name
+            )
 
     def train_epoch(self, epoch: int, phase: Phase, state):
         """Dispatch `epoch`'s chunks from where the run starts, the host processing the oldest
@@ -372,7 +376,7 @@ def _how_it_ended(e: BaseException) -> str:
     """A session's status in sessions.json for the exception that ended it."""
     if isinstance(e, Interrupted):
         return f"stopped by {signal.Signals(e.signum).name}"
-    if isinstance(e, KeyboardInterrupt):
+    if isinstance(e, KeyboardInterrupt):  # a Ctrl-C before training (in training it is `Interrupted`)
         return "stopped by SIGINT"
     return f"failed: {one_line(e, 300)}"
 

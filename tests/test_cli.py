@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import json
 import logging
 import os
 import subprocess
@@ -337,6 +338,8 @@ def test_an_interrupt_that_a_library_swallowed_still_stops_the_run_before_traini
         with pytest.raises(KeyboardInterrupt):
             trainer.train_and_evaluate(tiny_config(num_epochs=1), tmp_path, progress=False)
         assert not (tmp_path / "metrics.jsonl").exists()
+        (session,) = json.loads((tmp_path / "sessions.json").read_text())
+        assert (session["status"], session["epochs_done"]) == ("stopped by SIGINT", 0)
         with pytest.raises(KeyboardInterrupt):
             cli.fail(
                 "the --config file does not load (ImportError: Encountered an error while initializing the "

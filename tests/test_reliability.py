@@ -1,5 +1,6 @@
 """Interrupted runs, damaged checkpoints, bad numbers: nothing saved is lost, and a rerun resumes."""
 
+import errno
 import importlib.util
 import json
 import os
@@ -14,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from cifar_jax import evaluate, provenance, steps, trainer
+from cifar_jax import evaluate, provenance, staging, steps, trainer
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
 from cifar_jax.runguard import WorkdirLock
@@ -60,6 +61,20 @@ def test_an_unreadable_sessions_file_is_kept_aside_and_a_new_one_starts(tmp_path
     (kept,) = tmp_path.glob("sessions.json.unreadable-*")
     assert kept.read_text() == '[{"started": ' and f"kept as {kept.name}" in caplog.text
     assert [s["status"] for s in _sessions(tmp_path)] == ["running"]
+
+
+def test_a_session_end_that_cannot_be_written_does_not_hide_the_runs_error(tmp_path, monkeypatch, caplog):
+    sessions = provenance.Sessions(tmp_path)
+    sessions.start(time.perf_counter(), 0, 0)
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(staging, "write_text", full_disk)
+    with caplog.at_level("WARNING", logger="cifar_jax"):
+        sessions.end("failed: OSError: No space left on device", epochs_done=0)  # returns: no second error
+    assert "could not record how this session ended" in caplog.text
+    assert [s["status"] for s in _sessions(tmp_path)] == ["running"]  # what the start wrote stays
 
 
 def _rows(workdir):
