@@ -1,7 +1,7 @@
 """Evaluate a training run:
 
-    python eval.py --workdir DIR [--step best|latest|N] [--split test|val] [--out DIR] [--tta] [--ema]
-                   [--ood_dir DIR] [--corruptions [--corruption_limit N]]
+    python eval.py --workdir DIR [--member K] [--step best|latest|N] [--split test|val] [--out DIR]
+                   [--tta] [--ema] [--ood_dir DIR] [--corruptions [--corruption_limit N]]
 
 Restores the checkpoint (the best by validation accuracy unless --step says otherwise) with the
 config saved in the run directory. Writes to <out> (default <workdir>/eval/): report.json,
@@ -18,12 +18,15 @@ import argparse
 import shutil
 from pathlib import Path
 
-from cifar_jax import cli, data, errors, eval_report, evaluate, staging
+from cifar_jax import cli, data, errors, eval_report, evaluate, population, staging
 
 
 def parse_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python eval.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="run directory written by train.py")
+    parser.add_argument(
+        "--member", type=int, help="a population's member K: evaluates <workdir>/member_K (population.md)"
+    )
     parser.add_argument("--step", type=cli.checkpoint_step, default="best", help=cli.STEP_HELP)
     parser.add_argument("--split", choices=("test", "val"), default="test", help="which split to evaluate")
     parser.add_argument("--out", help="output directory (default: <workdir>/eval)")
@@ -52,6 +55,10 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cli.start(args.compilation_cache)
+    try:
+        args.workdir = str(population.member_workdir(args.workdir, args.member))
+    except ValueError as e:
+        cli.fail(str(e))
 
     opts = eval_report.Options(
         args.workdir,

@@ -463,6 +463,9 @@ def write_or_fail(write, ckpts: Checkpoints) -> None:
         code = errors.write_errno(e)
         if code is None:
             raise
+        # Orbax's other array writes that failed alike leave futures that nobody retrieves: asyncio
+        # would log each one at exit, after the one line that says it all.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         kept = ckpts.on_disk()
         if not kept:
             remain = "no checkpoint remains there"

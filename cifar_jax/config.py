@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from cifar_jax import models
+from cifar_jax import models, population
 from cifar_jax.data import SOURCES, augment
 from cifar_jax.errors import read_json_object
 from cifar_jax.models import resnet
@@ -107,6 +107,11 @@ def base() -> ml_collections.ConfigDict:
     c.profile = ml_collections.ConfigDict(dict(epoch=0, steps=10))
 
     c.wandb = ml_collections.ConfigDict(dict(mode="disabled", project="cifar_jax", entity="", name=""))
+
+    # A population (population.py): members trained side by side in one program, one per seed ('0,1,2')
+    # and combination of values ('optimizer.lr=0.05,0.1;label_smoothing=0,0.1': a grid), each an
+    # ordinary run in <workdir>/member_<k>/. Both empty: one run.
+    c.population = ml_collections.ConfigDict(dict(seeds="", sweep=""))
     return c
 
 
@@ -231,6 +236,8 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "wandb.project": TEXT,
     "wandb.entity": TEXT,
     "wandb.name": TEXT,
+    "population.seeds": TEXT,  # its form and the members' settings: in `_relations`
+    "population.sweep": TEXT,
 }
 
 
@@ -275,6 +282,7 @@ def _relations(c) -> Iterator[tuple[str, Any, str]]:
             c.head_only_epochs,
             f"needs a pretrained backbone (model.pretrained); {arch.name} has none",
         )
+    yield from population.problems(c)
 
 
 def _leaves(c, prefix: str = "") -> dict:
@@ -292,16 +300,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
     """A ValueError of one line for the first key whose value breaks its rule (`RULES`), then for
     the first rule between keys it breaks (`_relations`): before any data is loaded or anything
     compiled."""
+    for key, value, requirement in problems(c):
+        _fail(key, value, requirement)
+
+
+def problems(c: ml_collections.ConfigDict) -> Iterator[tuple[str, Any, str]]:
+    """(key, value, requirement) for each key that breaks its rule, then for each rule between keys
+    that `c` breaks (after the first broken rule of a key, its relations are not checked)."""
     values = _leaves(c)
     unruled = sorted(set(values) - set(RULES))
     if unruled:  # a key added to base() without its rule: the code's fault, not the user's
         raise AssertionError(f"config keys without a rule in config.RULES: {', '.join(unruled)}")
+    broken = False
     for key, rules in RULES.items():
         for rule in rules if isinstance(rules, tuple) else (rules,):
             if key in values and not rule.holds(values[key]):
-                _fail(key, values[key], rule.says)
-    for key, value, requirement in _relations(c):
-        _fail(key, value, requirement)
+                broken = True
+                yield key, values[key], rule.says
+                break
+    if not broken:
+        yield from _relations(c)
 
 
 # What a run's saved config.json must name: without them it describes no model and no data.

@@ -13,7 +13,6 @@ from cifar_jax import sharding
 from cifar_jax.checkpoint import Checkpoints, write_or_fail
 from cifar_jax.early_stop import EarlyStop
 from cifar_jax.phases import Phase
-from cifar_jax.runguard import Interrupted
 from cifar_jax.tracking import CurvesPlotter, MetricsLog, Wandb
 
 log = logging.getLogger("cifar_jax")
@@ -49,6 +48,7 @@ class EpochEnd:
     images: int = 0  # trained by this run in this epoch
     copy_s: float = 0.0  # making the Snapshot, part of the checkpoint's cost
     meta: dict | None = None  # what `EpochRecorder.record` saved (or would have), once ended
+    member_ends: list | None = None  # a population's: each member's end, once ended (records.py)
 
 
 class EpochRecorder:
@@ -65,6 +65,7 @@ class EpochRecorder:
         early: EarlyStop,
         start,
         start_times: dict,
+        name: str = "",
     ):
         self.config, self.workdir, self.is_main, self.ckpts, self.early = (
             config,
@@ -78,6 +79,7 @@ class EpochRecorder:
         # compile_s and first_step_s, filled in by the set-up as the first chunk runs: the first
         # epoch's row reports them.
         self.start_times = start_times
+        self.name = name  # a population member's, before each line it logs
         self.previous_costs = {"host_s": None, "checkpoint_s": None}  # the host's work after the last epoch
         self.metrics_log = (
             MetricsLog(workdir, resume_epoch=start.epoch, resume_row=start.row) if is_main else None
@@ -124,7 +126,7 @@ class EpochRecorder:
             "early_stop": self.early.record(),
         }
         if ended and self.is_main:
-            log.info("epoch %d ends the run: %s", end.epoch + 1, ended)
+            log.info("%sepoch %d ends the run: %s", self.name, end.epoch + 1, ended)
         end.clock.mark("save")
         reason = self.checkpoint_reason(end.epoch, ended) if end.state is not None else None
         save = reason is not None
@@ -143,7 +145,8 @@ class EpochRecorder:
 
     def _row(self, end: EpochEnd) -> dict:
         val = sharding.to_host(end.val_sums) if end.val_sums is not None else None
-        end.clock.mark("end")
+        if "end" not in end.clock.at:  # a population's members share the moment it ended
+            end.clock.mark("end")
         row = epoch_row(
             end.epoch,
             end.phase,
@@ -164,7 +167,8 @@ class EpochRecorder:
         self.plotter.update(self.metrics_log.rows)
         self.tracker.log(row)
         log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
+            "%sepoch %d/%d  train loss %.4f acc %.4f | val loss %s acc %s | lr %.3g | %.1f s, %.0f img/s",
+            self.name,
             end.epoch + 1,
             self.config.num_epochs,
             row["train_loss"],
@@ -176,15 +180,13 @@ class EpochRecorder:
             row["train_img_per_s"],
         )
 
-    def stop_here(self, signum: int, end: EpochEnd, state) -> None:
-        """A stop agreed in `end`'s epoch: its checkpoint (if the schedule did not save it) written
-        and waited for, then Interrupted."""
+    def save_at_stop(self, end: EpochEnd, state) -> None:
+        """A stop agreed in `end`'s epoch: its checkpoint, if the schedule did not save it (written
+        in the background: the caller waits for it)."""
         meta = {k: v for k, v in end.meta.items() if k != "saved"}
         if not end.meta["saved"]:
             meta["saved_because"] = self.checkpoint_reason(end.epoch, stop=True)
             write_or_fail(lambda: self.ckpts.save(end.epoch + 1, state, meta), self.ckpts)
-        write_or_fail(self.ckpts.wait, self.ckpts)
-        raise Interrupted(signum, f"the end of epoch {end.epoch + 1}", self.workdir)
 
     def close(self) -> None:
         if self.plotter is not None:
@@ -192,14 +194,20 @@ class EpochRecorder:
         if self.tracker is not None:
             self.tracker.finish()
 
+    @property
+    def rows(self) -> list[dict]:
+        """The run's metrics rows so far (process 0; [] elsewhere)."""
+        return self.metrics_log.rows if self.metrics_log is not None else []
+
     def summary(self) -> list[dict]:
         """The run's rows (process 0; [] elsewhere), after logging where its results are."""
-        rows = self.metrics_log.rows if self.metrics_log is not None else []
+        rows = self.rows
         if self.is_main and rows:
             scored = [r for r in rows if r["val_acc"] is not None]
             best = max(scored, key=lambda r: r["val_acc"], default=rows[-1])
             log.info(
-                "best epoch %d (val_acc %s); checkpoints in %s; curves %s; metrics %s",
+                "%sbest epoch %d (val_acc %s); checkpoints in %s; curves %s; metrics %s",
+                self.name,
                 *(best["epoch"], fmt(best["val_acc"]), self.ckpts.directory),
                 *(self.workdir / "curves.png", self.workdir / "metrics.jsonl"),
             )

@@ -53,6 +53,12 @@ def make_schedule(cfg, base_lr: float, num_epochs: int, steps_per_epoch: int):
     return lambda count: sched(jnp.asarray(count) // steps_per_epoch)
 
 
+def is_off(value) -> bool:
+    """Whether a setting turns its computation off: a Python 0. A traced value (a population's
+    members, each its own) keeps it in the program, where 0 computes what leaving it out does."""
+    return isinstance(value, (int, float)) and value == 0
+
+
 def decayed(params):
     """True for the parameters that weight decay applies to when norms and biases are exempt: those
     of more than one dimension (convolution and linear kernels)."""
@@ -69,8 +75,11 @@ def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(cfg, schedule) -> optax.GradientTransformation:
-    wd = cfg.weight_decay
+def make_optimizer(cfg, schedule, *, weight_decay=None, momentum=None) -> optax.GradientTransformation:
+    """The optimizer of config section `cfg` at learning rate `schedule`; `weight_decay` and
+    `momentum`, when given, replace the config's (a population member's traced values)."""
+    wd = cfg.weight_decay if weight_decay is None else weight_decay
+    momentum = cfg.momentum if momentum is None else momentum
     mask = None if cfg.decay_norm_and_bias else decayed
     if cfg.name == "adamw":
         tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd, mask=mask)
@@ -79,8 +88,8 @@ def make_optimizer(cfg, schedule) -> optax.GradientTransformation:
             core = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
         else:  # sgd
             core = (
-                optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov) if cfg.momentum else optax.identity()
+                optax.identity() if is_off(momentum) else optax.trace(decay=momentum, nesterov=cfg.nesterov)
             )
-        decay = optax.add_decayed_weights(wd, mask=mask) if wd else optax.identity()
+        decay = optax.identity() if is_off(wd) else optax.add_decayed_weights(wd, mask=mask)
         tx = optax.chain(decay, core, optax.scale_by_learning_rate(schedule))
     return optax.chain(clip_grad_norm(cfg.clip_norm), tx) if cfg.clip_norm else tx

@@ -83,6 +83,40 @@ def phase_steps(config, phase: Phase, graphdefs, **step_options) -> PhaseSteps:
     return PhaseSteps(phase, cfg, epoch_lrs(schedule, phase, step_options["steps_per_epoch"]))
 
 
+def member_step_config(config, phase: Phase, base: steps.StepConfig, steps_per_epoch: int, members: list):
+    """For a population of `members` (population.Member), member k's StepConfig from its traced
+    numbers (population.numbers): `base` (`config`'s, the members' shared structure) with the
+    member's seed, learning rate, weight decay, momentum, label smoothing and weight average. A
+    part that every member turns off (a Python 0) stays out of the program, as in a run alone."""
+
+    def on(key: str) -> bool:
+        return any(config_value(m.config, key) for m in members)
+
+    def member(numbers: dict) -> steps.StepConfig:
+        schedule = optim.make_schedule(config.schedule, numbers["lr"], phase.num_epochs, steps_per_epoch)
+        tx = optim.make_optimizer(
+            config.optimizer,
+            schedule,
+            weight_decay=numbers["weight_decay"] if on("optimizer.weight_decay") else 0.0,
+            momentum=numbers["momentum"] if on("optimizer.momentum") else 0.0,
+        )
+        return dataclasses.replace(
+            base,
+            tx=tx,
+            seed=numbers["seed"],
+            label_smoothing=numbers["label_smoothing"] if on("label_smoothing") else 0.0,
+            ema_decay=numbers["ema_decay"] if on("ema_decay") else 0.0,
+        )
+
+    return member
+
+
+def config_value(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
 def step_config(
     config,
     phase: Phase,

@@ -3,6 +3,9 @@
 `RunSetup(config)` loads the splits and replicates them on the mesh, creates the initial train
 state, and compiles, on first use, each phase's chunk of training steps (`run_chunk`) and the
 validation (`validate`). Everything here is the same in every process of a multi-process run.
+
+A population (population.py): the train state, the metric sums and each epoch's order have a
+leading member axis, and each phase's members' numbers (`numbers`) ride with every chunk.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from cifar_jax import data, preflight, sharding, steps
+from cifar_jax import data, phases, population, preflight, sharding, steps
 from cifar_jax.data import pipeline
 from cifar_jax.phases import Phase, PhaseSteps, phase_steps
 from cifar_jax.train_state import create_train_state, init_opt_state
@@ -23,6 +26,9 @@ log = logging.getLogger("cifar_jax")
 
 class RunSetup:
     def __init__(self, config):
+        # A population's members share one structure: member 0's config describes it.
+        self.members = population.members(config) if population.is_population(config) else None
+        config = self.members[0].config if self.members else config
         self.config = config
         splits = data.load_splits(config.data)
         if splits.num_classes != config.model.num_classes:
@@ -45,21 +51,59 @@ class RunSetup:
         self.val = tuple(sharding.replicate(a, self.mesh) for a in splits.val) if len(splits.val[0]) else None
         self.preprocess = pipeline.Preprocess.from_config(config.data)
         self.chunk = steps.steps_per_call(config, self.steps_per_epoch)
-        self.graphdefs, self.initial = create_train_state(config, self.num_classes, self.mesh)
+        self.graphdefs, self.initial = self._initial_state()
         eval_batch = pipeline.eval_batch_size(config.eval_batch_size, len(splits.val[0]), jax.device_count())
         self.eval_sums = steps.make_eval_sums(
             self.graphdefs.eval,
             preprocess=self.preprocess,
             num_classes=self.num_classes,
             batch_size=eval_batch,
-            label_smoothing=config.label_smoothing,
+            label_smoothing=(
+                [m.config.label_smoothing for m in self.members] if self.members else config.label_smoothing
+            ),
             batches_per_call=steps.eval_batches_per_call(config),
             sharding=self.batch_sharding,
+            members=len(self.members) if self.members else None,
         )
         self.start_times = {}  # compile_s and first_step_s, reported in the first epoch's row
         self._phase_steps: dict[str, PhaseSteps] = {}
         self._compiled = {}  # (phase name, steps per call) -> compiled chunk
         self._votes = {}  # signal number or None -> this process's stop votes on the devices
+        self._numbers = {}  # phase name -> a population's numbers on the devices
+
+    def _initial_state(self):
+        """(GraphDefs, the initial train state): a population's members each from their own seed."""
+        if not self.members:
+            return create_train_state(self.config, self.num_classes, self.mesh)
+        made = [create_train_state(m.config, self.num_classes, self.mesh) for m in self.members]
+        return made[0][0], population.stack([state for _, state in made], self.mesh)
+
+    def numbers(self, phase: Phase) -> dict | None:
+        """A population's numbers in `phase` (population.numbers), on the devices; None for one run."""
+        if not self.members:
+            return None
+        if phase.name not in self._numbers:
+            per_member = [
+                population.numbers(m.config, phases.phase_of(m.config, phase.first_epoch).lr)
+                for m in self.members
+            ]
+            self._numbers[phase.name] = population.stacked(per_member, self.mesh)
+        return self._numbers[phase.name]
+
+    def member_lrs(self, phase: Phase, epoch: int) -> list[float]:
+        """Each member's learning rate in `epoch` of `phase` (for its metrics row)."""
+        if (phase.name, "lrs") not in self._numbers:
+            self._numbers[phase.name, "lrs"] = [
+                phases.epoch_lrs(
+                    phases.make_tx(
+                        m.config, phases.phase_of(m.config, phase.first_epoch), self.steps_per_epoch
+                    )[0],
+                    phase,
+                    self.steps_per_epoch,
+                )
+                for m in self.members
+            ]
+        return [lrs[epoch - phase.first_epoch] for lrs in self._numbers[phase.name, "lrs"]]
 
     def phase_steps(self, phase: Phase) -> PhaseSteps:
         """What training `phase` needs (step configuration, each epoch's lr), made once."""
@@ -75,8 +119,12 @@ class RunSetup:
             )
         return self._phase_steps[phase.name]
 
+    def lr_at(self, phase: Phase, epoch: int) -> float:
+        return self.phase_steps(phase).lr(epoch)
+
     def opt_state(self, phase: Phase, params):
-        return init_opt_state(self.phase_steps(phase).step.tx, params, self.graphdefs, phase, self.mesh)
+        tx = self.phase_steps(phase).step.tx
+        return init_opt_state(tx, params, self.graphdefs, phase, self.mesh, members=bool(self.members))
 
     def fresh_state(self, phase: Phase) -> dict:
         """The initial train state with `phase`'s optimizer state (a restore's template, too)."""
@@ -85,7 +133,10 @@ class RunSetup:
         return {**state, "ema": self.initial["ema"]} if "ema" in self.initial else state
 
     def zero_sums(self):
-        return jax.device_put(steps.zero_metrics(), sharding.replicated(self.mesh))
+        sums = steps.zero_metrics()
+        if self.members:
+            sums = {k: jnp.zeros((len(self.members),), v.dtype) for k, v in sums.items()}
+        return jax.device_put(sums, sharding.replicated(self.mesh))
 
     def chunk_size(self, first_step: int) -> int:
         """Steps per call from `first_step`: a resumed epoch may start mid-chunk, then one at a time."""
@@ -95,17 +146,27 @@ class RunSetup:
         return (phase.name, size) in self._compiled
 
     def epoch_args(self, epoch: int) -> tuple:
-        """The arguments every chunk of `epoch` shares: the dataset, the epoch's order, the epoch."""
-        order = pipeline.epoch_order(self.config.seed, epoch, self.n_train)
+        """The arguments every chunk of `epoch` shares: the dataset, the epoch's order (each
+        member's), the epoch."""
+        if self.members:
+            seeds = jnp.asarray([m.seed for m in self.members], jnp.int32)
+            order = jax.vmap(lambda seed: pipeline.epoch_order(seed, epoch, self.n_train))(seeds)
+        else:
+            order = pipeline.epoch_order(self.config.seed, epoch, self.n_train)
         return self.train_x, self.train_y, order, jnp.int32(epoch)
 
     def compiled_chunk(self, phase: Phase, size: int, state, sums, args):
         """The jitted chunk of `size` steps of `phase`, compiled on first use (its time is logged):
-        (state, sums, *args, first step, stop votes) -> (state, sums, agreed stop)."""
+        (state, sums, *args, first step, stop votes, numbers) -> (state, sums, agreed stop)."""
         if not self.is_compiled(phase, size):
             t0 = time.perf_counter()
-            fn = steps.make_train_chunk(self.phase_steps(phase).step, size)
-            lowered = fn.lower(state, sums, *args, jnp.int32(0), self.stop_votes(None))
+            member_cfg = None
+            if self.members:
+                member_cfg = phases.member_step_config(
+                    self.config, phase, self.phase_steps(phase).step, self.steps_per_epoch, self.members
+                )
+            fn = steps.make_train_chunk(self.phase_steps(phase).step, size, member_cfg)
+            lowered = fn.lower(state, sums, *args, jnp.int32(0), self.stop_votes(None), self.numbers(phase))
             self._compiled[phase.name, size] = lowered.compile()
             self.start_times["compile_s"] = round(time.perf_counter() - t0, 2)
             log.info(

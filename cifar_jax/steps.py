@@ -23,6 +23,7 @@ from flax import nnx
 
 from cifar_jax import models
 from cifar_jax.data import mix, pipeline
+from cifar_jax.optim import is_off
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0, targets=None):
@@ -30,7 +31,7 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
     `targets` (N, K) replaces the one-hot labels (MixUp/CutMix's class probabilities)."""
     if targets is None:
         targets = jax.nn.one_hot(labels, num_classes)
-    if label_smoothing:
+    if not is_off(label_smoothing):
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), targets)
 
@@ -140,7 +141,7 @@ def update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
     updates, opt_state = cfg.tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
     new = {"params": nnx.merge_state(trainable, frozen), "batch_stats": batch_stats, "opt_state": opt_state}
-    if cfg.ema_decay:
+    if not is_off(cfg.ema_decay):
         new["ema"] = update_ema(
             state["ema"], {"params": new["params"], "batch_stats": batch_stats}, cfg.ema_decay
         )
@@ -183,26 +184,38 @@ def update_ema(ema, current, decay: float):
     return jax.tree.map(lambda e, x: (decay * e + (1 - decay) * x).astype(e.dtype), ema, current)
 
 
-def make_train_chunk(cfg: StepConfig, num_steps: int) -> Callable:
-    """jit(state, metrics, images, labels, order, epoch, first_step, stop_votes) -> (state, metrics,
-    stop) after `num_steps` steps in one call (a fori_loop). The state is donated; the metrics (four
-    scalars) are not, so the host can read one chunk's metrics while the next chunk runs.
+def make_train_chunk(cfg: StepConfig, num_steps: int, member_cfg: Callable | None = None) -> Callable:
+    """jit(state, metrics, images, labels, order, epoch, first_step, stop_votes, numbers=None) ->
+    (state, metrics, stop) after `num_steps` steps in one call (a fori_loop). The state is donated;
+    the metrics (four scalars) are not, so the host can read one chunk's metrics while the next
+    chunk runs.
+
+    A population (`member_cfg`): `state`, `metrics` and `order` have a leading member axis, and
+    `numbers` holds each member's numbers (population.numbers); member k trains with
+    `member_cfg(its numbers)`, all members in one program (`jax.vmap`).
 
     `stop_votes` holds one signal number (0: none) per device, each process filling its own; `stop`
     is their maximum. Every process reads the same value from the same chunk, so all of them stop
     at the same step when any one of them is signalled."""
 
-    def chunk(state, metrics, images, labels, order, epoch, first_step, stop_votes):
+    def run_steps(state, metrics, images, labels, order, epoch, first_step, numbers):
+        step_cfg = cfg if member_cfg is None else member_cfg(numbers)
+
         def body(i, carry):
-            return train_step(cfg, *carry, images, labels, order, epoch, first_step + i)
+            return train_step(step_cfg, *carry, images, labels, order, epoch, first_step + i)
 
         if num_steps == 1:
-            state, metrics = body(0, (state, metrics))
-        else:
-            state, metrics = jax.lax.fori_loop(0, num_steps, body, (state, metrics))
+            return body(0, (state, metrics))
+        return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
+
+    if member_cfg is not None:
+        run_steps = jax.vmap(run_steps, in_axes=(0, 0, None, None, 0, None, None, 0))
+
+    def chunk(state, metrics, images, labels, order, epoch, first_step, stop_votes, numbers=None):
+        state, metrics = run_steps(state, metrics, images, labels, order, epoch, first_step, numbers)
         # The votes' all-reduce follows the steps' collectives (reading the loop's count orders it):
         # every process must issue collectives in one order (tests/test_data_parallel.py).
-        votes_after_steps = jnp.where(metrics["count"] > 0, stop_votes, 0)
+        votes_after_steps = jnp.where(jnp.sum(metrics["count"]) > 0, stop_votes, 0)
         return state, metrics, jnp.max(votes_after_steps)
 
     return jax.jit(chunk, donate_argnums=0)
@@ -247,13 +260,16 @@ def make_eval_sums(
     label_smoothing: float,
     batches_per_call: int = 1,
     sharding=None,
+    members: int | None = None,
 ):
     """(params, batch_stats, images, labels) -> {loss_sum, correct, count} over a whole split, in
     padded, masked batches (every example counted once), up to `batches_per_call` batches per
-    jitted call (a fori_loop), summed on device: no host sync until the caller reads the result."""
+    jitted call (a fori_loop), summed on device: no host sync until the caller reads the result.
 
-    @functools.partial(jax.jit, static_argnames="per_call")
-    def add_batches(params, batch_stats, images, labels, first, sums, per_call):
+    A population of `members`: params and batch_stats have a leading member axis, as do the sums,
+    and `label_smoothing` is each member's (an array)."""
+
+    def add_member_batches(params, batch_stats, images, labels, first, sums, smoothing, per_call):
         model = models.for_evaluation(nnx.merge(graphdef_eval, params, batch_stats, copy=True))
 
         def add_batch(b, sums):
@@ -261,17 +277,38 @@ def make_eval_sums(
                 images, labels, b, batch_size=batch_size, preprocess=preprocess, sharding=sharding
             )
             logits = model(x)
-            loss = cross_entropy(logits, y, num_classes, label_smoothing)
+            loss = cross_entropy(logits, y, num_classes, smoothing)
             return _added(sums, batch_sums(jnp.sum(jnp.where(mask, loss, 0.0)), logits, y, mask))
 
         return jax.lax.fori_loop(0, per_call, lambda i, s: add_batch(first + i, s), sums)
 
+    @functools.partial(jax.jit, static_argnames="per_call")
+    def add_batches(params, batch_stats, images, labels, first, sums, smoothing, per_call):
+        if members is None:
+            return add_member_batches(
+                params, batch_stats, images, labels, first, sums, label_smoothing, per_call
+            )
+        one = functools.partial(add_member_batches, per_call=per_call)
+        return jax.vmap(one, in_axes=(0, 0, None, None, None, 0, 0))(
+            params, batch_stats, images, labels, first, sums, smoothing
+        )
+
     def run(params, batch_stats, images, labels):
         per_call, calls = eval_calls(pipeline.num_eval_batches(images.shape[0], batch_size), batches_per_call)
         sums = {k: v for k, v in zero_metrics().items() if k != "nonfinite_steps"}
+        if members is not None:
+            sums = {k: jnp.zeros((members,), v.dtype) for k, v in sums.items()}
+        smoothing = None if members is None else jnp.asarray(label_smoothing)
         for c in range(calls):
             sums = add_batches(
-                params, batch_stats, images, labels, jnp.int32(c * per_call), sums, per_call=per_call
+                params,
+                batch_stats,
+                images,
+                labels,
+                jnp.int32(c * per_call),
+                sums,
+                smoothing,
+                per_call=per_call,
             )
         return sums
 

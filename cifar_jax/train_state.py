@@ -84,7 +84,9 @@ def create_train_state(
     return graphdefs, state
 
 
-def init_opt_state(tx, params, graphdefs: GraphDefs, phase: Phase, mesh):
-    """Optimizer state of the parameters that `phase` trains, replicated on `mesh`."""
+def init_opt_state(tx, params, graphdefs: GraphDefs, phase: Phase, mesh, members: bool = False):
+    """Optimizer state of the parameters that `phase` trains, replicated on `mesh` (each member's,
+    for the `members` of a population: `params` with a leading member axis)."""
     trainable, _ = steps.partition(params, graphdefs.head if phase.head_only else None)
-    return jax.jit(tx.init, out_shardings=jax.NamedSharding(mesh, jax.sharding.PartitionSpec()))(trainable)
+    init = jax.vmap(tx.init) if members else tx.init
+    return jax.jit(init, out_shardings=jax.NamedSharding(mesh, jax.sharding.PartitionSpec()))(trainable)

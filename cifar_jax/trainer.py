@@ -27,14 +27,13 @@ from pathlib import Path
 import jax
 
 from cifar_jax import preflight, sharding
-from cifar_jax.checkpoint import Checkpoints, Snapshot, write_or_fail
-from cifar_jax.early_stop import EarlyStop
-from cifar_jax.epoch_end import Clock, EpochEnd, EpochRecorder
+from cifar_jax.checkpoint import Snapshot
+from cifar_jax.epoch_end import Clock, EpochEnd
 from cifar_jax.errors import TrainingError, one_line
 from cifar_jax.phases import Phase, PhaseSteps, phase_of
 from cifar_jax.profiling import EpochProfile
 from cifar_jax.provenance import Sessions
-from cifar_jax.resume import resume, save_config
+from cifar_jax.records import Records
 from cifar_jax.run_setup import RunSetup
 from cifar_jax.runguard import Interrupted, StopSignals, WorkdirLock
 
@@ -98,11 +97,11 @@ class Chunk:
 class InFlight:
     """The calls dispatched and not yet processed, oldest first: chunks, and epoch ends (an
     epoch's validation, queued behind its last chunk). Processing reads a chunk (its metrics, a
-    non-finite loss, the stop vote) or ends an epoch (`EpochRecorder.record`); each entry is processed
+    non-finite loss, the stop vote) or ends an epoch (`Records.record`); each entry is processed
     once, in order, whatever happens while it is processed."""
 
-    def __init__(self, setup: RunSetup, recorder: EpochRecorder, ckpts: Checkpoints):
-        self.setup, self.recorder, self.ckpts = setup, recorder, ckpts
+    def __init__(self, setup: RunSetup, records: Records):
+        self.setup, self.records = setup, records
         self.entries = collections.deque()
         self.stop_signum = None  # the stop every process agreed on, read from a chunk's votes
         self.current: Epoch | None = None  # the epoch being dispatched
@@ -154,7 +153,8 @@ class InFlight:
         ep = Epoch(
             epoch, steps, self.setup.epoch_args(epoch), first_step, self.setup.chunk_size(first_step), end
         )
-        ep.seen_before = int(sharding.to_host(sums)["count"]) if first_step else 0  # trained before a resume
+        # Images trained before a resume (all members'): the bar and the rows count this session's.
+        ep.seen_before = int(sharding.to_host(sums)["count"].sum()) if first_step else 0
         if show_bar:
             desc = f"epoch {epoch + 1}/{self.setup.config.num_epochs}"
             ep.bar = _progress(self.setup.steps_per_epoch, desc, first_step)
@@ -171,36 +171,33 @@ class InFlight:
             "phase": ep.phase.name,
             "saved_because": "a stop signal mid-epoch",
         }
-        save = lambda: self.ckpts.mid_epoch.save(epoch * spe + step, {"state": state, "sums": sums}, meta)
-        write_or_fail(save, self.ckpts)
-        raise Interrupted(self.stop_signum, f"epoch {epoch + 1}, step {step} of {spe}", self.ckpts.workdir)
+        self.records.save_mid_epoch(epoch * spe + step, state, sums, meta)
+        raise Interrupted(self.stop_signum, f"epoch {epoch + 1}, step {step} of {spe}", self.records.workdir)
 
     def read(self, chunk: Chunk) -> None:
         epoch, spe = chunk.epoch, self.setup.steps_per_epoch
         host, vote = sharding.to_host((chunk.sums, chunk.vote))
-        write_or_fail(self.ckpts.check, self.ckpts)  # a failed background write stops the run at once
+        self.records.check()  # a failed background write stops the run at once
         self.stop_signum = self.stop_signum or int(vote) or None
         last = chunk.first_step + epoch.size
-        if host["nonfinite_steps"]:
-            raise TrainingError(
-                f"loss became NaN/Inf in epoch {epoch.index + 1}, steps {chunk.first_step + 1}-{last} of "
-                f"{spe} (lr {epoch.end.lr:g}); {self.recorder.kept_checkpoints(epoch.index)} "
-                "Lower optimizer.lr?"
-            )
+        where = f"epoch {epoch.index + 1}, steps {chunk.first_step + 1}-{last} of {spe}"
+        error = self.records.diverged(host, epoch.index, where, epoch.end.lr)
+        if error is not None:
+            raise error
+        count = int(host["count"].sum())  # all members'
         if epoch.bar is not None:
-            count = host["count"]
             rate = (count - epoch.seen_before) / (time.perf_counter() - epoch.end.clock.at["train"])
             epoch.bar.update(epoch.size)
-            loss, acc = host["loss_sum"] / count, host["correct"] / count
+            loss, acc = host["loss_sum"].sum() / count, host["correct"].sum() / count
             epoch.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}", img_s=f"{rate:.0f}")
         if last >= spe:  # the epoch's training is done (its validation runs on the device)
             epoch.end.clock.mark("val")
-            epoch.end.train_sums, epoch.end.images = host, int(host["count"]) - epoch.seen_before
+            epoch.end.train_sums, epoch.end.images = host, count - epoch.seen_before
             if epoch.bar is not None:
                 epoch.bar.close()
 
     def record(self, end: EpochEnd) -> None:
-        self.recorder.record(end)
+        self.records.record(end)
         self.last_end_at = end.clock.at["end"]
         if self.current is not None and self.current.index == end.epoch + 1:  # it ran ahead of this end:
             self.current.end.clock.mark("epoch", self.last_end_at)  # the device went on from that validation
@@ -220,34 +217,25 @@ class Trainer:
         self.setup = RunSetup(config)
         workdir.mkdir(parents=True, exist_ok=True)
         self.stop = StopSignals()
-        self.early = EarlyStop(config.early_stop.patience, config.early_stop.min_delta)
         self.profile = EpochProfile(config.profile, workdir, is_main)
-        self.ckpts = Checkpoints(workdir, keep=config.checkpoint.keep, config=config)
-        self.start = resume(config, self.ckpts, self.setup.fresh_state, self.setup.zero_sums)
-        self.early.restore(self.start.early_stop)
-        if is_main:  # the state matches the config: now it describes the run
-            save_config(config, workdir, self.start, changed, self.lr_at)
-        self.recorder = EpochRecorder(
-            config, workdir, is_main, self.ckpts, self.early, self.start, start_times=self.setup.start_times
-        )
-        self.in_flight = InFlight(self.setup, self.recorder, self.ckpts)
+        self.records = Records(config, workdir, is_main, self.setup, changed)  # resumes each run
+        self.start = self.records.start
+        self.in_flight = InFlight(self.setup, self.records)
         self.sessions = Sessions(workdir) if is_main else None  # where and with what it trains
         if self.sessions is not None:
             self.sessions.start(self.t_start, self.start.epoch, self.start.step)
 
-    def lr_at(self, phase: Phase, epoch: int) -> float:
-        return self.setup.phase_steps(phase).lr(epoch)
-
     def train(self) -> list[dict]:
         """Train the epochs left (`_epochs`); whatever ends it, each finished epoch keeps its row and
         checkpoint, and sessions.json says how it ended."""
-        last_epoch = self.start.epoch if self.early.ended else self.config.num_epochs
-        if self.early.ended:
+        ended = self.records.ended
+        last_epoch = self.start.epoch if ended else self.config.num_epochs
+        if ended:
             log.info(
                 "the run in %s ended at epoch %d (%s); nothing to train",
                 self.workdir,
                 self.start.epoch,
-                self.early.ended,
+                ended,
             )
         elif self.start.epoch >= self.config.num_epochs:
             log.info("workdir %s already holds all %d epochs; nothing to train", self.workdir, last_epoch)
@@ -269,8 +257,8 @@ class Trainer:
         finally:
             gc.unfreeze()
             if self.sessions is not None:
-                self.sessions.end(status, epochs_done=len(self.recorder.summary()))
-        return self.recorder.summary()
+                self.sessions.end(status, epochs_done=self.records.epochs_done())
+        return self.records.summary()
 
     def _epochs(self, last_epoch: int) -> None:
         """From where the run starts to `last_epoch` (or an early stop), then the last checkpoints."""
@@ -284,7 +272,7 @@ class Trainer:
             if not self.end_epoch(end, state):
                 break
         self.in_flight.drain()
-        write_or_fail(self.ckpts.wait, self.ckpts)  # the last checkpoints, written in the background
+        self.records.wait()  # the last checkpoints, written in the background
         if self.stop.requested:
             name = signal.Signals(self.stop.signum).name
             log.info(
@@ -306,7 +294,12 @@ class Trainer:
             if not ep.dispatched:
                 ep.end.clock.mark("train")
             state, sums, vote = run_chunk(
-                state, sums, *ep.args, jax.numpy.int32(ep.next_step), self.setup.stop_votes(self.stop.signum)
+                state,
+                sums,
+                *ep.args,
+                jax.numpy.int32(ep.next_step),
+                self.setup.stop_votes(self.stop.signum),
+                self.setup.numbers(phase),
             )
             self.in_flight.push(Chunk(ep, ep.next_step, sums, vote))
             ep.next_step, ep.dispatched = ep.next_step + ep.size, ep.dispatched + 1
@@ -337,15 +330,15 @@ class Trainer:
         if self.can_run_ahead(end):
             t_copy = time.perf_counter()
             # The next epoch's first chunk takes `state` (donated): checkpoint a copy.
-            end.state = Snapshot.of(state) if self.recorder.checkpoint_due(end.epoch) else None
+            end.state = Snapshot.of(state) if self.records.checkpoint_due(end.epoch) else None
             end.copy_s = time.perf_counter() - t_copy
             return True
         self.in_flight.drain()
-        if self.early.ended:
+        if self.records.ended:
             return False
         signum = self.in_flight.stop_signum
         if signum and end.epoch + 1 < self.config.num_epochs:
-            self.recorder.stop_here(signum, end, state)
+            self.records.stop_here(signum, end, state)
         return True
 
     def can_run_ahead(self, end: EpochEnd) -> bool:
@@ -356,7 +349,7 @@ class Trainer:
             config.run_ahead_chunks
             and epoch + 1 < config.num_epochs
             and not self.in_flight.stop_signum
-            and not self.early.may_end_at_next_validation()
+            and not self.records.may_end_at_next_validation()
             and not self.profile.covers(epoch)
             and phase_of(config, epoch + 1) == end.phase
             and self.setup.is_compiled(end.phase, self.setup.chunk)
@@ -364,12 +357,7 @@ class Trainer:
 
     def close(self) -> None:
         self.profile.abandon()  # after an error inside the traced window
-        try:
-            self.ckpts.wait()
-        except Exception:  # noqa: BLE001  (reported by write_or_fail where it matters)
-            pass
-        self.ckpts.close()
-        self.recorder.close()
+        self.records.close()
 
 
 def _how_it_ended(e: BaseException) -> str:
