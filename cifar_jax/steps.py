@@ -184,7 +184,30 @@ def update_ema(ema, current, decay: float):
     return jax.tree.map(lambda e, x: (decay * e + (1 - decay) * x).astype(e.dtype), ema, current)
 
 
-def make_train_chunk(cfg: StepConfig, num_steps: int, member_cfg: Callable | None = None) -> Callable:
+def over_members(fn: Callable, in_axes: tuple, vectorize: bool) -> Callable:
+    """`fn` over a population's member axis (the arguments whose `in_axes` is 0; the others
+    shared): all members in each operation (`jax.vmap`: a GPU's launches do every member's work at
+    once) when `vectorize`, else one member after another inside the program (`lax.map`: each runs
+    the operations of a run alone, which on the CPU are its own kernels; vmapped they batch into
+    slower forms)."""
+    if vectorize:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def each(*args):
+        mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
+
+        def one(member_args):
+            it = iter(member_args)
+            return fn(*(next(it) if axis == 0 else a for a, axis in zip(args, in_axes)))
+
+        return jax.lax.map(one, mapped)
+
+    return each
+
+
+def make_train_chunk(
+    cfg: StepConfig, num_steps: int, member_cfg: Callable | None = None, vectorize: bool = True
+) -> Callable:
     """jit(state, metrics, images, labels, order, epoch, first_step, stop_votes, numbers=None) ->
     (state, metrics, stop) after `num_steps` steps in one call (a fori_loop). The state is donated;
     the metrics (four scalars) are not, so the host can read one chunk's metrics while the next
@@ -192,7 +215,7 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, member_cfg: Callable | Non
 
     A population (`member_cfg`): `state`, `metrics` and `order` have a leading member axis, and
     `numbers` holds each member's numbers (population.numbers); member k trains with
-    `member_cfg(its numbers)`, all members in one program (`jax.vmap`).
+    `member_cfg(its numbers)`, all members in one program (`over_members`, `vectorize`).
 
     `stop_votes` holds one signal number (0: none) per device, each process filling its own; `stop`
     is their maximum. Every process reads the same value from the same chunk, so all of them stop
@@ -209,7 +232,7 @@ def make_train_chunk(cfg: StepConfig, num_steps: int, member_cfg: Callable | Non
         return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
 
     if member_cfg is not None:
-        run_steps = jax.vmap(run_steps, in_axes=(0, 0, None, None, 0, None, None, 0))
+        run_steps = over_members(run_steps, (0, 0, None, None, 0, None, None, 0), vectorize)
 
     def chunk(state, metrics, images, labels, order, epoch, first_step, stop_votes, numbers=None):
         state, metrics = run_steps(state, metrics, images, labels, order, epoch, first_step, numbers)
@@ -261,13 +284,14 @@ def make_eval_sums(
     batches_per_call: int = 1,
     sharding=None,
     members: int | None = None,
+    vectorize: bool = True,
 ):
     """(params, batch_stats, images, labels) -> {loss_sum, correct, count} over a whole split, in
     padded, masked batches (every example counted once), up to `batches_per_call` batches per
     jitted call (a fori_loop), summed on device: no host sync until the caller reads the result.
 
     A population of `members`: params and batch_stats have a leading member axis, as do the sums,
-    and `label_smoothing` is each member's (an array)."""
+    and `label_smoothing` is each member's (an array); `vectorize` as in `over_members`."""
 
     def add_member_batches(params, batch_stats, images, labels, first, sums, smoothing, per_call):
         model = models.for_evaluation(nnx.merge(graphdef_eval, params, batch_stats, copy=True))
@@ -289,7 +313,7 @@ def make_eval_sums(
                 params, batch_stats, images, labels, first, sums, label_smoothing, per_call
             )
         one = functools.partial(add_member_batches, per_call=per_call)
-        return jax.vmap(one, in_axes=(0, 0, None, None, None, 0, 0))(
+        return over_members(one, (0, 0, None, None, None, 0, 0), vectorize)(
             params, batch_stats, images, labels, first, sums, smoothing
         )
 

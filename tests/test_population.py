@@ -62,8 +62,10 @@ def _train(chunk, state, metrics, images, labels, orders, numbers, spe):
 
 
 @pytest.mark.slow
-def test_a_member_trains_as_its_config_alone_in_float64(x64):
-    """Member k of a population (vmapped, its numbers traced) and member k's own config trained
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "in_turn"])
+def test_a_member_trains_as_its_config_alone_in_float64(x64, vectorize):
+    """Member k of a population (its numbers traced; all members in each operation as on a GPU,
+    or one after another as on the CPU) and member k's own config trained
     alone (its numbers constants of the program) agree to 1e-10 in float64 after two epochs: the
     same seed's initialisation, data order, augmentation and MixUp, the same lr, weight decay
     (0 in some members), Nesterov momentum, label smoothing and weight average."""
@@ -93,7 +95,7 @@ def test_a_member_trains_as_its_config_alone_in_float64(x64):
     seeds = jnp.asarray([m.seed for m in members], jnp.int32)
     initial = [alone(m)[1] for m in members]
     together, sums = _train(
-        steps.make_train_chunk(base, STEPS_PER_CALL, member_cfg),
+        steps.make_train_chunk(base, STEPS_PER_CALL, member_cfg, vectorize),
         population.stack(initial, mesh),
         population.stack([steps.zero_metrics()] * len(members), mesh),
         images,
