@@ -110,11 +110,12 @@ class EpochRecorder:
             return "no checkpoint was saved yet."
         return f"checkpoints up to epoch {last} are kept in {self.ckpts.directory}."
 
-    def record(self, end: EpochEnd) -> None:
+    def record(self, end: EpochEnd, diverged: str | None = None) -> None:
         """Read validation, log the row, checkpoint if due (or if the run ends here); `end.meta`
-        says what was saved."""
+        says what was saved. A population's member that `diverged` in this epoch: its row says so,
+        and nothing is saved (its weights are not finite)."""
         row = self._row(end)
-        ended = self.early.update(end.epoch, row["val_acc"])
+        ended = diverged or self.early.update(end.epoch, row["val_acc"])
         if ended:
             row["ended"] = ended
         if self.is_main:
@@ -128,7 +129,7 @@ class EpochRecorder:
         if ended and self.is_main:
             log.info("%sepoch %d ends the run: %s", self.name, end.epoch + 1, ended)
         end.clock.mark("save")
-        reason = self.checkpoint_reason(end.epoch, ended) if end.state is not None else None
+        reason = self.checkpoint_reason(end.epoch, ended) if end.state is not None and not diverged else None
         save = reason is not None
         if save:
             meta = {**end.meta, "saved_because": reason}

@@ -34,10 +34,7 @@ VARIES = ("optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "label
 # average): 0 in every member or in none, so that every member's state has its own run's layout.
 ZERO_IN_ALL_OR_NONE = ("optimizer.momentum", "ema_decay")
 # What a population cannot do yet, and why, in the words of the refusal.
-NOT_YET = {
-    "early_stop.patience": lambda v: v > 0,
-    "wandb.mode": lambda v: v != "disabled",
-}
+NOT_YET = {"wandb.mode": lambda v: v != "disabled"}
 
 
 def is_population(config) -> bool:
@@ -216,7 +213,7 @@ def write_table(workdir: Path, listed: list[Member], rows_of: list[list[dict]]) 
     accuracy, and for each combination of values the mean and sample sd over seeds."""
     table = []
     for m, rows in zip(listed, rows_of):
-        scored = [r for r in rows if r.get("val_acc") is not None]
+        scored = [r for r in rows if r.get("val_acc") is not None and math.isfinite(r["val_acc"])]
         best = max(scored, key=lambda r: r["val_acc"], default=None)
         table.append(
             {
@@ -227,6 +224,7 @@ def write_table(workdir: Path, listed: list[Member], rows_of: list[list[dict]]) 
                 "last_val_acc": rows[-1].get("val_acc") if rows else None,
                 "best_val_acc": best["val_acc"] if best else None,
                 "best_epoch": best["epoch"] if best else None,
+                "ended": next((r["ended"] for r in rows if r.get("ended")), None),
                 "workdir": m.name,
             }
         )
@@ -261,14 +259,15 @@ def _markdown(record: dict) -> str:
         "Validation accuracy of each member (its run: `member_<k>/`), and of each combination of values",
         "over its seeds (mean and sample sd). Written by train.py after every epoch.",
         "",
-        "| member | seed | values | epochs | last val_acc | best val_acc (epoch) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| member | seed | values | epochs | last val_acc | best val_acc (epoch) | ended |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in record["members"]:
         values = ", ".join(f"{k}={v:g}" for k, v in e["values"].items()) or "-"
         best = f"{fmt(e['best_val_acc'])} ({e['best_epoch']})" if e["best_epoch"] else "-"
         lines.append(
-            f"| {e['member']} | {e['seed']} | {values} | {e['epochs']} | {fmt(e['last_val_acc'])} | {best} |"
+            f"| {e['member']} | {e['seed']} | {values} | {e['epochs']} | {fmt(e['last_val_acc'])} | {best} "
+            f"| {e['ended'] or '-'} |"
         )
     lines += ["", "| values | seeds | last val_acc: mean ± sd |", "| --- | --- | --- |"]
     for s in record["by_values"]:

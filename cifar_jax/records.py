@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from cifar_jax.runguard import Interrupted
 
 log = logging.getLogger("cifar_jax")
 
+DIVERGED = "diverged: loss became NaN/Inf"  # how a member's last row says it diverged
+
 
 @dataclasses.dataclass
 class Run:
@@ -40,9 +43,25 @@ class Run:
     early: EarlyStop
     start: Start
     recorder: EpochRecorder | None = None
+    diverged: str | None = None  # a member's loss that was not finite, and where
+    diverged_epoch: int | None = None  # the epoch it diverged in (0-based; its row says so)
 
     def describe(self) -> str:
         return "" if self.member is None else f"member {self.member.index} ({self.member.label()})"
+
+    @property
+    def ended(self) -> str | None:
+        return self.diverged or self.early.ended
+
+    def ended_before(self, epoch: int) -> bool:
+        """Whether the run ended before `epoch` (0-based): it records nothing more."""
+        if self.diverged is not None:
+            return self.diverged_epoch < epoch
+        if not self.early.ended:
+            return False
+        ended_rows = [r["epoch"] for r in self.recorder.rows if r.get("ended")]
+        ended_at = ended_rows[-1] - 1 if ended_rows else self.start.epoch - 1  # restored ended
+        return ended_at < epoch
 
 
 class Records:
@@ -90,7 +109,15 @@ class Records:
         early = EarlyStop(config.early_stop.patience, config.early_stop.min_delta)
         start = resume(config, ckpts, fresh_state, self._zero_member_sums)
         early.restore(start.early_stop)
-        return Run(member, config, workdir, ckpts, early, start)
+        run = Run(member, config, workdir, ckpts, early, start)
+        if member is not None:  # a member that diverged in an earlier session stays ended
+            last = _last_row(workdir)
+            if last is not None and str(last.get("ended", "")).startswith(DIVERGED):
+                run.diverged, run.diverged_epoch = last["ended"], last["epoch"] - 1
+                # Its rows end with that epoch's; its slot in the program holds a fresh state.
+                phase = phase_after(config, last["epoch"])
+                run.start = Start(last["epoch"], 0, phase, fresh_state(phase), None, last)
+        return run
 
     def _zero_member_sums(self):
         from cifar_jax import steps
@@ -101,7 +128,19 @@ class Records:
         """Members that resumed at different points (a run killed while it saved them one after
         another) go back to the earliest epoch end they all have: what they saved after it is
         trained again, bit for bit as before."""
-        points = {(run.start.epoch, run.start.step) for run in self.runs}
+        going = [run for run in self.runs if not run.ended]
+        if not going:
+            return
+        points = {(run.start.epoch, run.start.step) for run in going}
+        target = min(points)
+        for run in self.runs:  # an ended member trains no more: its slot holds a fresh state
+            if run.ended and (run.start.epoch, run.start.step) != target:
+                phase = phase_after(run.config, target[0])
+                state = population.unstack(self.setup.fresh_state(phase))[run.member.index]
+                sums = self._zero_member_sums() if target[1] else None
+                run.start = dataclasses.replace(
+                    run.start, epoch=target[0], step=target[1], phase=phase, state=state, sums=sums
+                )
         if len(points) == 1:
             return
         epoch, step = min(points)
@@ -110,7 +149,7 @@ class Records:
                 f"the members in {self.workdir} were stopped at different steps ({sorted(points)}); "
                 "move their mid_epoch checkpoints aside to resume from their last epoch ends"
             )
-        for run in self.runs:
+        for run in going:
             if (run.start.epoch, run.start.step) == (epoch, 0):
                 continue
             run.ckpts.mid_epoch.clear()
@@ -138,12 +177,12 @@ class Records:
 
     @property
     def ended(self) -> str | None:
-        """Why the program has nothing more to train: every run ended early."""
-        reasons = [run.early.ended for run in self.runs]
+        """Why the program has nothing more to train: every run ended (early, or diverged)."""
+        reasons = [run.ended for run in self.runs]
         return reasons[0] if all(reasons) else None
 
     def may_end_at_next_validation(self) -> bool:
-        return any(run.early.may_end_at_next_validation() for run in self.runs)
+        return any(run.early.may_end_at_next_validation() for run in self.runs if not run.ended)
 
     def checkpoint_due(self, epoch: int) -> bool:
         return self.runs[0].recorder.checkpoint_due(epoch)  # the same schedule for every member
@@ -162,18 +201,32 @@ class Records:
             write_or_fail(run.ckpts.wait, run.ckpts)
 
     def diverged(self, host_sums: dict, epoch: int, where: str, lr: float) -> TrainingError | None:
-        """The error for a chunk of `epoch` whose loss was not finite (in which members), else None."""
+        """After a chunk of `epoch`: the error if its loss was not finite in a run alone, or in the
+        last members still training; a population's member that diverged alone ends there (its
+        row says so) and the others go on."""
         nonfinite = np.atleast_1d(host_sums["nonfinite_steps"])
         if not nonfinite.any():
             return None
         kept = self.kept_checkpoints(epoch)
         if not self.members:
             return TrainingError(f"loss became NaN/Inf in {where} (lr {lr:g}); {kept} Lower optimizer.lr?")
-        which = ", ".join(self.runs[k].describe() for k in np.flatnonzero(nonfinite))
-        return TrainingError(
-            f"loss became NaN/Inf in {which}, {where}; {kept} Lower its optimizer.lr or leave it out of "
-            "population.sweep?"
-        )
+        new = [self.runs[k] for k in np.flatnonzero(nonfinite) if not self.runs[k].ended]
+        for run in new:
+            run.diverged, run.diverged_epoch = f"{DIVERGED} in {where}", epoch
+            log.warning(
+                "%s: loss became NaN/Inf in %s; it stops there (its checkpoints stay in %s), the others "
+                "go on",
+                run.describe(),
+                where,
+                run.ckpts.directory,
+            )
+        if new and all(run.ended for run in self.runs):
+            which = ", ".join(run.describe() for run in new)
+            return TrainingError(
+                f"loss became NaN/Inf in {which}, {where}, and no member is left training; {kept} "
+                "Lower optimizer.lr or leave the largest out of population.sweep?"
+            )
+        return None
 
     def record(self, end: EpochEnd) -> None:
         """End `end`'s epoch in every run (its row, its checkpoint when due); a population's table."""
@@ -186,6 +239,8 @@ class Records:
         lrs = self.setup.member_lrs(end.phase, end.epoch)
         end.member_ends = []
         for k, run in enumerate(self.runs):
+            if run.ended_before(end.epoch):
+                continue
             member_end = dataclasses.replace(
                 end,
                 lr=lrs[k],
@@ -195,10 +250,12 @@ class Records:
                 state=states[k],
                 images=end.images // len(self.runs),
             )
-            run.recorder.record(member_end)
-            end.member_ends.append(member_end)
-        end.clock.at.update(end.member_ends[-1].clock.at)  # "done": when the last member's end was
-        end.meta = {"saved": all(e.meta["saved"] for e in end.member_ends)}
+            diverged = run.diverged if run.diverged_epoch == end.epoch else None
+            run.recorder.record(member_end, diverged=diverged)
+            end.member_ends.append((run, member_end, k))
+        if end.member_ends:  # "done": when the last member's end was
+            end.clock.at.update(end.member_ends[-1][1].clock.at)
+        end.meta = {"saved": all(e.meta["saved"] for _, e, _ in end.member_ends)}
         if self.is_main:
             population.write_table(self.workdir, self.members, [run.recorder.rows for run in self.runs])
 
@@ -212,8 +269,10 @@ class Records:
         if not self.members:
             self.runs[0].recorder.save_at_stop(end, state)
         else:
-            for run, member_end, member_state in zip(self.runs, end.member_ends, population.unstack(state)):
-                run.recorder.save_at_stop(member_end, member_state)
+            states = population.unstack(state)
+            for run, member_end, k in end.member_ends:
+                if not run.ended:
+                    run.recorder.save_at_stop(member_end, states[k])
         self.wait()
         raise Interrupted(signum, f"the end of epoch {end.epoch + 1}", self.workdir)
 
@@ -226,7 +285,8 @@ class Records:
                 {"state": s, "sums": m} for s, m in zip(population.unstack(state), population.unstack(sums))
             ]
         for run, tree in zip(self.runs, trees):
-            write_or_fail(lambda: run.ckpts.mid_epoch.save(global_step, tree, meta), run.ckpts)
+            if not run.ended:
+                write_or_fail(lambda: run.ckpts.mid_epoch.save(global_step, tree, meta), run.ckpts)
 
     def close(self) -> None:
         for run in self.runs:
@@ -244,4 +304,17 @@ class Records:
         return [run.recorder.summary() for run in self.runs]
 
     def epochs_done(self) -> int:
-        return len(self.runs[0].recorder.rows)
+        return max(len(run.recorder.rows) for run in self.runs)
+
+
+def _last_row(workdir: Path) -> dict | None:
+    """The last complete row of `workdir`'s metrics.jsonl, or None."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    for line in reversed(path.read_bytes().splitlines()):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None

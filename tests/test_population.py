@@ -149,7 +149,7 @@ def test_population_keys_that_are_wrong_are_one_line_before_anything_runs():
         **{"population.seeds": "0,1", "population.sweep": "ema_decay=0,0.9"}
     )
     assert "member 1" in problem(**{"population.sweep": "optimizer.lr=0.1,-0.1"})
-    assert "early_stop.patience" in problem(**{"population.seeds": "0,1", "early_stop.patience": 2})
+    assert "wandb.mode" in problem(**{"population.seeds": "0,1", "wandb.mode": "offline"})
 
 
 def test_a_population_is_one_ordinary_run_per_member(tmp_path):
@@ -258,3 +258,33 @@ def test_members_saved_at_different_epochs_resume_from_the_epoch_all_have(tmp_pa
         assert _rows(a) == _rows(b)
         for x, y in zip(checkpoint_arrays(a), checkpoint_arrays(b), strict=True):
             np.testing.assert_array_equal(x, y)
+
+
+def test_a_member_that_diverges_ends_there_and_one_that_stops_early_ends_there(tmp_path, caplog):
+    """Member 1's lr warms up towards 1e30 and diverges in epoch 2: its row says so, it keeps its
+    checkpoint of epoch 1, and member 0 goes on until early stopping ends it at epoch 3 of 6 (no
+    accuracy can rise by min_delta 1.0); then the program has nothing left to train."""
+    config = tiny_config(
+        num_epochs=6,
+        **{
+            "schedule.name": "constant",
+            "schedule.warmup_epochs": 2,
+            "schedule.warmup_start_factor": 1e-33,
+            "early_stop.patience": 2,
+            "early_stop.min_delta": 1.0,
+            "population.sweep": "optimizer.lr=1e30,0.001",
+        },
+    )
+    caplog.set_level("WARNING", logger="cifar_jax")
+    diverging, stopping = train_and_evaluate(config, tmp_path, progress=False)
+    assert [r["epoch"] for r in diverging] == [1, 2]
+    assert diverging[-1]["ended"].startswith("diverged: loss became NaN/Inf in epoch 2, steps")
+    assert "member 0 (seed 0, optimizer.lr=1e+30): loss became NaN/Inf in epoch 2" in caplog.text
+    assert Checkpoints(tmp_path / "member_0", read_only=True).epochs() == [1]
+    assert [r["epoch"] for r in stopping] == [1, 2, 3] and stopping[-1]["ended"].startswith("early stop")
+    assert 3 in Checkpoints(tmp_path / "member_1", read_only=True).epochs()
+    ended = [m["ended"] for m in json.loads((tmp_path / "population.json").read_text())["members"]]
+    assert ended == [diverging[-1]["ended"], stopping[-1]["ended"]]
+    # The rerun trains nothing, and both members stay as they ended.
+    rerun = train_and_evaluate(config, tmp_path, progress=False)
+    assert json.dumps(rerun) == json.dumps([diverging, stopping])  # as text: its NaN losses too
