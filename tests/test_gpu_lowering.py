@@ -40,3 +40,19 @@ def test_every_shipped_config_lowers_for_cuda(name):
     for lowered in programs.values():
         text = lowered.as_text()
         assert "stablehlo.convolution" in text and "bf16" in text  # the model, in the GPU's dtype
+
+
+def test_a_population_lowers_for_cuda_with_the_operations_of_one_member():
+    """On a GPU the members are vmapped: each convolution of the step is one convolution over all
+    members (as many as one member's program has), not one per member."""
+    config = gpu_program.as_on_gpu(_config("simple_cnn_tuned"))
+    mesh = sharding.make_mesh()
+
+    def convolutions(population):
+        programs = gpu_program.lowered_programs(
+            config, mesh, modes=("train",), platforms=("cuda",), population=population
+        )
+        return programs["train"].as_text().count("stablehlo.convolution")
+
+    one, eight = convolutions(1), convolutions(8)
+    assert one > 0 and eight == one

@@ -2,7 +2,7 @@
 project's own jitted training chunk and fused evaluation, counted kernel by kernel.
 
     python -m cifar_jax.bench.gpu_program [--target h100|h200] [--cases simple_cnn@32,resnet50@32]
-                                          [--modes train,eval] [--json FILE]
+                                          [--modes train,eval] [--population N] [--json FILE]
 
 At CIFAR sizes a GPU step is bound by its kernel launches, not its arithmetic, so launches are the
 measure here. For each case (the benchmark's: a model at an image size) and mode it builds the
@@ -190,16 +190,18 @@ def as_on_gpu(config):
     return config
 
 
-def lowered_programs(config, mesh, modes=MODES, platforms=None) -> dict:
+def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int = 1) -> dict:
     """{name: the jitted program lowered for `mesh`} of `config`: 'train', the trainer's chunk of
     `config.steps_per_call` steps ('train:<phase>' for a later phase of a fine-tune), and 'eval',
     evaluation's fused batches of a NUM_EVAL-image split. The state is made on the CPU and only its
     shapes go to `mesh`. `platforms`: lower for these instead of `mesh`'s (how the test suite
-    lowers for CUDA on a CPU mesh, without the plugin)."""
+    lowers for CUDA on a CPU mesh, without the plugin). `population` > 1: the training chunk of a
+    population of that many members (seeds 0..N-1), vmapped as on a GPU."""
     import jax
     import jax.numpy as jnp
 
     from cifar_jax import phases, sharding, steps, train_state
+    from cifar_jax import population as population_lib
     from cifar_jax.data import pipeline
 
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -232,20 +234,29 @@ def lowered_programs(config, mesh, modes=MODES, platforms=None) -> dict:
                 step_cfg.tx, model_state["params"], graphdefs, phase, cpu
             ),
         }
-        chunk = steps.make_train_chunk(step_cfg, config.steps_per_call)
         images = jax.ShapeDtypeStruct((NUM_TRAIN, 32, 32, 3), jnp.uint8, sharding=replicated)
         labels = jax.ShapeDtypeStruct((NUM_TRAIN,), jnp.int32, sharding=replicated)
         votes = jax.ShapeDtypeStruct((mesh.size,), jnp.int32, sharding=batches)
-        args = (
-            shaped(state),
-            shaped(steps.zero_metrics()),
-            images,
-            labels,
-            labels,
-            scalar(),
-            scalar(),
-            votes,
-        )
+        if population == 1:
+            chunk = steps.make_train_chunk(step_cfg, config.steps_per_call)
+            sums, order, numbers = steps.zero_metrics(), labels, None
+        else:
+            seeded = config.copy_and_resolve_references()
+            seeded.population.seeds = ",".join(map(str, range(population)))
+            members = population_lib.members(seeded)
+            spe = pipeline.steps_per_epoch(NUM_TRAIN, config.batch_size)
+            member_cfg = phases.member_step_config(config, phase, step_cfg, spe, members)
+            chunk = steps.make_train_chunk(step_cfg, config.steps_per_call, member_cfg, vectorize=True)
+            state = jax.tree.map(lambda a: jnp.zeros((population, *a.shape), a.dtype), state)
+            sums = {k: jnp.zeros((population,), v.dtype) for k, v in steps.zero_metrics().items()}
+            order = jax.ShapeDtypeStruct((population, NUM_TRAIN), jnp.int32, sharding=replicated)
+            numbers = [population_lib.numbers(m.config, phase.lr) for m in members]
+            numbers = {
+                k: jnp.asarray([n[k] for n in numbers], jnp.int32 if k == "seed" else None)
+                for k in numbers[0]
+            }
+            numbers = shaped(numbers)
+        args = (shaped(state), shaped(sums), images, labels, order, scalar(), scalar(), votes, numbers)
         out["train" if i == 0 else f"train:{phase.name}"] = chunk.trace(*args).lower(
             lowering_platforms=platforms
         )
@@ -302,7 +313,7 @@ def gflop_per_iteration(lowered) -> float | None:
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 
 
-def measure(case, mode: str, target: str, config, lowered) -> dict:
+def measure(case, mode: str, target: str, config, lowered, population: int = 1) -> dict:
     """One row: the compiled program's launches, memory and compile time, and the estimate."""
     t0 = time.perf_counter()
     try:
@@ -324,6 +335,7 @@ def measure(case, mode: str, target: str, config, lowered) -> dict:
         "case": f"{case.model}@{case.image_size}",
         "mode": mode,
         "target": target,
+        "population": population if mode == "train" else 1,
         "dtype": config.model.dtype,
         "batch_size": config.batch_size if mode == "train" else config.eval_batch_size,
         "per_call": per_call,
@@ -342,7 +354,7 @@ def measure(case, mode: str, target: str, config, lowered) -> dict:
     }
 
 
-def failed_row(case, mode: str, target: str, config, e: Exception) -> dict:
+def failed_row(case, mode: str, target: str, config, e: Exception, population: int = 1) -> dict:
     """A row for a program XLA could not compile without the device (no autotuning: a Triton tiling it
     cannot choose), with the error's first line."""
     from cifar_jax.errors import one_line
@@ -351,6 +363,7 @@ def failed_row(case, mode: str, target: str, config, e: Exception) -> dict:
         "case": f"{case.model}@{case.image_size}",
         "mode": mode,
         "target": target,
+        "population": population if mode == "train" else 1,
         "dtype": config.model.dtype,
         "launches": None,
         "error": one_line(e, 200),
@@ -388,6 +401,9 @@ def parse_args(argv):
     p.add_argument("--modes", default="train,eval", help="train, eval or both (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=128, help="training batch (default: %(default)s)")
     p.add_argument("--eval_batch_size", type=int, default=500, help="evaluation batch (default: %(default)s)")
+    p.add_argument(
+        "--population", type=int, default=1, help="training: a population of N members, vmapped (default: 1)"
+    )
     p.add_argument("--json", help="write the rows as a JSON list here")
     return p.parse_args(argv)
 
@@ -417,13 +433,13 @@ def main(argv=None) -> int:
     rows = []
     for case in cases:
         config = gpu_config(case, bench_options(opts.batch_size, opts.eval_batch_size))
-        programs = lowered_programs(config, mesh, modes)
+        programs = lowered_programs(config, mesh, modes, population=opts.population)
         for mode in modes:
             print(f"compiling {case} {mode} for the {opts.target.upper()} ...", flush=True)
             try:
-                rows.append(measure(case, mode, opts.target, config, programs[mode]))
+                rows.append(measure(case, mode, opts.target, config, programs[mode], opts.population))
             except Exception as e:  # noqa: BLE001  (XLA's deviceless compile fails on some programs)
-                rows.append(failed_row(case, mode, opts.target, config, e))
+                rows.append(failed_row(case, mode, opts.target, config, e, opts.population))
                 print(f"  does not compile without a GPU: {rows[-1]['error']}")
                 continue
             r = rows[-1]
