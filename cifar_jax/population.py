@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import statistics
 from pathlib import Path
@@ -27,6 +28,8 @@ import ml_collections
 import numpy as np
 
 from cifar_jax import staging
+
+log = logging.getLogger("cifar_jax")
 
 # Keys a member may set in `population.sweep`: numbers the training step reads.
 VARIES = ("optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "label_smoothing", "ema_decay")
@@ -210,7 +213,8 @@ def member_workdir(workdir, member: int | None) -> Path:
 
 def write_table(workdir: Path, listed: list[Member], rows_of: list[list[dict]]) -> None:
     """`population.json` and `population.md` in `workdir`: each member's last and best validation
-    accuracy, and for each combination of values the mean and sample sd over seeds."""
+    accuracy, and for each combination of values the mean and sample sd over seeds; and
+    `population.png`, every member's curves."""
     table = []
     for m, rows in zip(listed, rows_of):
         scored = [r for r in rows if r.get("val_acc") is not None and math.isfinite(r["val_acc"])]
@@ -221,6 +225,7 @@ def write_table(workdir: Path, listed: list[Member], rows_of: list[list[dict]]) 
                 "seed": m.seed,
                 "values": m.values,
                 "epochs": rows[-1]["epoch"] if rows else 0,
+                "last_train_loss": rows[-1]["train_loss"] if rows else None,
                 "last_val_acc": rows[-1].get("val_acc") if rows else None,
                 "best_val_acc": best["val_acc"] if best else None,
                 "best_epoch": best["epoch"] if best else None,
@@ -247,6 +252,29 @@ def write_table(workdir: Path, listed: list[Member], rows_of: list[list[dict]]) 
     record = {"members": table, "by_values": summary, "best_values": best["values"] if best else None}
     staging.write_text(workdir / "population.json", json.dumps(record, indent=2) + "\n")
     staging.write_text(workdir / "population.md", _markdown(record))
+    try:
+        plot_members(listed, rows_of, workdir / "population.png")
+    except Exception as e:  # noqa: BLE001  (the curves are a convenience; the tables hold the numbers)
+        log.warning("could not draw %s: %s", workdir / "population.png", e)
+
+
+def plot_members(listed: list[Member], rows_of: list[list[dict]], path: Path) -> None:
+    """Every member's training loss and validation accuracy per epoch, in one figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for m, rows in zip(listed, rows_of):
+        epochs = [r["epoch"] for r in rows]
+        axes[0].plot(epochs, [r["train_loss"] for r in rows], marker="o", label=f"{m.index}: {m.label()}")
+        axes[1].plot(epochs, [r.get("val_acc") for r in rows], marker="o")
+    for ax, title in zip(axes, ("training loss", "validation accuracy")):
+        ax.set_title(title), ax.set_xlabel("epoch"), ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.13, top=0.92, wspace=0.15)
+    staging.write_file(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
 
 
 def _markdown(record: dict) -> str:
@@ -256,17 +284,19 @@ def _markdown(record: dict) -> str:
     lines = [
         "# Population",
         "",
-        "Validation accuracy of each member (its run: `member_<k>/`), and of each combination of values",
-        "over its seeds (mean and sample sd). Written by train.py after every epoch.",
+        "Each member (its run: `member_<k>/`), and each combination of values over its seeds (validation",
+        "accuracy: mean and sample sd; none without a validation split). Written by train.py after every",
+        "epoch; population.png has every member's curves.",
         "",
-        "| member | seed | values | epochs | last val_acc | best val_acc (epoch) | ended |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| member | seed | values | epochs | last train loss | last val_acc | best val_acc (epoch) | ended |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for e in record["members"]:
         values = ", ".join(f"{k}={v:g}" for k, v in e["values"].items()) or "-"
         best = f"{fmt(e['best_val_acc'])} ({e['best_epoch']})" if e["best_epoch"] else "-"
         lines.append(
-            f"| {e['member']} | {e['seed']} | {values} | {e['epochs']} | {fmt(e['last_val_acc'])} | {best} "
+            f"| {e['member']} | {e['seed']} | {values} | {e['epochs']} | {fmt(e['last_train_loss'])} "
+            f"| {fmt(e['last_val_acc'])} | {best} "
             f"| {e['ended'] or '-'} |"
         )
     lines += ["", "| values | seeds | last val_acc: mean ± sd |", "| --- | --- | --- |"]

@@ -174,6 +174,7 @@ def test_a_population_is_one_ordinary_run_per_member(tmp_path):
         assert group["last_val_acc_mean"] == pytest.approx(np.mean(accs))
         assert group["last_val_acc_sd"] == pytest.approx(np.std(accs, ddof=1))
     assert "| 3 | 4 | optimizer.lr=0.003 |" in (tmp_path / "population.md").read_text()
+    assert (tmp_path / "population.png").read_bytes()[:4] == b"\x89PNG"
 
     import eval as eval_cli
 
