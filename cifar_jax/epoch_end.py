@@ -66,6 +66,7 @@ class EpochRecorder:
         start,
         start_times: dict,
         name: str = "",
+        group: str | None = None,
     ):
         self.config, self.workdir, self.is_main, self.ckpts, self.early = (
             config,
@@ -84,7 +85,9 @@ class EpochRecorder:
         self.metrics_log = (
             MetricsLog(workdir, resume_epoch=start.epoch, resume_row=start.row) if is_main else None
         )
-        self.tracker = Wandb(config, workdir, resume=self.resumed_epoch is not None) if is_main else None
+        self.tracker = (
+            Wandb(config, workdir, resume=self.resumed_epoch is not None, group=group) if is_main else None
+        )
         self.plotter = CurvesPlotter(workdir / "curves.png") if is_main else None
 
     def checkpoint_reason(self, epoch: int, ended: str | None = None, stop: bool = False) -> str | None:

@@ -36,8 +36,6 @@ VARIES = ("optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "label
 # Of those, the ones whose 0 removes part of the train state (momentum's trace, the weight
 # average): 0 in every member or in none, so that every member's state has its own run's layout.
 ZERO_IN_ALL_OR_NONE = ("optimizer.momentum", "ema_decay")
-# What a population cannot do yet, and why, in the words of the refusal.
-NOT_YET = {"wandb.mode": lambda v: v != "disabled"}
 
 
 def is_population(config) -> bool:
@@ -128,10 +126,6 @@ def problems(c):
             return
     from cifar_jax import config as config_lib
 
-    flat = config_lib.flat(c)
-    for key, refused in NOT_YET.items():
-        if refused(flat[key]):
-            yield key, flat[key], "is not supported for a population yet; train its members as separate runs"
     listed = members(c)
     for key in ZERO_IN_ALL_OR_NONE:
         zero = {config_lib.flat(m.config)[key] == 0 for m in listed}

@@ -100,6 +100,7 @@ class Records:
                 run.start,
                 start_times=setup.start_times,
                 name=f"member {run.member.index}: " if run.member else "",
+                group=(config.wandb.name or workdir.name) if run.member else None,
             )
         self.is_main = is_main
 

@@ -136,9 +136,11 @@ class CurvesPlotter:
 
 
 class Wandb:
-    """A wandb run when `config.wandb.mode` is 'online' or 'offline' (lazy import), else nothing."""
+    """A wandb run when `config.wandb.mode` is 'online' or 'offline' (lazy import), else nothing.
+    A population's member is one run of its own, in the population's `group`, beside the others in
+    one process."""
 
-    def __init__(self, config, workdir, resume: bool):
+    def __init__(self, config, workdir, resume: bool, group: str | None = None):
         self.run = None
         if config.wandb.mode == "disabled":
             return
@@ -153,7 +155,9 @@ class Wandb:
             self.run = wandb.init(
                 project=config.wandb.project,
                 entity=config.wandb.entity or None,
-                name=config.wandb.name or Path(workdir).name,
+                name=f"{group}/{Path(workdir).name}" if group else config.wandb.name or Path(workdir).name,
+                group=group,
+                reinit="create_new" if group else "default",
                 mode=config.wandb.mode,
                 dir=str(workdir),
                 config=config.to_dict(),

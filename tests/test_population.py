@@ -149,7 +149,6 @@ def test_population_keys_that_are_wrong_are_one_line_before_anything_runs():
         **{"population.seeds": "0,1", "population.sweep": "ema_decay=0,0.9"}
     )
     assert "member 1" in problem(**{"population.sweep": "optimizer.lr=0.1,-0.1"})
-    assert "wandb.mode" in problem(**{"population.seeds": "0,1", "wandb.mode": "offline"})
 
 
 def test_a_population_is_one_ordinary_run_per_member(tmp_path):

@@ -93,3 +93,20 @@ def test_an_offline_run_reads_back_as_metrics_jsonl_and_a_resume_continues_it(tm
     assert _run_id(second) == _run_id(first) == (workdir / "wandb_id.txt").read_text().strip()
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert _history(second) == [{k: v for k, v in rows[2].items() if v is not None}]  # the resumed epoch only
+
+
+@pytest.mark.slow
+def test_each_member_of_a_population_is_its_own_wandb_run_in_one_group(tmp_path, offline_wandb):
+    workdir = tmp_path / "sweep"
+    config = tiny_config(num_epochs=1, **{"wandb.mode": "offline", "population.seeds": "0,1"})
+    trainer.train_and_evaluate(config, workdir, progress=False)
+    ids = set()
+    for k in range(2):
+        member = workdir / f"member_{k}"
+        records = _records(_run_file(member, 0))
+        rows = [json.loads(line) for line in (member / "metrics.jsonl").read_text().splitlines()]
+        assert _history(records) == [{key: v for key, v in row.items() if v is not None} for row in rows]
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert (run.run_group, run.display_name) == ("sweep", f"sweep/member_{k}")
+        ids.add(run.run_id)
+    assert len(ids) == 2
