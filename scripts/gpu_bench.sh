@@ -78,6 +78,23 @@ case_items() {  # case_items CASE ITEM...: ITEM is jax or a PyTorch mode
 target=h100; nvidia-smi --query-gpu=name --format=csv,noheader | grep -qi h200 && target=h200
 item gpu_program 30 150 python3 -m cifar_jax.bench.gpu_program --target "$target" --cases simple_cnn@32,resnet34@32,resnet50@32 --modes train,eval --json "$json_dir/gpu_program.json"
 case_items simple_cnn@32 jax eager cudagraphs
+# issue 34: populations of 1, 8 and 32 members in the real trainer, SimpleCNN (the tuned recipe) and
+# ResNet-18 @32 (the recipe), 2 epochs of 50,000 random images; a row per run with each member's
+# images/s in epoch 2 (metrics.jsonl's train_img_per_s, the same in every member)
+population() {  # population CONFIG MEMBERS
+  local seeds name; seeds=$(python3 -c "print(','.join(map(str, range($2))))"); name=$(basename "$1" .py)
+  rm -rf /tmp/pop && python3 train.py --config "$1" --config.data.source=fake \
+    --config.data.fake.num_train=50000 --config.data.fake.num_test=10000 --config.num_epochs=2 \
+    --config.schedule.warmup_epochs=0 --config.population.seeds="$seeds" --workdir /tmp/pop --noprogress \
+    && python3 -c "import json, sys; rows = [json.loads(l) for l in open('/tmp/pop/member_0/metrics.jsonl')]; json.dump([{'case': sys.argv[1], 'mode': 'population', 'population': int(sys.argv[2]), 'img_per_s_per_member': rows[-1]['train_img_per_s'], 'epoch_time_s': rows[-1]['epoch_time_s'], 'compile_s': rows[0].get('compile_s')}], open(sys.argv[3], 'w'))" \
+      "$name" "$2" "$json_dir/population_${name}_$2.json"
+}
+export -f population
+export json_dir
+for members in 1 8 32; do
+  item "population_simple_cnn_$members" 40 120 bash -c "population configs/simple_cnn_tuned.py $members"
+  item "population_resnet18_$members" 60 200 bash -c "population configs/resnet18_recipe.py $members"
+done
 case_items resnet50@32 jax eager cudagraphs
 # issue 19: the ResNets' layers as XLA's stock operations (what GPUs run) against the CPU kernels
 # (custom gradients, matmul forms), in one process each, right after each other
