@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifar_jax import config as config_lib
 from cifar_jax import optim, steps
 
 
@@ -89,32 +90,27 @@ def member_step_config(config, phase: Phase, base: steps.StepConfig, steps_per_e
     member's seed, learning rate, weight decay, momentum, label smoothing and weight average. A
     part that every member turns off (a Python 0) stays out of the program, as in a run alone."""
 
-    def on(key: str) -> bool:
-        return any(config_value(m.config, key) for m in members)
+    flat = [config_lib.flat(m.config) for m in members]
+    keys = ("optimizer.weight_decay", "optimizer.momentum", "label_smoothing", "ema_decay")
+    on = {key: any(f[key] for f in flat) for key in keys}  # any member's non-zero keeps the part
 
     def member(numbers: dict) -> steps.StepConfig:
         schedule = optim.make_schedule(config.schedule, numbers["lr"], phase.num_epochs, steps_per_epoch)
         tx = optim.make_optimizer(
             config.optimizer,
             schedule,
-            weight_decay=numbers["weight_decay"] if on("optimizer.weight_decay") else 0.0,
-            momentum=numbers["momentum"] if on("optimizer.momentum") else 0.0,
+            weight_decay=numbers["weight_decay"] if on["optimizer.weight_decay"] else 0.0,
+            momentum=numbers["momentum"] if on["optimizer.momentum"] else 0.0,
         )
         return dataclasses.replace(
             base,
             tx=tx,
             seed=numbers["seed"],
-            label_smoothing=numbers["label_smoothing"] if on("label_smoothing") else 0.0,
-            ema_decay=numbers["ema_decay"] if on("ema_decay") else 0.0,
+            label_smoothing=numbers["label_smoothing"] if on["label_smoothing"] else 0.0,
+            ema_decay=numbers["ema_decay"] if on["ema_decay"] else 0.0,
         )
 
     return member
-
-
-def config_value(config, key: str):
-    for part in key.split("."):
-        config = config[part]
-    return config
 
 
 def step_config(

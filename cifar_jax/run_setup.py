@@ -74,6 +74,7 @@ class RunSetup:
         self._compiled = {}  # (phase name, steps per call) -> compiled chunk
         self._votes = {}  # signal number or None -> this process's stop votes on the devices
         self._numbers = {}  # phase name -> a population's numbers on the devices
+        self._member_lrs = {}  # phase name -> each member's lr in each epoch of the phase
 
     def _initial_state(self):
         """(GraphDefs, the initial train state): a population's members each from their own seed."""
@@ -96,8 +97,8 @@ class RunSetup:
 
     def member_lrs(self, phase: Phase, epoch: int) -> list[float]:
         """Each member's learning rate in `epoch` of `phase` (for its metrics row)."""
-        if (phase.name, "lrs") not in self._numbers:
-            self._numbers[phase.name, "lrs"] = [
+        if phase.name not in self._member_lrs:
+            self._member_lrs[phase.name] = [
                 phases.epoch_lrs(
                     phases.make_tx(
                         m.config, phases.phase_of(m.config, phase.first_epoch), self.steps_per_epoch
@@ -107,7 +108,7 @@ class RunSetup:
                 )
                 for m in self.members
             ]
-        return [lrs[epoch - phase.first_epoch] for lrs in self._numbers[phase.name, "lrs"]]
+        return [lrs[epoch - phase.first_epoch] for lrs in self._member_lrs[phase.name]]
 
     def phase_steps(self, phase: Phase) -> PhaseSteps:
         """What training `phase` needs (step configuration, each epoch's lr), made once."""
