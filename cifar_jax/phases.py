@@ -87,11 +87,19 @@ def phase_steps(config, phase: Phase, graphdefs, **step_options) -> PhaseSteps:
 def member_step_config(config, phase: Phase, base: steps.StepConfig, steps_per_epoch: int, members: list):
     """For a population of `members` (population.Member), member k's StepConfig from its traced
     numbers (population.numbers): `base` (`config`'s, the members' shared structure) with the
-    member's seed, learning rate, weight decay, momentum, label smoothing and weight average. A
-    part that every member turns off (a Python 0) stays out of the program, as in a run alone."""
+    member's seed, learning rate, weight decay, momentum, label smoothing, weight average and
+    MixUp/CutMix alphas. A part that every member turns off (a Python 0) stays out of the program,
+    as in a run alone."""
 
     flat = [config_lib.flat(m.config) for m in members]
-    keys = ("optimizer.weight_decay", "optimizer.momentum", "label_smoothing", "ema_decay")
+    keys = (
+        "optimizer.weight_decay",
+        "optimizer.momentum",
+        "label_smoothing",
+        "ema_decay",
+        "data.augment.mixup_alpha",
+        "data.augment.cutmix_alpha",
+    )
     on = {key: any(f[key] for f in flat) for key in keys}  # any member's non-zero keeps the part
 
     def member(numbers: dict) -> steps.StepConfig:
@@ -108,6 +116,8 @@ def member_step_config(config, phase: Phase, base: steps.StepConfig, steps_per_e
             seed=numbers["seed"],
             label_smoothing=numbers["label_smoothing"] if on["label_smoothing"] else 0.0,
             ema_decay=numbers["ema_decay"] if on["ema_decay"] else 0.0,
+            mixup_alpha=numbers["mixup_alpha"] if on["data.augment.mixup_alpha"] else 0.0,
+            cutmix_alpha=numbers["cutmix_alpha"] if on["data.augment.cutmix_alpha"] else 0.0,
         )
 
     return member

@@ -32,7 +32,15 @@ from cifar_jax import staging
 log = logging.getLogger("cifar_jax")
 
 # Keys a member may set in `population.sweep`: numbers the training step reads.
-VARIES = ("optimizer.lr", "optimizer.weight_decay", "optimizer.momentum", "label_smoothing", "ema_decay")
+VARIES = (
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "optimizer.momentum",
+    "label_smoothing",
+    "ema_decay",
+    "data.augment.mixup_alpha",
+    "data.augment.cutmix_alpha",
+)
 # Of those, the ones whose 0 removes part of the train state (momentum's trace, the weight
 # average): 0 in every member or in none, so that every member's state has its own run's layout.
 ZERO_IN_ALL_OR_NONE = ("optimizer.momentum", "ema_decay")
@@ -150,6 +158,8 @@ def numbers(config, phase_lr: float) -> dict:
         "momentum": config.optimizer.momentum,
         "label_smoothing": config.label_smoothing,
         "ema_decay": config.ema_decay,
+        "mixup_alpha": config.data.augment.mixup_alpha,
+        "cutmix_alpha": config.data.augment.cutmix_alpha,
     }
 
 

@@ -106,7 +106,7 @@ def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, st
         sharding=cfg.sharding,
     )
     targets = None
-    if cfg.mixup_alpha or cfg.cutmix_alpha:
+    if not (is_off(cfg.mixup_alpha) and is_off(cfg.cutmix_alpha)):
         key = jax.random.fold_in(pipeline.step_key(cfg.seed, epoch, step), 1)  # not the augmentation's key
         x, targets = mix.mix_batch(key, x, y, cfg.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha)
     return update_step(cfg, state, metrics, x, y, targets)

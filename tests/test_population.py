@@ -20,8 +20,12 @@ from cifar_jax.trainer import train_and_evaluate
 from tests.support.helpers import checkpoint_arrays, tiny_config, without_timing
 
 # Every number that may vary, each with a value that turns its part off where that is allowed
-# (weight decay 0, label smoothing 0), and MixUp on, whose key comes from the member's seed too.
-SWEEP = "optimizer.lr=0.02,0.05;optimizer.weight_decay=0,0.001;label_smoothing=0,0.1;ema_decay=0.9,0.99"
+# (weight decay 0, label smoothing 0, MixUp and CutMix 0), whose random draws come from the
+# member's seed too.
+SWEEP = (
+    "optimizer.lr=0.02,0.05;optimizer.weight_decay=0,0.001;label_smoothing=0,0.1;ema_decay=0.9,0.99;"
+    "data.augment.mixup_alpha=0,0.4;data.augment.cutmix_alpha=0,1"
+)
 STEPS_PER_CALL = 2
 
 
@@ -31,7 +35,6 @@ def _float64_config():
             "optimizer.name": "sgd",
             "optimizer.momentum": 0.9,
             "optimizer.nesterov": True,
-            "data.augment.mixup_alpha": 0.4,
             "ema_decay": 0.9,
             "population.seeds": "0,1",
             "population.sweep": SWEEP,
@@ -71,8 +74,13 @@ def test_a_member_trains_as_its_config_alone_in_float64(x64, vectorize):
     (0 in some members), Nesterov momentum, label smoothing and weight average."""
     config = _float64_config()
     grid = population.members(config)
-    assert len(grid) == 32
-    members = [grid[k] for k in (0, 13, 22, 31)]  # each value of each key, and both seeds, among them
+    assert len(grid) == 128
+    # Each value of each key and both seeds among them, and every pairing of the two alphas:
+    # neither mix (the member alone has none in its program), MixUp, CutMix, both.
+    picks = ["0000000", "1111011", "0101100", "1010111"]  # a member's index in binary, seed last
+    members = [grid[int(bits, 2)] for bits in picks]
+    alphas = {(m.values["data.augment.mixup_alpha"], m.values["data.augment.cutmix_alpha"]) for m in members}
+    assert len(alphas) == 4 and len({m.seed for m in members}) == 2
     splits = data.load_splits(config.data)
     images, labels = (jnp.asarray(a) for a in splits.train)
     spe = pipeline.steps_per_epoch(len(images), config.batch_size)

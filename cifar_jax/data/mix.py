@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cifar_jax.optim import is_off
+
 
 def mixup(x, targets, lam):
     """(images, targets) mixed with the batch rolled by one, by weight `lam`."""
@@ -49,19 +51,28 @@ def cutmix(x, targets, box):
     )
 
 
-def mix_batch(key, x, labels, num_classes: int, mixup_alpha: float, cutmix_alpha: float):
-    """(images, soft targets (N, num_classes)) after MixUp or CutMix, as configured."""
+def beta_lam(key, alpha):
+    """lam ~ Beta(alpha, alpha); 1 (nothing mixed in) where a traced alpha is 0, a population's
+    member that has this mix off."""
+    drawable = jnp.where(alpha > 0, alpha, 1.0)
+    return jnp.where(alpha > 0, jax.random.beta(key, drawable, drawable), 1.0)
+
+
+def mix_batch(key, x, labels, num_classes: int, mixup_alpha, cutmix_alpha):
+    """(images, soft targets (N, num_classes)) after MixUp or CutMix, as configured. An alpha that is
+    a Python 0 leaves its mix out of the program; a traced one (each member of a population its
+    own) keeps it, and its 0 mixes nothing in, so that member trains as it would alone."""
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     k_choice, k_mixup, k_cutmix, k_box = jax.random.split(key, 4)
-    if mixup_alpha:
-        mixed_up = mixup(x, targets, jax.random.beta(k_mixup, mixup_alpha, mixup_alpha))
-    if cutmix_alpha:
-        cut = cutmix(
-            x,
-            targets,
-            cutmix_box(k_box, jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha), x.shape[1], x.shape[2]),
-        )
-    if mixup_alpha and cutmix_alpha:
-        use_cutmix = jax.random.bernoulli(k_choice)
-        return tuple(jnp.where(use_cutmix, c, m) for c, m in zip(cut, mixed_up))
-    return cut if cutmix_alpha else mixed_up
+    use_mixup, use_cutmix = not is_off(mixup_alpha), not is_off(cutmix_alpha)
+    if use_mixup:
+        mixed_up = mixup(x, targets, beta_lam(k_mixup, mixup_alpha))
+    if use_cutmix:
+        box = cutmix_box(k_box, beta_lam(k_cutmix, cutmix_alpha), x.shape[1], x.shape[2])
+        cut = cutmix(x, targets, box)
+    if use_mixup and use_cutmix:
+        # One of the two per batch; a member with one alpha 0 always takes the other.
+        choice = jax.random.bernoulli(k_choice)
+        choice = jnp.where(mixup_alpha == 0, True, jnp.where(cutmix_alpha == 0, False, choice))
+        return tuple(jnp.where(choice, c, m) for c, m in zip(cut, mixed_up))
+    return cut if use_cutmix else mixed_up
