@@ -65,7 +65,7 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _cpu() -> str:
+def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -89,7 +89,7 @@ def describe() -> dict:
         "device_kind": devices[0].device_kind,
         "devices": len(devices),
         "processes": jax.process_count(),
-        "cpu": _cpu(),
+        "cpu": cpu_model(),
     }
 
 

@@ -373,6 +373,7 @@ def test_report(trainer: ReferenceTrainer) -> dict:
     report.update(
         wall_s=round(time.perf_counter() - trainer.t_start, 2),
         torch=torch.__version__,
+        device=trainer.device.type,
         threads=torch.get_num_threads(),
         workers=workers,
     )

@@ -1,0 +1,86 @@
+"""The whole study at smoke scale: every part trained, evaluated, recorded and reported."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cifar_jax.study import report
+
+pytest.importorskip("torchvision")
+pytest.importorskip("sklearn")  # the bundled digits
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_jax.study", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+
+
+@pytest.mark.slow
+def test_smoke_study_trains_every_part_records_each_run_and_a_rerun_skips_them(tmp_path):
+    out = tmp_path / "study"
+    args = ("--parts", "1,2,3", "--scale", "smoke", "--seeds", "0", "--torch", "--out", str(out))
+    # A budget that ends inside the first run: it is stopped (and saves), the study says so and ends.
+    cut = _study(*args, "--budget", "12")
+    assert cut.returncode == 0, cut.stdout[-3000:] + cut.stderr[-3000:]
+    assert "the time budget ran out during" in cut.stdout and "rerun the same command" in cut.stdout
+    first = _study(*args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    records = {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
+    want = {
+        f"part{part}_{config}_seed0{suffix}"
+        for part, config, frameworks in (
+            ("1", "simple_cnn", ("", "_torch")),
+            ("1", "simple_cnn_writeup", ("", "_torch")),
+            ("2", "resnet34", ("", "_torch")),
+            ("3", "resnet50_ft", ("",)),  # a two-phase fine-tune: no PyTorch reference
+        )
+        for suffix in frameworks
+    }
+    assert set(records) == want
+    for name, rec in records.items():
+        beside = out / "records" / name
+        assert rec["test_acc"] == json.loads((beside / "report.json").read_text())["top1_acc"]
+        rows = [json.loads(line) for line in (beside / "metrics.jsonl").read_text().splitlines()]
+        assert rec["epochs"] == len(rows) == 2 and rec["scale"] == "smoke"
+        assert rec["commit"] and rec["versions"]["jax"] and rec["device"]["cpu"]
+    assert any("random weights" in n for n in records["part3_resnet50_ft_seed0"]["notes"])
+    text = (out / "report.md").read_text()
+    for part in ("| 1 |", "| 2 |", "| 3 |"):
+        assert part in text
+    assert report.BEGIN in text and "smoke scale" in text
+
+    again = _study(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done (seeds 0)") == len(want)
+    assert "seed 0: test top-1" not in again.stdout  # nothing trained or evaluated again
+    assert (out / "report.md").read_text() == text
+    shutil.rmtree(out / "runs")  # checkpoints of ResNets: hundreds of MB that pytest would keep
+
+
+def test_study_arguments_that_are_wrong_fail_in_one_line_before_anything_runs(tmp_path):
+    for args, says in (
+        (("--parts", "4"), "choose from 1, 2, 3, recipes"),
+        (("--seeds", "0,0"), "--seeds '0,0' must be distinct"),
+        (("--scale", "smoke", "--data", "x.npz"), "--data is for --scale full"),
+        (("--data", str(tmp_path / "missing.npz")), "no such file"),
+    ):
+        got = _study(*args, "--out", str(tmp_path / "s"))
+        assert got.returncode == 2 and got.stderr.startswith("error: ") and says in got.stderr, got.stderr
+        assert len(got.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "s").exists()
+    bad = _study("report", "--records", str(tmp_path / "none"), "--out", str(tmp_path / "R.md"))
+    assert bad.returncode == 2 and "not a directory of records" in bad.stderr
