@@ -106,12 +106,12 @@ class EpochRecorder:
         return self.checkpoint_reason(epoch) is not None
 
     def kept_checkpoints(self, epoch: int) -> str:
-        """What an error in `epoch` leaves: the checkpoints of the epochs before it that were due."""
+        """What an error in `epoch` leaves (a clause): the checkpoints due in the epochs before it."""
         due = [e + 1 for e in range(self.start_epoch, epoch) if self.checkpoint_due(e)]
         last = max(due + [self.resumed_epoch or 0])
         if not last:
-            return "no checkpoint was saved yet."
-        return f"checkpoints up to epoch {last} are kept in {self.ckpts.directory}."
+            return "no checkpoint was saved yet"
+        return f"checkpoints up to epoch {last} are kept in {self.ckpts.directory}"
 
     def record(self, end: EpochEnd, diverged: str | None = None) -> None:
         """Read validation, log the row, checkpoint if due (or if the run ends here); `end.meta`

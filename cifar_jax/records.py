@@ -189,8 +189,9 @@ class Records:
         return self.runs[0].recorder.checkpoint_due(epoch)  # the same schedule for every member
 
     def kept_checkpoints(self, epoch: int) -> str:
+        """What an error in `epoch` leaves, as a sentence."""
         kept = self.runs[0].recorder.kept_checkpoints(epoch)
-        return kept if not self.members else f"{kept[:-1]} (and each member's in its own workdir)."
+        return f"{kept}." if not self.members else f"{kept} (and each member's in its own workdir)."
 
     def check(self) -> None:
         """A failed background write of any run stops the program at once."""

@@ -130,8 +130,9 @@ def test_a_nan_loss_stop_is_one_error_and_no_traceback_in_the_log(tmp_path, cifa
     """The salvage after the error once read the chunks after the bad one and logged their
     error's chained traceback."""
     config = tiny_config(num_epochs=2, steps_per_call=1, **{"optimizer.name": "sgd", "optimizer.lr": 1e30})
-    with pytest.raises(TrainingError, match="loss became NaN/Inf in epoch 1"):
+    with pytest.raises(TrainingError, match="loss became NaN/Inf in epoch 1") as e:
         trainer.train_and_evaluate(config, tmp_path, progress=False)
+    assert str(e.value).endswith("; no checkpoint was saved yet. Lower optimizer.lr?")
     assert [r for r in cifar_jax_log if r.exc_info or r.levelno >= logging.WARNING] == []
 
 

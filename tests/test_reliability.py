@@ -150,8 +150,10 @@ def test_nan_loss_stops_within_the_epoch_and_keeps_good_checkpoints(tmp_path):
     )
     with pytest.raises(
         trainer.TrainingError, match=r"loss became NaN/Inf in epoch 2, steps \d-\d of 4 \(lr 5e\+29\)"
-    ):
+    ) as e:
         trainer.train_and_evaluate(bad, tmp_path, progress=False)
+    kept = f"checkpoints up to epoch 1 are kept in {tmp_path / 'checkpoints'}. Lower optimizer.lr?"
+    assert str(e.value).endswith(kept)
     assert Checkpoints(tmp_path, read_only=True).epochs() == [1]
     assert evaluate.restore(tmp_path, "latest").epoch == 1
 
