@@ -2,6 +2,7 @@
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,13 @@ def test_parts_select_the_study_cells(parts, want):
 def test_unknown_part_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="choose from 1, 2, 3, recipes"):
         cells.selected("1,4")
+
+
+def test_results_md_tables_are_what_the_committed_records_say(tmp_path):
+    """RESULTS.md's generated section, written again from results/records, is the same text."""
+    root = Path(__file__).resolve().parents[1]
+    results = tmp_path / "RESULTS.md"
+    results.write_text((root / "RESULTS.md").read_text())
+    command = "python -m cifar_jax.study report --records results/records --out RESULTS.md"
+    report.write(report.load([root / "results" / "records"]), results, command)
+    assert results.read_text() == (root / "RESULTS.md").read_text()
