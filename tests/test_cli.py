@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -281,7 +282,6 @@ def test_ctrl_c_in_training_ends_in_one_line_without_a_traceback(tmp_path):
     """A real SIGINT once the first epoch's row is written: status 130, one message, no traceback.
     (Sent during start-up instead, the interrupt was once lost in a full-suite run and the process
     trained on; that path is the in-process test above.)"""
-    import signal
     import time
 
     workdir = tmp_path / "run"
@@ -318,7 +318,6 @@ def test_an_interrupt_that_a_library_swallowed_still_stops_the_run_before_traini
     """Ctrl-C during start-up once left a run training on: an extension's import turns the
     KeyboardInterrupt into an ImportError, which an optional import ignores. The interrupt is
     remembered: training does not start, and an error it caused is reported as the interrupt."""
-    import signal
     import time
 
     from cifar_jax import cli, interrupts, trainer
@@ -370,6 +369,8 @@ def test_a_ctrl_c_during_the_first_imports_is_one_line_and_writes_nothing(tmp_pa
         text=True,
         timeout=120,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        # A shell's background job inherits SIGINT ignored, and Python then keeps it so: restore the default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert out.returncode == 130, out.stderr[-2000:]
     assert out.stderr.strip().splitlines() == [
