@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import config as config_lib
-from cifar_jax import optim, steps
+from cifar_jax import optim, population, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +92,8 @@ def member_step_config(config, phase: Phase, base: steps.StepConfig, steps_per_e
     as in a run alone."""
 
     flat = [config_lib.flat(m.config) for m in members]
-    keys = (
-        "optimizer.weight_decay",
-        "optimizer.momentum",
-        "label_smoothing",
-        "ema_decay",
-        "data.augment.mixup_alpha",
-        "data.augment.cutmix_alpha",
-    )
-    on = {key: any(f[key] for f in flat) for key in keys}  # any member's non-zero keeps the part
+    # Any member's non-zero keeps a part in the program (the lr is always in it).
+    on = {key: any(f[key] for f in flat) for key in population.VARIES if key != "optimizer.lr"}
 
     def member(numbers: dict) -> steps.StepConfig:
         schedule = optim.make_schedule(config.schedule, numbers["lr"], phase.num_epochs, steps_per_epoch)

@@ -53,11 +53,11 @@ def commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def versions() -> dict[str, str | None]:
+def versions(packages=PACKAGES) -> dict[str, str | None]:
     """{package: its installed version, None when it is not installed}, read without importing it
     (`bench.report.versions` imports them instead: torch's __version__ names its build, +cpu or +cu130)."""
     out = {}
-    for package in PACKAGES:
+    for package in packages:
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 from cifar_jax import provenance, staging
@@ -158,14 +157,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _versions(framework: str) -> dict:
-    names = provenance.PACKAGES + (("torch", "torchvision") if framework == "torch" else ())
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return provenance.versions(
+        provenance.PACKAGES + (("torch", "torchvision") if framework == "torch" else ())
+    )
 
 
 def _config_hash(config_json: Path) -> str:
