@@ -96,6 +96,11 @@ for members in 1 8 32; do
   item "population_resnet18_$members" 60 200 bash -c "population configs/resnet18_recipe.py $members"
 done
 case_items resnet50@32 jax eager cudagraphs
+# issue 33: XLA replays runs of kernels as CUDA graphs, but its cuDNN convolutions end each run, and
+# an evaluation batch holds no graph at all; as cuDNN fusions (experimental) the convolutions join
+# the graph: each whole step and batch is one graph, with more kernels (bias and ReLU leave them).
+# The same measurement with that flag; its rows carry it in "xla_flags".
+item jax_resnet50_32_conv_fusion 40 200 env XLA_FLAGS=--xla_gpu_experimental_enable_conv_fusion=true "${table[@]}" --modes train,eval --cases resnet50@32 --frameworks jax --out "$json_dir/jax_resnet50_32_conv_fusion.json"
 # issue 19: the ResNets' layers as XLA's stock operations (what GPUs run) against the CPU kernels
 # (custom gradients, matmul forms), in one process each, right after each other
 item layers_stock 40 150 "${table[@]}" --modes train,eval --cases resnet34@32,resnet50@32,resnet50@224 --frameworks jax --jax_layers stock --out "$json_dir/layers_stock.json"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import jax.numpy as jnp
 import pytest
@@ -135,6 +136,9 @@ def test_tiny_run_of_every_mode_on_both_frameworks(tmp_path):
     assert by["jax", "eval"]["batch_size"] == 8
     # Eval fuses batches per call like the trainer (a whole split), at most the --steps timed.
     assert by["jax", "eval"]["variant"].endswith("2 batches/call")
+    # A JAX row says what XLA was told beyond its defaults (here the CPU flag the CLIs add)
+    assert by["jax", "train"].get("xla_flags") == (os.environ.get("XLA_FLAGS") or None)
+    assert "xla_flags" not in by["torch", "train"]
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """Reading a compiled GPU program (`bench.gpu_program`): which instructions are launches, of what
-kind, inside the loop body or outside it. The program is written here in the form XLA prints it
-(`compiled.as_text()`); compiling one needs the CUDA plugin, which the suite does not install."""
+kind, inside the loop body or outside it, and which of them XLA replays as CUDA graphs. The program
+and its thunk sequence are written here in the forms XLA prints and dumps them (`compiled.as_text()`,
+`*.thunk_sequence_after_thunk_passes.txt`); compiling one needs the CUDA plugin, which the suite does
+not install."""
 
-from cifar_jax.bench.gpu_program import count_launches, estimate_ms
+from cifar_jax.bench.gpu_program import count_launches, estimate_ms, read_thunks, thunk_sequence
 
 HLO = """\
 HloModule jit_chunk, entry_computation_layout={(s32[])->s32[]}
@@ -61,3 +63,53 @@ def test_launches_are_counted_by_kind_inside_and_outside_the_loop():
 def test_the_estimate_adds_launch_time_and_arithmetic():
     assert estimate_ms(0, 0, 1, 357.0) == 1.0  # 357 GFLOP at the fitted 357 TFLOP/s
     assert abs(estimate_ms(100, 20, 20, 0.0) - 101 * 3.8 / 1000) < 1e-12
+
+
+# The shape of XLA's dump (jaxlib 0.10.2, abridged): the entry's thunks, a command buffer's thunks
+# indented under it, the while's condition and body; in the body two graphs split by a convolution,
+# then a convolution, a copy and a kernel alone.
+THUNKS = """\
+000: kCommandBuffer [source       | next=005 (1)]
+    001: kCustomKernel [source       | sink        ] wrapped_transpose_1 grid: [4, 1, 1]
+    002: kCustomKernel [source       | sink        ] loop_convert_fusion grid: [4, 1, 1]
+003: kCopy         [source       | sink        ] kCopy
+004: kCopy         [source       | sink        ] kCopy
+005: kWhile         [prev=000 (1) | next=006 (1)]
+condition:
+    006: kCustomKernel [source | sink] loop_compare_fusion grid: [1, 1, 1]
+  body:
+    000: kCommandBuffer [source         | next=010 (1)  ]
+        007: kCustomKernel [source       | next=008 (1)] loop_add_fusion grid: [1, 1, 1]
+        008: kCustomKernel [prev=007 (1) | next=009 (1)] input_reduce_fusion grid: [32, 1, 1]
+        009: kCustomKernel [prev=008 (1) | sink        ] loop_convert_fusion_3 grid: [768, 1, 1]
+    010: kConvolution   [prev=000 (1)   | next=000 (1)  ] kConvolution
+    000: kCommandBuffer [prev=010 (1)   | next=013 (1)  ]
+        011: kCustomKernel [source       | next=012 (1)] input_reduce_fusion_43 grid: [128, 1, 1]
+        012: kCopy         [prev=011 (1) | sink        ] kCopy
+    013: kConvolution   [prev=000 (1)   | next=014 (1)  ] kConvolution
+    014: kCopy          [prev=013 (1)   | next=015 (1)  ] kCopy
+    015: kCustomKernel  [prev=014 (1)   | sink          ] loop_maximum_fusion grid: [1000, 1, 1]
+016: kCustomKernel [prev=005 (1) | sink        ] loop_add_select_fusion grid: [1, 1, 1]
+"""
+
+
+def test_host_launches_count_a_graph_once_and_each_thunk_outside_one():
+    host = read_thunks(THUNKS)
+    assert (host.graphs, host.in_graphs) == (2, 5)
+    assert dict(host.alone) == {"kConvolution": 2, "kCopy": 1, "kCustomKernel": 1}
+    assert host.per_iteration == 6  # 2 graphs + 4 alone; the condition's kernel is not the body's
+    assert host.outside == 4  # the entry's graph, two copies, the kernel after the loop
+
+
+def test_the_loop_is_the_while_with_the_longest_body():
+    short_loop = "100: kWhile [source | sink]\ncondition:\n  body:\n    101: kCopy [source | sink] kCopy\n"
+    host = read_thunks(short_loop + THUNKS)
+    assert (host.graphs, sum(host.alone.values())) == (2, 4)
+    assert read_thunks(THUNKS + short_loop).per_iteration == 6
+
+
+def test_the_thunk_sequence_after_xlas_passes_is_read_where_there_is_one(tmp_path):
+    (tmp_path / "module_0001.jit_f.thunk_sequence.txt").write_text("before")
+    assert thunk_sequence(tmp_path) == "before"  # no pass changed anything: no second file
+    (tmp_path / "module_0001.jit_f.thunk_sequence_after_thunk_passes.txt").write_text("after")
+    assert thunk_sequence(tmp_path) == "after"

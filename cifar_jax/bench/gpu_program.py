@@ -10,11 +10,14 @@ programs as `train.py` would for that GPU (`model.dtype=auto` is bfloat16 there;
 AdamW, label smoothing, crop, flip and colour jitter; steps per call and eval batches per call as on
 a GPU), lowers them on shapes placed on a mesh of the target GPU
 (`jax.experimental.topologies`, from a GpuTargetConfig in `gpu_targets/`), compiles them, and reads
-the optimized program (`compiled.as_text()`): the launches of the loop body (one training step,
-or one evaluation batch) by kind, the launches outside the loop (once per call), the memory
+the optimized program (`compiled.as_text()`): the kernels of the loop body (one training step,
+or one evaluation batch) by kind, the kernels outside the loop (once per call), the memory
 (`compiled.memory_analysis()`), the compile time, and an estimate of the step's time (`estimate`).
-Without a GPU XLA does not autotune: kernel choices are its defaults, so launch counts and memory
-are faithful, times are not measured but estimated.
+It also reads the thunk sequence XLA runs (dumped while compiling): which of those kernels XLA
+replays as CUDA graphs (its command buffers, formed after the HLO is final, so absent from its
+text) and so what the host launches per step: one per graph, one per thunk outside a graph.
+Without a GPU XLA does not autotune: kernel choices are its defaults, so kernel counts, graphs and
+memory are faithful, times are not measured but estimated.
 
 Needs the CUDA plugin (the `gpu-aot` extra: `pip install 'cifar_jax[gpu-aot]'`, about 4 GB) and
 runs with JAX_PLATFORMS=cpu (set here unless set): the plugin loads without a driver, and the CPU
@@ -33,6 +36,7 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 import time
 import types
 from collections import Counter
@@ -113,16 +117,13 @@ def kind_of(line: str) -> str | None:
         return "reduction fusion" if kind == "kInput" else "elementwise fusion"
     if op in ("copy", "transpose", "copy-start", "copy-done"):
         return "copy/transpose"
-    if op == "call":
-        return "command buffer" if "command_buffer" in line else "call"
     return op
 
 
 @dataclasses.dataclass
 class Launches:
-    in_loop: Counter  # the loop body's launches by kind: one training step or one evaluation batch
+    in_loop: Counter  # the loop body's kernels by kind: one training step or one evaluation batch
     outside: Counter  # once per call
-    command_buffers: dict  # name -> its launches by kind (each buffer is one launch of a CUDA graph)
 
     @property
     def per_iteration(self) -> int:
@@ -130,9 +131,8 @@ class Launches:
 
 
 def count_launches(hlo: str) -> Launches:
-    """The launches of a compiled GPU program: those of the body of the entry's outermost while
-    loop (`lax.fori_loop` over steps or batches), and the entry's own. A command buffer counts as
-    one launch; what it holds is reported beside."""
+    """The kernels of a compiled GPU program: those of the body of the entry's outermost while
+    loop (`lax.fori_loop` over steps or batches), and the entry's own."""
     comps = computations(hlo)
     entry = comps["ENTRY"]
     loops = [re.search(r"body=%?([\w.\-]+)", line).group(1) for line in entry if _opcode(line) == "while"]
@@ -141,12 +141,75 @@ def count_launches(hlo: str) -> Launches:
     def kinds(lines):
         return Counter(k for k in map(kind_of, lines) if k is not None)
 
-    buffers = {}
-    for line in body + entry:
-        if kind_of(line) == "command buffer":
-            name = re.search(r"to_apply=%?([\w.\-]+)", line).group(1)
-            buffers[name] = kinds(comps.get(name, []))
-    return Launches(kinds(body), kinds(entry), buffers)
+    return Launches(kinds(body), kinds(entry))
+
+
+# --- reading the thunk sequence: what the host launches -----------------------------------------
+
+_THUNK = re.compile(r"^( *)\d+: (k\w+)")
+
+
+@dataclasses.dataclass
+class HostLaunches:
+    """What the host launches once XLA has put runs of kernels into command buffers (CUDA graphs),
+    per iteration of the loop (its condition's one kernel aside, as in the HLO count): `graphs`
+    graph launches holding `in_graphs` thunks, and the thunks launched one by one (`alone`, by
+    thunk kind; a kConvolution, a cuDNN call this XLA does not capture, ends a graph);
+    `outside`: host launches once per call."""
+
+    graphs: int
+    in_graphs: int
+    alone: Counter
+    outside: int
+
+    @property
+    def per_iteration(self) -> int:
+        return self.graphs + sum(self.alone.values())
+
+
+def read_thunks(text: str) -> HostLaunches:
+    """Read XLA's dumped thunk sequence (`*.thunk_sequence_after_thunk_passes.txt`). Its shape: the
+    entry's thunks at indent 0, a command buffer's thunks indented under it, and a while's
+    `condition:` and `body:` labels followed by their thunks one level deeper. The loop is the
+    entry's while with the longest body."""
+    sections, current = [], None  # each: {"label", "entries": [(indent, kind)]}
+    top = []
+    for line in text.splitlines():
+        label = line.strip()
+        if label in ("condition:", "body:") and len(line) - len(line.lstrip()) <= 2:
+            current = {"label": label, "entries": []}
+            sections.append(current)
+            continue
+        m = _THUNK.match(line)
+        if not m:
+            continue
+        indent, kind = len(m.group(1)), m.group(2)
+        if indent == 0:
+            current = None
+        (current["entries"] if current else top).append((indent, kind))
+    bodies = [s["entries"] for s in sections if s["label"] == "body:"]
+    body = max(bodies, key=len) if bodies else []
+
+    def launches(entries):
+        """(graphs, thunks inside them, thunks alone by kind) of a list at one base indent."""
+        graphs, inside, alone, base, in_graph = 0, 0, Counter(), None, False
+        for indent, kind in entries:
+            base = indent if base is None else base
+            if indent == base:
+                in_graph = kind == "kCommandBuffer"
+                if in_graph:
+                    graphs += 1
+                elif kind != "kWhile":  # control flow, as in the HLO count
+                    alone[kind] += 1
+            elif in_graph:
+                inside += 1
+            else:  # a thunk nested in another than a command buffer (a loop of its own): launched alone
+                alone[kind] += 1
+        return graphs, inside, alone
+
+    graphs, inside, alone = launches(body)
+    top_graphs, _, top_alone = launches(top)
+    return HostLaunches(graphs, inside, alone, top_graphs + sum(top_alone.values()))
 
 
 # --- building the programs as train.py builds them for the GPU ----------------------------------
@@ -308,6 +371,16 @@ def gflop_per_iteration(lowered) -> float | None:
 # --- the command --------------------------------------------------------------------------------
 
 
+def thunk_sequence(dump: Path) -> str:
+    """The thunk sequence of the one program compiled into `dump` (XLA writes the one after its
+    thunk passes only where they changed something)."""
+    for pattern in ("*.thunk_sequence_after_thunk_passes.txt", "*.thunk_sequence.txt"):
+        found = sorted(dump.glob(pattern))
+        if found:
+            return found[-1].read_text()
+    raise RuntimeError(f"XLA wrote no thunk sequence into {dump}")
+
+
 # Without a device XLA cannot autotune, and for some float32 GEMMs (ResNet-50@224's resize) it finds no
 # Triton tiling and fails; such a program is compiled again with its GEMMs on cuBLAS, and its row says so.
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
@@ -315,17 +388,19 @@ NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 
 def measure(case, mode: str, target: str, config, lowered, population: int = 1) -> dict:
     """One row: the compiled program's launches, memory and compile time, and the estimate."""
-    t0 = time.perf_counter()
-    try:
-        compiled, note = lowered.compile(), None
-    except Exception as e:  # noqa: BLE001  (JaxRuntimeError)
-        if "tile sizes" not in str(e):
-            raise
-        compiled, note = (
-            lowered.compile(compiler_options=NO_TRITON_GEMM),
-            "GEMMs on cuBLAS (no Triton tiling found without autotuning)",
-        )
-    compile_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as dump:
+        t0 = time.perf_counter()
+        try:
+            compiled, note = lowered.compile(compiler_options={"xla_dump_to": dump}), None
+        except Exception as e:  # noqa: BLE001  (JaxRuntimeError)
+            if "tile sizes" not in str(e):
+                raise
+            compiled, note = (
+                lowered.compile(compiler_options={**NO_TRITON_GEMM, "xla_dump_to": dump}),
+                "GEMMs on cuBLAS (no Triton tiling found without autotuning)",
+            )
+        compile_s = time.perf_counter() - t0
+        host = read_thunks(thunk_sequence(Path(dump)))
     launches = count_launches(compiled.as_text())
     memory = compiled.memory_analysis()
     gflop = gflop_per_iteration(lowered)
@@ -342,11 +417,16 @@ def measure(case, mode: str, target: str, config, lowered, population: int = 1) 
         "launches": launches.per_iteration,
         "by_kind": dict(launches.in_loop.most_common()),
         "outside_loop": outside,
-        "command_buffers": {k: dict(v) for k, v in launches.command_buffers.items()},
+        "host_launches": host.per_iteration,
+        "graphs": host.graphs,
+        "in_graphs": host.in_graphs,
+        "alone": dict(host.alone.most_common()),
+        "host_outside_loop": host.outside,
         "argument_mb": round(memory.argument_size_in_bytes / 2**20, 1),
         "temp_mb": round(memory.temp_size_in_bytes / 2**20, 1),
         "compile_s": round(compile_s, 1),
         "note": note,
+        "xla_flags": os.environ.get("XLA_FLAGS") or None,
         "gflop": None if gflop is None else round(gflop, 2),
         "estimate_ms": None
         if gflop is None
@@ -372,8 +452,9 @@ def failed_row(case, mode: str, target: str, config, e: Exception, population: i
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| case | mode | target | launches | of which | outside | args MB | temp MB | compile s | est. ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| case | mode | target | kernels | of which | outside | host launches (graphs + alone) "
+        "| args MB | temp MB | compile s | est. ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if r["launches"] is None:
@@ -384,6 +465,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['case']} | {r['mode']} | {r['target']} | {r['launches']}{' *' if r.get('note') else ''} "
             f"| {kinds} | {r['outside_loop']} "
+            f"| {r['host_launches']} ({r['graphs']} + {r['host_launches'] - r['graphs']}) "
             f"| {r['argument_mb']} | {r['temp_mb']} | {r['compile_s']} | {r['estimate_ms']} |"
         )
     notes = sorted({r["note"] for r in rows if r.get("note")})
@@ -443,7 +525,12 @@ def main(argv=None) -> int:
                 print(f"  does not compile without a GPU: {rows[-1]['error']}")
                 continue
             r = rows[-1]
-            print(f"  {r['launches']} launches per {'step' if mode == 'train' else 'batch'}: {r['by_kind']}")
+            per = "step" if mode == "train" else "batch"
+            print(
+                f"  {r['launches']} kernels per {per}: {r['by_kind']}\n"
+                f"  {r['host_launches']} host launches per {per}: {r['graphs']} CUDA graphs of "
+                f"{r['in_graphs']} kernels, alone {r['alone']}"
+            )
             if opts.json:
                 staging.write_text(Path(opts.json), json.dumps(rows, indent=1) + "\n")
     print(table(rows))

@@ -3,6 +3,7 @@ batches (`JaxSide`); the whole epoch and the input pipeline's share are in `jax_
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -210,6 +211,8 @@ def run_jax(cases, modes, opts, epoch_data, log, record) -> None:
                     result = getattr(side, mode)(opts, case)
                 if opts.jax_layers != "auto":
                     result["variant"] += f", {opts.jax_layers} layers"
+                if os.environ.get("XLA_FLAGS"):  # what XLA compiled with, where it was told more
+                    result["xla_flags"] = os.environ["XLA_FLAGS"]
                 record(result)
             del side
             jax.clear_caches()
