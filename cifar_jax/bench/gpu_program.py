@@ -512,6 +512,11 @@ def main(argv=None) -> int:
             f"cannot compile for a CUDA GPU here ({str(e).splitlines()[0][:120]}): install the CUDA "
             "plugin with pip install 'cifar_jax[gpu-aot]' (about 4 GB)"
         )
+    import jax
+
+    # Every program is compiled here, never read from a persistent cache ($JAX_COMPILATION_CACHE_DIR):
+    # its compile time is measured and its thunk sequence is read from what the compile dumps.
+    jax.config.update("jax_enable_compilation_cache", False)
     rows = []
     for case in cases:
         config = gpu_config(case, bench_options(opts.batch_size, opts.eval_batch_size))
