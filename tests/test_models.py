@@ -346,8 +346,10 @@ def test_every_basic_block_output_goes_through_materialize():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,options", [("simple_cnn", {}), ("resnet18", {"stem": "imagenet"})])
 def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, options):
-    """What runs on GPUs (XLA's stock operations) and what runs on CPUs (`cpu_kernels`): the same
-    outputs, loss gradients and BatchNorm statistics, in float64."""
+    """What runs on GPUs (XLA's stock operations) and what runs on CPUs (`cpu_kernels`, each
+    convolution chosen as in float32: `conv2d_by_shape`): the same outputs, loss gradients and
+    BatchNorm statistics, in float64."""
+    from cifar_jax.models import cpu_kernels
 
     def step(model, x):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -366,8 +368,9 @@ def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, option
     # which amplifies the two paths' rounding differences to 5e-11.
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)))
     models_by_kernels = {}
-    for kernels in ("cpu_kernels", "stock"):
-        built = models.create(name, 10, dtype="float64", ops=layers.OPS[kernels], **options)
+    as_in_float32 = dataclasses.replace(layers.CPU_KERNELS, conv=cpu_kernels.conv2d_by_shape)
+    for kernels, ops in (("cpu_kernels", as_in_float32), ("stock", layers.STOCK)):
+        built = models.create(name, 10, dtype="float64", ops=ops, **options)
         nnx.update(built, nnx.state(model))  # the same weights
         models_by_kernels[kernels] = built
     cpu = step(models_by_kernels["cpu_kernels"], x)

@@ -14,10 +14,18 @@ import jax.numpy as jnp
 
 
 def conv2d(x, kernel, strides, padding):
-    """The convolution of `layers.Conv2d` on CPU: 1x1 kernels (ResNet-50's bottlenecks and
-    downsampling) and outputs of at most 2x2 pixels (ResNet-50's last stages at 32x32) as one 2-D
-    matmul of image patches by the kernel, where XLA:CPU's convolution and its kernel gradient
-    were slow; all others as `conv_nhwc`."""
+    """The convolution of `layers.Conv2d` on CPU. XLA:CPU's fast convolution (Eigen) takes float16
+    and float32; a float64 one runs XLA's generic loop (SimpleCNN's float64 training step 11x slower
+    than as patch matmuls), so float64 convolutions are patch matmuls; others as `conv2d_by_shape`."""
+    if x.dtype == jnp.float64:
+        return patch_matmul(x, kernel, strides, padding)
+    return conv2d_by_shape(x, kernel, strides, padding)
+
+
+def conv2d_by_shape(x, kernel, strides, padding):
+    """1x1 kernels (ResNet-50's bottlenecks and downsampling) and outputs of at most 2x2 pixels
+    (ResNet-50's last stages at 32x32) as one 2-D matmul of image patches by the kernel, where
+    XLA:CPU's convolution and its kernel gradient were slow; all others as `conv_nhwc`."""
     if kernel.shape[:2] == (1, 1) or has_tiny_output(x, kernel, strides, padding):
         return patch_matmul(x, kernel, strides, padding)
     return conv_nhwc(x, kernel, strides, padding)
