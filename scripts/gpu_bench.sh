@@ -101,6 +101,12 @@ case_items resnet50@32 jax eager cudagraphs
 # the graph: each whole step and batch is one graph, with more kernels (bias and ReLU leave them).
 # The same measurement with that flag; its rows carry it in "xla_flags".
 item jax_resnet50_32_conv_fusion 40 200 env XLA_FLAGS=--xla_gpu_experimental_enable_conv_fusion=true "${table[@]}" --modes train,eval --cases resnet50@32 --frameworks jax --out "$json_dir/jax_resnet50_32_conv_fusion.json"
+# issue 33: evaluation's GEMMs on cuBLAS, which fuses their bias and ReLU (after Triton each is one
+# more kernel), in batches of 512 (a multiple of 8: cuBLAS pads no copy of each batch): on the H100
+# target ResNet-50 @32 goes from 76 to 68 kernels a batch, but SimpleCNN's one graph breaks (host
+# launches 9 -> 15). Not adopted until timed: both batches of 512, Triton's then cuBLAS's.
+item jax_eval_512 30 120 "${table[@]}" --modes eval --cases simple_cnn@32,resnet50@32 --frameworks jax --eval_batch_size 512 --out "$json_dir/jax_eval_512.json"
+item jax_eval_512_cublas 30 120 env XLA_FLAGS=--xla_gpu_enable_triton_gemm=false "${table[@]}" --modes eval --cases simple_cnn@32,resnet50@32 --frameworks jax --eval_batch_size 512 --out "$json_dir/jax_eval_512_cublas.json"
 # issue 19: the ResNets' layers as XLA's stock operations (what GPUs run) against the CPU kernels
 # (custom gradients, matmul forms), in one process each, right after each other
 item layers_stock 40 150 "${table[@]}" --modes train,eval --cases resnet34@32,resnet50@32,resnet50@224 --frameworks jax --jax_layers stock --out "$json_dir/layers_stock.json"
