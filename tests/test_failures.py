@@ -217,6 +217,11 @@ def _with_sigint_at_import(module: str, *command: str):
             "during convert",
         ),
         ("numpy", ["-m", "cifar_jax.bench", "--help"], "during the benchmark"),
+        (
+            "numpy",
+            ["-m", "cifar_jax.study", "--plan", "--scale", "smoke", "--out", "nowhere"],
+            "during the study",
+        ),
     ],
 )
 def test_ctrl_c_during_any_command_is_one_line_and_status_130(tmp_path, module, command, what):

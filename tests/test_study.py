@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cifar_jax.study import report
+from tests.support.helpers import assert_fails_in_one_line
 
 pytest.importorskip("torchvision")
 pytest.importorskip("sklearn")  # the bundled digits
@@ -71,16 +72,24 @@ def test_smoke_study_trains_every_part_records_each_run_and_a_rerun_skips_them(t
     shutil.rmtree(out / "runs")  # checkpoints of ResNets: hundreds of MB that pytest would keep
 
 
-def test_study_arguments_that_are_wrong_fail_in_one_line_before_anything_runs(tmp_path):
+def test_study_arguments_that_are_wrong_fail_in_one_line_before_anything_runs(tmp_path, capsys):
+    from cifar_jax.study.__main__ import main
+
     for args, says in (
         (("--parts", "4"), "choose from 1, 2, 3, recipes"),
         (("--seeds", "0,0"), "--seeds '0,0' must be distinct"),
         (("--scale", "smoke", "--data", "x.npz"), "--data is for --scale full"),
         (("--data", str(tmp_path / "missing.npz")), "no such file"),
     ):
-        got = _study(*args, "--out", str(tmp_path / "s"))
-        assert got.returncode == 2 and got.stderr.startswith("error: ") and says in got.stderr, got.stderr
-        assert len(got.stderr.strip().splitlines()) == 1
+        assert_fails_in_one_line(main, [*args, "--out", str(tmp_path / "s")], says, capsys)
         assert not (tmp_path / "s").exists()
-    bad = _study("report", "--records", str(tmp_path / "none"), "--out", str(tmp_path / "R.md"))
-    assert bad.returncode == 2 and "not a directory of records" in bad.stderr
+    assert_fails_in_one_line(
+        main,
+        ["report", "--records", str(tmp_path / "none"), "--out", str(tmp_path / "R.md")],
+        "not a directory of records",
+        capsys,
+    )
+    # The command line's own path, once: status 2 and the one line, from `python -m cifar_jax.study`.
+    got = _study("--parts", "4", "--out", str(tmp_path / "s"))
+    assert got.returncode == 2 and got.stderr.startswith("error: ") and "choose from 1, 2, 3" in got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()

@@ -3,7 +3,8 @@
 
 from cifar_jax import interrupts
 
-interrupts.defer()  # a Ctrl-C during the imports is acted on once they are done (cli.run)
+if __name__ == "__main__":  # a Ctrl-C during the imports below is acted on once they are done (cli.run)
+    interrupts.defer()
 
 import argparse  # noqa: E402
 import shlex  # noqa: E402
@@ -168,4 +169,5 @@ def main(argv) -> int:
     return main_run(argv)
 
 
-cli.run(main, "during the study", absl_flags=False)
+if __name__ == "__main__":
+    cli.run(main, "during the study", absl_flags=False)
