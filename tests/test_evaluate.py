@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cifar_jax import corruptions, data, evaluate, trainer
-from tests.support.helpers import tiny_config
+from tests.support.helpers import assert_fails_in_one_line, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,7 +155,11 @@ def test_the_corruption_subset_covers_the_classes_of_a_sorted_split():
 @pytest.mark.parametrize(
     "case", ["val_without_split", "out_under_a_file", "out_name_too_long", "out_with_foreign_files"]
 )
-def test_eval_input_errors_are_one_line_before_anything_is_written(run_dir, tmp_path, case):
+def test_eval_input_errors_are_one_line_before_anything_is_written(run_dir, tmp_path, case, capsys):
+    """In process (eval.py's main); the command line's own path is
+    test_eval_with_bad_distortions_fails_before_anything_is_written's."""
+    import eval as eval_cli
+
     workdir, _ = run_dir
     args, message = {
         "val_without_split": ([f"--workdir={tmp_path / 'noval'}", "--split=val"], "the run has no val split"),
@@ -180,9 +184,8 @@ def test_eval_input_errors_are_one_line_before_anything_is_written(run_dir, tmp_
             tiny_config(num_epochs=1, **{"data.val_fraction": 0.0}), tmp_path / "noval", progress=False
         )
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    out = _eval(*args)
-    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-    assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr[-1500:]
+    capsys.readouterr()  # what training printed
+    assert_fails_in_one_line(eval_cli.main, args, message, capsys)
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
