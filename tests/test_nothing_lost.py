@@ -15,7 +15,7 @@ from cifar_jax import config as config_lib
 from cifar_jax import evaluate, staging, trainer
 from cifar_jax.checkpoint import Checkpoints
 from cifar_jax.data import pipeline
-from tests.support.helpers import ROOT, tiny_config
+from tests.support.helpers import ROOT, assert_fails_in_one_line, tiny_config
 
 
 def _train(workdir, *flags, env=None, file_size_kb=None, script="train.py"):
@@ -264,7 +264,7 @@ def test_concurrent_writers_of_one_out_keep_each_others_staging(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["eval"]
 
 
-def test_eval_of_data_without_test_images_says_so(tmp_path):
+def test_eval_of_data_without_test_images_says_so(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(
         tmp_path / "d.npz",
@@ -276,19 +276,14 @@ def test_eval_of_data_without_test_images_says_so(tmp_path):
     _train_in_process(
         tmp_path / "run", num_epochs=1, **{"data.source": "npz", "data.path": str(tmp_path / "d.npz")}
     )
-    out = subprocess.run(
-        [sys.executable, "eval.py", f"--workdir={tmp_path / 'run'}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == (
-        f"error: the run's data (data.source='npz' {tmp_path / 'd.npz'}) has no test "
+    import eval as eval_cli
+
+    capsys.readouterr()  # what training printed
+    message = (
+        f"the run's data (data.source='npz' {tmp_path / 'd.npz'}) has no test "
         f"images; evaluate --split val, or add x_test/y_test to the data"
     )
+    assert_fails_in_one_line(eval_cli.main, [f"--workdir={tmp_path / 'run'}"], message, capsys)
 
 
 # ------------------------------------------------------------------ one line, naming the file
