@@ -194,20 +194,10 @@ def test_load_without_converted_weights_says_how_to_make_them(tmp_path):
         pretrained.load(tmp_path)
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "random_pth",
-        "random_safetensors",
-        "out_is_a_file",
-        "negative_classes",
-        "out_not_empty",
-        "out_is_a_workdir",
-        "int64_tensors",
-        "bool_tensors",
-    ],
-)
-def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(tmp_path, capsys, case):
+@pytest.fixture(scope="module")
+def convert_inputs(tmp_path_factory):
+    """What the refusals below are given, made once: weights, noise, a training run, converted weights."""
+    tmp_path = tmp_path_factory.mktemp("convert_inputs")
     torch.save(_randomised_torchvision("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
     (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 10)
     (tmp_path / "noise.safetensors").write_bytes(bytes(range(256)) * 10)
@@ -224,13 +214,38 @@ def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(tmp_pat
         {k: np.asarray(v.numpy() > 0) for k, v in _randomised_torchvision("resnet18").state_dict().items()},
         str(tmp_path / "bool.safetensors"),
     )
-    existing = tmp_path / "converted"
     assert (
         convert.main(
-            ["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(existing)]
+            [
+                "--arch",
+                "resnet18",
+                "--state-dict",
+                str(tmp_path / "r18.pth"),
+                "--out",
+                str(tmp_path / "converted"),
+            ]
         )
         == 0
     )
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random_pth",
+        "random_safetensors",
+        "out_is_a_file",
+        "negative_classes",
+        "out_not_empty",
+        "out_is_a_workdir",
+        "int64_tensors",
+        "bool_tensors",
+    ],
+)
+def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(convert_inputs, capsys, case):
+    # Every case refuses and writes nothing, so they share their inputs (each checks that whole directory).
+    tmp_path, workdir, existing = convert_inputs, convert_inputs / "workdir", convert_inputs / "converted"
     args, message = {
         "random_pth": (
             ["--state-dict", str(tmp_path / "noise.pth"), "--out", str(tmp_path / "o")],
