@@ -189,6 +189,7 @@ def test_eval_input_errors_are_one_line_before_anything_is_written(run_dir, tmp_
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_eval_outputs_replace_the_last_ones_whole(run_dir, tmp_path):
     """A new evaluation replaces all of the last one's files at once: none of a stopped run's
     partial outputs (here: the old submission, which the new run does not write) is left beside them."""

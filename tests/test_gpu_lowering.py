@@ -27,7 +27,7 @@ def _config(name):
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if "resnet50" in n else n for n in CONFIGS]
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "resnet" in n else n for n in CONFIGS]
 )
 def test_every_shipped_config_lowers_for_cuda(name):
     """Lowering for CUDA takes the GPU's side of every `lax.platform_dependent` choice and the

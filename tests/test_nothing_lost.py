@@ -113,6 +113,7 @@ def test_a_refused_change_on_resume_touches_nothing_in_the_workdir(two_epochs, t
     assert after == before
 
 
+@pytest.mark.slow
 def test_extending_num_epochs_is_said_recorded_and_follows_the_new_schedule(two_epochs, tmp_path, caplog):
     workdir = tmp_path / "run"
     shutil.copytree(two_epochs, workdir)

@@ -160,6 +160,7 @@ def test_population_keys_that_are_wrong_are_one_line_before_anything_runs():
     assert "member 1" in problem(**{"population.sweep": "optimizer.lr=0.1,-0.1"})
 
 
+@pytest.mark.slow
 def test_a_population_is_one_ordinary_run_per_member(tmp_path):
     """Each member's workdir is a run alone: its config.json (its seed and values, no population),
     metrics.jsonl at its learning rate, checkpoints that eval.py restores; population.md tabulates
@@ -251,6 +252,7 @@ def test_a_stopped_population_saves_every_member_and_resumes_bit_identical(
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_members_saved_at_different_epochs_resume_from_the_epoch_all_have(tmp_path):
     """A kill between the members' checkpoints of one epoch: the members ahead go back, and the
     population trains on as one, each member as it would have."""

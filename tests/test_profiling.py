@@ -99,6 +99,7 @@ def test_bench_profile_traces_real_training_and_evaluation_windows(tmp_path, cap
     assert capsys.readouterr().err.count("profile: no device activity") == 2
 
 
+@pytest.mark.slow
 def test_a_training_run_traces_a_window_of_an_epoch_and_its_validation(tmp_path, caplog):
     import collections
 

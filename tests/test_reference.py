@@ -80,6 +80,7 @@ def test_schedules_step_for_step_like_ours(schedule):
     assert len(set(np.round(theirs, 9))) > 1 or schedule["name"] == "constant"  # the schedule moved
 
 
+@pytest.mark.slow
 def test_float64_steps_equal_our_train_step(x64):
     """Six SGD+Nesterov steps through a warmup into a per-step cosine, coupled L2 on kernels only,
     label smoothing: the reference trainer's `step` and our `update_step` from the same weights on
@@ -187,6 +188,7 @@ def test_crop_and_flip_are_torchvisions_per_image():
     assert normalized.shape == (32, 3, 32, 32) and normalized.dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_rows_carry_the_keys_train_py_writes_and_the_run_learns(tmp_path):
     """A run of the reference on the bundled digits (all options of the fast input path) writes
     rows with our keys, a test report, and learns: far above chance (10%) after 3 epochs."""

@@ -53,6 +53,7 @@ def test_several_steps_per_call_train_like_one_step_per_call(tmp_path):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_running_ahead_trains_and_checkpoints_like_a_run_that_does_not(tmp_path):
     # By default the next epoch's first chunks are queued before the host reads validation, logs
     # and checkpoints an epoch, which then saves a device copy of the epoch's state (the next chunk
@@ -342,6 +343,7 @@ def test_head_only_batchnorm_modes_match_pytorch(batchnorm, highest_precision):
     assert moved == (batchnorm == "train")
 
 
+@pytest.mark.slow
 def test_the_weight_average_is_the_numpy_recurrence_over_the_steps(x64):
     """state['ema'] after each step equals decay * previous + (1 - decay) * (params, batch_stats),
     computed here in NumPy from the weights each step produced, starting from the initial model."""
