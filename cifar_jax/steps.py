@@ -294,7 +294,9 @@ def make_eval_sums(
     and `label_smoothing` is each member's (an array); `vectorize` as in `over_members`."""
 
     def add_member_batches(params, batch_stats, images, labels, first, sums, smoothing, per_call):
-        model = models.for_evaluation(nnx.merge(graphdef_eval, params, batch_stats, copy=True))
+        model = models.for_evaluation(
+            nnx.merge(graphdef_eval, params, batch_stats, copy=True), preprocess.image_size
+        )
 
         def add_batch(b, sums):
             x, y, mask = pipeline.eval_batch(
@@ -345,7 +347,9 @@ def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=No
 
     @functools.partial(jax.jit, static_argnames="per_call")
     def batch_logits(params, batch_stats, images, first, per_call=1):
-        model = models.for_evaluation(nnx.merge(graphdef_eval, params, batch_stats, copy=True))
+        model = models.for_evaluation(
+            nnx.merge(graphdef_eval, params, batch_stats, copy=True), preprocess.image_size
+        )
         labels = jnp.zeros((images.shape[0],), jnp.int32)
 
         def logits_of(b):

@@ -427,7 +427,7 @@ def test_evaluation_with_batchnorm_folded_equals_the_model(request, name, option
     size = 32 if name == "simple_cnn" else 16  # SimpleCNN's classifier takes 32x32; folding has no size
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, size, size, 3)), dtype)
     plain = jax.jit(lambda p, s, x: nnx.merge(graphdef, p, s, copy=True)(x))(params, stats, x)
-    folded = jax.jit(lambda p, s, x: models.for_evaluation(nnx.merge(graphdef, p, s, copy=True))(x))(
+    folded = jax.jit(lambda p, s, x: models.for_evaluation(nnx.merge(graphdef, p, s, copy=True), size)(x))(
         params, stats, x
     )
     scale = float(jnp.abs(plain).max())
@@ -435,6 +435,53 @@ def test_evaluation_with_batchnorm_folded_equals_the_model(request, name, option
     assert len(model.conv_bn_pairs()) == sum(
         isinstance(m, models.layers.BatchNorm) for _, m in nnx.iter_modules(model)
     )  # every BatchNorm has its convolution
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,size,fitted_kernel",
+    [
+        (3, 1, 1, 2, (2, 2)),  # ResNet-50's layer3 at 32x32: one matmul of the whole input
+        (3, 2, 1, 2, (2, 2)),  # layer4's first block: four taps meet the image
+        (3, 1, 1, 1, (1, 1)),  # layer4: only the centre tap meets the image
+        (3, 2, 1, 1, (1, 1)),
+        (7, 2, 3, 2, (2, 2)),  # a stem at 2x2
+        (3, 1, 0, 2, None),  # the output (0x0) is no linear map to fit: left as it is
+        (3, 1, 1, 3, None),  # 9 pixels: left as it is
+        (1, 1, 0, 2, None),  # a 1x1 kernel: already what cuDNN runs
+    ],
+)
+def test_a_convolution_fitted_to_its_tiny_input_computes_the_same(
+    x64, kernel, stride, padding, size, fitted_kernel
+):
+    """`layers.fit_to_input`: the convolution of a folded layer on its input size as one kernel over
+    the whole input, output pixels as channels; float64 equal to the convolution to 1e-12."""
+    make = layers.LayerMaker(jnp.float64, nnx.Rngs(0))
+    conv = make.conv(4, 5, kernel, stride=stride, padding=padding, bias=True)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, size, size, 4)))
+    if (size + 2 * padding - kernel) < 0:
+        layers.fit_to_input(conv, (size, size))
+        assert conv.output_size is None
+        return
+    want = conv(x)
+    layers.fit_to_input(conv, (size, size))
+    np.testing.assert_allclose(conv(x), want, rtol=1e-12, atol=1e-12)
+    if fitted_kernel is None:
+        assert conv.output_size is None and conv.kernel[...].shape[:2] == (kernel, kernel)
+    else:
+        assert conv.kernel[...].shape[:2] == fitted_kernel and conv.padding == ((0, 0), (0, 0))
+        assert conv.output_size == want.shape[1:3]
+
+
+def test_evaluation_fits_the_convolutions_of_tiny_inputs_and_only_those():
+    model = models.create("resnet50", 10, stem="imagenet")
+    model.eval()
+    sizes = models.conv_input_sizes(model, 32)
+    assert sizes[model.conv1] == (32, 32) and sizes[model.layer3[1].conv2] == (2, 2)
+    assert sizes[model.layer4[0].conv2] == (2, 2) and sizes[model.layer4[2].conv2] == (1, 1)
+    models.for_evaluation(model, 32)
+    fitted = [m for _, m in nnx.iter_modules(model) if isinstance(m, layers.Conv2d) and m.output_size]
+    # layer3's five 3x3 convolutions at 2x2 (its first, at 4x4, stays) and layer4's three 3x3
+    assert fitted == [model.layer3[i].conv2 for i in range(1, 6)] + [model.layer4[i].conv2 for i in range(3)]
 
 
 def test_folding_a_batchnorm_in_training_mode_is_refused():

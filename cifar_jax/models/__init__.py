@@ -10,6 +10,8 @@ fine-tune trains alone). A new model: its file (module, `Architecture`) and one 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -82,17 +84,43 @@ def torch_twin(name: str, num_classes: int = 100, **options):
     return arch.torch_twin(num_classes, **_checked_options(arch, options))
 
 
-def for_evaluation(model: nnx.Module) -> nnx.Module:
-    """`model` (in eval mode, merged inside the jitted evaluation) as evaluation computes it: every
-    BatchNorm folded into the convolution before it, and the linear layers' weights in the compute
-    dtype, each cast once per call instead of once per batch (`layers.fold_batchnorm`). Changes
-    `model` in place; returns it."""
+def for_evaluation(model: nnx.Module, image_size: int) -> nnx.Module:
+    """`model` (in eval mode, merged inside the jitted evaluation) as evaluation computes it on
+    square images of `image_size`: every BatchNorm folded into the convolution before it, the
+    convolutions of inputs of at most 2x2 pixels as the linear maps they are there, and the linear
+    layers' weights in the compute dtype, each prepared once per call instead of once per batch
+    (`layers.fold_batchnorm`, `layers.fit_to_input`). Changes `model` in place; returns it."""
     for conv, bn in model.conv_bn_pairs():
         layers.fold_batchnorm(conv, bn)
+    for conv, size in conv_input_sizes(model, image_size).items():
+        layers.fit_to_input(conv, size)
     for _, module in nnx.iter_modules(model):
         if isinstance(module, nnx.Linear):
             layers.cast_linear(module)
     return model
+
+
+def conv_input_sizes(model: nnx.Module, image_size: int) -> dict:
+    """{convolution: (H, W) of its input} for square images of `image_size`, read from the model
+    run on shapes alone (`jax.eval_shape`, nothing computed)."""
+    sizes, convs = {}, [m for _, m in nnx.iter_modules(model) if isinstance(m, layers.Conv2d)]
+
+    def recording(conv, op):
+        def conv_op(x, *args):
+            sizes[conv] = x.shape[1:3]
+            return op(x, *args)
+
+        return conv_op
+
+    kept = [conv.ops for conv in convs]
+    try:
+        for conv in convs:
+            conv.ops = dataclasses.replace(conv.ops, conv=recording(conv, conv.ops.conv))
+        jax.eval_shape(lambda x: model(x), jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32))
+    finally:
+        for conv, ops in zip(convs, kept):
+            conv.ops = ops
+    return sizes
 
 
 def count_params(model: nnx.Module) -> int:

@@ -42,8 +42,12 @@ def patch_matmul(x, kernel, strides, padding):
     """The convolution of NHWC `x` by an HWIO kernel as one 2-D matmul of the image patches by the
     kernel (exact; the padding's zeros take part in the product)."""
     (kh, kw, _, out_features), (sh, sw), ((pt, pb), (pl, pr)) = kernel.shape, strides, padding
-    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)  # the kernel's (H, W, I) order
+    if x.shape[1:3] == (kh, kw) and pt == pb == pl == pr == 0:  # one window, the whole image
+        patches = x.reshape(x.shape[0], 1, 1, -1)
+    else:
+        x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        # In the kernel's (H, W, I) order.
+        patches = jnp.concatenate(window_slices(x, (kh, kw), (sh, sw)), axis=-1)
     # As a 2-D matmul: XLA:CPU ran the same product on 4-D patches slower.
     y = patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, out_features)
     return y.reshape(*patches.shape[:-1], out_features)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cifar_jax.models import cpu_kernels
@@ -133,10 +134,13 @@ class Conv2d(nnx.Conv):
     def __init__(self, *args, ops: Ops = PER_PLATFORM, **kwargs):
         super().__init__(*args, **kwargs)
         self.ops = ops
+        self.output_size = None  # (H, W) once `fit_to_input` made it one kernel over its whole input
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
         y = self.ops.conv(x.astype(dtype), self.kernel[...].astype(dtype), self.strides, self.padding)
+        if self.output_size:  # the output pixels came out as channels
+            y = y.reshape(y.shape[0], *self.output_size, -1)
         return y + self.bias[...].astype(dtype) if self.use_bias else y
 
 
@@ -290,6 +294,34 @@ def fold_batchnorm(conv: Conv2d, bn: BatchNorm) -> None:
     conv.bias = nnx.Param(add.astype(dtype))
     conv.use_bias = True
     bn.folded = True
+
+
+def fit_to_input(conv: Conv2d, size: tuple[int, int]) -> None:
+    """For evaluation (after `fold_batchnorm`, outside the loop over batches): a kxk convolution of
+    an input of at most 2x2 pixels (ResNets' last stages at 32x32) becomes the linear map it is on
+    that input, one kernel over the whole input whose output channels are the output's pixels and
+    channels; taps that meet only padding drop out. Exact. On a 1x1 input it is the centre tap, a
+    1x1 convolution that cuDNN runs with its bias and ReLU; on 2x2 one matmul, no patches to build
+    inside the loop and fewer products (BENCHMARKS.md, "The GPU program")."""
+    (h, w), (kh, kw, in_features, out_features) = size, conv.kernel[...].shape
+    (sh, sw), ((pt, pb), (pl, pr)) = conv.strides, conv.padding
+    if (kh, kw) == (1, 1) or h * w > 4 or conv.output_size:
+        return
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        return
+    tap = np.full((h, w, oh, ow), kh * kw)  # which tap joins input pixel (i, j) to output (p, q): none
+    for i, j, p, q in np.ndindex(h, w, oh, ow):
+        a, b = i - p * sh + pt, j - q * sw + pl
+        if 0 <= a < kh and 0 <= b < kw:
+            tap[i, j, p, q] = a * kw + b
+    kernel = conv.kernel[...]
+    taps = jnp.concatenate(
+        [kernel.reshape(kh * kw, in_features, out_features), jnp.zeros_like(kernel[:1, 0])]
+    )
+    fitted = taps[tap].transpose(0, 1, 4, 2, 3, 5).reshape(h, w, in_features, oh * ow * out_features)
+    conv.kernel = nnx.Param(fitted)
+    conv.strides, conv.padding, conv.output_size = (1, 1), ((0, 0), (0, 0)), (oh, ow)
 
 
 def cast_linear(layer: nnx.Linear) -> None:
