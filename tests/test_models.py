@@ -293,8 +293,10 @@ def test_batch_norm_gradient_equals_autodiff_of_its_definition(x64, ops, monkeyp
     """The closed-form BatchNorm gradient (CPU), and the stock one (elsewhere), for the output and
     for the batch statistics."""
 
+    shift = jnp.asarray(np.random.default_rng(1).normal(1.0, 1.0, 6))  # a running mean near the batch's
+
     def batch_norm_train(x, scale, bias, eps):
-        return layers.OPS[ops].batch_norm_train(x, scale, bias, eps)
+        return layers.OPS[ops].batch_norm_train(x, scale, bias, shift, eps)
 
     def definition(x, scale, bias):
         mean = x.mean((0, 1, 2))
@@ -316,6 +318,25 @@ def test_batch_norm_gradient_equals_autodiff_of_its_definition(x64, ops, monkeyp
     ref, ref_vjp = jax.vjp(definition, *args)
     for got, want in zip(ours + ours_vjp(cotangents), ref + ref_vjp(cotangents)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("ops", ["cpu_kernels", "stock"])
+def test_batch_norm_statistics_in_float32_are_those_of_float64_far_from_zero(ops):
+    """float32 BatchNorm against its float64 definition on channels whose mean is up to 1000 times
+    their spread: the stock one-pass sums are shifted by the running mean (here within a standard
+    deviation of the batch's; unshifted, a mean of 1000 would lose the variance to cancellation)."""
+    rng = np.random.default_rng(0)
+    means, stds = np.array([0.0, 3.0, -50.0, 1000.0]), np.array([1.0, 0.5, 2.0, 1.0])
+    x = rng.normal(means, stds, size=(16, 4, 4, 4))
+    shift = means + rng.uniform(-1, 1, 4) * stds
+    scale, bias = rng.uniform(0.5, 1.5, 4), rng.normal(size=4)
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias, shift)]
+    y, mean, var = layers.OPS[ops].batch_norm_train(*f32, 1e-5)
+    want_mean, want_var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    want_y = (x - want_mean) / np.sqrt(want_var + 1e-5) * scale + bias
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var, want_var, rtol=1e-4)
+    np.testing.assert_allclose(y, want_y, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

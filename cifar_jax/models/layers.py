@@ -14,6 +14,7 @@ on one device).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -72,22 +73,48 @@ def stock_max_pool(x, window: int, stride: int, padding: int):
     )
 
 
-def stock_batch_norm_train(x, scale, bias, eps):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def stock_batch_norm_train(x, scale, bias, shift, eps):
     """Training-mode BatchNorm of NHWC `x` over all but the last axis, computed in `scale`'s dtype:
-    (normalised x in x's dtype, batch mean, biased batch variance)."""
+    (normalised x in x's dtype, batch mean, biased batch variance). Mean and variance come from
+    one pass over `x`, the sums of d and d^2 for d = x - `shift` (the running mean), and the
+    gradient is the closed form (`cpu_kernels.batch_norm_grad`): a GPU step reads each activation
+    once for its statistics instead of twice, and once for their gradient (BENCHMARKS.md, "The GPU
+    program"). The shift keeps E[d^2] - E[d]^2 free of cancellation once the running mean is near
+    the batch's (flax's BatchNorm takes the same sums unshifted by default)."""
+    return _stock_batch_norm_train_fwd(x, scale, bias, shift, eps)[0]
+
+
+def _stock_batch_norm_train_fwd(x, scale, bias, shift, eps):
     xf = x.astype(scale.dtype)
     axes = tuple(range(x.ndim - 1))
-    mean = xf.mean(axes)
-    centred = xf - mean
-    var = jnp.square(centred).mean(axes)
-    return (centred * (scale * jax.lax.rsqrt(var + eps)) + bias).astype(x.dtype), mean, var
+    d = xf - shift
+    d_mean, d2_mean = d.mean(axes), jnp.square(d).mean(axes)
+    mean, var = shift + d_mean, jnp.maximum(d2_mean - jnp.square(d_mean), 0.0)
+    inv_std = jax.lax.rsqrt(var + eps)
+    y = ((xf - mean) * (scale * inv_std) + bias).astype(x.dtype)
+    return (y, mean, var), (x, mean, inv_std, scale)
+
+
+def _stock_batch_norm_train_bwd(eps, residuals, cotangents):
+    axes = tuple(range(residuals[0].ndim - 1))
+    dx, dscale, dbias = cpu_kernels.batch_norm_grad(residuals, cotangents, lambda a: a.sum(axes))
+    return dx, dscale, dbias, jnp.zeros_like(dbias)  # the result does not depend on the shift
+
+
+stock_batch_norm_train.defvjp(_stock_batch_norm_train_fwd, _stock_batch_norm_train_bwd)
+
+
+def _cpu_batch_norm_train(x, scale, bias, shift, eps):
+    """`cpu_kernels.batch_norm_train`: two passes with a closed-form gradient, which need no shift."""
+    return cpu_kernels.batch_norm_train(x, scale, bias, eps)
 
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """One implementation of the operations the layers compute. Each takes its arrays first, then
     its static settings, positionally: `conv(x, kernel, strides, padding)`, `max_pool(x, window,
-    stride, padding)`, `batch_norm_train(x, scale, bias, eps)` (as `stock_batch_norm_train`), and
+    stride, padding)`, `batch_norm_train(x, scale, bias, shift, eps)` (as `stock_batch_norm_train`), and
     `materialize(x)`, the identity, which may write `x` to memory (`cpu_kernels.materialize`)."""
 
     conv: Callable
@@ -114,13 +141,11 @@ def per_platform(cpu: Ops, other: Ops) -> Ops:
 
         return chosen
 
-    return Ops(op("conv", 2), op("max_pool", 1), op("batch_norm_train", 3), op("materialize", 1))
+    return Ops(op("conv", 2), op("max_pool", 1), op("batch_norm_train", 4), op("materialize", 1))
 
 
 STOCK = Ops(stock_conv2d, stock_max_pool, stock_batch_norm_train, _identity)
-CPU_KERNELS = Ops(
-    cpu_kernels.conv2d, cpu_kernels.max_pool, cpu_kernels.batch_norm_train, cpu_kernels.materialize
-)
+CPU_KERNELS = Ops(cpu_kernels.conv2d, cpu_kernels.max_pool, _cpu_batch_norm_train, cpu_kernels.materialize)
 PER_PLATFORM = per_platform(CPU_KERNELS, STOCK)
 OPS = {"auto": PER_PLATFORM, "stock": STOCK, "cpu_kernels": CPU_KERNELS}  # by the benchmark's names
 
@@ -180,7 +205,11 @@ class BatchNorm(nnx.Module):
         if not self.use_running_average:
             stats = stats_dtype(x.dtype)
             y, mean, var = self.ops.batch_norm_train(
-                x, self.scale[...].astype(stats), self.bias[...].astype(stats), self.eps
+                x,
+                self.scale[...].astype(stats),
+                self.bias[...].astype(stats),
+                self.mean[...].astype(stats),
+                self.eps,
             )
             n = x.size // x.shape[-1]
             m = self.momentum
