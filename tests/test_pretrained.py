@@ -166,15 +166,15 @@ def test_head_replacement_keeps_backbone_and_reinitialises_fc():
     assert 0 < float(jnp.abs(model.fc.kernel[...]).max()) <= 1 / 512**0.5
 
 
+def _convert_resnet18(state_dict, out, *flags) -> int:
+    """`python -m cifar_jax.convert --arch resnet18` of the file `state_dict` into `out`: its status."""
+    return convert.main(["--arch", "resnet18", "--state-dict", str(state_dict), "--out", str(out), *flags])
+
+
 def test_convert_cli_writes_weights_that_load_back(tmp_path, capsys):
     sd = _randomised_torchvision("resnet18", num_classes=10).state_dict()
     torch.save(sd, tmp_path / "r18.pth")
-    assert (
-        convert.main(
-            ["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "out")]
-        )
-        == 0
-    )
+    assert _convert_resnet18(tmp_path / "r18.pth", tmp_path / "out") == 0
     assert "10 classes" in capsys.readouterr().out
     loaded = pretrained.load(tmp_path / "out")
     _assert_same_arrays(_arrays(loaded), _arrays(pretrained.from_torchvision("resnet18", sd)))
@@ -214,19 +214,7 @@ def convert_inputs(tmp_path_factory):
         {k: np.asarray(v.numpy() > 0) for k, v in _randomised_torchvision("resnet18").state_dict().items()},
         str(tmp_path / "bool.safetensors"),
     )
-    assert (
-        convert.main(
-            [
-                "--arch",
-                "resnet18",
-                "--state-dict",
-                str(tmp_path / "r18.pth"),
-                "--out",
-                str(tmp_path / "converted"),
-            ]
-        )
-        == 0
-    )
+    assert _convert_resnet18(tmp_path / "r18.pth", tmp_path / "converted") == 0
     return tmp_path
 
 
@@ -291,25 +279,8 @@ def test_convert_cli_refuses_bad_input_in_one_line_and_keeps_what_exists(convert
 def test_convert_overwrite_replaces_the_directory_whole(tmp_path):
     torch.save(_randomised_torchvision("resnet18", num_classes=10).state_dict(), tmp_path / "r18.pth")
     out = tmp_path / "converted"
-    assert (
-        convert.main(["--arch", "resnet18", "--state-dict", str(tmp_path / "r18.pth"), "--out", str(out)])
-        == 0
-    )
-    assert (
-        convert.main(
-            [
-                "--arch",
-                "resnet18",
-                "--state-dict",
-                str(tmp_path / "r18.pth"),
-                "--out",
-                str(out),
-                "--num_classes=7",
-                "--overwrite",
-            ]
-        )
-        == 0
-    )
+    assert _convert_resnet18(tmp_path / "r18.pth", out) == 0
+    assert _convert_resnet18(tmp_path / "r18.pth", out, "--num_classes=7", "--overwrite") == 0
     assert pretrained.load(out).fc.kernel.shape == (512, 7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "r18.pth"]
 
@@ -320,19 +291,7 @@ def test_convert_removes_the_staging_directories_of_dead_processes_only(tmp_path
     dead.wait()
     for pid in (dead.pid, os.getppid()):  # a convert killed mid-write, and one still writing
         (tmp_path / f".converted.partial-{pid}" / "state").mkdir(parents=True)
-    assert (
-        convert.main(
-            [
-                "--arch",
-                "resnet18",
-                "--state-dict",
-                str(tmp_path / "r18.pth"),
-                "--out",
-                str(tmp_path / "converted"),
-            ]
-        )
-        == 0
-    )
+    assert _convert_resnet18(tmp_path / "r18.pth", tmp_path / "converted") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f".converted.partial-{os.getppid()}", "converted", "r18.pth"]
     )

@@ -31,11 +31,17 @@ def conv2d_by_shape(x, kernel, strides, padding):
     return conv_nhwc(x, kernel, strides, padding)
 
 
+def output_size(size, window, strides, padding) -> tuple[int, int]:
+    """(H, W) of a convolution's or pooling's output from its input's `size` (H, W), `window` (kh,
+    kw), strides and explicit padding ((top, bottom), (left, right))."""
+    (h, w), (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = size, window, strides, padding
+    return (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+
+
 def has_tiny_output(x, kernel, strides, padding) -> bool:
     """Whether the convolution of NHWC `x` by an HWIO `kernel` has an output of at most 2 pixels
     along a side (ResNet-50's last stages at 32x32): one a patch matmul computes best."""
-    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel.shape[:2], strides, padding
-    return min((x.shape[1] + pt + pb - kh) // sh + 1, (x.shape[2] + pl + pr - kw) // sw + 1) <= 2
+    return min(output_size(x.shape[1:3], kernel.shape[:2], strides, padding)) <= 2
 
 
 def patch_matmul(x, kernel, strides, padding):
@@ -109,7 +115,7 @@ def window_slices(x, window, strides):
     """The strided slices of NHWC `x`, one per window offset (i, j) in row-major order: slice
     (i, j) holds, for every output pixel of a VALID window op, the input pixel at that offset."""
     (kh, kw), (sh, sw) = window, strides
-    oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    oh, ow = output_size(x.shape[1:3], window, strides, ((0, 0), (0, 0)))
     return [
         x[:, i : i + (oh - 1) * sh + 1 : sh, j : j + (ow - 1) * sw + 1 : sw]
         for i in range(kh)

@@ -333,10 +333,10 @@ def fit_to_input(conv: Conv2d, size: tuple[int, int]) -> None:
     1x1 convolution that cuDNN runs with its bias and ReLU; on 2x2 one matmul, no patches to build
     inside the loop and fewer products (BENCHMARKS.md, "The GPU program")."""
     (h, w), (kh, kw, in_features, out_features) = size, conv.kernel[...].shape
-    (sh, sw), ((pt, pb), (pl, pr)) = conv.strides, conv.padding
+    (sh, sw), ((pt, _), (pl, _)) = conv.strides, conv.padding
     if (kh, kw) == (1, 1) or h * w > 4 or conv.output_size:
         return
-    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    oh, ow = cpu_kernels.output_size(size, (kh, kw), conv.strides, conv.padding)
     if oh < 1 or ow < 1:
         return
     tap = np.full((h, w, oh, ow), kh * kw)  # which tap joins input pixel (i, j) to output (p, q): none
