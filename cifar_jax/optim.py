@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cifar_jax import flat
+
 
 def _epoch_schedule(cfg, base_lr: float, length: int):
     """lr as a function of t = epochs (or steps) done in this phase, `length` of them in all."""
@@ -61,7 +63,10 @@ def is_off(value) -> bool:
 
 def decayed(params):
     """True for the parameters that weight decay applies to when norms and biases are exempt: those
-    of more than one dimension (convolution and linear kernels)."""
+    of more than one dimension (convolution and linear kernels); in the training loop's vectors
+    (`flat.Flat`), the group of kernels."""
+    if isinstance(params, flat.Flat):
+        return flat.Flat((True, False), params.layout)
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 

@@ -6,7 +6,8 @@ is sharded over 'data', parameters are replicated, and XLA inserts the gradient 
 
 The train state is a dict pytree: `params` (nnx.State of all parameters), `batch_stats`
 (BatchNorm running statistics), `opt_state` (optax state of the *trainable* parameters only) and,
-with a weight average, `ema` ({params, batch_stats} averaged over the steps).
+with a weight average, `ema` ({params, batch_stats} averaged over the steps). Inside a training
+chunk's loop the trainable parameters and the optimizer's moments are vectors (`to_loop`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cifar_jax import models
+from cifar_jax import flat, models
 from cifar_jax.data import mix, pipeline
 from cifar_jax.optim import is_off
 
@@ -42,6 +43,32 @@ def partition(params: nnx.State, train_only: str | None):
     if train_only is not None:
         return nnx.split_state(params, lambda path, _: path[0] == train_only, ...)
     return params, nnx.State({})
+
+
+def to_loop(state: dict, train_only: str | None) -> dict:
+    """The train state as the loop carries it: `params` as (the trainable ones as `flat.Flat`, the frozen
+    tree), and each subtree of `opt_state` shaped like the trainable parameters as a `flat.Flat`."""
+    trainable, frozen = partition(state["params"], train_only)
+    layout = flat.Layout.of(trainable)
+
+    def like_params(subtree):
+        return jax.tree.structure(subtree) == layout.treedef
+
+    opt_state = jax.tree.map(
+        lambda s: layout.ravel(s) if like_params(s) else s, state["opt_state"], is_leaf=like_params
+    )
+    return {**state, "params": (layout.ravel(trainable), frozen), "opt_state": opt_state}
+
+
+def from_loop(state: dict) -> dict:
+    """The train state as checkpoints hold it: `to_loop` undone."""
+    trainable, frozen = state["params"]
+    opt_state = jax.tree.map(
+        lambda s: s.unravel() if isinstance(s, flat.Flat) else s,
+        state["opt_state"],
+        is_leaf=lambda s: isinstance(s, flat.Flat),
+    )
+    return {**state, "params": nnx.merge_state(trainable.unravel(), frozen), "opt_state": opt_state}
 
 
 def zero_metrics():
@@ -93,7 +120,13 @@ class StepConfig:
 
 
 def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, step):
-    """One optimizer step on batch `step` of `epoch`: the input pipeline, then `update_step`."""
+    """One optimizer step on batch `step` of `epoch`: `train_batch`, then `update_step`."""
+    return update_step(cfg, state, metrics, *train_batch(cfg, images, labels, order, epoch, step))
+
+
+def train_batch(cfg: StepConfig, images, labels, order, epoch, step):
+    """(normalised images, labels, soft targets or None) of batch `step` of `epoch`: the input
+    pipeline, then MixUp / CutMix if configured."""
     x, y = pipeline.train_batch(
         images,
         labels,
@@ -109,21 +142,30 @@ def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, st
     if not (is_off(cfg.mixup_alpha) and is_off(cfg.cutmix_alpha)):
         key = jax.random.fold_in(pipeline.step_key(cfg.seed, epoch, step), 1)  # not the augmentation's key
         x, targets = mix.mix_batch(key, x, y, cfg.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha)
-    return update_step(cfg, state, metrics, x, y, targets)
+    return x, y, targets
 
 
 def update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
     """One optimizer step on a prepared batch (normalised images `x`, labels `y`, and the soft
-    `targets` of a mixed batch; accuracy is counted against `y`, each image's own label). With
-    `accumulate_steps` k > 1 the batch is k micro-batches, as in PyTorch's accumulation loop: each
-    a forward in train mode (BatchNorm's statistics of that micro-batch, the running ones updated
-    in turn) and the gradient of its mean loss / k, summed into one update."""
-    trainable, frozen = partition(state["params"], cfg.train_only)
+    `targets` of a mixed batch; accuracy is counted against `y`, each image's own label), on the
+    train state as checkpoints hold it: `loop_update_step` between `to_loop` and `from_loop`."""
+    new, metrics = loop_update_step(cfg, to_loop(state, cfg.train_only), metrics, x, y, targets)
+    return from_loop(new), metrics
+
+
+def loop_update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
+    """`update_step` on the train state as the loop carries it (`to_loop`: the trainable
+    parameters, their gradients and the optimizer's moments as vectors). With `accumulate_steps`
+    k > 1 the batch is k micro-batches, as in PyTorch's accumulation loop: each a forward in train
+    mode (BatchNorm's statistics of that micro-batch, the running ones updated in turn) and the
+    gradient of its mean loss / k, summed into one update."""
+    trainable, frozen = state["params"]
 
     def gradients(batch_stats, x, y, targets):
         def loss_fn(trainable):
             # Only `trainable` is differentiated: with a frozen backbone nothing flows back through it.
-            model = nnx.merge(cfg.graphdef, nnx.merge_state(trainable, frozen), batch_stats, copy=True)
+            params = nnx.merge_state(trainable.unravel(), frozen)
+            model = nnx.merge(cfg.graphdef, params, batch_stats, copy=True)
             logits = model(x)
             loss = cross_entropy(logits, y, cfg.num_classes, cfg.label_smoothing, targets).mean()
             return loss, (logits, nnx.state(model, nnx.BatchStat))
@@ -140,11 +182,10 @@ def update_step(cfg: StepConfig, state, metrics, x, y, targets=None):
         )
     updates, opt_state = cfg.tx.update(grads, state["opt_state"], trainable)
     trainable = optax.apply_updates(trainable, updates)
-    new = {"params": nnx.merge_state(trainable, frozen), "batch_stats": batch_stats, "opt_state": opt_state}
+    new = {"params": (trainable, frozen), "batch_stats": batch_stats, "opt_state": opt_state}
     if not is_off(cfg.ema_decay):
-        new["ema"] = update_ema(
-            state["ema"], {"params": new["params"], "batch_stats": batch_stats}, cfg.ema_decay
-        )
+        params = nnx.merge_state(trainable.unravel(), frozen)
+        new["ema"] = update_ema(state["ema"], {"params": params, "batch_stats": batch_stats}, cfg.ema_decay)
     return new, metrics
 
 
@@ -225,11 +266,12 @@ def make_train_chunk(
         step_cfg = cfg if member_cfg is None else member_cfg(numbers)
 
         def body(i, carry):
-            return train_step(step_cfg, *carry, images, labels, order, epoch, first_step + i)
+            batch = train_batch(step_cfg, images, labels, order, epoch, first_step + i)
+            return loop_update_step(step_cfg, *carry, *batch)
 
-        if num_steps == 1:
-            return body(0, (state, metrics))
-        return jax.lax.fori_loop(0, num_steps, body, (state, metrics))
+        carry = (to_loop(state, cfg.train_only), metrics)
+        state, metrics = body(0, carry) if num_steps == 1 else jax.lax.fori_loop(0, num_steps, body, carry)
+        return from_loop(state), metrics
 
     if member_cfg is not None:
         run_steps = over_members(run_steps, (0, 0, None, None, 0, None, None, 0), vectorize)
