@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -25,6 +26,23 @@ from flax import nnx
 from cifar_jax import flat, models
 from cifar_jax.data import mix, pipeline
 from cifar_jax.optim import is_off
+
+
+def jit(fn: Callable, **kwargs) -> Callable:
+    """`jax.jit` with the compiler options of this project's device programs (`xla_options`)."""
+    return jax.jit(fn, compiler_options=xla_options(), **kwargs)
+
+
+def xla_options() -> dict:
+    """XLA replays the kernels between two of its cuDNN convolutions (which it launches alone) as
+    a CUDA graph, one host launch, when they are at least 5; at CIFAR sizes most runs are shorter,
+    each of their kernels a launch of its own. Runs of 2 or more as graphs: ResNet-50 @32's
+    training step 380 -> 223 host launches on the H100 (BENCHMARKS.md, "The GPU program").
+    Options of other backends are ignored; the option in $XLA_FLAGS wins (a measurement of XLA's
+    default sets it there)."""
+    if "xla_gpu_graph_min_graph_size" in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return {"xla_gpu_graph_min_graph_size": 2}
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0, targets=None):
@@ -283,7 +301,7 @@ def make_train_chunk(
         votes_after_steps = jnp.where(jnp.sum(metrics["count"]) > 0, stop_votes, 0)
         return state, metrics, jnp.max(votes_after_steps)
 
-    return jax.jit(chunk, donate_argnums=0)
+    return jit(chunk, donate_argnums=0)
 
 
 def stop_votes(signum: int | None, sharding) -> jax.Array:
@@ -350,7 +368,7 @@ def make_eval_sums(
 
         return jax.lax.fori_loop(0, per_call, lambda i, s: add_batch(first + i, s), sums)
 
-    @functools.partial(jax.jit, static_argnames="per_call")
+    @functools.partial(jit, static_argnames="per_call")
     def add_batches(params, batch_stats, images, labels, first, sums, smoothing, per_call):
         if members is None:
             return add_member_batches(
@@ -387,7 +405,7 @@ def make_batch_logits(graphdef_eval, *, preprocess, batch_size: int, sharding=No
     """jit(params, batch_stats, images, first, per_call=1) -> logits of the `per_call` eval batches
     from batch `first` of `images` (padded), shaped (per_call, batch_size, classes)."""
 
-    @functools.partial(jax.jit, static_argnames="per_call")
+    @functools.partial(jit, static_argnames="per_call")
     def batch_logits(params, batch_stats, images, first, per_call=1):
         model = models.for_evaluation(
             nnx.merge(graphdef_eval, params, batch_stats, copy=True), preprocess.image_size

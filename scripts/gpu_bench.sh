@@ -96,6 +96,9 @@ for members in 1 8 32; do
   item "population_resnet18_$members" 60 200 bash -c "population configs/resnet18_recipe.py $members"
 done
 case_items resnet50@32 jax eager cudagraphs
+# issue 33: the device programs ask XLA for CUDA graphs of runs of 2 or more kernels
+# (steps.xla_options; XLA's default is 5): ResNet-50 @32 again with XLA's default, to time the choice
+item jax_resnet50_32_graphs_of_5 40 200 env XLA_FLAGS=--xla_gpu_graph_min_graph_size=5 "${table[@]}" --modes train,eval --cases resnet50@32 --frameworks jax --out "$json_dir/jax_resnet50_32_graphs_of_5.json"
 # issue 33: XLA replays runs of kernels as CUDA graphs, but its cuDNN convolutions end each run, and
 # an evaluation batch holds no graph at all; as cuDNN fusions (experimental) the convolutions join
 # the graph: each whole step and batch is one graph, with more kernels (bias and ReLU leave them).

@@ -56,3 +56,12 @@ def test_a_population_lowers_for_cuda_with_the_operations_of_one_member():
 
     one, eight = convolutions(1), convolutions(8)
     assert one > 0 and eight == one
+
+
+def test_device_programs_ask_for_cuda_graphs_of_two_kernels_unless_xla_flags_name_the_option(monkeypatch):
+    from cifar_jax import steps
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    assert steps.xla_options() == {"xla_gpu_graph_min_graph_size": 2}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_graph_min_graph_size=5")
+    assert steps.xla_options() == {}

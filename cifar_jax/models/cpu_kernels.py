@@ -234,21 +234,20 @@ def _batch_norm_train_fwd(x, scale, bias, eps):
 
 
 def _batch_norm_train_bwd(eps, residuals, cotangents):
-    return batch_norm_grad(residuals, cotangents, channel_sum)
+    return batch_norm_grad(residuals, cotangents, lambda a, b: (channel_sum(a), channel_sum(b)))
 
 
-def batch_norm_grad(residuals, cotangents, total):
+def batch_norm_grad(residuals, cotangents, totals):
     """The gradient of training-mode BatchNorm, (dx, dscale, dbias), in closed form: two
-    per-channel sums (`total`) of the incoming gradient, then one elementwise pass. `residuals`:
-    (x, batch mean, 1 / sqrt(var + eps), scale); `cotangents`: those of (y, mean, var)."""
+    per-channel sums of the incoming gradient (`totals(a, b)`: both), then one elementwise pass.
+    `residuals`: (x, batch mean, 1 / sqrt(var + eps), scale); `cotangents`: those of (y, mean, var)."""
     x, mean, inv_std, scale = residuals
     dy, dmean, dvar = cotangents
     n = x.size // x.shape[-1]
     centred = x.astype(scale.dtype) - mean
     x_hat = centred * inv_std
     dy = dy.astype(scale.dtype)
-    dbias = total(dy)
-    dscale = total(dy * x_hat)
+    dbias, dscale = totals(dy, dy * x_hat)
     dx = (scale * inv_std) * (dy - (dbias + x_hat * dscale) / n) + (dmean + 2 * dvar * centred) / n
     return dx.astype(x.dtype), dscale, dbias
 

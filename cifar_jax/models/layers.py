@@ -85,11 +85,25 @@ def stock_batch_norm_train(x, scale, bias, shift, eps):
     return _stock_batch_norm_train_fwd(x, scale, bias, shift, eps)[0]
 
 
+def channel_sums(a, b):
+    """The per-channel sums of NHWC `a` and `b` as one reduction with two results (XLA's variadic
+    reduce). Two sums of one input fuse into one kernel too, but XLA splits a reduction over many
+    rows into partial sums and their sum, and the second stage of a fusion with two results is a
+    kernel per result; of a variadic reduce, one."""
+
+    def add(x, y):
+        return x[0] + y[0], x[1] + y[1]
+
+    zero = jnp.zeros((), a.dtype)
+    return jax.lax.reduce((a, b), (zero, zero), add, tuple(range(a.ndim - 1)))
+
+
 def _stock_batch_norm_train_fwd(x, scale, bias, shift, eps):
     xf = x.astype(scale.dtype)
-    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
     d = xf - shift
-    d_mean, d2_mean = d.mean(axes), jnp.square(d).mean(axes)
+    d_sum, d2_sum = channel_sums(d, jnp.square(d))
+    d_mean, d2_mean = d_sum / n, d2_sum / n
     mean, var = shift + d_mean, jnp.maximum(d2_mean - jnp.square(d_mean), 0.0)
     inv_std = jax.lax.rsqrt(var + eps)
     y = ((xf - mean) * (scale * inv_std) + bias).astype(x.dtype)
@@ -97,8 +111,7 @@ def _stock_batch_norm_train_fwd(x, scale, bias, shift, eps):
 
 
 def _stock_batch_norm_train_bwd(eps, residuals, cotangents):
-    axes = tuple(range(residuals[0].ndim - 1))
-    dx, dscale, dbias = cpu_kernels.batch_norm_grad(residuals, cotangents, lambda a: a.sum(axes))
+    dx, dscale, dbias = cpu_kernels.batch_norm_grad(residuals, cotangents, channel_sums)
     return dx, dscale, dbias, jnp.zeros_like(dbias)  # the result does not depend on the shift
 
 
