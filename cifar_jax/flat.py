@@ -54,17 +54,20 @@ class Layout:
         )
 
     def unravel(self, flat: Flat):
-        offsets, leaves = [0, 0], []
+        # One split per vector: its gradient is one concatenation (a slice's is a padded copy, and
+        # the sum of one per array costs the whole vector per array).
+        pieces = [
+            iter(jax.lax.split(v, [math.prod(s) for s, g in zip(self.shapes, self.groups) if g == group]))
+            for group, v in enumerate(flat.vectors)
+        ]
+        leaves = []
         for shape, group in zip(self.shapes, self.groups):
-            size = math.prod(shape)
-            stored = flat.vectors[group][offsets[group] : offsets[group] + size]
+            stored = next(pieces[group])
             if len(shape) in FROM_STORED:
-                order = FROM_STORED[len(shape)]
                 stored_shape = tuple(shape[i] for i in TO_STORED[len(shape)])
-                leaves.append(stored.reshape(stored_shape).transpose(order))
+                leaves.append(stored.reshape(stored_shape).transpose(FROM_STORED[len(shape)]))
             else:
                 leaves.append(stored.reshape(shape))
-            offsets[group] += size
         return self.treedef.unflatten(leaves)
 
 
