@@ -19,60 +19,58 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # A convolution kernel (HWIO, flax's order) lies in its vector as OHWI, the order cuDNN reads and
 # its filter gradient comes in: row-major HWIO there would cost a transpose per kernel and step.
-TO_STORED = {4: (3, 0, 1, 2)}
-FROM_STORED = {4: (1, 2, 3, 0)}
+HWIO_TO_OHWI = (3, 0, 1, 2)
+OHWI_TO_HWIO = tuple(int(i) for i in np.argsort(HWIO_TO_OHWI))
+KERNELS, REST = 0, 1  # the groups: arrays of more than one dimension, and the others
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where each array of a tree lies in the vectors: its group and shape, in the tree's leaf order
-    (static: hashed into the jitted program)."""
+    """Where each array of a tree lies in the vectors: its shape, in the tree's leaf order, and so
+    its group (static: hashed into the jitted program)."""
 
     treedef: jax.tree_util.PyTreeDef
     shapes: tuple[tuple[int, ...], ...]
-    groups: tuple[int, ...]  # 0: a kernel (more than one dimension), 1: the rest
 
     @classmethod
     def of(cls, tree) -> Layout:
         leaves, treedef = jax.tree.flatten(tree)
-        shapes = tuple(tuple(leaf.shape) for leaf in leaves)
-        return cls(treedef, shapes, tuple(0 if len(s) > 1 else 1 for s in shapes))
+        return cls(treedef, tuple(tuple(leaf.shape) for leaf in leaves))
+
+    @property
+    def groups(self) -> tuple[int, ...]:
+        return tuple(KERNELS if len(shape) > 1 else REST for shape in self.shapes)
 
     def ravel(self, tree) -> Flat:
-        leaves = [_stored(leaf) for leaf in jax.tree.leaves(tree)]
+        leaves = [leaf.transpose(HWIO_TO_OHWI) if leaf.ndim == 4 else leaf for leaf in jax.tree.leaves(tree)]
+        in_group = [
+            [leaf.reshape(-1) for leaf, g in zip(leaves, self.groups) if g == group]
+            for group in (KERNELS, REST)
+        ]
         return Flat(
-            tuple(
-                jnp.concatenate([leaf.reshape(-1) for leaf, g in zip(leaves, self.groups) if g == group])
-                if group in self.groups
-                else jnp.zeros((0,), leaves[0].dtype)
-                for group in (0, 1)
-            ),
-            self,
+            tuple(jnp.concatenate(v) if v else jnp.zeros((0,), leaves[0].dtype) for v in in_group), self
         )
 
     def unravel(self, flat: Flat):
-        # One split per vector: its gradient is one concatenation (a slice's is a padded copy, and
-        # the sum of one per array costs the whole vector per array).
+        # One split per vector: its gradient is one concatenation (a slice's is a padded copy of the
+        # whole vector, and the sum of one per array costs the vector once per array).
         pieces = [
-            iter(jax.lax.split(v, [math.prod(s) for s, g in zip(self.shapes, self.groups) if g == group]))
-            for group, v in enumerate(flat.vectors)
+            iter(
+                jax.lax.split(vector, [math.prod(s) for s, g in zip(self.shapes, self.groups) if g == group])
+            )
+            for group, vector in enumerate(flat.vectors)
         ]
         leaves = []
         for shape, group in zip(self.shapes, self.groups):
-            stored = next(pieces[group])
-            if len(shape) in FROM_STORED:
-                stored_shape = tuple(shape[i] for i in TO_STORED[len(shape)])
-                leaves.append(stored.reshape(stored_shape).transpose(FROM_STORED[len(shape)]))
-            else:
-                leaves.append(stored.reshape(shape))
+            piece = next(pieces[group])
+            if len(shape) == 4:
+                piece = piece.reshape([shape[i] for i in HWIO_TO_OHWI]).transpose(OHWI_TO_HWIO)
+            leaves.append(piece.reshape(shape))
         return self.treedef.unflatten(leaves)
-
-
-def _stored(leaf):
-    return leaf.transpose(TO_STORED[leaf.ndim]) if leaf.ndim in TO_STORED else leaf
 
 
 @jax.tree_util.register_pytree_node_class

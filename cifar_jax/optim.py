@@ -66,7 +66,7 @@ def decayed(params):
     of more than one dimension (convolution and linear kernels); in the training loop's vectors
     (`flat.Flat`), the group of kernels."""
     if isinstance(params, flat.Flat):
-        return flat.Flat((True, False), params.layout)
+        return flat.Flat((True, False), params.layout)  # its groups: (KERNELS, REST)
     return jax.tree.map(lambda p: jnp.ndim(p) > 1, params)
 
 

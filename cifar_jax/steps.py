@@ -264,6 +264,19 @@ def over_members(fn: Callable, in_axes: tuple, vectorize: bool) -> Callable:
     return each
 
 
+def run_steps(cfg: StepConfig, state, metrics, num_steps: int, batch: Callable):
+    """`num_steps` optimizer steps (a fori_loop), step i on `batch(i)` = (x, y, targets): the state
+    as checkpoints hold it in and out, as `to_loop` makes it inside the loop (converted once each
+    way, not per step)."""
+
+    def body(i, carry):
+        return loop_update_step(cfg, *carry, *batch(i))
+
+    carry = (to_loop(state, cfg.train_only), metrics)
+    state, metrics = body(0, carry) if num_steps == 1 else jax.lax.fori_loop(0, num_steps, body, carry)
+    return from_loop(state), metrics
+
+
 def make_train_chunk(
     cfg: StepConfig, num_steps: int, member_cfg: Callable | None = None, vectorize: bool = True
 ) -> Callable:
@@ -280,22 +293,19 @@ def make_train_chunk(
     is their maximum. Every process reads the same value from the same chunk, so all of them stop
     at the same step when any one of them is signalled."""
 
-    def run_steps(state, metrics, images, labels, order, epoch, first_step, numbers):
+    def chunk_steps(state, metrics, images, labels, order, epoch, first_step, numbers):
         step_cfg = cfg if member_cfg is None else member_cfg(numbers)
 
-        def body(i, carry):
-            batch = train_batch(step_cfg, images, labels, order, epoch, first_step + i)
-            return loop_update_step(step_cfg, *carry, *batch)
+        def batch(i):
+            return train_batch(step_cfg, images, labels, order, epoch, first_step + i)
 
-        carry = (to_loop(state, cfg.train_only), metrics)
-        state, metrics = body(0, carry) if num_steps == 1 else jax.lax.fori_loop(0, num_steps, body, carry)
-        return from_loop(state), metrics
+        return run_steps(step_cfg, state, metrics, num_steps, batch)
 
     if member_cfg is not None:
-        run_steps = over_members(run_steps, (0, 0, None, None, 0, None, None, 0), vectorize)
+        chunk_steps = over_members(chunk_steps, (0, 0, None, None, 0, None, None, 0), vectorize)
 
     def chunk(state, metrics, images, labels, order, epoch, first_step, stop_votes, numbers=None):
-        state, metrics = run_steps(state, metrics, images, labels, order, epoch, first_step, numbers)
+        state, metrics = chunk_steps(state, metrics, images, labels, order, epoch, first_step, numbers)
         # The votes' all-reduce follows the steps' collectives (reading the loop's count orders it):
         # every process must issue collectives in one order (tests/test_data_parallel.py).
         votes_after_steps = jnp.where(jnp.sum(metrics["count"]) > 0, stop_votes, 0)

@@ -18,7 +18,7 @@ def pipeline(side, opts, case):
     an upper bound. (One batch per call would time the call's dispatch instead, which on a GPU
     is longer than a whole SimpleCNN step.)
     In the step: the training chunk against the same chunk fed the chunk's batches prepared
-    beforehand (`steps.update_step` on each in turn; one batch fed to every step would let XLA
+    beforehand (`steps.run_steps` on them; one batch fed to every step would let XLA
     hoist the work that depends on the images alone out of the loop), in alternating rounds;
     the difference of their medians per step (`in_step_ms`, `in_step_share`) is what the
     pipeline adds to a step where it runs."""
@@ -90,15 +90,15 @@ def prepared_chunk(side, x, y, draw):
         )
     )(x, y, order, epoch)
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    @functools.partial(steps.jit, donate_argnums=0)
     def chunk(state, metrics, batches):
-        def body(i, carry):
+        def batch(i):
             xb, yb = (jax.lax.dynamic_index_in_dim(a, i, keepdims=False) for a in batches)
             if cfg.sharding is not None:
                 xb, yb = (jax.lax.with_sharding_constraint(a, cfg.sharding) for a in (xb, yb))
-            return steps.update_step(cfg, *carry, xb, yb)
+            return xb, yb, None
 
-        return jax.lax.fori_loop(0, k, body, (state, metrics))
+        return steps.run_steps(cfg, state, metrics, k, batch)
 
     return chunk, batches
 
