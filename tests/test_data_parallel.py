@@ -51,20 +51,19 @@ def _two_processes(script, *args) -> list[dict]:
 
 
 def test_losses_do_not_depend_on_device_count():
-    # SimpleCNN in float32 to 1e-5. ResNet-18 in float64: in float32 its losses drift apart by
-    # 1e-4..1e-3 within 5 steps on 1 vs 8 devices (measured, with SGD and AdamW alike) because
-    # rounding differences of the reduction order are amplified by training; in float64 the
-    # same runs agree to 1e-15, which shows the data parallelism itself is exact.
+    # In float64, where the runs on 1 and 8 devices agree to 1e-15: that shows the data parallelism
+    # itself is exact. In float32 the rounding differences of the reduction order (and of the
+    # convolutions' algorithms for other batch shapes) are amplified by training: SimpleCNN's losses
+    # drift apart by 1e-5..2e-3 within 5 steps, ResNet-18's by 1e-4..1e-3 (measured).
     # Accumulated micro-batches (2 of 8, one image per device on 8) are sharded like batches.
-    specs = ["simple_cnn:adamw", "resnet18:adamw:float64", "simple_cnn:adamw:float32:acc2"]
+    specs = ["simple_cnn:adamw:float64", "resnet18:adamw:float64", "simple_cnn:adamw:float64:acc2"]
     one, eight = _run(1, specs), _run(8, specs)
     assert one["devices"] == 1 and eight["devices"] == 8
-    for spec in ("simple_cnn:adamw", "simple_cnn:adamw:float32:acc2"):
-        np.testing.assert_allclose(eight[spec], one[spec], rtol=1e-5)
+    for spec in specs:
+        np.testing.assert_allclose(eight[spec], one[spec], rtol=1e-10)
     assert not np.allclose(
-        one["simple_cnn:adamw:float32:acc2"], one["simple_cnn:adamw"], rtol=1e-3
+        one["simple_cnn:adamw:float64:acc2"], one["simple_cnn:adamw:float64"], rtol=1e-3
     )  # really accumulated
-    np.testing.assert_allclose(eight["resnet18:adamw:float64"], one["resnet18:adamw:float64"], rtol=1e-10)
     for spec in specs:
         assert len(set(np.round(one[spec], 6))) == 5  # five different batches, really trained
 

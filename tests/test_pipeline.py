@@ -9,8 +9,7 @@ import pytest
 
 from cifar_jax import data, sharding
 from cifar_jax.data import pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support.helpers import ROOT, probe_env
 
 
 def test_epoch_covers_every_index_once_and_drops_partial_batch():
@@ -62,7 +61,7 @@ def test_train_batch_is_augmented_normalised_and_resized():
 
 
 def _probe(tmp_path, devices):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env = probe_env(devices)
     out = tmp_path / f"probe{devices}.npz"
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "support", "pipeline_probe.py"), str(out)],

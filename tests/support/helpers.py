@@ -91,10 +91,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def probe_env(devices: int, **extra) -> dict:
-    """The environment of a probe subprocess: a CPU backend of `devices` devices, plus `extra`."""
+    """The environment of a probe subprocess: a CPU backend of `devices` devices (and the suite's other
+    XLA flags, tests/conftest.py), plus `extra`."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=flags.strip(),
         JAX_PLATFORMS="cpu",
         **extra,
     )

@@ -12,7 +12,7 @@ import sys
 import jax
 from probe_env import join_distributed_from_env  # this script's directory
 
-if any(spec.endswith(":float64") for spec in sys.argv[1:]):
+if any(":float64" in spec for spec in sys.argv[1:]):
     jax.config.update("jax_enable_x64", True)
 join_distributed_from_env()
 
