@@ -16,7 +16,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The suite compiles hundreds of programs and runs each for a few steps: LLVM at optimisation level 1
-# (XLA's default is 2) halves XLA:CPU's compile time, and the machine code computes the same bits
+# (XLA's default is 3) halves XLA:CPU's compile time, and the machine code computes the same bits
 # (measured: the train probe's SimpleCNN and float64 ResNet-18 losses; level 0 rounds differently).
 # The programs themselves (HLO) are those users run. Subprocesses inherit it through $XLA_FLAGS.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
