@@ -64,6 +64,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.image_size = 32
     c.data.val_fraction = 0.2
     c.data.split_seed = 0
+    # Train on the first N images of the training split, once validation's are taken (0: all of them):
+    # quick checks, and the study's smoke scale.
+    c.data.train_examples = 0
     c.data.normalization = "cifar"
     # mixup_alpha / cutmix_alpha > 0: torchvision.transforms.v2 MixUp / CutMix on each batch (both: one of
     # them per batch).
@@ -196,6 +199,7 @@ RULES: dict[str, Rule | tuple[Rule, ...]] = {
     "data.image_size": integer(1),
     "data.val_fraction": FRACTION,
     "data.split_seed": integer(0),
+    "data.train_examples": integer(0),
     "data.normalization": Rule(
         lambda v: v in augment.NORMALIZATIONS, f"is not one of: {', '.join(augment.NORMALIZATIONS)}"
     ),

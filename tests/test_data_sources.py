@@ -201,6 +201,16 @@ def test_train_val_split_is_deterministic_and_disjoint():
     assert not np.array_equal(other.val[0], s1.val[0])
 
 
+def test_train_examples_keeps_the_first_of_the_training_split_and_all_of_validation():
+    whole = data.load_splits(_data_config())
+    part = data.load_splits(_data_config(train_examples=12))
+    assert len(part.train[0]) == len(part.train[1]) == 12
+    np.testing.assert_array_equal(part.train[0], whole.train[0][:12])
+    np.testing.assert_array_equal(part.train[1], whole.train[1][:12])
+    np.testing.assert_array_equal(part.val[0], whole.val[0])
+    np.testing.assert_array_equal(part.test[0], whole.test[0])
+
+
 def test_bad_val_fraction():
     with pytest.raises(data.DataError, match=r"val_fraction=1.5 must be in \[0, 1\)"):
         data.load_splits(_data_config(val_fraction=1.5))

@@ -38,13 +38,16 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int
 
 
 def load_splits(data_config, path_flag: str = PATH_FLAG) -> Splits:
-    """Load `data_config.source` and split it: train/val by `val_fraction` and `split_seed`, test as given.
-    `path_flag`: how the user sets data.path, named when it is missing (`sources.load`)."""
+    """Load `data_config.source` and split it: train/val by `val_fraction` and `split_seed`, test as given;
+    then the first `train_examples` of the training split, if set. `path_flag`: how the user sets
+    data.path, named when it is missing (`sources.load`)."""
     options = dict(data_config.fake) if data_config.source == "fake" else {}
     arrays = load(data_config.source, data_config.path, path_flag=path_flag, **options)
     train, val = split_train_val(
         arrays.x_train, arrays.y_train, data_config.val_fraction, data_config.split_seed
     )
+    if data_config.get("train_examples"):
+        train = tuple(a[: data_config.train_examples] for a in train)
     return Splits(train, val, (arrays.x_test, arrays.y_test), arrays.label_names)
 
 

@@ -30,7 +30,10 @@ def parse_run(argv) -> argparse.Namespace:
         "--seeds", default="0,1,2", help="comma-separated seeds; ours train them as one population"
     )
     p.add_argument(
-        "--scale", choices=("full", "smoke"), default="full", help="smoke: the bundled digits, 2 epochs"
+        "--scale",
+        choices=("full", "smoke"),
+        default="full",
+        help="smoke: 256 of the bundled digits, 2 epochs",
     )
     p.add_argument("--out", help="where runs, records and report.md go (default: studies/<scale>)")
     p.add_argument(
