@@ -184,6 +184,7 @@ def _data_config(**kw):
             path="",
             val_fraction=0.2,
             split_seed=0,
+            train_examples=0,
             fake=dict(num_train=50, num_test=7, num_classes=5),
         )
     )

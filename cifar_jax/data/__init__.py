@@ -46,7 +46,7 @@ def load_splits(data_config, path_flag: str = PATH_FLAG) -> Splits:
     train, val = split_train_val(
         arrays.x_train, arrays.y_train, data_config.val_fraction, data_config.split_seed
     )
-    if data_config.get("train_examples"):
+    if data_config.train_examples:
         train = tuple(a[: data_config.train_examples] for a in train)
     return Splits(train, val, (arrays.x_test, arrays.y_test), arrays.label_names)
 
