@@ -87,6 +87,19 @@ def test_the_plan_resolves_every_cell_at_smoke_scale_and_runs_nothing(tmp_path, 
     assert not out.exists()
 
 
+def test_a_cell_whose_config_breaks_a_rule_stops_the_study_in_one_line_before_anything_runs(
+    tmp_path, capsys, monkeypatch
+):
+    from cifar_jax.study import runs
+    from cifar_jax.study.__main__ import main
+
+    monkeypatch.setattr(runs, "SMOKE", (*runs.SMOKE, "num_epochs=0"))
+    out = tmp_path / "s"
+    argv = "--parts 1,3 --scale smoke --seeds 0 --out".split() + [str(out)]
+    assert_fails_in_one_line(main, argv, "configs/simple_cnn.py at smoke scale: config: num_epochs=0", capsys)
+    assert not out.exists()
+
+
 def test_study_arguments_that_are_wrong_fail_in_one_line_before_anything_runs(tmp_path, capsys):
     from cifar_jax.study.__main__ import main
 

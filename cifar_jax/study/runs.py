@@ -86,6 +86,7 @@ def data_overrides(data: str | None) -> list[str]:
 
 def jobs(cells, seeds, scale: str, out: Path, data: str | None, with_torch: bool) -> list[Job]:
     """What the study runs, each job with its config resolved and whatever it lacks named."""
+    from cifar_jax import config as config_lib
     from cifar_jax.bench.reference import unsupported
 
     out_list = []
@@ -105,6 +106,10 @@ def jobs(cells, seeds, scale: str, out: Path, data: str | None, with_torch: bool
                     f"{base.model.name} --weights {weights} --out {base.model.pretrained}"
                 )
         config = compare.load_config(str(ROOT / cell.config_file), sets)
+        try:  # every cell's values checked before the first run starts, not hours later in its own
+            config_lib.validate(config)
+        except ValueError as e:
+            raise ValueError(f"{cell.config_file} at {scale} scale: {e}") from None
         workdir, records = out / "runs" / f"part{cell.part}_{cell.config}", out / "records"
         out_list.append(
             Job(cell, "jax", seeds, scale, workdir / "jax", sets, config, records, missing, notes)
