@@ -57,9 +57,8 @@ def test_curves_png_is_written_and_a_failing_drawing_is_logged_once(tmp_path, mo
     logger = logging.getLogger("cifar_jax")
     monkeypatch.setattr(logger, "handlers", [records])  # only ours: no stale stream of another test
     monkeypatch.setattr(logger, "disabled", False)
-    # The level through caplog (Logger.setLevel and logging.disable, undone after): an earlier test's
-    # state of the logger dropped this warning once under xdist; setting `level` alone keeps the
-    # logger's cached answers, and a global logging.disable, as they were.
+    # The level through caplog: Logger.setLevel also clears the logger's cached isEnabledFor answers
+    # and lifts a global logging.disable (both undone after), which setting `level` alone would keep.
     with caplog.at_level(logging.INFO, logger="cifar_jax"):
         plotter = tracking.CurvesPlotter(tmp_path / "curves.png", min_interval_s=0)
         for n in range(1, 4):
