@@ -142,9 +142,30 @@ def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, st
     return update_step(cfg, state, metrics, *train_batch(cfg, images, labels, order, epoch, step))
 
 
-def train_batch(cfg: StepConfig, images, labels, order, epoch, step):
+def step_draws(cfg: StepConfig, epoch, step) -> dict:
+    """Every random number of training step `step` of `epoch`, a pure function of (seed, epoch,
+    step): the augmentation's and, if configured, MixUp's / CutMix's. A training chunk draws all
+    its steps' at once, before its loop: on a GPU the draws are about 15 small kernels per step."""
+    key = pipeline.step_key(cfg.seed, epoch, step)
+    draws = {"augment": cfg.preprocess.draw(key, cfg.batch_size)}
+    if not (is_off(cfg.mixup_alpha) and is_off(cfg.cutmix_alpha)):
+        size = cfg.preprocess.image_size
+        mix_key = jax.random.fold_in(key, 1)  # not the augmentation's key
+        draws["mix"] = mix.mix_draws(mix_key, cfg.mixup_alpha, cfg.cutmix_alpha, size, size)
+    return draws
+
+
+def chunk_draws(cfg: StepConfig, epoch, first_step, num_steps: int) -> dict:
+    """`step_draws` of steps first_step .. first_step + num_steps - 1, stacked on a leading axis."""
+    return jax.vmap(lambda i: step_draws(cfg, epoch, first_step + i))(jnp.arange(num_steps))
+
+
+def train_batch(cfg: StepConfig, images, labels, order, epoch, step, draws: dict | None = None):
     """(normalised images, labels, soft targets or None) of batch `step` of `epoch`: the input
-    pipeline, then MixUp / CutMix if configured."""
+    pipeline, then MixUp / CutMix if configured, with the step's `draws` (`step_draws`; drawn here
+    if not given)."""
+    if draws is None:
+        draws = step_draws(cfg, epoch, step)
     x, y = pipeline.train_batch(
         images,
         labels,
@@ -155,11 +176,11 @@ def train_batch(cfg: StepConfig, images, labels, order, epoch, step):
         batch_size=cfg.batch_size,
         preprocess=cfg.preprocess,
         sharding=cfg.sharding,
+        draws=draws["augment"],
     )
     targets = None
-    if not (is_off(cfg.mixup_alpha) and is_off(cfg.cutmix_alpha)):
-        key = jax.random.fold_in(pipeline.step_key(cfg.seed, epoch, step), 1)  # not the augmentation's key
-        x, targets = mix.mix_batch(key, x, y, cfg.num_classes, cfg.mixup_alpha, cfg.cutmix_alpha)
+    if "mix" in draws:
+        x, targets = mix.mix_batch(draws["mix"], x, y, cfg.num_classes)
     return x, y, targets
 
 
@@ -281,9 +302,9 @@ def make_train_chunk(
     cfg: StepConfig, num_steps: int, member_cfg: Callable | None = None, vectorize: bool = True
 ) -> Callable:
     """jit(state, metrics, images, labels, order, epoch, first_step, stop_votes, numbers=None) ->
-    (state, metrics, stop) after `num_steps` steps in one call (a fori_loop). The state is donated;
-    the metrics (four scalars) are not, so the host can read one chunk's metrics while the next
-    chunk runs.
+    (state, metrics, stop) after `num_steps` steps in one call (a fori_loop), every step's random
+    numbers drawn before the loop (`chunk_draws`). The state is donated; the metrics (four scalars)
+    are not, so the host can read one chunk's metrics while the next chunk runs.
 
     A population (`member_cfg`): `state`, `metrics` and `order` have a leading member axis, and
     `numbers` holds each member's numbers (population.numbers); member k trains with
@@ -296,8 +317,11 @@ def make_train_chunk(
     def chunk_steps(state, metrics, images, labels, order, epoch, first_step, numbers):
         step_cfg = cfg if member_cfg is None else member_cfg(numbers)
 
+        draws = chunk_draws(step_cfg, epoch, first_step, num_steps)
+
         def batch(i):
-            return train_batch(step_cfg, images, labels, order, epoch, first_step + i)
+            drawn = jax.tree.map(lambda d: d[i], draws)
+            return train_batch(step_cfg, images, labels, order, epoch, first_step + i, drawn)
 
         return run_steps(step_cfg, state, metrics, num_steps, batch)
 

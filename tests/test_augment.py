@@ -13,9 +13,13 @@ def _index_image(n=1, size=32):
     return jnp.asarray(np.repeat(img[None], n, axis=0))
 
 
+def _jitter(key, x, brightness=0.0, contrast=0.0, saturation=0.0):
+    return augment.color_jitter(x, augment.jitter_draws(key, x.shape[0], brightness, contrast, saturation))
+
+
 def test_crop_is_a_shift_within_padding_with_zero_fill():
     x = _index_image(n=64)
-    out = np.asarray(augment.random_crop(jax.random.key(0), x, padding=4))
+    out = np.asarray(augment.crop(x, augment.crop_offsets(jax.random.key(0), 64, padding=4), padding=4))
     shifts = set()
     for img in out:
         # The top-left real pixel tells the shift; everything else must follow from it.
@@ -37,7 +41,7 @@ def test_crop_is_a_shift_within_padding_with_zero_fill():
 
 def test_flip_frequency_and_content():
     x = _index_image(n=4000, size=4)
-    out = np.asarray(augment.random_flip(jax.random.key(1), x))
+    out = np.asarray(augment.flip(x, augment.flips(jax.random.key(1), 4000)))
     flipped = np.all(out == np.asarray(x)[:, :, ::-1], axis=(1, 2, 3))
     same = np.all(out == np.asarray(x), axis=(1, 2, 3))
     assert np.all(flipped ^ same)
@@ -46,7 +50,7 @@ def test_flip_frequency_and_content():
 
 def test_jitter_of_strength_zero_is_identity():
     x = jax.random.uniform(jax.random.key(2), (8, 32, 32, 3)) * 255
-    np.testing.assert_array_equal(augment.color_jitter(jax.random.key(3), x, 0.0, 0.0, 0.0), x)
+    np.testing.assert_array_equal(_jitter(jax.random.key(3), x, 0.0, 0.0, 0.0), x)
 
 
 @pytest.mark.parametrize("strength", [0.2, 0.5, 1.5])
@@ -59,22 +63,20 @@ def test_jitter_factors_stay_in_range(strength):
 
 def test_brightness_alone_scales_each_image_and_clips():
     x = jnp.full((300, 2, 2, 3), 100.0)
-    out = np.asarray(augment.color_jitter(jax.random.key(5), x, brightness=0.5))
+    out = np.asarray(_jitter(jax.random.key(5), x, brightness=0.5))
     factors = out[:, 0, 0, 0] / 100.0
     assert np.allclose(out, factors[:, None, None, None] * 100.0)
     assert factors.min() >= 0.5 and factors.max() <= 1.5 and factors.std() > 0.2
-    bright = np.asarray(
-        augment.color_jitter(jax.random.key(5), jnp.full((300, 2, 2, 3), 250.0), brightness=0.5)
-    )
+    bright = np.asarray(_jitter(jax.random.key(5), jnp.full((300, 2, 2, 3), 250.0), brightness=0.5))
     assert bright.max() == 255.0
 
 
 def test_saturation_alone_keeps_gray_images_gray():
     # torchvision's gray weights sum to 0.9999, hence the 1e-4 slack.
     gray = jnp.full((16, 4, 4, 3), 80.0)
-    np.testing.assert_allclose(augment.color_jitter(jax.random.key(6), gray, saturation=0.9), gray, rtol=2e-4)
+    np.testing.assert_allclose(_jitter(jax.random.key(6), gray, saturation=0.9), gray, rtol=2e-4)
     color = jnp.broadcast_to(jnp.array([200.0, 50.0, 10.0]), (16, 4, 4, 3))
-    assert not np.allclose(augment.color_jitter(jax.random.key(6), color, saturation=0.9), color)
+    assert not np.allclose(_jitter(jax.random.key(6), color, saturation=0.9), color)
 
 
 def test_normalize_equals_torchvision():

@@ -19,6 +19,11 @@ def _batch():
     return rng.normal(size=(N, H, W, 3)).astype(np.float32), rng.integers(0, K, N)
 
 
+def _mixed(key, x, y, mixup_alpha, cutmix_alpha):
+    draws = mix.mix_draws(key, mixup_alpha, cutmix_alpha, H, W)
+    return mix.mix_batch(draws, jnp.asarray(x), jnp.asarray(y), K)
+
+
 def _torch_mix(transform, x, y):
     out_x, out_y = transform(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y))
     return out_x.numpy().transpose(0, 2, 3, 1), out_y.numpy()
@@ -52,9 +57,7 @@ def test_cutmix_equals_torchvision(lam, r_y, r_x, monkeypatch):
 @pytest.mark.parametrize("mixup_alpha,cutmix_alpha", [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
 def test_a_mixed_batch_under_jit_keeps_targets_that_sum_to_one(mixup_alpha, cutmix_alpha):
     x, y = _batch()
-    run = jax.jit(
-        lambda key: mix.mix_batch(key, jnp.asarray(x), jnp.asarray(y), K, mixup_alpha, cutmix_alpha)
-    )
+    run = jax.jit(lambda key: _mixed(key, x, y, mixup_alpha, cutmix_alpha))
     seen_changed = False
     for i in range(8):
         got_x, targets = run(jax.random.key(i))
@@ -80,10 +83,10 @@ def test_traced_alphas_mix_as_the_same_constants_and_zero_mixes_nothing(mixup_al
     float32 the draws then differ in their last bits (seen: 2.4e-7 on pixels of about 1); in float64
     a member and its run alone agree to 1e-10 (test_population)."""
     x, y = _batch()
-    traced = jax.jit(lambda key, a, b: mix.mix_batch(key, jnp.asarray(x), jnp.asarray(y), K, a, b))
+    traced = jax.jit(lambda key, a, b: _mixed(key, x, y, a, b))
     alone = jax.jit(
         lambda key: (
-            mix.mix_batch(key, jnp.asarray(x), jnp.asarray(y), K, mixup_alpha, cutmix_alpha)
+            _mixed(key, x, y, mixup_alpha, cutmix_alpha)
             if mixup_alpha or cutmix_alpha
             else (jnp.asarray(x), jax.nn.one_hot(y, K))
         )

@@ -1,7 +1,9 @@
 """Batched image augmentation under jit, with torchvision's semantics.
 
-All functions take a batch (N, H, W, C) and, where random, a PRNG key; every image draws its own
-randomness. Pixel values are uint8-range floats (0..255) until `normalize`.
+Each random augmentation is two functions: one draws its random numbers from a PRNG key (every
+image its own), the other applies them to a batch (N, H, W, C). Drawn apart from the images, a
+training chunk draws every step's numbers before its loop (`steps.step_draws`). Pixel values are
+uint8-range floats (0..255) until `normalize`.
 """
 
 from __future__ import annotations
@@ -18,22 +20,28 @@ NORMALIZATIONS = {
 }  # Normalize((0.5,)*3, (0.5,)*3): [-1, 1]
 
 
-def random_crop(key, x, padding: int = 4):
-    """`RandomCrop(size, padding)`: zero-pad every side, then crop the original size at a uniform
-    offset in [0, 2 * padding] per image, i.e. a shift of up to +-padding pixels with zero fill."""
-    if padding == 0:
-        return x
-    n, h, w, _ = x.shape
+def crop_offsets(key, n: int, padding: int):
+    """`RandomCrop`'s offsets: (n, 2), each uniform in [0, 2 * padding]."""
+    return jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
+
+
+def crop(x, offsets, padding: int):
+    """`RandomCrop(size, padding)`: zero-pad every side, then crop the original size at each image's
+    offset, i.e. a shift of up to +-padding pixels with zero fill."""
+    _, h, w, _ = x.shape
     padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    offsets = jax.random.randint(key, (n, 2), 0, 2 * padding + 1)
-    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
-    return jax.vmap(crop)(padded, offsets)
+    crop_one = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+    return jax.vmap(crop_one)(padded, offsets)
 
 
-def random_flip(key, x, p: float = 0.5):
-    """`RandomHorizontalFlip(p)`, per image."""
-    flip = jax.random.bernoulli(key, p, (x.shape[0], 1, 1, 1))
-    return jnp.where(flip, x[:, :, ::-1, :], x)
+def flips(key, n: int, p: float = 0.5):
+    """`RandomHorizontalFlip(p)`'s choices: (n, 1, 1, 1), True for an image to flip."""
+    return jax.random.bernoulli(key, p, (n, 1, 1, 1))
+
+
+def flip(x, flipped):
+    """The images where `flipped` is True mirrored left to right."""
+    return jnp.where(flipped, x[:, :, ::-1, :], x)
 
 
 def _gray(x):
@@ -50,26 +58,33 @@ def jitter_factors(key, n, strength: float):
     return jax.random.uniform(key, (n, 1, 1, 1), minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
 
 
-def color_jitter(key, x, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0):
-    """`ColorJitter(brightness, contrast, saturation)` on float images in 0..255.
-
-    As in torchvision, each image gets its own factors and applies the three adjustments in its
-    own random order: brightness scales, contrast blends with the image's mean gray level,
-    saturation blends with the per-pixel gray image; results are clipped to the valid range.
-    """
-    if not (brightness or contrast or saturation):
-        return x
-    n = x.shape[0]
+def jitter_draws(key, n: int, brightness: float, contrast: float, saturation: float) -> dict:
+    """`ColorJitter(brightness, contrast, saturation)`'s random numbers: each image's three factors
+    and the order (n, 3) in which it applies the three adjustments."""
     k_b, k_c, k_s, k_order = jax.random.split(key, 4)
-    fb, fc, fs = (jitter_factors(k, n, s) for k, s in ((k_b, brightness), (k_c, contrast), (k_s, saturation)))
+    factors = tuple(
+        jitter_factors(k, n, s) for k, s in ((k_b, brightness), (k_c, contrast), (k_s, saturation))
+    )
+    order = jax.vmap(lambda k: jax.random.permutation(k, 3))(jax.random.split(k_order, n))
+    return {"factors": factors, "order": order}
+
+
+def color_jitter(x, draws: dict):
+    """`ColorJitter` on float images in 0..255, with `jitter_draws`'s numbers.
+
+    As in torchvision, each image applies the three adjustments in its own order: brightness
+    scales, contrast blends with the image's mean gray level, saturation blends with the per-pixel
+    gray image; results are clipped to the valid range. Factors of 1 leave the image unchanged.
+    """
+    n = x.shape[0]
+    fb, fc, fs = draws["factors"]
     ops = (
         lambda y: jnp.clip(fb * y, 0.0, 255.0),
         lambda y: _blend(y, _gray(y).mean(axis=(1, 2, 3), keepdims=True), fc),
         lambda y: _blend(y, _gray(y), fs),
     )
-    order = jax.vmap(lambda k: jax.random.permutation(k, 3))(jax.random.split(k_order, n))  # (n, 3)
     for position in range(3):
-        op_index = order[:, position].reshape(n, 1, 1, 1)
+        op_index = draws["order"][:, position].reshape(n, 1, 1, 1)
         candidates = [op(x) for op in ops]
         x = jnp.where(op_index == 0, candidates[0], jnp.where(op_index == 1, candidates[1], candidates[2]))
     return x

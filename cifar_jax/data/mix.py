@@ -58,21 +58,34 @@ def beta_lam(key, alpha):
     return jnp.where(alpha > 0, jax.random.beta(key, drawable, drawable), 1.0)
 
 
-def mix_batch(key, x, labels, num_classes: int, mixup_alpha, cutmix_alpha):
-    """(images, soft targets (N, num_classes)) after MixUp or CutMix, as configured. An alpha that is
-    a Python 0 leaves its mix out of the program; a traced one (each member of a population its
-    own) keeps it, and its 0 mixes nothing in, so that member trains as it would alone."""
-    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+def mix_draws(key, mixup_alpha, cutmix_alpha, height: int, width: int) -> dict:
+    """Every random number of one batch's mix (`mix_batch` applies them): MixUp's lam, CutMix's box
+    in images of `height` x `width`, and with both, whether CutMix is the one. An alpha that is a
+    Python 0 leaves its mix out of the program; a traced one (each member of a population its own)
+    keeps it, and its 0 mixes nothing in, so that member trains as it would alone."""
     k_choice, k_mixup, k_cutmix, k_box = jax.random.split(key, 4)
     use_mixup, use_cutmix = not is_off(mixup_alpha), not is_off(cutmix_alpha)
+    draws = {}
     if use_mixup:
-        mixed_up = mixup(x, targets, beta_lam(k_mixup, mixup_alpha))
+        draws["mixup_lam"] = beta_lam(k_mixup, mixup_alpha)
     if use_cutmix:
-        box = cutmix_box(k_box, beta_lam(k_cutmix, cutmix_alpha), x.shape[1], x.shape[2])
-        cut = cutmix(x, targets, box)
+        draws["cutmix_box"] = cutmix_box(k_box, beta_lam(k_cutmix, cutmix_alpha), height, width)
     if use_mixup and use_cutmix:
         # One of the two per batch; a member with one alpha 0 always takes the other.
         choice = jax.random.bernoulli(k_choice)
-        choice = jnp.where(mixup_alpha == 0, True, jnp.where(cutmix_alpha == 0, False, choice))
-        return tuple(jnp.where(choice, c, m) for c, m in zip(cut, mixed_up))
-    return cut if use_cutmix else mixed_up
+        draws["cutmix_chosen"] = jnp.where(
+            mixup_alpha == 0, True, jnp.where(cutmix_alpha == 0, False, choice)
+        )
+    return draws
+
+
+def mix_batch(draws: dict, x, labels, num_classes: int):
+    """(images, soft targets (N, num_classes)) after MixUp or CutMix, with `mix_draws`' numbers."""
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if "mixup_lam" in draws:
+        mixed_up = mixup(x, targets, draws["mixup_lam"])
+    if "cutmix_box" in draws:
+        cut = cutmix(x, targets, draws["cutmix_box"])
+    if "cutmix_chosen" in draws:
+        return tuple(jnp.where(draws["cutmix_chosen"], c, m) for c, m in zip(cut, mixed_up))
+    return cut if "cutmix_box" in draws else mixed_up

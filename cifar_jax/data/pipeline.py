@@ -48,14 +48,30 @@ class Preprocess:
         x = augment.normalize(x, *augment.NORMALIZATIONS[self.normalization])
         return augment.resize(x, self.image_size)
 
-    def train(self, key, images_uint8):
+    def draw(self, key, n: int) -> dict:
+        """Every random number of the augmentation of a batch of `n` (`train` applies them)."""
         k_crop, k_flip, k_jitter = jax.random.split(key, 3)
-        x = augment.random_crop(k_crop, images_uint8, self.crop_padding)
+        draws = {}
+        if self.crop_padding:
+            draws["crop"] = augment.crop_offsets(k_crop, n, self.crop_padding)
         if self.flip:
-            x = augment.random_flip(k_flip, x)
-        x = augment.color_jitter(
-            k_jitter, x.astype(jnp.float32), self.brightness, self.contrast, self.saturation
-        )
+            draws["flip"] = augment.flips(k_flip, n)
+        if self.brightness or self.contrast or self.saturation:
+            draws["jitter"] = augment.jitter_draws(
+                k_jitter, n, self.brightness, self.contrast, self.saturation
+            )
+        return draws
+
+    def train(self, draws: dict, images_uint8):
+        """The uint8 batch augmented with `draws` (`draw`'s), normalised and resized."""
+        x = images_uint8
+        if "crop" in draws:
+            x = augment.crop(x, draws["crop"], self.crop_padding)
+        if "flip" in draws:
+            x = augment.flip(x, draws["flip"])
+        x = x.astype(jnp.float32)
+        if "jitter" in draws:
+            x = augment.color_jitter(x, draws["jitter"])
         return self._finish(x)
 
     def eval(self, images_uint8):
@@ -110,11 +126,25 @@ def gather(images: jax.Array, labels: jax.Array, idx: jax.Array, sharding: Named
 
 
 def train_batch(
-    images, labels, order, seed: int, epoch, step, *, batch_size: int, preprocess: Preprocess, sharding=None
+    images,
+    labels,
+    order,
+    seed: int,
+    epoch,
+    step,
+    *,
+    batch_size: int,
+    preprocess: Preprocess,
+    sharding=None,
+    draws: dict | None = None,
 ):
-    """Training step `step` of `epoch`: gather, augment and normalise on device (call inside jit)."""
+    """Training step `step` of `epoch`: gather, augment and normalise on device (call inside jit).
+    `draws`: the step's augmentation numbers if drawn beforehand, else drawn here; either way
+    `preprocess.draw(step_key(seed, epoch, step), batch_size)`."""
+    if draws is None:
+        draws = preprocess.draw(step_key(seed, epoch, step), batch_size)
     x, y = gather(images, labels, train_indices(order, step, batch_size), sharding)
-    return preprocess.train(step_key(seed, epoch, step), x), y
+    return preprocess.train(draws, x), y
 
 
 def eval_batch(images, labels, batch, *, batch_size: int, preprocess: Preprocess, sharding=None):
