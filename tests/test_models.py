@@ -109,25 +109,24 @@ def test_simple_cnn_matches_the_study_pytorch_model(highest_precision):
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1, np.abs(expected).max()))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     "window,stride,padding,size", [(2, 2, 0, 8), (2, 2, 0, 9), (3, 2, 1, 16), (3, 2, 1, 15)]
 )
-def test_max_pool_equals_reduce_window(window, stride, padding, size):
-    max_pool = layers.PER_PLATFORM.max_pool  # on CPU: cpu_kernels.max_pool
-
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size + 1, 5)), jnp.float32)
+def test_max_pool_and_its_gradient_equal_xlas_reduce_window(window, stride, padding, size, dtype):
+    # XLA's gradient (select-and-scatter) also goes to the first of tied maxima: small integers
+    # tie often, and integer weights keep every sum exact whatever its order.
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, size=(2, size, size + 1, 5)), dtype)
     pads = ((padding, padding), (padding, padding))
 
     def reference(x):
         return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
 
-    np.testing.assert_array_equal(max_pool(x, window, stride, padding), reference(x))
-    # Without ties the gradients agree too (with ties XLA's splits the gradient, ours and
-    # PyTorch's give it to the first maximum: tested below).
-    weights = jnp.arange(5.0)
+    np.testing.assert_array_equal(layers.max_pool(x, window, stride, padding), reference(x))
+    weights = jnp.arange(5.0, dtype=dtype)
     grads = [
         jax.grad(lambda x: (pool(x) * weights).sum())(x)
-        for pool in (lambda x: max_pool(x, window, stride, padding), reference)
+        for pool in (lambda x: layers.max_pool(x, window, stride, padding), reference)
     ]
     np.testing.assert_array_equal(*grads)
 
@@ -257,7 +256,7 @@ def test_conv_gradients_take_the_fast_layout_inside_a_loop(wrt):
 )
 def test_max_pool_gradient_goes_to_the_first_tied_maximum_like_pytorch(window, stride, padding, size):
     torch = pytest.importorskip("torch")
-    max_pool = layers.PER_PLATFORM.max_pool  # on CPU: cpu_kernels.max_pool
+    max_pool = layers.max_pool
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 3, size=(2, size, size + 1, 5)).astype(np.float32)  # many tied maxima

@@ -123,59 +123,6 @@ def window_slices(x, window, strides):
     ]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool(x, window: int, stride: int, padding: int = 0):
-    """`nn.MaxPool2d(window, stride, padding)` (NHWC), gradient included: in each window it goes
-    to the first maximum in row-major order, as PyTorch's does (also for tied maxima).
-
-    Forward: the elementwise maximum of the window's strided slices. Backward: each slice's share
-    added into the stride x stride phase grid of the input, where XLA:CPU's select-and-scatter,
-    and the scatter XLA derives from the slices, were slow.
-    """
-    return _max_pool_fwd(x, window, stride, padding)[0]
-
-
-def _pad_for_pool(x, padding):
-    if not padding:
-        return x
-    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
-
-
-def _max_pool_fwd(x, window, stride, padding):
-    y = functools.reduce(
-        jnp.maximum, window_slices(_pad_for_pool(x, padding), (window, window), (stride, stride))
-    )
-    return y, (x, y)
-
-
-def _max_pool_bwd(window, stride, padding, residuals, dy):
-    x, y = residuals
-    padded = _pad_for_pool(x, padding)
-    n, hp, wp, c = padded.shape
-    ho, wo = y.shape[1:3]
-    # Padded-input pixel (s*t + a, s*u + b) is pixel (t, u) of phase (a, b). Window offset (i, j)
-    # of output (h, w) lands on phase (i % s, j % s) at (h + i // s, w + j // s): an edge pad.
-    th, tw = -(-hp // stride), -(-wp // stride)
-    phases, taken = {}, jnp.zeros(y.shape, bool)
-    offsets = [(i, j) for i in range(window) for j in range(window)]
-    for (i, j), pixels in zip(offsets, window_slices(padded, (window, window), (stride, stride))):
-        first = (pixels == y) & ~taken
-        taken = taken | first
-        qi, qj = i // stride, j // stride
-        share = jnp.pad(
-            jnp.where(first, dy, 0).astype(x.dtype), ((0, 0), (qi, th - ho - qi), (qj, tw - wo - qj), (0, 0))
-        )
-        phase = (i % stride, j % stride)
-        phases[phase] = phases[phase] + share if phase in phases else share
-    zeros = jnp.zeros((n, th, tw, c), x.dtype)
-    rows = [jnp.stack([phases.get((a, b), zeros) for b in range(stride)], axis=3) for a in range(stride)]
-    grid = jnp.stack(rows, axis=2).reshape(n, th * stride, tw * stride, c)  # interleave the phases
-    return (grid[:, padding : padding + x.shape[1], padding : padding + x.shape[2]],)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
-
-
 @jax.custom_vjp
 def materialize(x):
     """`x`, unchanged. Under differentiation it is first written to memory by an exact matmul

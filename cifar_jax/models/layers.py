@@ -1,5 +1,6 @@
 """The layers the models are built from: PyTorch-initialised convolution and linear layers,
-PyTorch's BatchNorm and max-pool, a residual merge, each computed by an implementation (`Ops`).
+PyTorch's BatchNorm and max-pool, a residual merge. The convolution, BatchNorm and the residual's
+write to memory are each computed by an implementation (`Ops`); the max-pool is one everywhere.
 
 The initialisers reproduce PyTorch's defaults so that a model trained here from scratch starts
 from the same distribution as the study's PyTorch model. Every operation is XLA's stock one
@@ -65,12 +66,58 @@ def stock_conv2d(x, kernel, strides, padding):
     )
 
 
-def stock_max_pool(x, window: int, stride: int, padding: int):
-    """XLA's max-pool of NHWC `x` (padding with -inf)."""
-    pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), pads
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window: int, stride: int, padding: int = 0):
+    """`nn.MaxPool2d(window, stride, padding)` (NHWC), gradient included: in each window it goes
+    to the first maximum in row-major order, as PyTorch's does (also for tied maxima).
+
+    Forward: the elementwise maximum of the window's strided slices. Backward: each slice's share
+    added into the stride x stride phase grid of the input, elementwise work that fuses with its
+    neighbours, on every platform. XLA's select-and-scatter was slow on XLA:CPU, and on a GPU
+    scattered into a zeroed copy of the input per pool (BENCHMARKS.md, "The GPU program").
+    """
+    return _max_pool_fwd(x, window, stride, padding)[0]
+
+
+def _pad_for_pool(x, padding):
+    if not padding:
+        return x
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=-jnp.inf)
+
+
+def _max_pool_fwd(x, window, stride, padding):
+    y = functools.reduce(
+        jnp.maximum, cpu_kernels.window_slices(_pad_for_pool(x, padding), (window, window), (stride, stride))
     )
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, stride, padding, residuals, dy):
+    x, y = residuals
+    padded = _pad_for_pool(x, padding)
+    n, hp, wp, c = padded.shape
+    ho, wo = y.shape[1:3]
+    # Padded-input pixel (s*t + a, s*u + b) is pixel (t, u) of phase (a, b). Window offset (i, j)
+    # of output (h, w) lands on phase (i % s, j % s) at (h + i // s, w + j // s): an edge pad.
+    th, tw = -(-hp // stride), -(-wp // stride)
+    phases, taken = {}, jnp.zeros(y.shape, bool)
+    offsets = [(i, j) for i in range(window) for j in range(window)]
+    for (i, j), pixels in zip(offsets, cpu_kernels.window_slices(padded, (window, window), (stride, stride))):
+        first = (pixels == y) & ~taken
+        taken = taken | first
+        qi, qj = i // stride, j // stride
+        share = jnp.pad(
+            jnp.where(first, dy, 0).astype(x.dtype), ((0, 0), (qi, th - ho - qi), (qj, tw - wo - qj), (0, 0))
+        )
+        phase = (i % stride, j % stride)
+        phases[phase] = phases[phase] + share if phase in phases else share
+    zeros = jnp.zeros((n, th, tw, c), x.dtype)
+    rows = [jnp.stack([phases.get((a, b), zeros) for b in range(stride)], axis=3) for a in range(stride)]
+    grid = jnp.stack(rows, axis=2).reshape(n, th * stride, tw * stride, c)  # interleave the phases
+    return (grid[:, padding : padding + x.shape[1], padding : padding + x.shape[2]],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -126,12 +173,11 @@ def _cpu_batch_norm_train(x, scale, bias, shift, eps):
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """One implementation of the operations the layers compute. Each takes its arrays first, then
-    its static settings, positionally: `conv(x, kernel, strides, padding)`, `max_pool(x, window,
-    stride, padding)`, `batch_norm_train(x, scale, bias, shift, eps)` (as `stock_batch_norm_train`), and
+    its static settings, positionally: `conv(x, kernel, strides, padding)`,
+    `batch_norm_train(x, scale, bias, shift, eps)` (as `stock_batch_norm_train`), and
     `materialize(x)`, the identity, which may write `x` to memory (`cpu_kernels.materialize`)."""
 
     conv: Callable
-    max_pool: Callable
     batch_norm_train: Callable
     materialize: Callable
 
@@ -154,11 +200,11 @@ def per_platform(cpu: Ops, other: Ops) -> Ops:
 
         return chosen
 
-    return Ops(op("conv", 2), op("max_pool", 1), op("batch_norm_train", 4), op("materialize", 1))
+    return Ops(op("conv", 2), op("batch_norm_train", 4), op("materialize", 1))
 
 
-STOCK = Ops(stock_conv2d, stock_max_pool, stock_batch_norm_train, _identity)
-CPU_KERNELS = Ops(cpu_kernels.conv2d, cpu_kernels.max_pool, _cpu_batch_norm_train, cpu_kernels.materialize)
+STOCK = Ops(stock_conv2d, stock_batch_norm_train, _identity)
+CPU_KERNELS = Ops(cpu_kernels.conv2d, _cpu_batch_norm_train, cpu_kernels.materialize)
 PER_PLATFORM = per_platform(CPU_KERNELS, STOCK)
 OPS = {"auto": PER_PLATFORM, "stock": STOCK, "cpu_kernels": CPU_KERNELS}  # by the benchmark's names
 
@@ -236,13 +282,13 @@ class BatchNorm(nnx.Module):
 
 
 class MaxPool2d(nnx.Module):
-    """`nn.MaxPool2d(window, stride, padding)` of NHWC input (padding with -inf)."""
+    """`nn.MaxPool2d(window, stride, padding)` of NHWC input (padding with -inf): `max_pool`."""
 
-    def __init__(self, window: int, stride: int, padding: int = 0, *, ops: Ops = PER_PLATFORM):
-        self.window, self.stride, self.padding, self.ops = window, stride, padding, ops
+    def __init__(self, window: int, stride: int, padding: int = 0):
+        self.window, self.stride, self.padding = window, stride, padding
 
     def __call__(self, x):
-        return self.ops.max_pool(x, self.window, self.stride, self.padding)
+        return max_pool(x, self.window, self.stride, self.padding)
 
 
 class AddReLU(nnx.Module):
@@ -308,7 +354,7 @@ class LayerMaker:
 
     def max_pool(self, window: int, stride: int, padding: int = 0) -> MaxPool2d:
         """nn.MaxPool2d(window, stride, padding)."""
-        return MaxPool2d(window, stride, padding, ops=self.ops)
+        return MaxPool2d(window, stride, padding)
 
     def add_relu(self, *, materialized: bool) -> AddReLU:
         """A residual merge; `materialized`: its output written to memory where the implementation
