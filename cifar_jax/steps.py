@@ -145,7 +145,8 @@ def train_step(cfg: StepConfig, state, metrics, images, labels, order, epoch, st
 def step_draws(cfg: StepConfig, epoch, step) -> dict:
     """Every random number of training step `step` of `epoch`, a pure function of (seed, epoch,
     step): the augmentation's and, if configured, MixUp's / CutMix's. A training chunk draws all
-    its steps' at once, before its loop: on a GPU the draws are about 15 small kernels per step."""
+    its steps' at once, before its loop: drawn in the loop they were about 20 small GPU kernels a
+    step (BENCHMARKS.md, "The GPU program")."""
     key = pipeline.step_key(cfg.seed, epoch, step)
     draws = {"augment": cfg.preprocess.draw(key, cfg.batch_size)}
     if not (is_off(cfg.mixup_alpha) and is_off(cfg.cutmix_alpha)):
