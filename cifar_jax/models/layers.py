@@ -154,11 +154,10 @@ def _stock_batch_norm_train_fwd(x, scale, bias, shift, eps):
     mean, var = shift + d_mean, jnp.maximum(d2_mean - jnp.square(d_mean), 0.0)
     inv_std = jax.lax.rsqrt(var + eps)
     y = ((xf - mean) * (scale * inv_std) + bias).astype(x.dtype)
-    # The gradient reads `mean` and `inv_std` as computed here. Without the barrier XLA recomputes
-    # mean = shift + d_mean inside the gradient's fusions, so the shift (the running mean, updated in
-    # place in a training loop's carry) had to be copied first: a GPU kernel per layer.
-    mean_saved, inv_std_saved = jax.lax.optimization_barrier((mean, inv_std))
-    return (y, mean, var), (x, mean_saved, inv_std_saved, scale)
+    # The gradient reads `mean` as computed here. Without the barrier XLA recomputes mean = shift +
+    # d_mean inside the gradient's fusions, so the shift (the running mean, updated in place in a
+    # training loop's carry) had to be copied first: a GPU kernel per layer.
+    return (y, mean, var), (x, jax.lax.optimization_barrier(mean), inv_std, scale)
 
 
 def _stock_batch_norm_train_bwd(eps, residuals, cotangents):
