@@ -24,6 +24,7 @@ def pipeline(side, opts, case):
     pipeline adds to a step where it runs."""
     import functools
 
+    from cifar_jax import steps
     from cifar_jax.data import pipeline
 
     k, b = side.steps_per_call, side.config.batch_size
@@ -33,7 +34,11 @@ def pipeline(side, opts, case):
         pipeline.train_batch, seed=0, batch_size=b, preprocess=side.preprocess, sharding=side.sharding
     )
     in_step = pipeline_in_step(side, opts, x, y, draw)
-    first_s, times = _draws_alone(opts, k, x, y, draw)
+
+    def chunk_draws(epoch, first):  # as the training chunk draws them: every step's before its loop
+        return steps.chunk_draws(side.step_cfg, epoch, first, k)["augment"]
+
+    first_s, times = _draws_alone(opts, k, x, y, draw, chunk_draws)
     return row(
         case,
         opts,
@@ -48,16 +53,20 @@ def pipeline(side, opts, case):
     )
 
 
-def _draws_alone(opts, k, x, y, draw):
-    """(first window's seconds, timed windows) of `k` batches drawn per jitted call, each summed so
-    that XLA cannot drop it."""
+def _draws_alone(opts, k, x, y, draw, chunk_draws):
+    """(first window's seconds, timed windows) of `k` batches drawn per jitted call, their random
+    numbers drawn before the loop (`chunk_draws(epoch, first)`), each batch summed so that XLA
+    cannot drop it."""
     import jax
     import jax.numpy as jnp
 
     @jax.jit
     def draws(x, y, order, epoch, first):
+        drawn = chunk_draws(epoch, first)
+
         def body(i, total):
-            xb, yb = draw(x, y, order, epoch=epoch, step=first + i)
+            row_i = jax.tree.map(lambda d: d[i], drawn)
+            xb, yb = draw(x, y, order, epoch=epoch, step=first + i, draws=row_i)
             return total + jnp.sum(xb, dtype=jnp.float32) + jnp.sum(yb)
 
         return body(0, jnp.float32(0)) if k == 1 else jax.lax.fori_loop(0, k, body, jnp.float32(0))
