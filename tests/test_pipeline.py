@@ -72,7 +72,18 @@ def test_a_chunk_draws_before_its_loop_the_numbers_each_step_would_draw(populati
     pre = pipeline.Preprocess(crop_padding=4, flip=True, brightness=0.2, contrast=0.3, saturation=0.4)
 
     def cfg(mixup_alpha, cutmix_alpha):
-        return steps.StepConfig(None, None, None, pre, 8, 5, 0.0, 3, None, 0.0, mixup_alpha, cutmix_alpha)
+        return steps.StepConfig(
+            graphdef=None,
+            tx=None,
+            train_only=None,
+            preprocess=pre,
+            batch_size=8,
+            num_classes=5,
+            label_smoothing=0.0,
+            seed=3,
+            mixup_alpha=mixup_alpha,
+            cutmix_alpha=cutmix_alpha,
+        )
 
     epoch, first, k = 2, 5, 4
     if population:
