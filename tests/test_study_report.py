@@ -109,16 +109,19 @@ def test_report_errors_say_what_to_do(tmp_path):
         ("2,recipes", ["resnet34", "resnet18_recipe"]),
         ("recipes", ["simple_cnn_tuned", "resnet18_recipe", "resnet50_ft_recipe"]),
         ("1,2,3", ["simple_cnn", "simple_cnn_writeup", "resnet34", "resnet50_ft"]),
+        ("simple_cnn,3", ["simple_cnn", "resnet50_ft"]),  # a cell by its config
+        ("resnet50_ft_recipe,2", ["resnet50_ft_recipe", "resnet34"]),
     ],
 )
 def test_parts_select_the_study_cells(parts, want):
     got = [c.config for c in cells.selected(parts)]
-    assert sorted(got) == sorted(want)
+    assert got == want  # in the order given
 
 
 def test_unknown_part_is_refused_with_the_choices():
-    with pytest.raises(ValueError, match="choose from 1, 2, 3, recipes"):
-        cells.selected("1,4")
+    for parts in ("1,4", "resnet51"):
+        with pytest.raises(ValueError, match="choose from 1, 2, 3, recipes or a cell's config"):
+            cells.selected(parts)
 
 
 def test_results_md_tables_are_what_the_committed_records_say(tmp_path):

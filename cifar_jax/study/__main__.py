@@ -25,7 +25,11 @@ def parse_run(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m cifar_jax.study", description=sys.modules["cifar_jax.study"].__doc__
     )
-    p.add_argument("--parts", default="1,2,3", help=f"comma-separated, of: {', '.join(cells.PARTS)}")
+    p.add_argument(
+        "--parts",
+        default="1,2,3",
+        help=f"comma-separated, of: {', '.join(cells.PARTS)}, or a cell's config (e.g. resnet50_ft)",
+    )
     p.add_argument(
         "--seeds", default="0,1,2", help="comma-separated seeds; ours train them as one population"
     )

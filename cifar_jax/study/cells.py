@@ -80,17 +80,22 @@ PARTS = ("1", "2", "3", "recipes")
 
 
 def selected(parts: str) -> list[Cell]:
-    """The cells of '--parts 1,2,3' in the order given ('recipes': the recipes past the parts
-    named, or past all of them when it stands alone); a ValueError that lists the choices."""
+    """The cells of '--parts 1,2,3' in the order given: a part, 'recipes' (the recipes past the parts
+    named, or past all of them when it stands alone), or one cell by its config (e.g. resnet50_ft);
+    a ValueError that lists the choices."""
     names = [p.strip() for p in parts.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PARTS]
+    configs = [c.config for c in CELLS]
+    unknown = [p for p in names if p not in PARTS and p not in configs]
     if unknown or not names:
         raise ValueError(
-            f"--parts {parts!r}: choose from {', '.join(PARTS)}, separated by commas (e.g. 1,2,3)"
+            f"--parts {parts!r}: choose from {', '.join(PARTS)} or a cell's config ({', '.join(configs)}), "
+            "separated by commas (e.g. 1,2,3)"
         )
-    numbered = [p for p in names if p != "recipes"]
+    numbered = [p for p in names if p in PARTS and p != "recipes"]
 
     def rank(cell: Cell) -> int | None:
+        if cell.config in names:
+            return names.index(cell.config)
         if cell.part in numbered:
             return names.index(cell.part)
         if cell.recipe and "recipes" in names and (cell.part[:-1] in numbered or not numbered):
