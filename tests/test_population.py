@@ -66,10 +66,9 @@ def _train(chunk, state, metrics, images, labels, orders, numbers, spe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "in_turn"])
-def test_a_member_trains_as_its_config_alone_in_float64(x64, vectorize):
+def test_a_member_trains_as_its_config_alone_in_float64(x64):
     """Member k of a population (its numbers traced; all members in each operation as on a GPU,
-    or one after another as on the CPU) and member k's own config trained
+    and one after another as on the CPU) and member k's own config trained
     alone (its numbers constants of the program) agree to 1e-10 in float64 after two epochs: the
     same seed's initialisation, data order, augmentation and MixUp, the same lr, weight decay
     (0 in some members), Nesterov momentum, label smoothing and weight average."""
@@ -97,23 +96,8 @@ def test_a_member_trains_as_its_config_alone_in_float64(x64, vectorize):
         graphdefs, state = _float64_state(member.config, phases.make_tx(member.config, phase, spe)[1])
         return phases.step_config(member.config, phase, graphdefs, **options)[0], state
 
-    base, _ = alone(members[0])
-    member_cfg = phases.member_step_config(members[0].config, phases.phase_of(config, 0), base, spe, members)
-    mesh = sharding.make_mesh(jax.devices()[:1])
-    numbers = population.stacked([population.numbers(m.config, m.config.optimizer.lr) for m in members], mesh)
-    seeds = jnp.asarray([m.seed for m in members], jnp.int32)
-    initial = [alone(m)[1] for m in members]
-    together, sums = _train(
-        steps.make_train_chunk(base, STEPS_PER_CALL, member_cfg, vectorize),
-        population.stack(initial, mesh),
-        population.stack([steps.zero_metrics()] * len(members), mesh),
-        images,
-        labels,
-        lambda epoch: jax.vmap(lambda s: pipeline.epoch_order(s, epoch, len(images)))(seeds),
-        numbers,
-        spe,
-    )
-    for k, m in enumerate(members):
+    wanted = []  # each member trained alone: (final state, metric sums)
+    for m in members:
         cfg, state = alone(m)
         initial_params = jax.tree.map(jnp.copy, state["params"])  # the state is donated
         want, want_sums = _train(
@@ -126,20 +110,39 @@ def test_a_member_trains_as_its_config_alone_in_float64(x64, vectorize):
             None,
             spe,
         )
-        got = jax.tree.map(lambda a, k=k: a[k], together)
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=m.label())
-        np.testing.assert_allclose(sums["loss_sum"][k], want_sums["loss_sum"], rtol=1e-10)
-        assert int(sums["correct"][k]) == int(want_sums["correct"])
         moved = [
             float(jnp.max(jnp.abs(a - b)))
             for a, b in zip(jax.tree.leaves(initial_params), jax.tree.leaves(want["params"]))
             if a.ndim > 1
         ]
         assert min(moved) > 1e-4, moved  # every kernel moved far beyond the tolerance
-    # Their numbers matter: members 0 and 2 share seed 0, and end apart.
-    w = jax.tree.leaves(together["params"])[-1]
-    assert float(jnp.max(jnp.abs(w[0] - w[2]))) > 1e-4
+        wanted.append((want, want_sums))
+
+    base, _ = alone(members[0])
+    member_cfg = phases.member_step_config(members[0].config, phases.phase_of(config, 0), base, spe, members)
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    numbers = population.stacked([population.numbers(m.config, m.config.optimizer.lr) for m in members], mesh)
+    seeds = jnp.asarray([m.seed for m in members], jnp.int32)
+    for vectorize in (True, False):
+        together, sums = _train(
+            steps.make_train_chunk(base, STEPS_PER_CALL, member_cfg, vectorize),
+            population.stack([alone(m)[1] for m in members], mesh),
+            population.stack([steps.zero_metrics()] * len(members), mesh),
+            images,
+            labels,
+            lambda epoch: jax.vmap(lambda s: pipeline.epoch_order(s, epoch, len(images)))(seeds),
+            numbers,
+            spe,
+        )
+        for k, (m, (want, want_sums)) in enumerate(zip(members, wanted)):
+            got = jax.tree.map(lambda a, k=k: a[k], together)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{m.label()} {vectorize=}")
+            np.testing.assert_allclose(sums["loss_sum"][k], want_sums["loss_sum"], rtol=1e-10)
+            assert int(sums["correct"][k]) == int(want_sums["correct"])
+        # Their numbers matter: members 0 and 2 share seed 0, and end apart.
+        w = jax.tree.leaves(together["params"])[-1]
+        assert float(jnp.max(jnp.abs(w[0] - w[2]))) > 1e-4
 
 
 def test_population_keys_that_are_wrong_are_one_line_before_anything_runs():
