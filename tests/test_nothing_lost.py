@@ -326,31 +326,41 @@ def test_eval_outputs_that_cannot_be_written_are_one_line_and_leave_nothing(two_
 
 
 @pytest.mark.parametrize(
-    "override,message",
+    "key,value,message",
     [
         (
-            "--config.data.augment.crop_padding=-2",
+            "data.augment.crop_padding",
+            -2,
             "config: data.augment.crop_padding=-2 must be an integer in [0, data.image_size=32)",
         ),
+        (
+            "data.augment.color_jitter",
+            (0.4, 0.4),
+            "config: data.augment.color_jitter=(0.4, 0.4) must be 3 numbers >= 0",
+        ),
+        ("num_epochs", 10**12, "config: num_epochs=1000000000000 is past any schedule; use at most 100,000"),
+        ("early_stop.patience", -1, "config: early_stop.patience=-1 must be an integer >= 0 (0 = off)"),
+        ("optimizer.clip_norm", -1.0, "config: optimizer.clip_norm=-1.0 must be >= 0 (0 = no clipping)"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_key_and_the_workdir_is_not_made(tmp_path, key, value, message):
+    # train.py prints this error as `error: <message>`, status 2 (the subprocess test below).
+    with pytest.raises(ValueError) as e:
+        trainer.train_and_evaluate(tiny_config(**{key: value}), tmp_path / "run", progress=False)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
         (
             "--config.data.augment.color_jitter=(0.4,0.4)",
             "config: data.augment.color_jitter=(0.4, 0.4) must be 3 numbers >= 0",
         ),
         (
-            "--config.num_epochs=1000000000000",
-            "config: num_epochs=1000000000000 is past any schedule; use at most 100,000",
-        ),
-        (
             "--config=configs/nope.py",
             "the --config file does not load ([Errno 2] No such file or directory: 'configs/nope.py')",
-        ),
-        (
-            "--config.early_stop.patience=-1",
-            "config: early_stop.patience=-1 must be an integer >= 0 (0 = off)",
-        ),
-        (
-            "--config.optimizer.clip_norm=-1.0",
-            "config: optimizer.clip_norm=-1.0 must be >= 0 (0 = no clipping)",
         ),
     ],
 )
