@@ -245,19 +245,32 @@ def test_second_run_of_a_config_compiles_nothing(tmp_path):
     assert compiled == 0 and loaded > 0
 
 
-def test_cpu_convolution_flag_is_added_once_and_never_over_the_users(monkeypatch):
+def test_cpu_flags_are_added_once_and_never_over_the_users(monkeypatch):
     from importlib import metadata
 
     from cifar_jax import cli
 
+    ours = " ".join(f"--{name}={value}" for name, value in cli.CPU_FLAGS.items())
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     added = cli.tune_xla_cpu()
-    assert added == metadata.version("jaxlib").startswith("0.10.")  # only where it was measured
+    assert added == metadata.version("jaxlib").startswith("0.10.")  # only where they were measured
     if added:
-        assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {cli.CPU_CONV_FLAG}"
+        assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {ours}"
     assert not cli.tune_xla_cpu()  # never twice
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-    assert not cli.tune_xla_cpu() and os.environ["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type="
+    if cli.tune_xla_cpu():  # the user's setting stays; the other is added
+        assert (
+            os.environ["XLA_FLAGS"]
+            == "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_fusion_emitters=false"
+        )
+    monkeypatch.setenv(
+        "XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_fusion_emitters=true"
+    )
+    assert not cli.tune_xla_cpu()
+    assert (
+        os.environ["XLA_FLAGS"]
+        == "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_fusion_emitters=true"
+    )
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_status_130(capsys, monkeypatch):
