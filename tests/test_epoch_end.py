@@ -113,7 +113,7 @@ def test_the_phase_of_an_epoch_and_after_a_checkpoint():
 
 
 def test_what_a_change_on_resume_does():
-    config = tiny_config(num_epochs=6)
+    config = tiny_config(num_epochs=6, **{"schedule.name": "cosine"})
     phase = phases.phases(config)[0]
     start = resume.Start(epoch=2, step=0, phase=phase, state={}, sums=None, row={"epoch": 2, "lr": 0.002})
     lr_at = {(phase, 2): 0.0015}.get

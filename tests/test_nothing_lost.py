@@ -115,14 +115,15 @@ def test_a_refused_change_on_resume_touches_nothing_in_the_workdir(two_epochs, t
 
 
 @pytest.mark.slow
-def test_extending_num_epochs_is_said_recorded_and_follows_the_new_schedule(two_epochs, tmp_path, caplog):
+def test_extending_num_epochs_is_said_recorded_and_follows_the_new_schedule(tmp_path, caplog):
     workdir = tmp_path / "run"
-    shutil.copytree(two_epochs, workdir)
+    cosine = {"schedule.name": "cosine"}  # its length is num_epochs: extending the run changes it
+    first = _train_in_process(workdir, num_epochs=2, **cosine)
     with caplog.at_level("INFO", logger="cifar_jax"):
-        rows = _train_in_process(workdir, num_epochs=4)
-    straight = _train_in_process(tmp_path / "straight", num_epochs=4)
+        rows = _train_in_process(workdir, num_epochs=4, **cosine)
+    straight = _train_in_process(tmp_path / "straight", num_epochs=4, **cosine)
     # Epochs 1-2 ran under the 2-epoch cosine; 3-4 follow the 4-epoch one, as a straight 4-epoch run does.
-    assert [r["lr"] for r in rows] == [r["lr"] for r in _rows(two_epochs)] + [r["lr"] for r in straight[2:]]
+    assert [r["lr"] for r in rows] == [r["lr"] for r in first] + [r["lr"] for r in straight[2:]]
     effect = (
         "num_epochs 2 -> 4: the cosine schedule now spans 4 epochs; epoch 3 trains at lr "
         f"{straight[2]['lr']:.3g} "

@@ -179,7 +179,7 @@ def test_a_population_is_one_ordinary_run_per_member(tmp_path):
         logged = [
             json.loads(line) for line in (tmp_path / f"member_{k}" / "metrics.jsonl").read_text().splitlines()
         ]
-        assert logged == rows[k] and logged[0]["lr"] == lr > logged[1]["lr"]  # its own cosine schedule
+        assert logged == rows[k] and logged[0]["lr"] == lr > logged[1]["lr"]  # its own schedule
         assert table["members"][k]["last_val_acc"] == logged[-1]["val_acc"]
     for group in table["by_values"]:
         accs = [e["last_val_acc"] for e in table["members"] if e["values"] == group["values"]]
