@@ -1,8 +1,8 @@
-"""Run as a subprocess: 5 data-parallel training steps over a mesh of all devices; print the losses.
+"""Run as a subprocess: 5 data-parallel training steps over a mesh of devices; print the losses.
 
-Arguments: specs 'ARCH:OPTIMIZER[:float64]'.
-Device count comes from XLA_FLAGS. With PROBE_PROCESS_ID / PROBE_NUM_PROCESSES / PROBE_COORDINATOR
-set, it joins a multi-process run (tests/support/probe_env.py).
+Arguments: specs 'ARCH:OPTIMIZER[:DTYPE[:accK]][@N]', each trained over a mesh of the first N
+devices (all without @N). Device count comes from XLA_FLAGS. With PROBE_PROCESS_ID /
+PROBE_NUM_PROCESSES / PROBE_COORDINATOR set, it joins a multi-process run (tests/support/probe_env.py).
 """
 
 import functools
@@ -33,8 +33,9 @@ BATCH, STEPS = 16, 5
 
 
 def losses(spec):
-    """`spec` is 'ARCH:OPTIMIZER[:DTYPE[:accK]]', e.g. 'resnet18:adamw:float64', or
-    'simple_cnn:adamw:float32:acc2' for 2 accumulated micro-batches per step."""
+    """`spec` is 'ARCH:OPTIMIZER[:DTYPE[:accK]][@N]', e.g. 'resnet18:adamw:float64@2' on 2 devices, or
+    'simple_cnn:adamw:float32:acc2' for 2 accumulated micro-batches per step on all devices."""
+    spec, _, devices = spec.partition("@")
     arch, optimizer, *rest = spec.split(":")
     dtype = rest[0] if rest else "float32"
     accumulate = int(rest[1].removeprefix("acc")) if len(rest) > 1 else 1
@@ -42,7 +43,7 @@ def losses(spec):
         32 if arch == "simple_cnn" else 16
     )  # ResNet at 16x16 (float64 needs no well-conditioned BatchNorm): 4x cheaper
     arrays = data.load("fake", num_train=BATCH * STEPS, num_test=1, num_classes=10, image_size=size, seed=1)
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_mesh(jax.devices()[: int(devices)] if devices else None)
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
     options = {} if arch == "simple_cnn" else {"stem": "imagenet"}
     model = models.create(arch, 10, seed=0, dtype=dtype, **options)
@@ -81,11 +82,12 @@ def losses(spec):
         total = float(np.asarray(metrics["loss_sum"].addressable_data(0)))
         out.append((total - before) / BATCH)
         before = total
-    return out
+    return out, mesh.size
 
 
 if __name__ == "__main__":
-    result = {"devices": jax.device_count(), "processes": jax.process_count()}
-    result.update({spec: losses(spec) for spec in sys.argv[1:]})
+    result = {"devices": jax.device_count(), "processes": jax.process_count(), "mesh": {}}
+    for spec in sys.argv[1:]:
+        result[spec], result["mesh"][spec] = losses(spec)
     if jax.process_index() == 0:
         print(json.dumps(result))
