@@ -211,6 +211,7 @@ def test_pipeline_runs_as_many_batches_per_call_as_the_training_step():
 
 
 @pytest.mark.parametrize("layers", ["auto", "stock"])
+@pytest.mark.slow
 def test_jax_layers_choose_the_cpu_kernels_or_xlas_stock_operations(monkeypatch, layers):
     """`--jax_layers stock` traces no CPU kernel, even on the CPU (where `auto` takes them): how a
     GPU run compares the two with `--jax_layers cpu_kernels`."""
@@ -247,6 +248,7 @@ def test_jax_layers_choose_the_cpu_kernels_or_xlas_stock_operations(monkeypatch,
     assert rows[0]["variant"].endswith("1 steps/call" if layers == "auto" else "stock layers")
 
 
+@pytest.mark.slow
 def test_the_in_step_baseline_trains_on_the_batches_the_step_draws():
     """The pipeline's share in the step is the training chunk against the same chunk fed batches
     prepared beforehand: both must train on the same batches, step for step (a baseline that fed

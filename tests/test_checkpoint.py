@@ -154,6 +154,7 @@ def test_checksums_equal_a_numpy_computation_and_see_every_flipped_bit():
         )
 
 
+@pytest.mark.slow
 def test_the_readme_snippet_restores_a_trained_checkpoint_with_orbax_alone(tmp_path):
     """The README's snippet, run as written (no cifar_jax import) on a trained SimpleCNN's checkpoints."""
     import os

@@ -449,6 +449,7 @@ def test_log_lines_follow_the_stderr_of_the_moment(monkeypatch):
     assert later.getvalue().endswith("a line\n")
 
 
+@pytest.mark.slow
 def test_every_command_that_reads_a_checkpoint_takes_step_best_latest_or_an_epoch():
     """One `--step` convention: eval.py and export parse it alike, and refuse anything else."""
     assert [cli.checkpoint_step(v) for v in ("best", "latest", "3")] == ["best", "latest", 3]

@@ -149,6 +149,7 @@ def _write_cifar100_binary(root, x_tr, y_tr, x_te, y_te):
     (d / "coarse_label_names.txt").write_text("\n".join(f"coarse{i}" for i in range(20)) + "\n")
 
 
+@pytest.mark.slow
 def test_tfds_prepares_from_the_binary_archive_and_caches(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     pytest.importorskip("tensorflow")

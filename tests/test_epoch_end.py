@@ -28,6 +28,7 @@ def test_the_checkpoint_rule(epoch, every, resumed_mid_epoch, ended, stop, reaso
     assert checkpoint_reason(epoch, **kwargs) == reason
 
 
+@pytest.mark.slow
 def test_each_checkpoint_records_why_it_was_saved(tmp_path):
     config = tiny_config(num_epochs=3, **{"checkpoint.every_epochs": 2, "checkpoint.keep": 5})
     trainer.train_and_evaluate(config, tmp_path, progress=False)

@@ -29,6 +29,7 @@ def _eval(*args):
     )
 
 
+@pytest.mark.slow
 def test_report_on_val_matches_the_logged_val_acc(run_dir, tmp_path):
     workdir, rows = run_dir
     out = _eval(f"--workdir={workdir}", "--step=2", "--split=val", f"--out={tmp_path}")

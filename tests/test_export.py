@@ -29,7 +29,11 @@ def _trained_looking(name, stem, seed=0):
 
 CASES = [
     ("simple_cnn", None),
-    *((arch, stem) for arch in ("resnet18", "resnet34", "resnet50") for stem in ("imagenet", "cifar")),
+    *(
+        pytest.param(arch, stem, marks=[pytest.mark.slow] if arch == "resnet50" else [])
+        for arch in ("resnet18", "resnet34", "resnet50")
+        for stem in ("imagenet", "cifar")
+    ),
 ]
 
 

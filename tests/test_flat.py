@@ -75,6 +75,7 @@ def _tree_step(cfg: steps.StepConfig, state, x, y):
         ("sgd", {"nesterov": True, "decay_norm_and_bias": False}, None),
     ],
 )
+@pytest.mark.slow
 def test_a_step_on_the_vectors_is_the_step_on_the_trees(name, options, train_only, x64):
     model = models.create("simple_cnn", 10, dtype="float64")
     nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64), nnx.state(model)))

@@ -425,8 +425,8 @@ def _random_batchnorm(model, seed=0):
         ("simple_cnn", {}),
         ("resnet18", {"stem": "cifar"}),
         ("resnet18", {"stem": "imagenet"}),
-        ("resnet50", {"stem": "cifar"}),
-        ("resnet50", {"stem": "imagenet"}),
+        pytest.param("resnet50", {"stem": "cifar"}, marks=pytest.mark.slow),
+        pytest.param("resnet50", {"stem": "imagenet"}, marks=pytest.mark.slow),
     ],
 )
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

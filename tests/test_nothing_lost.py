@@ -267,6 +267,7 @@ def test_concurrent_writers_of_one_out_keep_each_others_staging(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["eval"]
 
 
+@pytest.mark.slow
 def test_eval_of_data_without_test_images_says_so(tmp_path, capsys):
     rng = np.random.default_rng(0)
     np.savez(

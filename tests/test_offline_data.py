@@ -43,6 +43,7 @@ def test_a_study_config_without_network_or_prepared_data_fails_at_once_in_one_li
     assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # nothing saved
 
 
+@pytest.mark.slow
 def test_prepare_from_a_cifar_python_directory_writes_an_npz_that_trains(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)

@@ -62,6 +62,7 @@ def test_train_batch_is_augmented_normalised_and_resized():
 
 
 @pytest.mark.parametrize("population", [False, True])
+@pytest.mark.slow
 def test_a_chunk_draws_before_its_loop_the_numbers_each_step_would_draw(population):
     # A training chunk draws every step's random numbers at once (`steps.chunk_draws`); each step's
     # must be those it would draw alone: crops, flips, jitter factors and orders, CutMix's box and
@@ -120,6 +121,7 @@ def _probe(tmp_path, devices):
     return np.load(out)
 
 
+@pytest.mark.slow
 def test_batches_do_not_depend_on_device_count(tmp_path):
     one, eight = _probe(tmp_path, 1), _probe(tmp_path, 8)
     assert int(one["devices"]) == 1 and int(eight["devices"]) == 8

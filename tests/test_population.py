@@ -272,6 +272,7 @@ def test_members_saved_at_different_epochs_resume_from_the_epoch_all_have(tmp_pa
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_a_member_that_diverges_ends_there_and_one_that_stops_early_ends_there(tmp_path, caplog):
     """Member 1's lr warms up towards 1e30 and diverges in epoch 2: its row says so, it keeps its
     checkpoint of epoch 1, and member 0 goes on until early stopping ends it at epoch 3 of 6 (no

@@ -70,6 +70,7 @@ def test_a_trace_without_a_device_says_so(tmp_path):
         profiling.latest_trace(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_bench_profile_traces_real_training_and_evaluation_windows(tmp_path, capsys):
     rows = bench.main(
         [

@@ -137,6 +137,7 @@ def test_truncated_latest_checkpoint_is_reported_and_the_previous_one_used(strai
     _assert_same_run(workdir, straight_run)  # the epochs after `previous` retrained
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_within_the_epoch_and_keeps_good_checkpoints(tmp_path):
     # A warmup per epoch from lr 1e-3 (epoch 1) towards 1e30: epoch 2 trains at 5e29 and diverges.
     bad = tiny_config(
@@ -376,6 +377,7 @@ def test_a_bad_metrics_line_before_the_last_is_one_clear_error(three_epochs, tmp
     assert Checkpoints(workdir, read_only=True).epochs() == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_damaged_interrupted_checkpoint_is_set_aside_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
     config = tiny_config(num_epochs=2, run_ahead_chunks=0, steps_per_call=1)
     _at_epoch_start(monkeypatch, 1, lambda: os.kill(os.getpid(), signal.SIGTERM))

@@ -385,6 +385,7 @@ def test_the_weight_average_is_the_numpy_recurrence_over_the_steps(x64):
     assert any(not np.allclose(g, c) for g, c in zip(got, current))  # an average, not the last weights
 
 
+@pytest.mark.slow
 def test_the_weight_average_is_validated_checkpointed_and_evaluated(tmp_path):
     from cifar_jax import data
 
@@ -407,6 +408,7 @@ def test_the_weight_average_is_validated_checkpointed_and_evaluated(tmp_path):
         evaluate.restore(tmp_path / "plain", 1, ema=True)
 
 
+@pytest.mark.slow
 def test_mixup_and_cutmix_run_inside_the_jitted_step(tmp_path):
     mixed = trainer.train_and_evaluate(
         tiny_config(num_epochs=1, **{"data.augment.mixup_alpha": 0.2, "data.augment.cutmix_alpha": 1.0}),
@@ -417,6 +419,7 @@ def test_mixup_and_cutmix_run_inside_the_jitted_step(tmp_path):
     assert np.isfinite(mixed[0]["train_loss"]) and mixed[0]["train_loss"] != plain[0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_run_inside_the_jitted_step(tmp_path):
     """The maths is tested against PyTorch (test_trajectory); here the trainer's chunks with it."""
     accumulated = trainer.train_and_evaluate(
