@@ -29,8 +29,8 @@ def tiny_config(**overrides):
     """SimpleCNN on 64+16 fake 32x32 images in 5 classes, batch 16: seconds per epoch on a CPU.
 
     The learning rate halves every epoch (StepLR): it moves, so a resume that lost its place in
-    the schedule shows, and unlike a cosine over `num_epochs` it is not a constant of the compiled
-    step, so runs of any length share one program (the suite compiles each once)."""
+    the schedule shows, and unlike a cosine over `num_epochs` its length is not a constant of the
+    compiled step, so runs that differ only in their number of epochs share one program."""
     c = config_lib.base()
     c.model.name = "simple_cnn"
     c.model.num_classes = 5
