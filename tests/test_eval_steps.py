@@ -81,9 +81,11 @@ def test_fused_eval_predicts_and_sums_like_one_batch_per_call(eval_model, per_ca
 
 @pytest.mark.slow
 def test_fused_eval_over_8_devices_equals_one_device():
-    """Each batch sharded over the mesh, two batches per call (the last call padded)."""
-    one, eight = run_probe("eval_probe.py", 1), run_probe("eval_probe.py", 8)
-    assert one["devices"] == 1 and eight["devices"] == 8
+    """Each batch sharded over the mesh, two batches per call (the last call padded). One process of
+    8 devices evaluates over a mesh of 1 device and of 8."""
+    got = run_probe("eval_probe.py", 8, "1", "8")
+    one, eight = got["1"], got["8"]
+    assert got["devices"] == 8 and one["mesh"] == 1 and eight["mesh"] == 8
     np.testing.assert_allclose(eight["logits"], one["logits"], rtol=1e-5, atol=1e-5)
     assert np.asarray(one["logits"]).shape == (23, 10)
     assert (
