@@ -258,7 +258,8 @@ def test_cpu_flags_are_added_once_and_never_over_the_users(monkeypatch):
         assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {ours}"
     assert not cli.tune_xla_cpu()  # never twice
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-    if cli.tune_xla_cpu():  # the user's setting stays; the other is added
+    assert cli.tune_xla_cpu() == added
+    if added:  # the user's setting stays; the other is added
         assert (
             os.environ["XLA_FLAGS"]
             == "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_fusion_emitters=false"
