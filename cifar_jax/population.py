@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import math
 import statistics
 from pathlib import Path
@@ -28,8 +27,6 @@ import ml_collections
 import numpy as np
 
 from cifar_jax import staging
-
-log = logging.getLogger("cifar_jax")
 
 # Keys a member may set in `population.sweep`: numbers the training step reads.
 VARIES = (
@@ -217,8 +214,7 @@ def member_workdir(workdir, member: int | None) -> Path:
 
 def write_table(workdir: Path, listed: list[Member], rows_of: list[list[dict]]) -> None:
     """`population.json` and `population.md` in `workdir`: each member's last and best validation
-    accuracy, and for each combination of values the mean and sample sd over seeds; and
-    `population.png`, every member's curves."""
+    accuracy, and for each combination of values the mean and sample sd over seeds."""
     table = []
     for m, rows in zip(listed, rows_of):
         scored = [r for r in rows if r.get("val_acc") is not None and math.isfinite(r["val_acc"])]
@@ -256,14 +252,10 @@ def write_table(workdir: Path, listed: list[Member], rows_of: list[list[dict]]) 
     record = {"members": table, "by_values": summary, "best_values": best["values"] if best else None}
     staging.write_text(workdir / "population.json", json.dumps(record, indent=2) + "\n")
     staging.write_text(workdir / "population.md", _markdown(record))
-    try:
-        plot_members(listed, rows_of, workdir / "population.png")
-    except Exception as e:  # noqa: BLE001  (the curves are a convenience; the tables hold the numbers)
-        log.warning("could not draw %s: %s", workdir / "population.png", e)
 
 
 def plot_members(listed: list[Member], rows_of: list[list[dict]], path: Path) -> None:
-    """Every member's training loss and validation accuracy per epoch, in one figure."""
+    """`population.png`: every member's training loss and validation accuracy per epoch, in one figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -290,7 +282,7 @@ def _markdown(record: dict) -> str:
         "",
         "Each member (its run: `member_<k>/`), and each combination of values over its seeds (validation",
         "accuracy: mean and sample sd; none without a validation split). Written by train.py after every",
-        "epoch; population.png has every member's curves.",
+        "epoch; population.png has every member's curves (redrawn at most every 10 s, and at the end).",
         "",
         "| member | seed | values | epochs | last train loss | last val_acc | best val_acc (epoch) | ended |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -26,6 +27,7 @@ from cifar_jax.errors import TrainingError
 from cifar_jax.phases import phase_after
 from cifar_jax.resume import Start, resume, save_config
 from cifar_jax.runguard import Interrupted
+from cifar_jax.tracking import CurvesPlotter
 
 log = logging.getLogger("cifar_jax")
 
@@ -103,6 +105,13 @@ class Records:
                 group=(config.wandb.name or workdir.name) if run.member else None,
             )
         self.is_main = is_main
+        self.population_plot = (
+            CurvesPlotter(
+                workdir / "population.png", draw=functools.partial(population.plot_members, self.members)
+            )
+            if self.members and is_main
+            else None
+        )
 
     def _resume(self, member, config, workdir: Path, fresh_state) -> Run:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +268,9 @@ class Records:
             end.clock.at.update(end.member_ends[-1][1].clock.at)
         end.meta = {"saved": all(e.meta["saved"] for _, e, _ in end.member_ends)}
         if self.is_main:
-            population.write_table(self.workdir, self.members, [run.recorder.rows for run in self.runs])
+            rows_of = [run.recorder.rows for run in self.runs]
+            population.write_table(self.workdir, self.members, rows_of)
+            self.population_plot.update(rows_of)
 
     def _member_states(self, state) -> list:
         if state is None:
@@ -298,6 +309,8 @@ class Records:
                 pass
             run.ckpts.close()
             run.recorder.close()
+        if self.population_plot is not None:
+            self.population_plot.close()
 
     def summary(self) -> list:
         """The run's rows (process 0; [] elsewhere); for a population, each member's."""

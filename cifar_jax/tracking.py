@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cifar_jax import staging
@@ -99,25 +100,27 @@ def plot_curves(rows: list[dict], path) -> None:
 
 
 class CurvesPlotter:
-    """Redraws `curves.png` as epochs end, at most once every `min_interval_s` seconds, and once
-    more on `close()` if epochs ended since the last drawing.
+    """Redraws a figure of the rows as epochs end: the first time `min_interval_s` seconds after it
+    started, then at most once every `min_interval_s` seconds, and once more on `close()` if epochs
+    ended since the last drawing. `draw(rows, path)` draws (`plot_curves` by default).
 
     Drawing stops training meanwhile, a large share of a short GPU epoch; a background thread
     competed with XLA for the cores instead (BENCHMARKS.md, "Things measured while building").
-    Epochs longer than the interval still get a drawing each. A failure to draw is logged once and
-    never stops training.
+    Epochs longer than the interval still get a drawing each; a run shorter than it, one at the end.
+    A failure to draw is logged once and never stops training.
     """
 
-    def __init__(self, path, min_interval_s: float = 10.0):
+    def __init__(self, path, min_interval_s: float = 10.0, draw: Callable[[list, Path], None] | None = None):
         self.path = Path(path)
         self.min_interval_s = min_interval_s
-        self._last_draw = None  # perf_counter() of the last drawing
+        self.draw = draw
+        self._last_draw = time.perf_counter()  # of the last drawing, or of the start
         self._undrawn = None  # rows not drawn yet
         self._warned = False
 
-    def update(self, rows: list[dict]) -> None:
+    def update(self, rows: list) -> None:
         self._undrawn = list(rows)
-        if self._last_draw is None or time.perf_counter() - self._last_draw >= self.min_interval_s:
+        if time.perf_counter() - self._last_draw >= self.min_interval_s:
             self._draw()
 
     def close(self) -> None:
@@ -127,7 +130,7 @@ class CurvesPlotter:
     def _draw(self) -> None:
         rows, self._undrawn = self._undrawn, None
         try:
-            plot_curves(rows, self.path)
+            (self.draw or plot_curves)(rows, self.path)
         except Exception as e:  # noqa: BLE001  (curves are a convenience; metrics.jsonl holds the numbers)
             if not self._warned:
                 log.warning("could not draw %s: %s", self.path, e)

@@ -1,6 +1,7 @@
 """What training reports besides the checkpoints: the curves, drawn without slowing fast epochs."""
 
 import logging
+import types
 
 from cifar_jax import tracking
 
@@ -15,14 +16,24 @@ def _rows(n):
 def test_fast_epochs_are_drawn_at_most_once_per_interval_and_all_at_close(tmp_path, monkeypatch):
     drawn = []
     monkeypatch.setattr(tracking, "plot_curves", lambda rows, path: drawn.append(len(rows)))
+    now = [1000.0]
+    monkeypatch.setattr(tracking, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     plotter = tracking.CurvesPlotter(tmp_path / "curves.png", min_interval_s=60)
-    for n in range(1, 6):  # five epochs end within a second
+    for n in range(1, 6):  # five epochs end within the first interval
+        now[0] += 1
         plotter.update(_rows(n))
-    assert drawn == [1]  # the first epoch at once, then nothing until the interval has passed
+    assert drawn == []  # a run shorter than the interval is drawn once, at its end
+    now[0] += 60
+    plotter.update(_rows(6))
+    assert drawn == [6]  # the interval has passed since the start: drawn at once
+    for n in (7, 8):
+        now[0] += 1
+        plotter.update(_rows(n))
+    assert drawn == [6]  # then nothing until the interval has passed again
     plotter.close()
-    assert drawn == [1, 5]  # closing draws every epoch
+    assert drawn == [6, 8]  # closing draws every epoch
     plotter.close()
-    assert drawn == [1, 5]  # nothing new: nothing drawn
+    assert drawn == [6, 8]  # nothing new: nothing drawn
 
     drawn.clear()
     # Epochs longer than the interval.
@@ -47,6 +58,7 @@ class _Records(logging.Handler):
 def test_curves_png_is_written_and_a_failing_drawing_is_logged_once(tmp_path, monkeypatch, caplog):
     plotter = tracking.CurvesPlotter(tmp_path / "curves.png")
     plotter.update(_rows(3))
+    plotter.close()
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
     def broken(rows, path):
