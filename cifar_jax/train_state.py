@@ -62,12 +62,13 @@ def create_train_state(
     tx=None,
     *,
     weights: bool = True,
-    ops=layers.PER_PLATFORM,
+    ops=None,
 ):
     """(GraphDefs, train state) of the configured model, replicated on every device of `mesh`.
     With `phase` and its `tx` the state holds the optimizer state of what the phase trains; without,
-    only the model's. A weight average (`ema_decay`) starts from the initial model. `weights` and
-    `ops`: as in `build_model`."""
+    only the model's. A weight average (`ema_decay`) starts from the initial model. `weights`: as in
+    `build_model`; `ops`: the model's layer operations, by default those of `mesh`'s platform."""
+    ops = ops or layers.for_platforms({d.platform for d in mesh.devices.flat})
     model = build_model(config, num_classes, weights=weights, ops=ops)
     graphdef_train = nnx.graphdef(model)
     model.eval()

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -399,6 +400,48 @@ def test_stock_operations_and_cpu_kernels_train_the_same_model(x64, name, option
     for a, b in zip(cpu, stock):
         # 1e-14 absolute for the gradients that are zero but for rounding (a conv bias before BatchNorm).
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12 * np.abs(b).max() + 1e-14)
+
+
+def _program_text(compiled) -> str:
+    """A compiled program's HLO without what says where it came from: the stack-frame tables and
+    metadata dropped, instruction and computation names numbered in order of appearance."""
+    text = re.sub(
+        r"\n(FileNames|FunctionNames|FileLocations|StackFrames)\n(\d+ .*\n)*", "\n", compiled.as_text()
+    )
+    text = re.sub(r",? metadata=\{[^}]*\}", "", text)
+    names = {}
+    return re.sub(r"%[\w.\-]+", lambda m: names.setdefault(m.group(), f"%v{len(names)}"), text)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("simple_cnn", {}),
+        pytest.param("resnet18", {"stem": "imagenet"}, marks=pytest.mark.slow),
+    ],
+)
+def test_a_model_built_for_the_cpu_compiles_to_the_program_per_platform_lowers_to(name, options):
+    """Training and evaluation build their models with `layers.for_platforms` of their devices,
+    which traces one side of each `platform_dependent` instead of both: the CPU's compiled gradient
+    step is the program `PER_PLATFORM` gives (BatchNorm in training mode, every convolution)."""
+    assert layers.for_platforms({"cpu"}) is layers.CPU_KERNELS
+    assert layers.for_platforms({"cuda"}) is layers.for_platforms({"gpu", "tpu"}) is layers.STOCK
+    assert layers.for_platforms({"cpu", "cuda"}) is layers.PER_PLATFORM
+    x = jnp.zeros((2, 32, 32, 3) if name == "simple_cnn" else (2, 16, 16, 3))  # compiled, not run
+
+    def program(ops):
+        graphdef, params, rest = nnx.split(models.create(name, 10, ops=ops, **options), nnx.Param, ...)
+
+        def loss(params):
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            return (m(x) ** 2).mean(), nnx.state(m, nnx.BatchStat)
+
+        return _program_text(jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(params).compile())
+
+    chosen = program(layers.for_platforms({"cpu"}))
+    assert chosen == program(layers.PER_PLATFORM)
+    if name == "simple_cnn":  # the comparison sees which operations were chosen
+        assert chosen != program(layers.STOCK)
 
 
 def _random_batchnorm(model, seed=0):

@@ -266,13 +266,15 @@ def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int 
     from cifar_jax import phases, sharding, steps, train_state
     from cifar_jax import population as population_lib
     from cifar_jax.data import pipeline
+    from cifar_jax.models import layers
 
     replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batches = sharding.batch_sharding(mesh)
     preprocess = pipeline.Preprocess.from_config(config.data)
     num_classes = config.model.num_classes
     cpu = sharding.make_mesh(jax.devices("cpu")[:1])
-    graphdefs, model_state = train_state.create_train_state(config, num_classes, cpu, weights=False)
+    ops = layers.for_platforms(platforms or {d.platform for d in mesh.devices.flat})
+    graphdefs, model_state = train_state.create_train_state(config, num_classes, cpu, weights=False, ops=ops)
 
     def shaped(tree, where=replicated):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)

@@ -9,7 +9,8 @@ compiled for the CPU, where `cpu_kernels` computes the same in forms XLA:CPU run
 (`PER_PLATFORM`, the default: `jax.lax.platform_dependent` chooses when the program is lowered).
 A model builds its layers with one `LayerMaker`, which holds the implementation: a model built
 with `ops=STOCK` or `ops=CPU_KERNELS` runs that one everywhere (how the benchmark compares the two
-on one device).
+on one device, and how training and evaluation build theirs: `for_platforms` of the devices they
+compile for).
 """
 
 from __future__ import annotations
@@ -210,6 +211,14 @@ STOCK = Ops(stock_conv2d, stock_batch_norm_train, _identity)
 CPU_KERNELS = Ops(cpu_kernels.conv2d, _cpu_batch_norm_train, cpu_kernels.materialize)
 PER_PLATFORM = per_platform(CPU_KERNELS, STOCK)
 OPS = {"auto": PER_PLATFORM, "stock": STOCK, "cpu_kernels": CPU_KERNELS}  # by the benchmark's names
+
+
+def for_platforms(platforms) -> Ops:
+    """The operations `PER_PLATFORM` computes in programs lowered for `platforms` (JAX's names), chosen
+    when the model is built: the same compiled programs, traced in half the time (both sides of every
+    `platform_dependent` are traced, one is lowered)."""
+    kinds = {p == "cpu" for p in platforms}
+    return PER_PLATFORM if len(kinds) != 1 else CPU_KERNELS if kinds == {True} else STOCK
 
 
 # --- the layers ----------------------------------------------------------------------------------
