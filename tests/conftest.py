@@ -68,3 +68,8 @@ def x64():
             yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The slow tests first: under xdist the workers then end together, the short tests filling in.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
