@@ -36,6 +36,10 @@ tune_xla_cpu()  # the XLA:CPU settings train.py and eval.py run with
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# JAX decides at a process's first compilation whether it uses the persistent cache, for good: decided
+# here, the cache stays on in a worker that later runs the bench, which turns it off before it compiles.
+jax.jit(lambda x: x + 1)(0)
+
 if os.environ.get("CI") or os.environ.get("CIFAR_JAX_REQUIRE_EXTRAS"):
     # `make test` installed every extra (torch, tfds, wandb, ...): one that is missing is an error
     # there, not a silently skipped file.

@@ -196,25 +196,20 @@ def run_jax(cases, modes, opts, epoch_data, log, record) -> None:
 
     from cifar_jax.bench import jax_modes
 
-    cache_was_on = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)  # measure compilation, not a cache hit
-    try:
-        for case in cases:
-            side = JaxSide(case, opts, num_train(modes, epoch_data))  # its model runs opts.jax_layers
-            for mode in modes:
-                log(f"jax {mode} {case}")
-                if mode == "epoch":
-                    result = jax_modes.epoch(side, opts, case, *epoch_data)
-                elif mode == "pipeline":
-                    result = jax_modes.pipeline(side, opts, case)
-                else:
-                    result = getattr(side, mode)(opts, case)
-                if opts.jax_layers != "auto":
-                    result["variant"] += f", {opts.jax_layers} layers"
-                if os.environ.get("XLA_FLAGS"):  # what XLA compiled with, where it was told more
-                    result["xla_flags"] = os.environ["XLA_FLAGS"]
-                record(result)
-            del side
-            jax.clear_caches()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was_on)
+    for case in cases:
+        side = JaxSide(case, opts, num_train(modes, epoch_data))  # its model runs opts.jax_layers
+        for mode in modes:
+            log(f"jax {mode} {case}")
+            if mode == "epoch":
+                result = jax_modes.epoch(side, opts, case, *epoch_data)
+            elif mode == "pipeline":
+                result = jax_modes.pipeline(side, opts, case)
+            else:
+                result = getattr(side, mode)(opts, case)
+            if opts.jax_layers != "auto":
+                result["variant"] += f", {opts.jax_layers} layers"
+            if os.environ.get("XLA_FLAGS"):  # what XLA compiled with, where it was told more
+                result["xla_flags"] = os.environ["XLA_FLAGS"]
+            record(result)
+        del side
+        jax.clear_caches()

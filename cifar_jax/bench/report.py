@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 
 from cifar_jax.bench.cases import MODELS, MODES
 
@@ -92,9 +93,9 @@ def versions() -> dict:
         "cpus": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    for name in ("jax", "jaxlib", "flax", "optax", "torch", "torchvision"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            pass
+    for name in ("jax", "jaxlib", "flax", "optax"):
+        out[name] = __import__(name).__version__
+    for name in ("torch", "torchvision"):  # their builds (+cpu, +cu130), where the bench ran them
+        if name in sys.modules:
+            out[name] = sys.modules[name].__version__
     return out
