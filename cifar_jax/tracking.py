@@ -86,10 +86,10 @@ def plot_curves(rows: list[dict], path) -> None:
             values = [r.get(f"{split}_{key}") for r in rows]
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", label=split)
-        ax.set_title(title), ax.set_xlabel("epoch"), ax.legend(), ax.grid(alpha=0.3)
+        ax.set_title(title, y=1.0), ax.set_xlabel("epoch"), ax.legend(), ax.grid(alpha=0.3)
     lrs = [r["lr"] for r in rows]
     axes[2].plot(epochs, lrs, marker="o")
-    axes[2].set_title("learning rate")
+    axes[2].set_title("learning rate", y=1.0)
     axes[2].set_xlabel("epoch")
     if all(lr > 0 and math.isfinite(lr) for lr in lrs):  # a schedule that reaches 0 stays linear
         axes[2].set_yscale("log")

@@ -90,7 +90,7 @@ def test_the_bench_compiles_what_it_times_even_where_a_persistent_cache_is_named
     # turns the cache off before that, so its compile times are compilations. (In this suite's
     # workers the cache is on for good, tests/conftest.py: hence a process of its own.)
     cache, out = tmp_path / "xla", tmp_path / "bench.json"
-    argv = "--cases simple_cnn@32 --modes train --frameworks jax --batch_size 4 --steps 1 --warmup 1"
+    argv = "--cases simple_cnn@32 --modes eval --frameworks jax --eval_batch_size 4 --steps 1 --warmup 1"
     run = subprocess.run(
         [sys.executable, "-m", "cifar_jax.bench", *argv.split(), "--out", str(out)],
         cwd=ROOT,
