@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -119,12 +120,14 @@ def compilation_summary() -> str:
 def enable_compilation_cache(directory: str | None) -> str | None:
     """Turn on JAX's persistent compilation cache so a second run of a config compiles nothing.
 
-    `directory`: '' disables it; None takes $JAX_COMPILATION_CACHE_DIR, else ~/.cache/cifar_jax/xla.
-    A directory that cannot be made or written is a ValueError of one line.
+    `directory`: '' turns it off ($JAX_COMPILATION_CACHE_DIR too; call before anything compiles, as
+    `without_compilation_cache` says); None takes $JAX_COMPILATION_CACHE_DIR, else
+    ~/.cache/cifar_jax/xla. A directory that cannot be made or written is a ValueError of one line.
     """
     import jax
 
     if directory == "":
+        jax.config.update("jax_enable_compilation_cache", False)
         return None
     directory = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE
     path = Path(os.path.expanduser(directory))
@@ -137,6 +140,21 @@ def enable_compilation_cache(directory: str | None) -> str | None:
         jax.monitoring.register_event_listener(_count_compilation)
         _LISTENING.append(True)
     return str(path)
+
+
+@contextlib.contextmanager
+def without_compilation_cache():
+    """JAX's persistent compilation cache off within the block ($JAX_COMPILATION_CACHE_DIR too): what
+    compiles there is compiled (timed, dumped), never read back. JAX decides at a process's first
+    compilation whether it uses the cache and keeps that decision: enter before anything compiles."""
+    import jax
+
+    was_on = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was_on)
 
 
 def checkpoint_step(value: str):

@@ -55,7 +55,8 @@ def commit() -> str | None:
 
 def versions(packages=PACKAGES) -> dict[str, str | None]:
     """{package: its installed version, None when it is not installed}, read without importing it
-    (`bench.report.versions` imports them instead: torch's __version__ names its build, +cpu or +cu130)."""
+    (`bench.report.versions` reads torch's __version__ where the bench imported it: it names the build,
+    +cpu or +cu130)."""
     out = {}
     for package in packages:
         try:

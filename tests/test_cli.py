@@ -245,6 +245,21 @@ def test_second_run_of_a_config_compiles_nothing(tmp_path):
     assert compiled == 0 and loaded > 0
 
 
+def test_an_empty_compilation_cache_turns_jaxs_cache_off_though_the_environment_names_one():
+    import jax
+
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"]  # named by tests/conftest.py, as a user may name it
+    assert jax.config.jax_enable_compilation_cache
+    with cli.without_compilation_cache():  # the bench's and the GPU-program tool's block
+        assert not jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_enable_compilation_cache  # restored after the block
+    try:  # --compilation_cache= (train.py, eval.py): off for the process
+        assert cli.enable_compilation_cache("") is None
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+
+
 def test_cpu_flags_are_added_once_and_never_over_the_users(monkeypatch):
     from importlib import metadata
 

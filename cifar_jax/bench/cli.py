@@ -164,20 +164,11 @@ def main(argv=None) -> list[dict]:
         if opts.out:  # whole or not at all, even if the process is killed while writing
             staging.write_text(Path(opts.out), json.dumps(rows, indent=1) + "\n")
 
-    # Compilations are measured, never read from JAX's persistent cache ($JAX_COMPILATION_CACHE_DIR).
-    # JAX decides once per process, at its first compilation, whether it uses that cache: so it is
-    # turned off here, before anything compiles (turned off later, it would stay on).
-    import jax
-
-    cache_was_on = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
+    with cli.without_compilation_cache():  # compile times are compilations, not cache reads
         if "torch" in frameworks:
             run_torch(cases, modes, opts, epoch_data, log, record)
         if "jax" in frameworks:
             run_jax(cases, modes, opts, epoch_data, log, record)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache_was_on)
     print(json.dumps(versions()))
     print(table(rows))
     if opts.out:

@@ -514,32 +514,30 @@ def main(argv=None) -> int:
             f"cannot compile for a CUDA GPU here ({str(e).splitlines()[0][:120]}): install the CUDA "
             "plugin with pip install 'cifar_jax[gpu-aot]' (about 4 GB)"
         )
-    import jax
-
     # Every program is compiled here, never read from a persistent cache ($JAX_COMPILATION_CACHE_DIR):
     # its compile time is measured and its thunk sequence is read from what the compile dumps.
-    jax.config.update("jax_enable_compilation_cache", False)
     rows = []
-    for case in cases:
-        config = gpu_config(case, bench_options(opts.batch_size, opts.eval_batch_size))
-        programs = lowered_programs(config, mesh, modes, population=opts.population)
-        for mode in modes:
-            print(f"compiling {case} {mode} for the {opts.target.upper()} ...", flush=True)
-            try:
-                rows.append(measure(case, mode, opts.target, config, programs[mode], opts.population))
-            except Exception as e:  # noqa: BLE001  (XLA's deviceless compile fails on some programs)
-                rows.append(failed_row(case, mode, opts.target, config, e, opts.population))
-                print(f"  does not compile without a GPU: {rows[-1]['error']}")
-                continue
-            r = rows[-1]
-            per = "step" if mode == "train" else "batch"
-            print(
-                f"  {r['launches']} kernels per {per}: {r['by_kind']}\n"
-                f"  {r['host_launches']} host launches per {per}: {r['graphs']} CUDA graphs of "
-                f"{r['in_graphs']} kernels, alone {r['alone']}"
-            )
-            if opts.json:
-                staging.write_text(Path(opts.json), json.dumps(rows, indent=1) + "\n")
+    with cli.without_compilation_cache():
+        for case in cases:
+            config = gpu_config(case, bench_options(opts.batch_size, opts.eval_batch_size))
+            programs = lowered_programs(config, mesh, modes, population=opts.population)
+            for mode in modes:
+                print(f"compiling {case} {mode} for the {opts.target.upper()} ...", flush=True)
+                try:
+                    rows.append(measure(case, mode, opts.target, config, programs[mode], opts.population))
+                except Exception as e:  # noqa: BLE001  (XLA's deviceless compile fails on some programs)
+                    rows.append(failed_row(case, mode, opts.target, config, e, opts.population))
+                    print(f"  does not compile without a GPU: {rows[-1]['error']}")
+                    continue
+                r = rows[-1]
+                per = "step" if mode == "train" else "batch"
+                print(
+                    f"  {r['launches']} kernels per {per}: {r['by_kind']}\n"
+                    f"  {r['host_launches']} host launches per {per}: {r['graphs']} CUDA graphs of "
+                    f"{r['in_graphs']} kernels, alone {r['alone']}"
+                )
+                if opts.json:
+                    staging.write_text(Path(opts.json), json.dumps(rows, indent=1) + "\n")
     print(table(rows))
     return 0
 
