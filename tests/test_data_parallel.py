@@ -202,13 +202,17 @@ def test_incomplete_multi_process_flags_fail_in_one_line(tmp_path):
 
 def test_a_population_does_not_depend_on_the_device_count(tmp_path):
     """A population's state is replicated and each member's batch sharded over the devices, as a
-    run's: each member's losses on 2 devices are those on 1, to float32 rounding amplified by 32
-    Adam steps (measured: 9e-5 relative; the two seeds differ by about 1e-2)."""
+    run's: each member's losses on 2 devices are those on 1, to float32 rounding. Trained with SGD,
+    which carries a rounding difference forward at about its size (measured: at most 7e-6 relative
+    after 32 steps; the two seeds' losses differ by 3e-3). Adam is no reference here: its first steps
+    are lr * sign(gradient), so the rounding of a gradient near 0 moves a weight by 2 lr, and the
+    runs' losses came 9e-5 apart on one machine and 1.2e-3 on another (an AMD EPYC with AVX2)."""
+    sgd = ("--config.optimizer.name=sgd", "--config.optimizer.lr=0.01", "--config.optimizer.momentum=0.9")
     rows = {}
     for devices in (1, 2):
         workdir = tmp_path / f"devices{devices}"
         out = subprocess.run(
-            _train_py(workdir, "--config.population.seeds=0,1", num_epochs=1),
+            _train_py(workdir, "--config.population.seeds=0,1", *sgd, num_epochs=1),
             cwd=ROOT,
             capture_output=True,
             text=True,
@@ -218,6 +222,6 @@ def test_a_population_does_not_depend_on_the_device_count(tmp_path):
         rows[devices] = [_rows(workdir / f"member_{k}") for k in range(2)]
     for one, two in zip(rows[1], rows[2]):
         for key in ("train_loss", "val_loss"):
-            assert two[0][key] == pytest.approx(one[0][key], rel=1e-3)
+            assert two[0][key] == pytest.approx(one[0][key], rel=1e-4)
     seeds_apart = abs(rows[1][0][0]["val_loss"] / rows[1][1][0]["val_loss"] - 1)
-    assert seeds_apart > 3e-3, seeds_apart  # two seeds, two runs: far apart beyond that tolerance
+    assert seeds_apart > 1e-3, seeds_apart  # two seeds, two runs: far apart beyond that tolerance
