@@ -5,11 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from cifar_jax.study import report
+from cifar_jax.study import report, runs
 from tests.support.helpers import assert_fails_in_one_line
 
 pytest.importorskip("torchvision")
@@ -38,10 +39,6 @@ def test_smoke_study_trains_each_kind_of_run_records_each_run_and_a_rerun_skips_
     # plan test below.
     out = tmp_path / "study"
     args = ("--parts", "simple_cnn,3", "--scale", "smoke", "--seeds", "0", "--torch", "--out", str(out))
-    # A budget that ends inside the first run: it is stopped (and saves), the study says so and ends.
-    cut = _study(*args, "--budget", "12")
-    assert cut.returncode == 0, cut.stdout[-3000:] + cut.stderr[-3000:]
-    assert "the time budget ran out during" in cut.stdout and "rerun the same command" in cut.stdout
     first = _study(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     records = {p.stem: json.loads(p.read_text()) for p in (out / "records").glob("*.json")}
@@ -65,6 +62,41 @@ def test_smoke_study_trains_each_kind_of_run_records_each_run_and_a_rerun_skips_
     assert "seed 0: test top-1" not in again.stdout  # nothing trained or evaluated again
     assert (out / "report.md").read_text() == text
     shutil.rmtree(out / "runs")  # checkpoints of ResNets: hundreds of MB that pytest would keep
+
+
+def test_the_budget_stops_the_run_in_progress_with_sigterm(tmp_path):
+    # What train.py does on SIGTERM (saves; the rerun resumes bit-identical) is test_reliability's.
+    got = tmp_path / "got"
+    child = f"""
+import pathlib, signal, time
+def stop(*_):
+    pathlib.Path({str(got)!r}).write_text("SIGTERM")
+    raise SystemExit(0)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(120)
+"""
+    started = time.monotonic()
+    with pytest.raises(runs.BudgetSpent, match=r"^the time budget ran out during -S -c"):
+        runs._call([sys.executable, "-S", "-c", child], tmp_path / "log", deadline=started + 3)
+    assert got.read_text() == "SIGTERM" and time.monotonic() - started < 60
+
+
+def test_a_spent_budget_ends_the_study_after_the_stopped_run(tmp_path, capsys, monkeypatch):
+    from cifar_jax.study.__main__ import main
+
+    started = []
+
+    def stopped(job, log):
+        started.append((job.framework, job.deadline - time.monotonic()))
+        raise runs.BudgetSpent("the time budget ran out during train.py --config=x")
+
+    monkeypatch.setattr(runs, "run_jax", stopped)
+    monkeypatch.setattr(runs, "run_torch", stopped)
+    argv = "--parts simple_cnn --scale smoke --seeds 0 --torch --budget 60 --out".split() + [str(tmp_path)]
+    assert main(argv) == 0
+    assert [framework for framework, _ in started] == ["jax"] and 0 < started[0][1] <= 60
+    out = capsys.readouterr().out
+    assert "the time budget ran out during train.py --config=x: what it trained is saved; rerun" in out
 
 
 def test_the_plan_resolves_every_cell_at_smoke_scale_and_runs_nothing(tmp_path, capsys):
