@@ -155,7 +155,7 @@ def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], arch: str
                 "weights "
                 f"(was it written with .long() or .bool()?); pass a state_dict of float tensors"
             )
-        expected = var[...].shape
+        expected = var.get_value().shape  # the value may be abstract (from_torchvision)
         if _to_flax_layout(src).shape != expected:
             raise ConversionError(
                 f"shape mismatch for {key!r}: source {tuple(src.shape)}, {arch} expects "
@@ -172,7 +172,7 @@ def load_into(model: nnx.Module, state_dict: Mapping[str, np.ndarray], arch: str
             f"the weights are not a torchvision {arch} (wrong --arch?)"
         )
     for var, arr in updates:
-        var[...] = jnp.asarray(arr, dtype=var[...].dtype)
+        var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
 
 
 def from_torchvision(arch: str, source, num_classes: int | None = None, **options) -> nnx.Module:
@@ -192,8 +192,12 @@ def from_torchvision(arch: str, source, num_classes: int | None = None, **option
         )
     source_classes = state_dict["fc.weight"].shape[0]
     num_classes = num_classes or source_classes
-    model = models.create(arch, num_classes, **options)
-    load_into(model, state_dict, arch, skip=_HEAD if num_classes != source_classes else ())
+    if num_classes == source_classes:  # every weight comes from the source: none is initialised
+        model = nnx.eval_shape(lambda: models.create(arch, num_classes, **options))
+        load_into(model, state_dict, arch)
+    else:
+        model = models.create(arch, num_classes, **options)
+        load_into(model, state_dict, arch, skip=_HEAD)
     return model
 
 
