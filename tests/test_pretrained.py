@@ -162,8 +162,9 @@ def test_head_replacement_keeps_backbone_and_reinitialises_fc():
     model = pretrained.from_torchvision("resnet18", sd, num_classes=7)
     assert model.fc.kernel.shape == (512, 7) and model.fc.bias.shape == (7,)
     np.testing.assert_array_equal(model.layer4[1].bn2.scale[...], sd["layer4.1.bn2.weight"].numpy())
-    # Fresh head, PyTorch's default init range U(-1/sqrt(512), 1/sqrt(512)).
+    # Fresh head, PyTorch's default init range U(-1/sqrt(512), 1/sqrt(512)): models.create's own.
     assert 0 < float(jnp.abs(model.fc.kernel[...]).max()) <= 1 / 512**0.5
+    _assert_same_arrays(_arrays(model.fc), _arrays(models.create("resnet18", 7, stem="imagenet").fc))
 
 
 def _convert_resnet18(state_dict, out, *flags) -> int:
@@ -178,8 +179,11 @@ def test_convert_cli_writes_weights_that_load_back(tmp_path, capsys):
     assert "10 classes" in capsys.readouterr().out
     loaded = pretrained.load(tmp_path / "out")
     _assert_same_arrays(_arrays(loaded), _arrays(pretrained.from_torchvision("resnet18", sd)))
-    with_head = pretrained.load(tmp_path / "out", num_classes=100)
+    with_head = pretrained.load(tmp_path / "out", num_classes=100, seed=3)
     assert with_head.fc.kernel.shape == (512, 100)
+    _assert_same_arrays(
+        _arrays(with_head.fc), _arrays(models.create("resnet18", 100, seed=3, stem="imagenet").fc)
+    )
     np.testing.assert_array_equal(with_head.conv1.kernel[...], loaded.conv1.kernel[...])
 
 
