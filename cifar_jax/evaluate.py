@@ -21,7 +21,7 @@ from cifar_jax import preflight, sharding, staging, steps
 from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
 from cifar_jax.errors import one_line
-from cifar_jax.train_state import create_train_state
+from cifar_jax.train_state import restore_template
 
 ECE_BINS = 15
 log = logging.getLogger("cifar_jax")
@@ -66,12 +66,8 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
             f"{workdir} was trained without a weight average (ema_decay=0); evaluate it without --ema"
         )
     # Only the weights and statistics (or their average): evaluation builds no optimizer.
-    graphdefs, fresh = create_train_state(
-        config, config.model.num_classes, mesh or sharding.make_mesh(), weights=False
-    )
-    template = (
-        {"ema": fresh["ema"]} if ema else {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}
-    )
+    graphdefs, weights = restore_template(config, config.model.num_classes, mesh or sharding.make_mesh())
+    template = {"ema": weights} if ema else weights
     while True:
         ckpts = Checkpoints(workdir, read_only=True)
         try:

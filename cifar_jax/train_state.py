@@ -3,8 +3,8 @@
 The train state is a dict pytree whose keys are the checkpoint's items: `params` (nnx.State of all
 parameters), `batch_stats` (BatchNorm running statistics), `opt_state` (optax state of the
 parameters the phase trains) and, with a weight average, `ema` ({params, batch_stats}).
-`create_train_state` makes it for the trainer, `eval.py` (without an optimizer), the benchmark
-and the tests.
+`create_train_state` makes it for the trainer, the benchmark and the tests; `restore_template` its
+weights' shapes for eval.py, which restores them from a checkpoint.
 """
 
 from __future__ import annotations
@@ -69,11 +69,7 @@ def create_train_state(
     only the model's. A weight average (`ema_decay`) starts from the initial model. `weights`: as in
     `build_model`; `ops`: the model's layer operations, by default those of `mesh`'s platform."""
     ops = ops or layers.for_platforms({d.platform for d in mesh.devices.flat})
-    model = build_model(config, num_classes, weights=weights, ops=ops)
-    graphdef_train = nnx.graphdef(model)
-    model.eval()
-    graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    graphdefs = GraphDefs(graphdef_train, graphdef_eval, type(model).head)
+    graphdefs, params, batch_stats = _split(build_model(config, num_classes, weights=weights, ops=ops))
     params, batch_stats = (
         jax.tree.map(lambda a: sharding.replicate(np.asarray(a), mesh), t) for t in (params, batch_stats)
     )
@@ -83,6 +79,27 @@ def create_train_state(
     if config.ema_decay:  # its own buffers: the state is donated
         state["ema"] = jax.tree.map(jnp.copy, {"params": params, "batch_stats": batch_stats})
     return graphdefs, state
+
+
+def restore_template(config, num_classes: int, mesh) -> tuple[GraphDefs, dict]:
+    """(GraphDefs, the model's `params` and `batch_stats` as shapes and dtypes replicated on `mesh`):
+    what a checkpoint's weights restore into (eval.py), with nothing initialised or copied."""
+    ops = layers.for_platforms({d.platform for d in mesh.devices.flat})
+    model = nnx.eval_shape(lambda: build_model(config, num_classes, weights=False, ops=ops))
+    graphdefs, params, batch_stats = _split(model)
+    on_mesh = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh))
+    return graphdefs, {
+        "params": jax.tree.map(on_mesh, params),
+        "batch_stats": jax.tree.map(on_mesh, batch_stats),
+    }
+
+
+def _split(model) -> tuple[GraphDefs, nnx.State, nnx.State]:
+    """(GraphDefs, params, batch_stats) of `model`, which is left in evaluation mode."""
+    graphdef_train = nnx.graphdef(model)
+    model.eval()
+    graphdef_eval, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return GraphDefs(graphdef_train, graphdef_eval, type(model).head), params, batch_stats
 
 
 def init_opt_state(tx, params, graphdefs: GraphDefs, phase: Phase, mesh, members: bool = False):
