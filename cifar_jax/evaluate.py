@@ -21,7 +21,7 @@ from cifar_jax import preflight, sharding, staging, steps
 from cifar_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from cifar_jax.data import pipeline
 from cifar_jax.errors import one_line
-from cifar_jax.train_state import restore_template
+from cifar_jax.train_state import state_shapes
 
 ECE_BINS = 15
 log = logging.getLogger("cifar_jax")
@@ -66,8 +66,10 @@ def restore(workdir, epoch: int | str = "best", mesh=None, ema: bool = False) ->
             f"{workdir} was trained without a weight average (ema_decay=0); evaluate it without --ema"
         )
     # Only the weights and statistics (or their average): evaluation builds no optimizer.
-    graphdefs, weights = restore_template(config, config.model.num_classes, mesh or sharding.make_mesh())
-    template = {"ema": weights} if ema else weights
+    graphdefs, shapes = state_shapes(config, config.model.num_classes, mesh or sharding.make_mesh())
+    template = (
+        {"ema": shapes["ema"]} if ema else {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+    )
     while True:
         ckpts = Checkpoints(workdir, read_only=True)
         try:

@@ -3,8 +3,8 @@
 The train state is a dict pytree whose keys are the checkpoint's items: `params` (nnx.State of all
 parameters), `batch_stats` (BatchNorm running statistics), `opt_state` (optax state of the
 parameters the phase trains) and, with a weight average, `ema` ({params, batch_stats}).
-`create_train_state` makes it for the trainer, the benchmark and the tests; `restore_template` its
-weights' shapes for eval.py, which restores them from a checkpoint.
+`create_train_state` makes it for the trainer, the benchmark and the tests; `state_shapes` its
+shapes alone, for eval.py (which restores the weights) and the GPU program compiled without a GPU.
 """
 
 from __future__ import annotations
@@ -81,17 +81,18 @@ def create_train_state(
     return graphdefs, state
 
 
-def restore_template(config, num_classes: int, mesh) -> tuple[GraphDefs, dict]:
-    """(GraphDefs, the model's `params` and `batch_stats` as shapes and dtypes replicated on `mesh`):
-    what a checkpoint's weights restore into (eval.py), with nothing initialised or copied."""
-    ops = layers.for_platforms({d.platform for d in mesh.devices.flat})
+def state_shapes(config, num_classes: int, mesh, *, ops=None) -> tuple[GraphDefs, dict]:
+    """(GraphDefs, the train state of `create_train_state` without an optimizer, as shapes and dtypes
+    replicated on `mesh`): what a checkpoint's weights restore into (eval.py) and what a program is
+    lowered for (bench.gpu_program), with nothing initialised or copied. `ops`: as there."""
+    ops = ops or layers.for_platforms({d.platform for d in mesh.devices.flat})
     model = nnx.eval_shape(lambda: build_model(config, num_classes, weights=False, ops=ops))
     graphdefs, params, batch_stats = _split(model)
     on_mesh = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh))
-    return graphdefs, {
-        "params": jax.tree.map(on_mesh, params),
-        "batch_stats": jax.tree.map(on_mesh, batch_stats),
-    }
+    state = jax.tree.map(on_mesh, {"params": params, "batch_stats": batch_stats})
+    if config.ema_decay:
+        state["ema"] = dict(state)
+    return graphdefs, state
 
 
 def _split(model) -> tuple[GraphDefs, nnx.State, nnx.State]:

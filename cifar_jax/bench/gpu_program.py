@@ -256,9 +256,9 @@ def as_on_gpu(config):
 def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int = 1) -> dict:
     """{name: the jitted program lowered for `mesh`} of `config`: 'train', the trainer's chunk of
     `config.steps_per_call` steps ('train:<phase>' for a later phase of a fine-tune), and 'eval',
-    evaluation's fused batches of a NUM_EVAL-image split. The state is made on the CPU and only its
-    shapes go to `mesh`. `platforms`: lower for these instead of `mesh`'s (how the test suite
-    lowers for CUDA on a CPU mesh, without the plugin). `population` > 1: the training chunk of a
+    evaluation's fused batches of a NUM_EVAL-image split, lowered for the state's shapes alone.
+    `platforms`: lower for these instead of `mesh`'s (how the test suite lowers for CUDA on a CPU
+    mesh, without the plugin). `population` > 1: the training chunk of a
     population of that many members (seeds 0..N-1), vmapped as on a GPU."""
     import jax
     import jax.numpy as jnp
@@ -274,7 +274,7 @@ def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int 
     num_classes = config.model.num_classes
     cpu = sharding.make_mesh(jax.devices("cpu")[:1])
     ops = layers.for_platforms(platforms or {d.platform for d in mesh.devices.flat})
-    graphdefs, model_state = train_state.create_train_state(config, num_classes, cpu, weights=False, ops=ops)
+    graphdefs, model_state = train_state.state_shapes(config, num_classes, cpu, ops=ops)
 
     def shaped(tree, where=replicated):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
@@ -293,12 +293,8 @@ def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int 
             steps_per_epoch=pipeline.steps_per_epoch(NUM_TRAIN, config.batch_size),
             sharding=batches,
         )
-        state = {
-            **model_state,
-            "opt_state": train_state.init_opt_state(
-                step_cfg.tx, model_state["params"], graphdefs, phase, cpu
-            ),
-        }
+        init_opt_state = lambda params: train_state.init_opt_state(step_cfg.tx, params, graphdefs, phase, cpu)
+        state = {**model_state, "opt_state": jax.eval_shape(init_opt_state, model_state["params"])}
         images = jax.ShapeDtypeStruct((NUM_TRAIN, 32, 32, 3), jnp.uint8, sharding=replicated)
         labels = jax.ShapeDtypeStruct((NUM_TRAIN,), jnp.int32, sharding=replicated)
         votes = jax.ShapeDtypeStruct((mesh.size,), jnp.int32, sharding=batches)
