@@ -81,7 +81,7 @@ class JaxSide:
         self.steps_per_call = steps.steps_per_call(config, self.steps_per_epoch)
         phase = phases.phases(config)[0]
         ops = layers.OPS[opts.jax_layers]  # which implementation of the operations runs
-        graphdefs, _ = train_state.create_train_state(config, NUM_CLASSES, self.mesh, ops=ops)
+        graphdefs, _ = train_state.state_shapes(config, NUM_CLASSES, self.mesh, ops=ops)
         self.step_cfg, _ = phases.step_config(
             config,
             phase,
