@@ -258,8 +258,8 @@ def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int 
     `config.steps_per_call` steps ('train:<phase>' for a later phase of a fine-tune), and 'eval',
     evaluation's fused batches of a NUM_EVAL-image split, lowered for the state's shapes alone.
     `platforms`: lower for these instead of `mesh`'s (how the test suite lowers for CUDA on a CPU
-    mesh, without the plugin). `population` > 1: the training chunk of a
-    population of that many members (seeds 0..N-1), vmapped as on a GPU."""
+    mesh, without the plugin). `population` > 1: the training chunk of a population of that many
+    members (seeds 0..N-1), vmapped as on a GPU."""
     import jax
     import jax.numpy as jnp
 
