@@ -54,6 +54,11 @@ class GraphDefs:
     head: str  # the classifier's top-level attribute
 
 
+def mesh_ops(mesh) -> layers.Ops:
+    """The layer operations of programs for `mesh`'s devices (`layers.for_platforms`)."""
+    return layers.for_platforms({d.platform for d in mesh.devices.flat})
+
+
 def create_train_state(
     config,
     num_classes: int,
@@ -68,7 +73,7 @@ def create_train_state(
     With `phase` and its `tx` the state holds the optimizer state of what the phase trains; without,
     only the model's. A weight average (`ema_decay`) starts from the initial model. `weights`: as in
     `build_model`; `ops`: the model's layer operations, by default those of `mesh`'s platform."""
-    ops = ops or layers.for_platforms({d.platform for d in mesh.devices.flat})
+    ops = ops or mesh_ops(mesh)
     graphdefs, params, batch_stats = _split(build_model(config, num_classes, weights=weights, ops=ops))
     params, batch_stats = (
         jax.tree.map(lambda a: sharding.replicate(np.asarray(a), mesh), t) for t in (params, batch_stats)
@@ -85,7 +90,7 @@ def state_shapes(config, num_classes: int, mesh, *, ops=None) -> tuple[GraphDefs
     """(GraphDefs, the train state of `create_train_state` without an optimizer, as shapes and dtypes
     replicated on `mesh`): what a checkpoint's weights restore into (eval.py) and what a program is
     lowered for (bench.gpu_program), with nothing initialised or copied. `ops`: as there."""
-    ops = ops or layers.for_platforms({d.platform for d in mesh.devices.flat})
+    ops = ops or mesh_ops(mesh)
     model = nnx.eval_shape(lambda: build_model(config, num_classes, weights=False, ops=ops))
     graphdefs, params, batch_stats = _split(model)
     on_mesh = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.replicated(mesh))

@@ -273,7 +273,7 @@ def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int 
     preprocess = pipeline.Preprocess.from_config(config.data)
     num_classes = config.model.num_classes
     cpu = sharding.make_mesh(jax.devices("cpu")[:1])
-    ops = layers.for_platforms(platforms or {d.platform for d in mesh.devices.flat})
+    ops = layers.for_platforms(platforms) if platforms else train_state.mesh_ops(mesh)
     graphdefs, model_state = train_state.state_shapes(config, num_classes, cpu, ops=ops)
 
     def shaped(tree, where=replicated):
