@@ -29,8 +29,8 @@ def compute_dtype(config) -> str:
 
 def build_model(config, num_classes: int | None = None, *, weights: bool = True, ops=layers.PER_PLATFORM):
     """The configured model: its converted pretrained weights (`model.pretrained`, when `weights`)
-    or freshly initialised ones. Evaluation passes `weights=False`: a checkpoint overwrites them,
-    and it must not need the directory that training started from. `ops`: as in `models.create`
+    or freshly initialised ones. `state_shapes` passes `weights=False`: a checkpoint overwrites them,
+    and evaluation must not need the directory that training started from. `ops`: as in `models.create`
     (the benchmark's choice)."""
     dtype = compute_dtype(config)
     if weights and config.model.pretrained:
@@ -66,15 +66,14 @@ def create_train_state(
     phase: Phase | None = None,
     tx=None,
     *,
-    weights: bool = True,
     ops=None,
 ):
     """(GraphDefs, train state) of the configured model, replicated on every device of `mesh`.
     With `phase` and its `tx` the state holds the optimizer state of what the phase trains; without,
-    only the model's. A weight average (`ema_decay`) starts from the initial model. `weights`: as in
-    `build_model`; `ops`: the model's layer operations, by default those of `mesh`'s platform."""
+    only the model's. A weight average (`ema_decay`) starts from the initial model. `ops`: the model's
+    layer operations, by default those of `mesh`'s platform."""
     ops = ops or mesh_ops(mesh)
-    graphdefs, params, batch_stats = _split(build_model(config, num_classes, weights=weights, ops=ops))
+    graphdefs, params, batch_stats = _split(build_model(config, num_classes, ops=ops))
     params, batch_stats = (
         jax.tree.map(lambda a: sharding.replicate(np.asarray(a), mesh), t) for t in (params, batch_stats)
     )

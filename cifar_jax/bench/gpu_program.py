@@ -272,9 +272,8 @@ def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int 
     batches = sharding.batch_sharding(mesh)
     preprocess = pipeline.Preprocess.from_config(config.data)
     num_classes = config.model.num_classes
-    cpu = sharding.make_mesh(jax.devices("cpu")[:1])
     ops = layers.for_platforms(platforms) if platforms else train_state.mesh_ops(mesh)
-    graphdefs, model_state = train_state.state_shapes(config, num_classes, cpu, ops=ops)
+    graphdefs, model_state = train_state.state_shapes(config, num_classes, mesh, ops=ops)
 
     def shaped(tree, where=replicated):
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
@@ -293,7 +292,9 @@ def lowered_programs(config, mesh, modes=MODES, platforms=None, population: int 
             steps_per_epoch=pipeline.steps_per_epoch(NUM_TRAIN, config.batch_size),
             sharding=batches,
         )
-        init_opt_state = lambda params: train_state.init_opt_state(step_cfg.tx, params, graphdefs, phase, cpu)
+        init_opt_state = lambda params: train_state.init_opt_state(
+            step_cfg.tx, params, graphdefs, phase, mesh
+        )
         state = {**model_state, "opt_state": jax.eval_shape(init_opt_state, model_state["params"])}
         images = jax.ShapeDtypeStruct((NUM_TRAIN, 32, 32, 3), jnp.uint8, sharding=replicated)
         labels = jax.ShapeDtypeStruct((NUM_TRAIN,), jnp.int32, sharding=replicated)

@@ -81,7 +81,7 @@ class JaxSide:
         self.steps_per_call = steps.steps_per_call(config, self.steps_per_epoch)
         phase = phases.phases(config)[0]
         ops = layers.OPS[opts.jax_layers]  # which implementation of the operations runs
-        graphdefs, _ = train_state.state_shapes(config, NUM_CLASSES, self.mesh, ops=ops)
+        graphdefs, self.state = train_state.create_train_state(config, NUM_CLASSES, self.mesh, ops=ops)
         self.step_cfg, _ = phases.step_config(
             config,
             phase,
@@ -92,8 +92,8 @@ class JaxSide:
             sharding=self.sharding,
         )
         self.graphdef_eval = graphdefs.eval
-        _, self.state = train_state.create_train_state(
-            config, NUM_CLASSES, self.mesh, phase, self.step_cfg.tx, ops=ops
+        self.state["opt_state"] = train_state.init_opt_state(
+            self.step_cfg.tx, self.state["params"], graphdefs, phase, self.mesh
         )
         self.train_chunk = steps.make_train_chunk(self.step_cfg, self.steps_per_call)
         self.no_stop = steps.stop_votes(None, self.sharding)
